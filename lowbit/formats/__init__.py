@@ -1,0 +1,16 @@
+"""Element formats as frozen dataclasses and pure, jit-able functions."""
+
+from lowbit.formats.adaptive import AdaptiveFloat, choose_bias
+from lowbit.formats.api import decode, encode, quantize, values
+from lowbit.formats.integer import BinaryFormat, IntFormat
+from lowbit.formats.minifloat import SPECIALS, FloatFormat
+from lowbit.formats.radix4 import two_phase
+from lowbit.formats.registry import get, names, p3109, register
+from lowbit.formats.scales import binary_scale, ternarize, ternary_threshold
+from lowbit.formats._checks import ROUNDINGS
+
+__all__ = [
+    "AdaptiveFloat", "BinaryFormat", "FloatFormat", "IntFormat", "ROUNDINGS", "SPECIALS",
+    "binary_scale", "choose_bias", "decode", "encode", "get", "names", "p3109", "quantize",
+    "register", "ternarize", "ternary_threshold", "two_phase", "values",
+]

@@ -1,0 +1,112 @@
+"""Integer and binary element formats (values relative to a scale of 1).
+
+Integers round (half to even by default) and then saturate, unlike ml_dtypes'
+truncating integer casts: that is what a quantizer needs. Codes are two's
+complement in the low ``bits`` bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit.formats.minifloat import _round_int, _split
+from lowbit.formats._checks import check_int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IntFormat:
+    """A b-bit integer grid.
+
+    Attributes:
+      bits: storage width, 1..16 (2..16 when signed).
+      signed: two's complement when True.
+      narrow: drop the most negative code so the grid is symmetric
+        (int8 narrow is [-127, 127]); ternary is 2-bit narrow.
+      name: display name; not part of equality.
+    """
+
+    bits: int
+    signed: bool = True
+    narrow: bool = False
+    name: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        check_int("IntFormat", "bits", self.bits, 2 if self.signed else 1, 16)
+        if not self.name:
+            kind = "int" if self.signed else "uint"
+            object.__setattr__(self, "name", f"{kind}{self.bits}" + ("_narrow" if self.narrow else ""))
+
+    @property
+    def min_int(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + int(self.narrow)
+
+    @property
+    def max_int(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1 - int(self.narrow)
+
+    @property
+    def max_value(self) -> float:
+        return float(self.max_int)
+
+    @property
+    def has_nan(self) -> bool:
+        return False
+
+    @property
+    def code_dtype(self):
+        return jnp.uint8 if self.bits <= 8 else jnp.uint16
+
+    def _quantize(self, x, saturate, rounding, key):
+        del saturate  # integers always saturate: an integer grid has no overflow code
+        xf = x.astype(jnp.float32)
+        _, neg, _, _, rbits = _split(x, rounding, key)
+        # Round the magnitude so stochastic/toward-zero rounding stay sign-symmetric.
+        mag = _round_int(jnp.abs(xf), rounding, rbits)
+        q = jnp.clip(jnp.where(neg, -mag, mag), jnp.float32(self.min_int), jnp.float32(self.max_int))
+        return q.astype(x.dtype)
+
+    def _encode(self, x, saturate, rounding, key):
+        q = self._quantize(x.astype(jnp.float32), saturate, rounding, key)
+        q = jnp.where(jnp.isnan(q), jnp.float32(0), q).astype(jnp.int32)
+        return (q & ((1 << self.bits) - 1)).astype(self.code_dtype)
+
+    def _decode(self, codes, dtype):
+        c = codes.astype(jnp.int32) & ((1 << self.bits) - 1)
+        if self.signed:  # sign-extend the low `bits` bits
+            c = lax.shift_right_arithmetic(lax.shift_left(c, 32 - self.bits), 32 - self.bits)
+        return c.astype(dtype)
+
+    def _values(self) -> np.ndarray:
+        return np.arange(self.min_int, self.max_int + 1, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BinaryFormat:
+    """{-1, +1} (1 bit: code 0 is +1, code 1 is -1); sign(0) = +1 (XNOR-Net)."""
+
+    name: str = dataclasses.field(default="binary", compare=False)
+
+    bits = 1
+    max_value = 1.0
+    has_nan = False
+    code_dtype = jnp.uint8
+
+    def _quantize(self, x, saturate, rounding, key):
+        del saturate, rounding, key  # a sign has nothing to round
+        one = jnp.ones((), x.dtype)
+        return jnp.where(jnp.isnan(x), x, jnp.where(x < 0, -one, one))
+
+    def _encode(self, x, saturate, rounding, key):
+        return (x < 0).astype(jnp.uint8)
+
+    def _decode(self, codes, dtype):
+        return (1 - 2 * (codes.astype(jnp.int32) & 1)).astype(dtype)
+
+    def _values(self) -> np.ndarray:
+        return np.array([-1.0, 1.0], np.float32)

@@ -1,0 +1,83 @@
+"""The format registry: every named format, by its public name."""
+
+from __future__ import annotations
+
+import re
+
+from lowbit.formats.integer import BinaryFormat, IntFormat
+from lowbit.formats.minifloat import FloatFormat
+
+
+def _f(name, ebits, mbits, bias, specials, **kw):
+    return FloatFormat(name=name, ebits=ebits, mbits=mbits, bias=bias, specials=specials, **kw)
+
+
+def p3109(k: int, p: int) -> FloatFormat:
+    """IEEE P3109 ``binary{K}p{P}``: signed, extended domain, bias 2^(K-P-1).
+
+    NaN is code 2^(K-1) (the negative-zero code), +inf 2^(K-1)-1, -inf 2^K-1.
+
+    Raises:
+      ValueError: K outside 3..16 or P outside 1..K-1.
+    """
+    if not (isinstance(k, int) and 3 <= k <= 16):
+        raise ValueError(f"p3109 K={k!r} is invalid; allowed: an integer in [3, 16]")
+    if not (isinstance(p, int) and 1 <= p <= k - 1):
+        raise ValueError(f"p3109 P={p!r} is invalid; allowed: an integer in [1, {k - 1}] for K={k}")
+    return _f(f"p3109_k{k}p{p}", k - p, p - 1, 2 ** (k - p - 1), "p3109")
+
+
+_ELEMENT = [
+    _f("float8_e4m3fn", 4, 3, 7, "fn"),
+    _f("float8_e5m2", 5, 2, 15, "ieee"),
+    _f("float8_e4m3fnuz", 4, 3, 8, "fnuz"),
+    _f("float8_e5m2fnuz", 5, 2, 16, "fnuz"),
+    _f("float8_e4m3b11fnuz", 4, 3, 11, "fnuz"),
+    _f("float8_e3m4", 3, 4, 3, "ieee"),
+    _f("float8_e4m3", 4, 3, 7, "ieee"),
+    _f("float8_e8m0fnu", 8, 0, 127, "fn", signed=False, zero=False),
+    _f("float6_e2m3fn", 2, 3, 1, "finite"),
+    _f("float6_e3m2fn", 3, 2, 3, "finite"),
+    _f("float4_e2m1fn", 2, 1, 1, "finite"),
+    IntFormat(name="int8", bits=8),
+    IntFormat(name="int4", bits=4),
+    IntFormat(name="int2", bits=2),
+    IntFormat(name="uint8", bits=8, signed=False),
+    IntFormat(name="uint4", bits=4, signed=False),
+    IntFormat(name="uint2", bits=2, signed=False),
+    # Sun et al. 2020: 4^-3 .. 4^3 and zero; the odd TPR grid is this format scaled by 2.
+    _f("fp4_radix4", 3, 0, 4, "finite", radix=4),
+    BinaryFormat(name="binary"),
+    IntFormat(name="ternary", bits=2, narrow=True),
+    *[p3109(k, p) for k in range(3, 9) for p in range(1, k)],
+]
+
+_REGISTRY: dict[str, object] = {f.name: f for f in _ELEMENT}
+_P3109 = re.compile(r"p3109_k(\d+)p(\d+)")
+
+
+def register(fmt, *, name: str | None = None) -> None:
+    """Add a format (element or block) under ``name`` (default ``fmt.name``)."""
+    key = name or fmt.name
+    if key in _REGISTRY and _REGISTRY[key] != fmt:
+        raise ValueError(f"format name {key!r} is already registered to a different format")
+    _REGISTRY[key] = fmt
+
+
+def names() -> list[str]:
+    """Every registered name (P3109 widths above 8 are also accepted by ``get``)."""
+    return list(_REGISTRY)
+
+
+def get(name: str):
+    """The format registered as ``name``.
+
+    Raises:
+      ValueError: an unknown name; the message lists the known ones.
+    """
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    match = _P3109.fullmatch(name) if isinstance(name, str) else None
+    if match:
+        return p3109(int(match.group(1)), int(match.group(2)))
+    raise ValueError(f"unknown format {name!r}; known formats: {', '.join(_REGISTRY)}")

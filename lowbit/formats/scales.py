@@ -1,0 +1,41 @@
+"""Data-dependent scales of the binary and ternary formats (XNOR-Net, TWN)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _reduce_axes(w, axis):
+    """Axes to reduce so that one scale remains per index of ``axis`` (None: per tensor)."""
+    if axis is None:
+        return None
+    axis = axis % w.ndim
+    return tuple(i for i in range(w.ndim) if i != axis)
+
+
+def binary_scale(w, axis: int | None = None):
+    """alpha = mean|w| (XNOR-Net), per tensor or per index of ``axis``, kept dims."""
+    return jnp.mean(jnp.abs(w), axis=_reduce_axes(w, axis), keepdims=True)
+
+
+def ternary_threshold(w, axis: int | None = None):
+    """TWN's threshold and scale: Delta = 0.7 mean|w|, alpha = mean of |w| where |w| > Delta.
+
+    Returns:
+      ``(delta, alpha)``, each shaped to broadcast against ``w`` (kept dims).
+      A tensor whose entries are all zero gets alpha = 0.
+    """
+    red = _reduce_axes(w, axis)
+    aw = jnp.abs(w)
+    delta = jnp.asarray(0.7, w.dtype) * jnp.mean(aw, axis=red, keepdims=True)
+    keep = aw > delta
+    count = jnp.sum(keep, axis=red, keepdims=True).astype(w.dtype)
+    total = jnp.sum(jnp.where(keep, aw, jnp.zeros_like(aw)), axis=red, keepdims=True)
+    alpha = total / jnp.maximum(count, jnp.ones_like(count))
+    return delta, alpha
+
+
+def ternarize(w, axis: int | None = None):
+    """TWN ternary weights: alpha * sign(w) * [|w| > Delta] (no gradient rule; see training.ste)."""
+    delta, alpha = ternary_threshold(w, axis)
+    return jnp.where(jnp.abs(w) > delta, alpha * jnp.sign(w), jnp.zeros_like(w))
