@@ -1,0 +1,176 @@
+"""A quantized ``dot_general`` with independent forward and backward quantizers.
+
+Forward: ``out = dot(Q_lhs(lhs), Q_rhs(rhs))``. Backward (straight-through for the
+operands), with ``g`` the incoming gradient:
+
+* ``dlhs = dot_transpose(Q_dlhs_grad(g), Q_dlhs_rhs(rhs))``
+* ``drhs = dot_transpose(Q_drhs_lhs(lhs), Q_drhs_grad(g))``
+
+like AQT's fwd / dlhs / drhs split, but as one frozen config. With
+``reuse_fwd=True`` the backward products reuse the forward's quantized operands
+(saved as residuals) instead of quantizing the raw operands again.
+
+Radix-4 FP4 gradients (Sun et al. 2020) add two things:
+
+* **GradScale**: pass ``grad_scale`` (a float32 scalar, the layer's state). The
+  backward pass updates it from the current gradient (see ``gradscale``) and
+  quantizes ``g * s_new``. The updated scale leaves the backward pass as the
+  *cotangent* of ``grad_scale``: the caller replaces the state with its
+  "gradient" instead of feeding it to the optimizer (flax's fp8
+  overwrite-with-gradient trick; ``lowbit.nn`` does this for you).
+* **Two-phase rounding** (``tpr=True``): ``g`` is quantized on the even grid for
+  the dlhs product and on the odd grid (the same format at twice the scale) for
+  the drhs product.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowbit import quant
+from lowbit.training.gradscale import gradscale_update
+
+Quantizer = Any  # lowbit.quant.Quantizer or None (identity)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DotQuantConfig:
+    """Which quantizer touches which operand of one matmul (``None`` = leave as is).
+
+    Attributes:
+      lhs, rhs: forward operands.
+      dlhs_grad, dlhs_rhs: the incoming gradient and ``rhs`` in the input-gradient product.
+      drhs_grad, drhs_lhs: the incoming gradient and ``lhs`` in the weight-gradient product.
+      reuse_fwd: backward products use the forward's quantized lhs/rhs when the
+        corresponding backward quantizer is ``None``.
+      grad_scale: the gradient quantizers take their scale from the GradScale
+        state (``1/s``) instead of their own scale source.
+      tpr: two-phase rounding of the gradient (odd grid for the drhs product).
+    """
+
+    lhs: Quantizer = None
+    rhs: Quantizer = None
+    dlhs_grad: Quantizer = None
+    dlhs_rhs: Quantizer = None
+    drhs_grad: Quantizer = None
+    drhs_lhs: Quantizer = None
+    reuse_fwd: bool = True
+    grad_scale: bool = False
+    tpr: bool = False
+
+    def __post_init__(self):
+        if self.grad_scale and (self.dlhs_grad is None or self.drhs_grad is None):
+            raise ValueError("DotQuantConfig.grad_scale=True needs dlhs_grad and drhs_grad quantizers")
+        if self.tpr and not self.grad_scale:
+            raise ValueError("DotQuantConfig.tpr=True needs grad_scale=True (the odd grid is 2x the GradScale step)")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether any quantizer rounds stochastically (then a key is required)."""
+        qs = (self.lhs, self.rhs, self.dlhs_grad, self.dlhs_rhs, self.drhs_grad, self.drhs_lhs)
+        return any(getattr(q, "rounding", None) == "stochastic" for q in qs)
+
+
+def _check_dims(lhs, rhs, dimension_numbers):
+    try:
+        (lc, rc), (lb, rb) = dimension_numbers
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"dimension_numbers={dimension_numbers!r} is invalid; allowed: "
+            "((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))"
+        ) from None
+    for name, dims, arr in (("lhs_contracting", lc, lhs), ("rhs_contracting", rc, rhs),
+                            ("lhs_batch", lb, lhs), ("rhs_batch", rb, rhs)):
+        if any(not (0 <= d < arr.ndim) for d in dims):
+            raise ValueError(f"{name}={tuple(dims)} is out of range for an operand of rank {arr.ndim}")
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"dimension_numbers={dimension_numbers!r}: contracting/batch dims must pair up")
+    for (a, b) in zip(list(lc) + list(lb), list(rc) + list(rb)):
+        if lhs.shape[a] != rhs.shape[b]:
+            raise ValueError(f"lhs dim {a} (size {lhs.shape[a]}) does not match rhs dim {b} (size {rhs.shape[b]})")
+    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+
+
+def _fq(q, x, key, scale=None):
+    return x if q is None else quant.fake_quant(q, x, key, scale=scale)
+
+
+def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *, key=None,
+                          grad_scale=None, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` with quantized operands and gradients.
+
+    Args:
+      lhs, rhs: float operands (float32, bfloat16 or float16).
+      dimension_numbers: as ``lax.dot_general`` (batch dims supported, so
+        attention's QK and AV products work).
+      config: the quantizers (a frozen ``DotQuantConfig``).
+      key: ``jax.random`` key for stochastic rounding (split between the four
+        quantizer sites); required when any quantizer rounds stochastically.
+      grad_scale: float32 scalar GradScale state, required iff ``config.grad_scale``.
+      precision: passed to ``lax.dot_general``.
+      preferred_element_type: result dtype (default: the operands' result type).
+
+    Returns:
+      The product, of dtype ``preferred_element_type`` or the operands' dtype.
+    """
+    dn = _check_dims(lhs, rhs, dimension_numbers)
+    if config.grad_scale != (grad_scale is not None):
+        raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
+    if key is None:
+        if config.stochastic:
+            raise ValueError("config rounds stochastically: pass key=jax.random.key(...)")
+        key = jax.random.key(0)  # never drawn from: every quantizer rounds deterministically
+    gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
+    return _qdot(dn, config, precision, preferred_element_type, lhs, rhs, key, gs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _qdot(dn, config, precision, pet, lhs, rhs, key, gs):
+    out, _ = _qdot_fwd(dn, config, precision, pet, lhs, rhs, key, gs)
+    return out
+
+
+def _dot(a, b, dn, precision, pet):
+    return lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet)
+
+
+def _qdot_fwd(dn, config, precision, pet, lhs, rhs, key, gs):
+    k_lhs, k_rhs, k_bwd = jax.random.split(key, 3)
+    lhs_q = _fq(config.lhs, lhs, k_lhs)
+    rhs_q = _fq(config.rhs, rhs, k_rhs)
+    out = _dot(lhs_q, rhs_q, dn, precision, pet)
+    # Only what the backward pass reads is saved: the quantized operands when reused.
+    res_lhs = lhs_q if config.reuse_fwd and config.drhs_lhs is None else lhs
+    res_rhs = rhs_q if config.reuse_fwd and config.dlhs_rhs is None else rhs
+    return out, (res_lhs, res_rhs, k_bwd, gs)
+
+
+def _qdot_bwd(dn, config, precision, pet, res, g):
+    lhs, rhs, key, gs = res
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    new_gs = gs
+    if config.grad_scale:
+        new_gs = gradscale_update(gs, jnp.max(jnp.abs(g)), config.dlhs_grad.format.max_value)
+        inv = (1.0 / new_gs).astype(jnp.float32)  # s is a power of two: exact
+        g_dlhs = _fq(config.dlhs_grad, g, k1, scale=inv)
+        g_drhs = _fq(config.drhs_grad, g, k2, scale=inv * 2.0 if config.tpr else inv)
+    else:
+        g_dlhs = _fq(config.dlhs_grad, g, k1)
+        g_drhs = _fq(config.drhs_grad, g, k2)
+    rhs_b = _fq(config.dlhs_rhs, rhs, k3)
+    lhs_b = _fq(config.drhs_lhs, lhs, k4)
+    # dot_general is linear in each operand: its VJP is the transposed product.
+    _, vjp_l = jax.vjp(lambda a: _dot(a, rhs_b, dn, precision, pet), lhs_b)
+    _, vjp_r = jax.vjp(lambda b: _dot(lhs_b, b, dn, precision, pet), rhs_b)
+    (dlhs,) = vjp_l(g_dlhs.astype(g.dtype))
+    (drhs,) = vjp_r(g_drhs.astype(g.dtype))
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
