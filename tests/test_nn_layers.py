@@ -139,3 +139,19 @@ def test_every_recipe_trains_a_step(name):
     # GradScale state was overwritten by the backward pass
     if model.mid.grad_scale is not None:
         assert float(model.mid.grad_scale[...]) != 1.0
+
+
+def test_lsq_layer_real_int8_path_matches_fake():
+    x = _x((4, 6, 8))
+    fake = QLinear(8, 5, recipe=recipes.get("int8_lsq").with_matmul("fake"), role="mlp_in", rngs=nnx.Rngs(0))
+    real = QLinear(8, 5, recipe=recipes.get("int8_lsq").with_matmul("auto"), role="mlp_in", rngs=nnx.Rngs(0))
+    jaxpr = str(jax.make_jaxpr(lambda v: real(v))(x))
+    assert "preferred_element_type=int32" in jaxpr  # the int8 dot really runs
+    np.testing.assert_allclose(real(x), fake(x), rtol=1e-5, atol=1e-5)
+
+    def grads(layer):
+        return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+
+    g_real, g_fake = grads(real), grads(fake)
+    for name in ("kernel", "act_step", "weight_step"):
+        np.testing.assert_allclose(getattr(g_real, name)[...], getattr(g_fake, name)[...], rtol=1e-4, atol=1e-5)

@@ -170,3 +170,47 @@ def test_bad_input_errors():
     ok_lhs, ok_rhs = _operands((4, 8), (8, 3))
     with pytest.raises(ValueError, match="key"):
         quantized_dot_general(ok_lhs, ok_rhs, DN_MATMUL, DotQuantConfig(lhs=sr))
+
+
+@pytest.mark.parametrize("fmt,granularity", [("int8", "tensor"), ("int8", "channel"), ("int4", "channel"),
+                                             ("float8_e4m3fn", "tensor")])
+@pytest.mark.parametrize("dn,shape_l,shape_r", CASES[:2])
+def test_real_matmul_matches_fake(fmt, granularity, dn, shape_l, shape_r):
+    lhs, rhs = _operands(shape_l, shape_r, seed=7)
+    lq = quant.Quantizer(format=fmt)
+    # per output channel: the rhs's last (free) axis
+    rq = quant.Quantizer(format=fmt, granularity=granularity, axis=-1) if dn == DN_MATMUL else lq
+    grad = quant.Quantizer(format="float8_e5m2")
+    fake = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="fake")
+    real = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="real")
+    f = lambda c: (lambda a, b: quantized_dot_general(a, b, dn, c))
+    np.testing.assert_allclose(f(real)(lhs, rhs), f(fake)(lhs, rhs), rtol=1e-5, atol=1e-5)
+    g_real = jax.grad(_loss(f(real)), argnums=(0, 1))(lhs, rhs)
+    g_fake = jax.grad(_loss(f(fake)), argnums=(0, 1))(lhs, rhs)
+    for a, b in zip(g_real, g_fake):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+
+def test_real_matmul_really_feeds_narrow_operands():
+    lhs, rhs = _operands((8, 16), (16, 4))
+    cfg8 = DotQuantConfig(lhs=quant.Quantizer(format="int8"), rhs=quant.Quantizer(format="int8"), matmul="real")
+    jaxpr = str(jax.make_jaxpr(lambda a, b: quantized_dot_general(a, b, DN_MATMUL, cfg8))(lhs, rhs))
+    assert "dot_general" in jaxpr and "i8[8,16]" in jaxpr and "preferred_element_type=int32" in jaxpr
+    fp8 = quant.Quantizer(format="float8_e4m3fn")
+    cfg_f8 = DotQuantConfig(lhs=fp8, rhs=fp8, matmul="real")
+    lowered = jax.jit(lambda a, b: quantized_dot_general(a, b, DN_MATMUL, cfg_f8)).lower(lhs, rhs).as_text()
+    dots = [ln for ln in lowered.splitlines() if "dot_general" in ln]
+    assert dots and all("f8E4M3FN" in ln for ln in dots), dots
+
+
+def test_auto_matmul_rule():
+    from lowbit.training.qdot import uses_real_matmul
+
+    i8, f8 = quant.Quantizer(format="int8"), quant.Quantizer(format="float8_e4m3fn")
+    assert uses_real_matmul(DotQuantConfig(lhs=i8, rhs=i8))
+    assert uses_real_matmul(DotQuantConfig(lhs=f8, rhs=f8)) == (jax.default_backend() != "cpu")
+    assert not uses_real_matmul(DotQuantConfig(lhs=i8, rhs=i8, matmul="fake"))
+    assert not uses_real_matmul(DotQuantConfig())
+    with pytest.raises(ValueError, match="matmul='real'"):
+        DotQuantConfig(lhs=quant.Quantizer(format="float6_e2m3fn"), rhs=i8, matmul="real")

@@ -23,7 +23,9 @@ from jax import lax
 from lowbit.nn.einsum import einsum_dimension_numbers
 from lowbit.training.ste import binary_weight, lsq, lsq_init_step, pact, sawb_quantize, ternary_weight
 from lowbit.training.gradscale import gradscale_init
-from lowbit.training.qdot import DotQuantConfig, quantized_dot_general
+from lowbit.formats import IntFormat
+from lowbit.quant import Quantizer
+from lowbit.training.qdot import DotQuantConfig, quantized_dot_general, uses_real_matmul
 from lowbit.training.recipes import LayerRecipe, Recipe
 
 
@@ -84,10 +86,26 @@ class _Quantized(nnx.Module):
         self.grad_scale = OverwriteWithGradient(gradscale_init()) if cfg.grad_scale else None
 
     def _dot(self, lhs, rhs, dn):
-        cfg = self.layer.dot
+        cfg, scales = self._real_lsq()
         key = self.rngs.quant() if self.rngs is not None else None
         gs = self.grad_scale[...] if self.grad_scale is not None else None
-        return quantized_dot_general(lhs, rhs, dn, cfg, key=key, grad_scale=gs)
+        return quantized_dot_general(lhs, rhs, dn, cfg, key=key, grad_scale=gs, **scales)
+
+    def _real_lsq(self):
+        """LSQ operands already sit on an integer grid: tell the dot their steps so it can run in int8.
+
+        The LSQ rules (outside the dot) own the gradients of x, w and the
+        steps; the dot only needs the steps to recover the integer codes.
+        """
+        a, cfg = self.layer, self.layer.dot
+        if not (a.act == "lsq" and a.weight == "lsq" and cfg.lhs is None and cfg.rhs is None):
+            return cfg, {}
+        grid = dict(lhs=Quantizer(format=IntFormat(bits=a.act_bits), scale="learned"),
+                    rhs=Quantizer(format=IntFormat(bits=a.weight_bits), scale="learned"))
+        real = dataclasses.replace(cfg, **grid)
+        if not uses_real_matmul(real):
+            return cfg, {}
+        return real, dict(lhs_scale=self.act_step[...], rhs_scale=self.weight_step[...])
 
     def _act_state(self):
         """Learned clip/step for the input activation, initialised for unit-variance inputs."""

@@ -27,16 +27,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowbit import quant
+from lowbit import formats, quant
 from lowbit.training.gradscale import gradscale_update
 
 Quantizer = Any  # lowbit.quant.Quantizer or None (identity)
+MATMULS = ("fake", "real", "auto")
+# Storage dtypes of the real matmul path; 4- and 2-bit integers ride in int8
+# containers, which every backend multiplies natively.
+REAL_DTYPES = {"int8": jnp.int8, "int4": jnp.int8, "int2": jnp.int8,
+               "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
+
+
+def _name(q) -> str:
+    return "None" if q is None else q.format.name
+
+
+def _real_ok(q) -> bool:
+    return (q is not None and q.kind == "uniform" and q.symmetric and q.granularity in ("tensor", "channel")
+            and getattr(q.format, "name", None) in REAL_DTYPES)
+
+
+def uses_real_matmul(config: "DotQuantConfig") -> bool:
+    """Whether ``config`` runs the forward product on integer/float8 operands (see ``matmul``)."""
+    if config.matmul == "fake" or not (_real_ok(config.lhs) and _real_ok(config.rhs)):
+        return config.matmul == "real"
+    ints = all(REAL_DTYPES[q.format.name] == jnp.int8 for q in (config.lhs, config.rhs))
+    return config.matmul == "real" or ints or jax.default_backend() != "cpu"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +74,12 @@ class DotQuantConfig:
       grad_scale: the gradient quantizers take their scale from the GradScale
         state (``1/s``) instead of their own scale source.
       tpr: two-phase rounding of the gradient (odd grid for the drhs product).
+      matmul: ``fake`` (dequantized operands in the compute dtype), ``real``
+        (integer / float8 operands into ``lax.dot_general``, int32 or float32
+        accumulation, scales applied to the result) or ``auto``: real when both
+        forward quantizers are integer formats (every backend has fast int8
+        dots), or float8 formats on a GPU/TPU backend (XLA's CPU backend
+        converts float8 operands to float32 before the dot, so there it is fake).
     """
 
     lhs: Quantizer = None
@@ -63,10 +91,17 @@ class DotQuantConfig:
     reuse_fwd: bool = True
     grad_scale: bool = False
     tpr: bool = False
+    matmul: str = "auto"
 
     def __post_init__(self):
         if self.grad_scale and (self.dlhs_grad is None or self.drhs_grad is None):
             raise ValueError("DotQuantConfig.grad_scale=True needs dlhs_grad and drhs_grad quantizers")
+        if self.matmul not in MATMULS:
+            raise ValueError(f"DotQuantConfig.matmul={self.matmul!r} is invalid; allowed: {', '.join(MATMULS)}")
+        if self.matmul == "real" and not (_real_ok(self.lhs) and _real_ok(self.rhs)):
+            raise ValueError(
+                "DotQuantConfig.matmul='real' needs symmetric uniform lhs and rhs quantizers of a format in "
+                f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})")
         if self.tpr and not self.grad_scale:
             raise ValueError("DotQuantConfig.tpr=True needs grad_scale=True (the odd grid is 2x the GradScale step)")
 
@@ -102,7 +137,8 @@ def _fq(q, x, key, scale=None):
 
 
 def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *, key=None,
-                          grad_scale=None, precision=None, preferred_element_type=None):
+                          grad_scale=None, lhs_scale=None, rhs_scale=None, precision=None,
+                          preferred_element_type=None):
     """``lax.dot_general`` with quantized operands and gradients.
 
     Args:
@@ -113,6 +149,8 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
       key: ``jax.random`` key for stochastic rounding (split between the four
         quantizer sites); required when any quantizer rounds stochastically.
       grad_scale: float32 scalar GradScale state, required iff ``config.grad_scale``.
+      lhs_scale, rhs_scale: steps of ``scale="learned"`` forward quantizers
+        (e.g. LSQ steps; no gradient flows to them through this function).
       precision: passed to ``lax.dot_general``.
       preferred_element_type: result dtype (default: the operands' result type).
 
@@ -127,12 +165,15 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
             raise ValueError("config rounds stochastically: pass key=jax.random.key(...)")
         key = jax.random.key(0)  # never drawn from: every quantizer rounds deterministically
     gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
-    return _qdot(dn, config, precision, preferred_element_type, lhs, rhs, key, gs)
+    scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
+                   for s in (lhs_scale, rhs_scale))
+    real = uses_real_matmul(config)
+    return _qdot(dn, config, precision, preferred_element_type, real, lhs, rhs, key, gs, scales)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _qdot(dn, config, precision, pet, lhs, rhs, key, gs):
-    out, _ = _qdot_fwd(dn, config, precision, pet, lhs, rhs, key, gs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _qdot(dn, config, precision, pet, real, lhs, rhs, key, gs, scales):
+    out, _ = _qdot_fwd(dn, config, precision, pet, real, lhs, rhs, key, gs, scales)
     return out
 
 
@@ -140,19 +181,65 @@ def _dot(a, b, dn, precision, pet):
     return lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet)
 
 
-def _qdot_fwd(dn, config, precision, pet, lhs, rhs, key, gs):
+def _real_operand(q, x, key, scale):
+    """``(values, step)``: ``x`` on ``q``'s grid in its narrow storage dtype, and its kept-dims step."""
+    step = quant.qparams(q, x, scale=scale).step()
+    v = formats.quantize(q.format, x.astype(jnp.float32) / step, rounding=q.rounding, key=key)
+    return v.astype(REAL_DTYPES[q.format.name]), step
+
+
+def _out_scale(step, ndim_out, own_batch, own_free, own_contract, lhs_side, n_other_free):
+    """Reshape an operand's kept-dims step to broadcast against the dot_general output."""
+    if any(step.shape[d] != 1 for d in own_contract):
+        raise ValueError("matmul='real' needs scales that are constant along the contracting dims "
+                         f"(scale shape {step.shape}, contracting dims {own_contract})")
+    dims = [step.shape[d] for d in own_batch]
+    free = [step.shape[d] for d in own_free]
+    dims += free + [1] * n_other_free if lhs_side else [1] * n_other_free + free
+    assert len(dims) == ndim_out
+    return step.reshape(dims)
+
+
+def _real_dot(dn, config, precision, pet, lhs, rhs, k_lhs, k_rhs, scales):
+    (lc, rc), (lb, rb) = dn
+    cl, sl = _real_operand(config.lhs, lhs, k_lhs, scales[0])
+    cr, sr = _real_operand(config.rhs, rhs, k_rhs, scales[1])
+    acc = jnp.int32 if cl.dtype == jnp.int8 and cr.dtype == jnp.int8 else jnp.float32
+    out = lax.dot_general(cl, cr, dn, precision=precision, preferred_element_type=acc)
+    lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+    rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+    out = (out.astype(jnp.float32) * _out_scale(sl, out.ndim, lb, lf, lc, True, len(rf))
+           * _out_scale(sr, out.ndim, rb, rf, rc, False, len(lf)))
+    return out.astype(pet or jnp.result_type(lhs.dtype, rhs.dtype)), _Narrow(cl, sl, jnp.zeros((), lhs.dtype)), _Narrow(cr, sr, jnp.zeros((), rhs.dtype))
+
+
+class _Narrow(NamedTuple):
+    """A residual kept in its narrow storage dtype plus its step (4x less memory than float32)."""
+
+    codes: jax.Array
+    step: jax.Array
+    proto: jax.Array  # a scalar of the operand's dtype
+
+    def value(self):
+        return (self.codes.astype(jnp.float32) * self.step).astype(self.proto.dtype)
+
+
+def _qdot_fwd(dn, config, precision, pet, real, lhs, rhs, key, gs, scales):
     k_lhs, k_rhs, k_bwd = jax.random.split(key, 3)
-    lhs_q = _fq(config.lhs, lhs, k_lhs)
-    rhs_q = _fq(config.rhs, rhs, k_rhs)
-    out = _dot(lhs_q, rhs_q, dn, precision, pet)
+    if real:
+        out, lhs_q, rhs_q = _real_dot(dn, config, precision, pet, lhs, rhs, k_lhs, k_rhs, scales)
+    else:
+        lhs_q = _fq(config.lhs, lhs, k_lhs, scales[0])
+        rhs_q = _fq(config.rhs, rhs, k_rhs, scales[1])
+        out = _dot(lhs_q, rhs_q, dn, precision, pet)
     # Only what the backward pass reads is saved: the quantized operands when reused.
     res_lhs = lhs_q if config.reuse_fwd and config.drhs_lhs is None else lhs
     res_rhs = rhs_q if config.reuse_fwd and config.dlhs_rhs is None else rhs
     return out, (res_lhs, res_rhs, k_bwd, gs)
 
 
-def _qdot_bwd(dn, config, precision, pet, res, g):
-    lhs, rhs, key, gs = res
+def _qdot_bwd(dn, config, precision, pet, real, res, g):
+    lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     new_gs = gs
     if config.grad_scale:
@@ -170,7 +257,7 @@ def _qdot_bwd(dn, config, precision, pet, res, g):
     _, vjp_r = jax.vjp(lambda b: _dot(lhs_b, b, dn, precision, pet), rhs_b)
     (dlhs,) = vjp_l(g_dlhs.astype(g.dtype))
     (drhs,) = vjp_r(g_drhs.astype(g.dtype))
-    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs, (None, None)
 
 
 _qdot.defvjp(_qdot_fwd, _qdot_bwd)

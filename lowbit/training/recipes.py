@@ -85,6 +85,14 @@ class Recipe:
         """A fresh loss-scale state for this recipe."""
         return DynamicLossScale() if self.loss_scale == "dynamic" else NoOpLossScale()
 
+    def with_matmul(self, mode: str) -> "Recipe":
+        """This recipe with every matmul's ``DotQuantConfig.matmul`` set to ``mode`` (fake / real / auto)."""
+        def swap(lr: LayerRecipe) -> LayerRecipe:
+            return dataclasses.replace(lr, dot=dataclasses.replace(lr.dot, matmul=mode))
+
+        return dataclasses.replace(self, default=swap(self.default),
+                                   layers=tuple((role, swap(lr)) for role, lr in self.layers))
+
     @property
     def quantized(self) -> bool:
         """Whether any matmul is quantized."""
