@@ -9,6 +9,8 @@ def _reduce_axes(w, axis):
     """Axes to reduce so that one scale remains per index of ``axis`` (None: per tensor)."""
     if axis is None:
         return None
+    if not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis={axis} is out of range for a {w.ndim}-d array; allowed: [{-w.ndim}, {w.ndim - 1}] or None")
     axis = axis % w.ndim
     return tuple(i for i in range(w.ndim) if i != axis)
 

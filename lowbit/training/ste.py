@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowbit import formats
+
 __all__ = [
     "SAWB_COEFFICIENTS",
     "binary_weight",
@@ -53,7 +55,6 @@ SAWB_COEFFICIENTS: Mapping[int, tuple[float, float]] = types.MappingProxyType(
 )
 """SAWB (c1, c2) per bit width (Choi et al. 2018), fitted for 2^bits levels on [-α, α]."""
 
-_TWN_THRESHOLD = 0.7
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,15 +111,6 @@ def _int_levels(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return 2 ** (bits - 1), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def _reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
-    if axis is None:
-        return tuple(range(ndim))
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for a {ndim}-d weight")
-    keep = axis % ndim
-    return tuple(i for i in range(ndim) if i != keep)
 
 
 # --------------------------------------------------------------------------- plain and clipped STE
@@ -522,16 +514,7 @@ def sawb_quantize(w: jax.Array, bits: int) -> jax.Array:
 
 def _ternary_forward(w, axis):
     cdt = _compute_dtype(w.dtype)
-    wc = w.astype(cdt)
-    absw = jnp.abs(wc)
-    axes = _reduce_axes(w.ndim, axis)
-    delta = _const(_TWN_THRESHOLD, cdt) * jnp.mean(absw, axis=axes, keepdims=True)
-    keep = absw > delta
-    total = jnp.sum(jnp.where(keep, absw, jnp.zeros_like(absw)), axis=axes, keepdims=True)
-    # A slice with nothing above Δ (all zeros) would give 0/0; its q is 0 anyway.
-    count = jnp.maximum(jnp.sum(keep, axis=axes, keepdims=True).astype(cdt), _const(1, cdt))
-    alpha = total / count
-    return jnp.where(keep, alpha * jnp.sign(wc), jnp.zeros_like(wc)).astype(w.dtype)
+    return formats.ternarize(w.astype(cdt), axis).astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -576,7 +559,7 @@ def ternary_weight(w: jax.Array, *, axis: int | None = None) -> jax.Array:
 def _binary_forward(w, axis):
     cdt = _compute_dtype(w.dtype)
     wc = w.astype(cdt)
-    alpha = jnp.mean(jnp.abs(wc), axis=_reduce_axes(w.ndim, axis), keepdims=True)
+    alpha = formats.binary_scale(wc, axis)
     # sign(0) = +1 so every weight is one of exactly two values.
     return jnp.where(wc >= _const(0, cdt), alpha, -alpha).astype(w.dtype)
 
