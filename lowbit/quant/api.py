@@ -1,0 +1,140 @@
+"""The public quantization functions: ``fake_quant``, ``quantize``, ``dequantize``, ``qparams``.
+
+``dequantize(quantize(q, x))`` equals ``fake_quant(q, x)`` bit for bit (for
+finite ``x``; integer codes cannot hold NaN): both compute the parameters the
+same way and run the same float32 operations on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lowbit import formats
+from lowbit.formats._checks import check_float_input, check_rounding
+from lowbit.quant import kernels, scales
+from lowbit.quant.calibrate import params_from_state
+from lowbit.quant.layout import layout, normalize_axis
+from lowbit.quant.params import QParams, from_step
+from lowbit.quant.qtensor import QTensor, load, pack_codes, store, unpack_codes
+from lowbit.quant.quantizer import Quantizer, is_block
+
+
+def _check_call(q: Quantizer, x, scale, state):
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"quantizer has type {type(q).__name__}; allowed: lowbit.quant.Quantizer")
+    x = check_float_input(x)
+    if (scale is not None) != (q.scale == "learned"):
+        raise ValueError(f"scale= is {'missing' if scale is None else 'given'} with Quantizer.scale={q.scale!r}; "
+                         "allowed: scale= exactly when scale='learned'")
+    if (state is not None) != q.static:
+        raise ValueError(f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
+                         "allowed: state= (a CalibrationState or QParams) exactly when static=True")
+    return x
+
+
+def _params(q, lay, xw, scale, state) -> QParams:
+    if q.static:
+        return params_from_state(q, state)
+    if q.scale in ("learned", "fixed", "none"):
+        step = {"learned": scale, "fixed": q.fixed_scale, "none": 1.0}[q.scale]
+        step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), lay.scale_shape)
+        return from_step(q, step)
+    return scales.params(q, xw, lay.reduce)
+
+
+def _prepare(q, x, scale, state):
+    lay = layout(q, x.shape)
+    xw = x.astype(jnp.float32).reshape(lay.work)
+    return lay, xw, _params(q, lay, xw, scale, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fake(q, x, key, scale, state):
+    if is_block(q.format):
+        a = normalize_axis(q.axis, x.ndim)
+        y = formats.quantize(q.format, jnp.moveaxis(x, a, -1), saturate=q.saturate, rounding=q.rounding, key=key)
+        return jnp.moveaxis(y, -1, a)
+    _, xw, p = _prepare(q, x, scale, state)
+    return kernels.fake(q, xw, p, q.rounding, key).reshape(x.shape).astype(x.dtype)
+
+
+def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
+    """Quantize and dequantize ``x``: the values a quantized ``x`` stands for.
+
+    Args:
+      quantizer: the ``Quantizer``.
+      x: float32, bfloat16 or float16 array, any shape.
+      key: ``jax.random`` key, required for ``rounding="stochastic"``.
+      scale: the step for ``scale="learned"``: float32, broadcastable to the
+        scales' kept-dims shape (per channel along axis 1 of a matrix: ``(1, C)``).
+      state: for ``static=True``: a ``CalibrationState`` (from ``calibrate`` or
+        an ``Observer``) or the ``QParams`` derived from it.
+
+    Returns:
+      An array of ``x``'s shape and dtype (computed in float32).
+
+    Raises:
+      TypeError: ``x`` is not float32/bfloat16/float16.
+      ValueError: ``axis`` out of range, a group size that does not divide the
+        axis, a missing key, or ``scale``/``state`` given where not expected.
+    """
+    x = _check_call(quantizer, x, scale, state)
+    check_rounding(quantizer.rounding, key)
+    return _fake(quantizer, x, key, scale, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _qparams(q, x, scale, state):
+    return _prepare(q, x, scale, state)[2]
+
+
+def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
+    """The ``QParams`` (steps, zero points, factors) that ``fake_quant(quantizer, x)`` uses.
+
+    Raises:
+      ValueError: a block format (its scales live inside its codes' encoding).
+    """
+    x = _check_call(quantizer, x, scale, state)
+    if is_block(quantizer.format):
+        raise ValueError(f"qparams: block format {quantizer.format.name} keeps its scales inside encode")
+    return _qparams(quantizer, x, scale, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _quantize(q, x, key, scale, state):
+    if is_block(q.format):
+        a = normalize_axis(q.axis, x.ndim)
+        codes, *scales_ = formats.encode(q.format, jnp.moveaxis(x, a, -1), saturate=q.saturate,
+                                         rounding=q.rounding, key=key)
+        ts = scales_[1] if len(scales_) > 1 else None
+        return QTensor(pack_codes(q, codes), scales_[0], None, ts, None, q, x.shape, x.dtype)
+    _, xw, p = _prepare(q, x, scale, state)
+    codes = kernels.encode(q, xw, p, q.rounding, key)
+    return QTensor(pack_codes(q, codes), quantizer=q, shape=x.shape, dtype=x.dtype, **store(q, p))
+
+
+def quantize(quantizer: Quantizer, x, key=None, *, scale=None, state=None) -> QTensor:
+    """Really quantize ``x``: packed codes plus stored scales (arguments as ``fake_quant``)."""
+    x = _check_call(quantizer, x, scale, state)
+    check_rounding(quantizer.rounding, key)
+    return _quantize(quantizer, x, key, scale, state)
+
+
+@jax.jit
+def dequantize(qt: QTensor):
+    """The values of ``qt`` in its original dtype; equals ``fake_quant`` bit for bit."""
+    q = qt.quantizer
+    n = math.prod(qt.shape)
+    if is_block(q.format):
+        a = normalize_axis(q.axis, len(qt.shape))
+        moved = qt.shape[:a] + qt.shape[a + 1:] + (qt.shape[a],)
+        codes = unpack_codes(q, qt.codes, n).reshape(moved)
+        parts = (codes, qt.scale) if qt.tensor_scale is None else (codes, qt.scale, qt.tensor_scale)
+        return jnp.moveaxis(formats.decode(q.format, parts, dtype=qt.dtype), -1, a)
+    lay = layout(q, qt.shape)
+    codes = unpack_codes(q, qt.codes, n).reshape(lay.work)
+    return kernels.decode(q, codes, load(qt)).reshape(qt.shape).astype(qt.dtype)

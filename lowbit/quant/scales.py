@@ -1,0 +1,192 @@
+"""Where the clip comes from: absmax, percentile, MSE search, KL (entropy) calibration.
+
+Every function returns float32 clips in the scales' kept-dims shape: ``(lo, hi)``
+with ``lo = -hi`` for quantizers that only need a magnitude. Non-finite entries
+are ignored (an inf then saturates to the clip instead of wiping out its group).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowbit import formats
+from lowbit.formats import _bits
+from lowbit.quant import _arith, kernels
+from lowbit.quant.params import from_clip
+from lowbit.quant.quantizer import KL_BINS
+from lowbit.quant.vit import ptf_search
+
+MSE_RATIOS = np.linspace(0.3, 1.0, 100, dtype=np.float32)
+"""Clip ratios (of the absmax range) that the ``mse`` source tries."""
+
+
+def _finite(x, fill):
+    return jnp.where(jnp.isfinite(x), x, jnp.float32(fill))
+
+
+def _finite_extreme(op, x, reduce, magnitude=False):
+    """``op`` (jnp.max or jnp.min) over ``reduce`` of the finite entries of ``x`` (or ``|x|``).
+
+    Non-finite entries count as 0. XLA:CPU reduces ``max(|x|)`` in one fused
+    pass but writes a select in front of a reduction out as a full temporary;
+    there the plain reduction runs first and the filtered one only if its
+    result is not finite. Both read ``x`` itself, so nothing is materialized.
+    """
+    def filtered(v):
+        return op(_finite(jnp.abs(v) if magnitude else v, 0), axis=reduce, keepdims=True)
+
+    def cpu(v):
+        r = op(jnp.abs(v) if magnitude else v, axis=reduce, keepdims=True)
+        return jax.lax.cond(jnp.all(jnp.isfinite(r)), lambda: r, lambda: filtered(v))
+
+    return jax.lax.platform_dependent(x, cpu=cpu, default=filtered)
+
+
+def absmax(q, x, reduce):
+    """Largest finite magnitude (or min and max, for a signed range) per scale group."""
+    if q.signed_range:
+        return _finite_extreme(jnp.min, x, reduce), _finite_extreme(jnp.max, x, reduce)
+    hi = _finite_extreme(jnp.max, x, reduce, magnitude=True)
+    return -hi, hi
+
+
+def percentile(q, x, reduce):
+    """The ``q.percentile`` percentile of ``|x|`` (signed range: of ``x`` at ``100 - p`` and ``p``)."""
+    p = float(q.percentile)
+    if q.signed_range:
+        xs = _finite(x, jnp.nan)
+        lo = jnp.nanpercentile(xs, 100.0 - p, axis=reduce, keepdims=True)
+        hi = jnp.nanpercentile(xs, p, axis=reduce, keepdims=True)
+        return jnp.minimum(lo, 0), jnp.maximum(hi, 0)
+    hi = jnp.nanpercentile(_finite(jnp.abs(x), jnp.nan), p, axis=reduce, keepdims=True)
+    return -hi, hi
+
+
+def _params(q, x, reduce, lo, hi):
+    exponent_fn = ptf_search(q, x, reduce) if q.kind == "ptf" else None
+    return from_clip(q, lo, hi, exponent_fn)
+
+
+def mse(q, x, reduce):
+    """The clip ``r * absmax`` (``r`` in ``MSE_RATIOS``) with the least fake-quantization error.
+
+    Each candidate is one fused pass over ``x`` (``lax.map`` keeps one
+    candidate in memory at a time); the search rounds to nearest.
+    """
+    lo, hi = absmax(q, x, reduce)
+    finite = jnp.isfinite(x)
+
+    def error(r):
+        p = _params(q, x, reduce, lo * r, hi * r)
+        d = jnp.where(finite, kernels.fake(q, x, p, "nearest", None) - x, jnp.float32(0))
+        return jnp.sum(d * d, axis=reduce, keepdims=True)
+
+    errs = jax.lax.map(error, jnp.asarray(MSE_RATIOS))
+    best = jnp.take(jnp.asarray(MSE_RATIOS), jnp.argmin(errs, axis=0))
+    return lo * best, hi * best
+
+
+# ----- KL / entropy calibration ---------------------------------------------------------
+def histogram_range(amax):
+    """The histogram's range: the smallest power of two strictly above ``amax``.
+
+    Power-of-two ranges nest, so a running histogram that grows its range merges
+    pairs of bins exactly (see ``rebin``).
+    """
+    amax = jnp.maximum(_finite(amax, 0), jnp.float32(2.0**-126))
+    return _arith.pow2(_bits.exponent(amax) + 1)
+
+
+@jax.jit
+def histogram(x, hist_range):
+    """int32 counts of finite ``|x|`` in ``KL_BINS`` equal bins over ``[0, hist_range)``."""
+    a = jnp.abs(x).ravel()
+    finite = jnp.isfinite(a)
+    # bins / range is a power of two: the product is exact and floor() bins it exactly.
+    idx = jnp.floor(a * (jnp.float32(KL_BINS) / hist_range))
+    idx = jnp.clip(jnp.where(finite, idx, 0), 0, KL_BINS - 1).astype(jnp.int32)
+    return jnp.zeros(KL_BINS, jnp.int32).at[idx].add(finite.astype(jnp.int32))
+
+
+def rebin(hist, old_range, new_range):
+    """``hist`` over ``[0, old_range)`` re-binned onto ``[0, new_range)`` (both powers of two, new >= old)."""
+    shift = jnp.clip(_bits.exponent(new_range) - _bits.exponent(old_range), 0, 31)
+    target = jax.lax.shift_right_logical(jnp.arange(KL_BINS, dtype=jnp.int32), shift)
+    return jnp.zeros(KL_BINS, jnp.int32).at[target].add(hist)
+
+
+def kl_levels(fmt) -> int:
+    """Quantization levels of the KL search: the format's non-negative values (int8: 128)."""
+    if isinstance(fmt, formats.IntFormat):
+        return fmt.max_int + 1
+    vals = formats.values(fmt)
+    return int(np.sum(vals >= 0))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def kl_threshold(hist, hist_range, levels: int):
+    """TensorRT entropy calibration: the clip minimizing KL(P || Q) over a histogram of ``|x|``.
+
+    For every candidate ``i`` (kept bins, ``levels <= i <= bins``): ``P`` is
+    the first ``i`` bins with the outliers beyond them added to bin ``i-1``;
+    ``Q`` merges the same ``i`` bins (without outliers) into ``levels`` groups
+    of ``i // levels`` bins (the last group takes the rest) and spreads each
+    group's count evenly over its non-empty bins. A candidate whose ``Q`` is
+    zero where ``P`` is not scores infinity. All candidates are scored at once.
+
+    Returns:
+      The float32 clip ``i* * hist_range / bins``: the upper edge of the last kept bin.
+    """
+    bins = hist.shape[0]
+    zero = jnp.zeros(1, jnp.int32)
+    csum = jnp.concatenate([zero, jnp.cumsum(hist)])
+    cnz = jnp.concatenate([zero, jnp.cumsum((hist > 0).astype(jnp.int32))])
+    i = jnp.arange(levels, bins + 1, dtype=jnp.int32)[:, None]
+    j = jnp.arange(bins, dtype=jnp.int32)[None, :]
+    width = i // levels
+    g = jnp.minimum(j // width, levels - 1)
+    start = g * width
+    end = jnp.where(g == levels - 1, i, start + width)
+    gsum = (csum[end] - csum[start]).astype(jnp.float32)
+    gnz = (cnz[end] - cnz[start]).astype(jnp.float32)
+    inside = j < i
+    h = hist.astype(jnp.float32)[None, :]
+    qv = jnp.where(inside & (h > 0), gsum / jnp.maximum(gnz, jnp.float32(1)), jnp.float32(0))
+    outliers = (csum[-1] - csum[i]).astype(jnp.float32)
+    pv = jnp.where(inside, h, jnp.float32(0)) + jnp.where(j == i - 1, outliers, jnp.float32(0))
+    pn = pv / jnp.maximum(jnp.sum(pv, axis=1, keepdims=True), jnp.float32(1))
+    qn = qv / jnp.maximum(jnp.sum(qv, axis=1, keepdims=True), jnp.float32(1))
+    ratio = jnp.where(pn > 0, pn / jnp.where(qn > 0, qn, jnp.float32(1)), jnp.float32(1))
+    terms = jnp.where(pn > 0, pn * jnp.log(ratio), jnp.float32(0))
+    kl = jnp.where(jnp.any((pn > 0) & (qn == 0), axis=1), jnp.float32(jnp.inf), jnp.sum(terms, axis=1))
+    best = jnp.argmin(kl).astype(jnp.int32) + levels
+    return best.astype(jnp.float32) * (hist_range / jnp.float32(bins))
+
+
+def kl(q, x, reduce):
+    """Per-tensor KL clip of ``x`` (histogram over a power-of-two range above its absmax).
+
+    The threshold is capped at the absmax: a bin edge past the data clips nothing.
+    """
+    _, amax = absmax(q, x, reduce)
+    r = histogram_range(jnp.max(amax))
+    hi = jnp.minimum(kl_threshold(histogram(x, r), r, kl_levels(q.format)), amax)
+    return -hi, hi
+
+
+SOURCES = {"absmax": absmax, "percentile": percentile, "mse": mse, "kl": kl}
+
+
+def statistic(q, x, reduce):
+    """The clip ``(lo, hi)`` of ``q.scale`` (a data-driven source) on float32 ``x``."""
+    return SOURCES[q.scale](q, x, reduce)
+
+
+def params(q, x, reduce):
+    """Dynamic parameters: the clip of ``x`` mapped onto the grid."""
+    lo, hi = statistic(q, x, reduce)
+    return _params(q, x, reduce, lo, hi)
