@@ -1,0 +1,107 @@
+"""Export a trained model's matmul weights as packed ``QTensor`` s, and load them back.
+
+Only the kernels of quantized layers (``QLinear``, ``QConv``) are exported in the
+low-precision format; biases, LayerNorms, positions and the class token stay
+float32 (they are a few percent of the parameters). ``nbytes`` reports the true
+storage: packed codes plus scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lowbit import formats, quant
+from lowbit.nn.layers import QConv, QLinear
+
+# Per-output-channel weight quantizers; ternary and binary take their scale from
+# the TWN / XNOR rule (see ``_rule``), so the exported values equal what the
+# ternary / binary recipes compute in their forward pass.
+EXPORTS = {
+    "fp32": None,
+    "fp8": quant.Quantizer(format="float8_e4m3fn", granularity="channel", axis=-1),
+    "fp4": quant.Quantizer(format="float4_e2m1fn", granularity="channel", axis=-1),
+    "int8": quant.Quantizer(format="int8", granularity="channel", axis=-1),
+    "int4": quant.Quantizer(format="int4", granularity="channel", axis=-1),
+    "ternary": quant.Quantizer(format="ternary", granularity="channel", axis=-1, scale="learned"),
+    "binary": quant.Quantizer(format="binary", granularity="channel", axis=-1, scale="learned"),
+}
+
+
+def _prepare(name: str, w):
+    """``(values, scale)`` to quantize: rule-based exports first apply their rule.
+
+    TWN's threshold (0.7 mean|w|) is not the ternary grid's rounding midpoint
+    (alpha/2), so the weights are ternarized by the rule and then stored exactly.
+    """
+    if name == "ternary":
+        return formats.ternarize(w, axis=-1), formats.ternary_threshold(w, axis=-1)[1]
+    if name == "binary":
+        return w, formats.binary_scale(w, axis=-1)
+    return w, None
+
+
+def _kernels(model: nnx.Module):
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, (QLinear, QConv)):
+            yield "/".join(map(str, path)), module
+
+
+def export(model: nnx.Module, weights: str) -> dict:
+    """Every quantized layer's kernel in format ``weights`` (see ``EXPORTS``).
+
+    Returns:
+      ``{layer path: QTensor}`` (``fp32``: the float32 kernels themselves).
+
+    Raises:
+      ValueError: an unknown export format.
+    """
+    if weights not in EXPORTS:
+        raise ValueError(f"weights={weights!r} is invalid; allowed: {', '.join(EXPORTS)}")
+    q = EXPORTS[weights]
+    out = {}
+    for path, layer in _kernels(model):
+        w = layer.kernel[...].astype(jnp.float32)
+        values, scale = _prepare(weights, w)
+        out[path] = w if q is None else quant.quantize(q, values, scale=scale)
+    return out
+
+
+def fake_quant_weights(model: nnx.Module, weights: str) -> None:
+    """Replace every exported kernel by its fake-quantized value, in place (the reference for ``load``)."""
+    q = EXPORTS[weights]
+    for _, layer in _kernels(model):
+        w = layer.kernel[...].astype(jnp.float32)
+        if q is not None:
+            values, scale = _prepare(weights, w)
+            layer.kernel[...] = quant.fake_quant(q, values, scale=scale)
+
+
+def load(model: nnx.Module, exported: dict) -> None:
+    """Write the dequantized kernels of ``exported`` into ``model``, in place.
+
+    Raises:
+      ValueError: ``exported`` does not match the model's quantized layers.
+    """
+    layers = dict(_kernels(model))
+    if set(layers) != set(exported):
+        raise ValueError(f"export has layers {sorted(exported)}, the model has {sorted(layers)}")
+    for path, value in exported.items():
+        w = value if isinstance(value, jax.Array) else quant.dequantize(value)
+        if w.shape != layers[path].kernel[...].shape:
+            raise ValueError(f"layer {path}: exported shape {w.shape} != model shape {layers[path].kernel[...].shape}")
+        layers[path].kernel[...] = w.astype(layers[path].kernel[...].dtype)
+
+
+def nbytes(exported: dict) -> int:
+    """True storage of the exported kernels in bytes (codes + scales + zero points)."""
+    return sum(v.nbytes for v in exported.values())
+
+
+def bytes_per_parameter(exported: dict) -> float:
+    """Storage bytes per kernel parameter."""
+    count = sum(math.prod(v.shape) for v in exported.values())
+    return nbytes(exported) / count
