@@ -1,0 +1,317 @@
+"""Block formats: OCP MX v1.0 (MXFP8/6/4, MXINT8) and NVIDIA's NVFP4.
+
+A block format quantizes along the last axis in blocks of ``block_size``
+elements that share one scale. A last axis that is not a multiple of the block
+size is padded with zeros internally (zeros change no block maximum) and the pad
+is cut from every output, so no element is ever grouped with the wrong block.
+
+MX (``kind="mx"``): the shared scale is the E8M0 power of two
+``X = 2^(floor(log2 amax) - emax_elem)``, clamped to E8M0's ``[2^-127, 2^127]``,
+where ``amax`` is the block's largest magnitude and ``emax_elem`` the exponent of
+the element format's largest value. Elements are ``x / X`` rounded onto the
+element grid and saturated. A zero block gets the smallest scale, 2^-127.
+MXINT8's elements are 8-bit two's complement integers with an implicit scale
+2^-6 (values k/64); like the OCP reference code (microsoft/microxcaling) the
+conversion saturates symmetrically to +-127/64, so the element format is
+``int8_narrow`` and code 0x80 (-2.0) is never produced (``decode`` still reads
+it as -2).
+
+NVFP4 (``kind="nvfp4"``): E2M1 elements in blocks of 16; an FP32 tensor scale
+``s = amax / (448 * 6)`` over the whole array (floored at 2^-126, the smallest
+float32 normal, so an all-zero or subnormal-scale tensor keeps a usable scale),
+an E4M3 block scale ``bs = e4m3(amax_block / 6 / s)`` (round half to even,
+saturating), and elements ``e2m1(x / (bs * s))``, round half to even and
+saturating. Every ``/`` is a float32 division, evaluated left to right.
+
+``encode`` returns ``(codes, scales)`` for MX, ``(codes, block_scales,
+tensor_scale)`` for NVFP4: codes are uint8 in the element format's layout with
+``x``'s shape, scales are uint8 codes (E8M0 or E4M3) shaped ``(..., nblocks)``,
+the tensor scale a float32 scalar. ``decode`` takes that tuple back.
+
+Power-of-two scaling is done with float32 multiplies by exact powers of two
+built from exponent bits, never ``log2``/``exp2``: the results equal a division
+by ``X`` bit for bit whenever they are float32 normals (and the registered
+element grids round anything smaller to zero).
+
+Non-finite inputs (a deliberate choice; OCP leaves conversion of specials to
+the implementation):
+
+* the block scale comes from the block's largest *finite* magnitude, so one NaN
+  or inf does not wipe out its 31 neighbours;
+* ``quantize``: NaN stays NaN; +-inf becomes +-(element max) * X with
+  ``saturate=True``, and follows the element format's own overflow (inf, NaN,
+  or max) with ``saturate=False``. Finite values always saturate: the scale is
+  chosen from them, and OCP's conversion saturates elements that round above
+  the element maximum;
+* ``encode`` never turns a NaN into a number: an element format with a NaN
+  code stores it; one without (FP6, FP4, INT8) gets a NaN block scale (E8M0
+  0xFF, E4M3 0x7F) instead, which by OCP's rule decodes the whole block as
+  NaN. That is the one place where ``decode(encode(x))`` and ``quantize(x)``
+  differ.
+
+float32 subnormal inputs and results follow the platform's float arithmetic
+(XLA's CPU flushes them to zero), and NVFP4's divisions are exact only where
+the backend's float32 division is correctly rounded (XLA:CPU; XLA:GPU's is
+within 2 ulp, openxla/xla#37181).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowbit.formats import _bits
+from lowbit.formats._bits import u32
+from lowbit.formats._checks import check_int, require
+from lowbit.formats.integer import IntFormat
+from lowbit.formats.minifloat import FloatFormat
+from lowbit.formats.registry import get, register
+
+KINDS = ("mx", "nvfp4")
+E8M0 = get("float8_e8m0fnu")
+E4M3 = get("float8_e4m3fn")
+_E8M0_NAN = 0xFF
+_NV_TENSOR_FLOOR = 2.0**-126  # smallest float32 normal: keeps s usable on flush-to-zero hardware
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockFormat:
+    """A block-scaled format (hashable: usable as a static jit argument).
+
+    Attributes:
+      element: the element format: a radix-2 ``FloatFormat`` with a zero, or
+        (MX only) a signed ``IntFormat``, read as fixed point with one integer
+        bit (value = integer * 2^-(bits-2)), as OCP's MXINT8.
+      block_size: elements per block along the last axis, >= 1.
+      scale: the block scale's format: E8M0 (``float8_e8m0fnu``) for ``mx``, a
+        radix-2 ``FloatFormat`` (E4M3 for NVFP4) for ``nvfp4``.
+      kind: ``mx`` (power-of-two shared scale) or ``nvfp4`` (block scale in
+        ``scale`` under an FP32 per-tensor scale).
+      name: display name; not part of equality.
+    """
+
+    element: FloatFormat | IntFormat
+    block_size: int = 32
+    scale: FloatFormat = E8M0
+    kind: str = "mx"
+    name: str = dataclasses.field(default="", compare=False)
+
+    def __post_init__(self):
+        own = "BlockFormat"
+        require(self.kind in KINDS, own, "kind", self.kind, ", ".join(KINDS))
+        check_int(own, "block_size", self.block_size, 1, 2**16)
+        float_ok = isinstance(self.element, FloatFormat) and self.element.radix == 2 and self.element.zero \
+            and self.element.signed
+        int_ok = isinstance(self.element, IntFormat) and self.element.signed and self.kind == "mx"
+        require(float_ok or int_ok, own, "element", self.element,
+                "a signed radix-2 FloatFormat with a zero, or a signed IntFormat (kind='mx')")
+        if self.kind == "mx":
+            require(self.scale == E8M0, own, "scale", self.scale, "float8_e8m0fnu for kind='mx'")
+        else:
+            require(isinstance(self.scale, FloatFormat) and self.scale.radix == 2 and self.scale.zero
+                    and self.scale.has_nan, own, "scale", self.scale,
+                    "a radix-2 FloatFormat with a zero and a NaN code for kind='nvfp4'")
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.kind}_{self.element.name}_b{self.block_size}")
+
+    @property
+    def bits(self) -> int:
+        """Bits per element code (the block scales come on top)."""
+        return self.element.bits
+
+    @property
+    def element_exp(self) -> int:
+        """log2 of the implicit element scale: -(bits-2) for integers, else 0."""
+        return -(self.element.bits - 2) if isinstance(self.element, IntFormat) else 0
+
+    @property
+    def element_max(self) -> float:
+        """Largest element value (implicit element scale included)."""
+        return self.element.max_value * 2.0**self.element_exp
+
+    @property
+    def emax(self) -> int:
+        """floor(log2) of the largest element value: OCP's ``emax_elem``."""
+        return int(np.floor(np.log2(self.element_max)))
+
+    # ----- kernels ------------------------------------------------------------------
+    def _quantize(self, x, saturate, rounding, key):
+        xb, n = _blocks(x, self.block_size)
+        if self.kind == "mx":
+            code, _ = self._mx_scale(xb)
+            y = self._mx_in(xb, code, saturate)
+            q = self.element._quantize(y, saturate, rounding, key)
+            out = _mul_pow2(q, code - 127 + self.element_exp)
+        else:
+            y, d, _ = self._nv_in(xb, saturate)
+            out = self.element._quantize(y, saturate, rounding, key) * d
+        return _unblock(out, n).astype(x.dtype)
+
+    def _encode(self, x, saturate, rounding, key):
+        xb, n = _blocks(x, self.block_size)
+        no_nan_code = not self.element.has_nan
+        if self.kind == "mx":
+            code, has_nan = self._mx_scale(xb)
+            codes = self.element._encode(self._mx_in(xb, code, saturate), saturate, rounding, key)
+            if no_nan_code:
+                code = jnp.where(has_nan, _E8M0_NAN, code)
+            return _unblock(codes, n), code[..., 0].astype(jnp.uint8)
+        y, d, (bs_code, s, has_nan) = self._nv_in(xb, saturate)
+        # A flushed block (bs * s == 0) decodes to zeros whatever its codes; store zeros.
+        y = jnp.where(d > 0, y, jnp.where(jnp.isfinite(y), jnp.float32(0), y))
+        codes = self.element._encode(y, saturate, rounding, key)
+        if no_nan_code:
+            bs_code = jnp.where(has_nan, self.scale.nan_code(), bs_code)
+        return _unblock(codes, n), bs_code[..., 0].astype(self.scale.code_dtype), s
+
+    def _decode(self, encoded, dtype):
+        parts = "(codes, scales)" if self.kind == "mx" else "(codes, block_scales, tensor_scale)"
+        if not isinstance(encoded, tuple) or len(encoded) != parts.count(",") + 1:
+            raise ValueError(f"{self.name}: decode takes what encode returned, {parts}")
+        codes, scales = encoded[0], encoded[1]
+        if not jnp.issubdtype(scales.dtype, jnp.integer):
+            raise TypeError(f"{self.name}: scales have dtype {scales.dtype}; allowed: integer codes (uint8)")
+        if codes.ndim == 0:
+            raise ValueError(f"{self.name}: codes must have at least one axis (blocks run along the last)")
+        n = codes.shape[-1]
+        nb = -(-n // self.block_size)
+        if scales.shape != (*codes.shape[:-1], nb):
+            raise ValueError(f"{self.name}: scales have shape {scales.shape}; codes of shape {codes.shape} "
+                             f"need {(*codes.shape[:-1], nb)} (one per block of {self.block_size})")
+        cb, _ = _blocks(codes, self.block_size)
+        q = self.element._decode(cb, jnp.float32)
+        if self.kind == "mx":
+            code = scales.astype(jnp.int32)[..., None]
+            out = _mul_pow2(q, jnp.minimum(code, 254) - 127 + self.element_exp)
+            out = jnp.where(code >= _E8M0_NAN, jnp.float32(jnp.nan), out)
+        else:
+            d = self.scale._decode(scales, jnp.float32)[..., None] * jnp.asarray(encoded[2], jnp.float32)
+            out = q * d
+        return _unblock(out, n).astype(dtype)
+
+    def _values(self) -> np.ndarray:
+        return (self.element._values() * np.float32(2.0**self.element_exp)).astype(np.float32)
+
+    # ----- MX ---------------------------------------------------------------------
+    def _mx_scale(self, xb):
+        """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.
+
+        ``floor(log2 amax) - emax + 127`` is the exponent field of ``amax``
+        minus ``emax``; a zero or subnormal ``amax`` (field 0) lands at or below
+        code 0 and is clamped there, as OCP clamps at 2^-127.
+        """
+        amax_bits, has_nan = _amax_bits(xb)
+        field = lax.shift_right_logical(amax_bits, u32(_bits.MANT)).astype(jnp.int32)
+        return jnp.maximum(field - self.emax, 0), has_nan
+
+    def _mx_in(self, xb, code, saturate):
+        """Element inputs ``x / X`` (integer elements: on their integer grid)."""
+        return self._saturate_finite(_mul_pow2(xb.astype(jnp.float32), 127 - code - self.element_exp), saturate)
+
+    def _saturate_finite(self, y, saturate):
+        """Clip finite element inputs to the element max when the element kernel would not.
+
+        Finite values saturate whatever ``saturate`` says (the module docstring
+        says why); only +-inf may take the element format's own overflow.
+        """
+        if saturate or not self.element.has_nan:
+            return y
+        vmax = jnp.float32(self.element.max_value)
+        return jnp.where(jnp.isinf(y), y, jnp.clip(y, -vmax, vmax))
+
+    # ----- NVFP4 ------------------------------------------------------------------
+    def _nv_in(self, xb, saturate):
+        """Element inputs ``x / d``, the per-block divisor ``d = bs * s`` and ``(bs codes, s, has NaN)``.
+
+        ``s`` is floored at the smallest float32 normal: below it (a tensor with
+        amax < 2^-126 * 2688, or all zeros) the formula's ``s`` is a subnormal
+        that flush-to-zero hardware reads as 0. A block whose ``bs * s`` is 0 is
+        flushed: its elements divide by 1 and are multiplied back by 0.
+        """
+        xf = xb.astype(jnp.float32)
+        amax_bits, has_nan = _amax_bits(xb)
+        amax_b = _bits.from_bits(amax_bits)
+        # Reduced from the block maxima (behind a bitcast, which XLA does not fold into
+        # one reduction over x): the tensor amax costs no extra pass over x.
+        amax = jnp.max(amax_b, initial=jnp.float32(0))
+        s = jnp.maximum(_div(amax, jnp.float32(self.scale.max_value * self.element.max_value)),
+                        jnp.float32(_NV_TENSOR_FLOOR))
+        # The barrier keeps XLA from merging (a / b) / s into a / (b * s), another rounding.
+        bsf = _div(lax.optimization_barrier(_div(amax_b, jnp.float32(self.element.max_value))), s)
+        bs_code = self.scale._encode(bsf, True, "nearest", None)
+        d = self.scale._quantize(bsf, True, "nearest", None) * s
+        y = self._saturate_finite(_div(xf, jnp.where(d > 0, d, jnp.float32(1))), saturate)
+        return y, d, (bs_code, s, has_nan)
+
+
+def _blocks(x, block_size: int):
+    """``x`` as (..., nblocks, block_size), zero-padded at the end of the last axis."""
+    if x.ndim == 0:
+        raise ValueError("block formats need an array with at least one axis (blocks run along the last)")
+    n = x.shape[-1]
+    pad = -n % block_size
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size), n
+
+
+def _unblock(xb, n: int):
+    """Inverse of ``_blocks``: merge the block axes and cut the pad."""
+    x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
+    return x[..., :n] if x.shape[-1] != n else x
+
+
+def _mul_pow2(v, k):
+    """``v * 2^k`` for int32 ``k`` in [-252, 252], exact whenever the result is a float32 normal.
+
+    Two factors because one float32 normal power of two reaches only
+    [-126, 127] and E8M0's scales span [-127, 127] (plus the MXINT8 shift).
+    Both factors have the sign of ``k``, so the partial product lies between
+    ``v`` and the result and is a normal whenever the result is.
+    """
+    half = lax.shift_right_arithmetic(k, jnp.int32(1))
+    return v * _bits.pow2(half) * _bits.pow2(k - half)
+
+
+def _amax_bits(xb):
+    """Per block (kept dims): the float32 bits of the largest finite magnitude, and whether a NaN is there.
+
+    The integer max of non-negative float32 bit patterns is their float max, and
+    integer compares see subnormals that flush-to-zero float compares would not.
+    """
+    abits = _bits.to_bits(xb.astype(jnp.float32)) & u32(_bits.ABS)
+    finite = abits < u32(_bits.INF_BITS)
+    amax_bits = jnp.max(jnp.where(finite, abits, u32(0)), axis=-1, keepdims=True)
+    return amax_bits, jnp.any(abits > u32(_bits.INF_BITS), axis=-1, keepdims=True)
+
+
+def _div(a, b):
+    """``a / b``, correctly rounded where the backend's division is (XLA:CPU).
+
+    XLA's algebraic simplifier rewrites ``a / constant`` and ``a / broadcast(b)``
+    into ``a * (1 / b)``, which is off by an ulp for about a third of inputs. A
+    divisor that also depends on ``a`` (1 where ``a`` is NaN, which divides to
+    NaN either way) is neither, so the true division stays.
+    """
+    return a / jnp.where(jnp.isnan(a), jnp.ones_like(b), b)
+
+
+def _mx(name: str, element: FloatFormat | IntFormat) -> BlockFormat:
+    return BlockFormat(element=element, block_size=32, scale=E8M0, kind="mx", name=name)
+
+
+MX_FORMATS = (
+    _mx("mxfp8_e4m3", get("float8_e4m3fn")),
+    _mx("mxfp8_e5m2", get("float8_e5m2")),
+    _mx("mxfp6_e3m2", get("float6_e3m2fn")),
+    _mx("mxfp6_e2m3", get("float6_e2m3fn")),
+    _mx("mxfp4_e2m1", get("float4_e2m1fn")),
+    _mx("mxint8", IntFormat(bits=8, narrow=True)),
+)
+NVFP4 = BlockFormat(element=get("float4_e2m1fn"), block_size=16, scale=E4M3, kind="nvfp4", name="nvfp4")
+
+for _fmt in (*MX_FORMATS, NVFP4):
+    register(_fmt)
