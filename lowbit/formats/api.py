@@ -35,7 +35,9 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
     Returns:
       Codes of ``x``'s shape, ``uint8`` for formats of at most 8 bits (value in
       the low bits, sign at bit ``bits-1``), else ``uint16``. Scaled formats
-      (adaptive bias, block formats) return ``(codes, scales)``.
+      return a tuple that ``decode`` takes back: adaptive bias ``(codes, bias)``,
+      MX ``(codes, e8m0_scale_codes)``, NVFP4 ``(codes, e4m3_block_scale_codes,
+      tensor_scale)``.
     """
     fmt = _resolve(fmt)
     x = check_float_input(x)
