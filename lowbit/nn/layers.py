@@ -27,14 +27,7 @@ from lowbit.formats import IntFormat
 from lowbit.quant import Quantizer
 from lowbit.training.qdot import DotQuantConfig, quantized_dot_general, uses_real_matmul
 from lowbit.training.recipes import LayerRecipe, Recipe
-
-
-class OverwriteWithGradient(nnx.Variable):
-    """State whose new value arrives as its gradient (GradScale).
-
-    A train step differentiates with respect to these variables too and then
-    replaces each value by its gradient instead of handing it to the optimizer.
-    """
+from lowbit.training.variables import OverwriteWithGradient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +82,9 @@ class _Quantized(nnx.Module):
         cfg, scales = self._real_lsq()
         key = self.rngs.quant() if self.rngs is not None else None
         gs = self.grad_scale[...] if self.grad_scale is not None else None
+        # PTQ calibration hook (lowbit.ptq): an optional sink for this matmul's raw operands.
+        if getattr(self, "capture", None) is not None:
+            self.capture.append((lhs, rhs, dn))
         return quantized_dot_general(lhs, rhs, dn, cfg, key=key, grad_scale=gs, **scales)
 
     def _real_lsq(self):

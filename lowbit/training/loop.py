@@ -43,6 +43,7 @@ from lowbit import data as lowbit_data
 from lowbit.training import checkpoint
 from lowbit.training.loss_scale import all_finite, skip_nonfinite
 from lowbit.training.policy import Policy
+from lowbit.training.variables import OverwriteWithGradient
 
 __all__ = ["TrainState", "make_optimizer", "train"]
 
@@ -56,13 +57,6 @@ class Recipe(Protocol):
     policy: Policy
 
     def make_loss_scale(self) -> Any: ...
-
-
-def _overwrites_with_gradient(path: tuple, variable: Any) -> bool:
-    # lowbit.nn defines OverwriteWithGradient, and training sits below nn in the
-    # import order, so the type is recognised by name (subclasses included).
-    del path
-    return any(cls.__name__ == "OverwriteWithGradient" for cls in type(variable).__mro__)
 
 
 @jax.tree_util.register_dataclass
@@ -111,7 +105,7 @@ def _train_step(graphdef, policy: Policy, tx, state: TrainState, x, y):
         model = nnx.merge(graphdef, params, overwrite, state.rest, copy=True)
         logits = model(policy.cast_to_compute(x))
         loss = _cross_entropy(logits, y)
-        rest = nnx.split(model, nnx.Param, _overwrites_with_gradient, ...)[3]
+        rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)[3]
         return state.loss_scale.scale(loss), (loss, logits, rest)
 
     (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)((state.params, state.overwrite))
@@ -264,7 +258,7 @@ def _initial_state(model: nnx.Module, recipe: Recipe, tx: optax.GradientTransfor
     model.eval()
     eval_graphdef = nnx.graphdef(model)
     model.train()
-    graphdef, params, overwrite, rest = nnx.split(model, nnx.Param, _overwrites_with_gradient, ...)
+    graphdef, params, overwrite, rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)
     params = recipe.policy.cast_to_param(params)
     return graphdef, eval_graphdef, TrainState(params, overwrite, rest, tx.init(params), recipe.make_loss_scale())
 
