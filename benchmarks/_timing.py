@@ -1,0 +1,125 @@
+"""Shared timing helpers for the benchmark scripts.
+
+Machines drift (turbo, other tenants, page cache), so a candidate is never timed
+alone: every round calls the reference and each candidate back to back, in an
+order that alternates from round to round, and a ratio is the median of the
+per-round ratios. The reference is a jitted ``x * 2``: one read and one write of
+the array, i.e. what a memory-bound elementwise kernel cannot beat.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import ml_dtypes
+import numpy as np
+
+MIN_REPEATS = 5
+
+
+def _ready(out: Any) -> Any:
+    """Wait for device work; numpy results are already there."""
+    return jax.block_until_ready(out)
+
+
+def time_call(fn: Callable, *args, number: int = 1) -> float:
+    """Wall seconds per call of ``fn(*args)``, over ``number`` calls that each wait for their result."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        _ready(fn(*args))
+    return (time.perf_counter() - t0) / number
+
+
+def reference(x: jax.Array) -> Callable:
+    """The memory-bound reference: a jitted ``x * 2`` (warmed up on ``x``)."""
+    fn = jax.jit(lambda v: v * jnp.asarray(2, v.dtype))
+    _ready(fn(x))
+    return fn
+
+
+def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: int = 7,
+              warmup: int = 1, number: int = 1) -> dict[str, list[float]]:
+    """Per-round wall times of every function, called in alternating order.
+
+    Args:
+      fns: name -> callable; one of them is usually the reference.
+      args: name -> positional arguments for that callable.
+      repeats: timed rounds (at least ``MIN_REPEATS``).
+      warmup: untimed rounds first (compilation, page faults).
+      number: calls per sample (for arrays so small that one call is microseconds).
+
+    Returns:
+      name -> list of ``repeats`` wall times, round ``i`` at index ``i``.
+    """
+    repeats = max(repeats, MIN_REPEATS)
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            _ready(fns[n](*args[n]))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        # Forward on even rounds, backward on odd: neither side always runs on a warm cache.
+        for n in names if i % 2 == 0 else reversed(names):
+            times[n].append(time_call(fns[n], *args[n], number=number))
+    return times
+
+
+def ratio(ref_times: list[float], times: list[float]) -> float:
+    """Throughput of a candidate relative to the reference (>1: faster), median over rounds."""
+    return statistics.median(r / t for r, t in zip(ref_times, times))
+
+
+def median(times: list[float]) -> float:
+    """Median wall seconds of one function's rounds."""
+    return statistics.median(times)
+
+
+def load_average() -> str:
+    """1, 5 and 15 minute load averages: other work on the machine skews every timing."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux ``/proc/cpuinfo``; ``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare numbers across runs."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "load_average": load_average(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
+    }
+
