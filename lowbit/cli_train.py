@@ -93,6 +93,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--devices", type=_positive_int, default=1,
                      help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--matmul", default="auto", choices=("auto", "real", "fake"),
+                       help="quantized matmuls on integer/float8 operands (real), on dequantized floats (fake), "
+                            "or auto: real for integer formats, and for float8 off-CPU (default: auto)")
     model = parser.add_argument_group("model (ViT)")
     model.add_argument("--patch-size", type=int, help="patch side (default: the smallest giving <= 64 patches)")
     model.add_argument("--dim", type=int, default=64, help="token width (default: 64)")
@@ -183,7 +187,7 @@ def _load_inputs(args: argparse.Namespace, recipe_names: list[str]):
     from lowbit.training import recipes
 
     try:
-        chosen = [recipes.get(name) for name in recipe_names]
+        chosen = [recipes.get(name).with_matmul(args.matmul) for name in recipe_names]
         return data.load(args.dataset, args.data_dir), chosen
     except (FileNotFoundError, ValueError) as e:
         raise _InputError(e) from None

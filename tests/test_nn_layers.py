@@ -155,3 +155,12 @@ def test_lsq_layer_real_int8_path_matches_fake():
     g_real, g_fake = grads(real), grads(fake)
     for name in ("kernel", "act_step", "weight_step"):
         np.testing.assert_allclose(getattr(g_real, name)[...], getattr(g_fake, name)[...], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fake", "real", "auto"])
+def test_with_matmul_builds_every_recipe(mode):
+    for name in recipes.names():
+        r = recipes.get(name).with_matmul(mode)
+        assert {r.layer(role).dot.matmul for role in ("qkv", "attn_qk")} <= {"fake", "real", "auto"}
+    with pytest.raises(ValueError, match="matmul"):
+        recipes.get("fp8").with_matmul("fast")

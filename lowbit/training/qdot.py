@@ -48,14 +48,15 @@ def _name(q) -> str:
     return "None" if q is None else q.format.name
 
 
-def _real_ok(q) -> bool:
+def real_ok(q) -> bool:
+    """Whether quantizer ``q`` can feed the real matmul path (symmetric uniform int8/int4/int2/float8)."""
     return (q is not None and q.kind == "uniform" and q.symmetric and q.granularity in ("tensor", "channel")
             and getattr(q.format, "name", None) in REAL_DTYPES)
 
 
 def uses_real_matmul(config: "DotQuantConfig") -> bool:
     """Whether ``config`` runs the forward product on integer/float8 operands (see ``matmul``)."""
-    if config.matmul == "fake" or not (_real_ok(config.lhs) and _real_ok(config.rhs)):
+    if config.matmul == "fake" or not (real_ok(config.lhs) and real_ok(config.rhs)):
         return config.matmul == "real"
     ints = all(REAL_DTYPES[q.format.name] == jnp.int8 for q in (config.lhs, config.rhs))
     return config.matmul == "real" or ints or jax.default_backend() != "cpu"
@@ -98,7 +99,7 @@ class DotQuantConfig:
             raise ValueError("DotQuantConfig.grad_scale=True needs dlhs_grad and drhs_grad quantizers")
         if self.matmul not in MATMULS:
             raise ValueError(f"DotQuantConfig.matmul={self.matmul!r} is invalid; allowed: {', '.join(MATMULS)}")
-        if self.matmul == "real" and not (_real_ok(self.lhs) and _real_ok(self.rhs)):
+        if self.matmul == "real" and not (real_ok(self.lhs) and real_ok(self.rhs)):
             raise ValueError(
                 "DotQuantConfig.matmul='real' needs symmetric uniform lhs and rhs quantizers of a format in "
                 f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})")

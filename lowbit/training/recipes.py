@@ -17,7 +17,7 @@ from lowbit.formats._checks import check_int, require
 from lowbit.quant import Quantizer
 from lowbit.training.loss_scale import DynamicLossScale, NoOpLossScale
 from lowbit.training.policy import Policy, get_policy
-from lowbit.training.qdot import DotQuantConfig
+from lowbit.training.qdot import MATMULS, DotQuantConfig, real_ok
 
 WEIGHT_RULES = ("none", "sawb", "lsq", "ternary", "binary")
 ACT_RULES = ("none", "pact", "lsq")
@@ -86,9 +86,19 @@ class Recipe:
         return DynamicLossScale() if self.loss_scale == "dynamic" else NoOpLossScale()
 
     def with_matmul(self, mode: str) -> "Recipe":
-        """This recipe with every matmul's ``DotQuantConfig.matmul`` set to ``mode`` (fake / real / auto)."""
+        """This recipe with its matmuls set to ``mode`` (``fake``, ``real`` or ``auto``).
+
+        ``real`` applies where the operands allow it (integer or float8 forward
+        quantizers, or LSQ layers, whose integer grid the layer knows); the
+        other matmuls stay ``fake``.
+        """
+        require(mode in MATMULS, "Recipe", "matmul", mode, ", ".join(MATMULS))
+
         def swap(lr: LayerRecipe) -> LayerRecipe:
-            return dataclasses.replace(lr, dot=dataclasses.replace(lr.dot, matmul=mode))
+            here = mode
+            if mode == "real" and not (real_ok(lr.dot.lhs) and real_ok(lr.dot.rhs)):
+                here = "auto" if lr.act == "lsq" and lr.weight == "lsq" else "fake"
+            return dataclasses.replace(lr, dot=dataclasses.replace(lr.dot, matmul=here))
 
         return dataclasses.replace(self, default=swap(self.default),
                                    layers=tuple((role, swap(lr)) for role, lr in self.layers))
