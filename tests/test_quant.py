@@ -228,6 +228,23 @@ def test_e8m0_scale_is_a_power_of_two_rounded_up():
     np.testing.assert_allclose(y, x, atol=float(step.max()) / 2)  # nothing clipped
 
 
+def test_non_finite_inputs_do_not_move_the_scale():
+    x = _x(7)
+    bad = x.at[0, 0].set(jnp.inf).at[1, 1].set(jnp.nan)
+    q = Quantizer(format="int8", granularity="channel")
+    step = quant.qparams(q, bad).step()
+    np.testing.assert_array_equal(step, quant.qparams(q, x.at[0, 0].set(0).at[1, 1].set(0)).step())
+    y = quant.fake_quant(q, bad)
+    assert float(y[0, 0]) == float(step[0, 0]) * 127 and np.isnan(float(y[1, 1]))
+
+
+def test_empty_and_scalar_inputs():
+    q = Quantizer(format="int8", granularity="channel")
+    assert quant.fake_quant(q, jnp.zeros((0, 4), jnp.float32)).shape == (0, 4)
+    assert quant.quantize(q, jnp.zeros((0, 4), jnp.float32)).nbytes == 4 * 4  # the scales only
+    assert float(quant.fake_quant(Quantizer(format="int4"), jnp.float32(-3.0))) == -3.0
+
+
 def test_learned_scale_equals_fixed_scale():
     x = _x(5)
     learned = quant.fake_quant(Quantizer(format="int8", scale="learned"), x, scale=jnp.float32(0.125))

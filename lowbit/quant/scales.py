@@ -29,18 +29,18 @@ def _finite(x, fill):
 
 
 def _finite_extreme(op, x, reduce, magnitude=False):
-    """``op`` (jnp.max or jnp.min) over ``reduce`` of the finite entries of ``x`` (or ``|x|``).
+    """``op`` (jnp.max or jnp.min) over ``reduce`` of the finite entries of ``x`` (or ``|x|``) and 0.
 
-    Non-finite entries count as 0. XLA:CPU reduces ``max(|x|)`` in one fused
+    Non-finite entries count as 0, as does an empty group. XLA:CPU reduces ``max(|x|)`` in one fused
     pass but writes a select in front of a reduction out as a full temporary;
     there the plain reduction runs first and the filtered one only if its
     result is not finite. Both read ``x`` itself, so nothing is materialized.
     """
     def filtered(v):
-        return op(_finite(jnp.abs(v) if magnitude else v, 0), axis=reduce, keepdims=True)
+        return op(_finite(jnp.abs(v) if magnitude else v, 0), axis=reduce, keepdims=True, initial=0)
 
     def cpu(v):
-        r = op(jnp.abs(v) if magnitude else v, axis=reduce, keepdims=True)
+        r = op(jnp.abs(v) if magnitude else v, axis=reduce, keepdims=True, initial=0)
         return jax.lax.cond(jnp.all(jnp.isfinite(r)), lambda: r, lambda: filtered(v))
 
     return jax.lax.platform_dependent(x, cpu=cpu, default=filtered)
