@@ -45,7 +45,7 @@ def test_percentile_and_mse_clip_outliers_below_absmax_with_less_error(seed):
 
 
 @given(seed=st.integers(0, 2**16))
-@settings(max_examples=5)
+@settings(max_examples=3)
 def test_kl_threshold_inside_histogram_range_and_below_outliers(seed):
     x = _outliers(seed)
     amax = jnp.max(jnp.abs(x))
