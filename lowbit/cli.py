@@ -1,0 +1,158 @@
+"""The ``lowbit`` command line.
+
+Each subcommand is registered by one ``add_*_parser(subparsers)`` function in
+``COMMANDS``: it adds its parser and sets ``func``, which takes the parsed
+arguments and returns the exit status. Command functions import what they
+need themselves, so ``lowbit --help`` stays fast and a command can set up its
+environment (e.g. ``XLA_FLAGS``) before jax starts a backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
+
+
+def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``lowbit formats`` and ``lowbit formats show NAME``."""
+    parser = subparsers.add_parser(
+        "formats", help="list the registered element formats",
+        description="Print every registered element format: bits, bias, range and special values.",
+    )
+    parser.set_defaults(func=_formats_command)
+    actions = parser.add_subparsers(dest="action", metavar="{show}")
+    show = actions.add_parser("show", help="list every code of one format and its value",
+                              description="Print every code of a format with its bit pattern and value.")
+    show.add_argument("name", help="a registered format name, e.g. float8_e4m3fn")
+    show.set_defaults(func=_show_command)
+    return parser
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [add_formats_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lowbit`` parser with every command in ``COMMANDS``."""
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-precision number formats and training in them.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lowbit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+# ----- lowbit formats ----------------------------------------------------------------------
+
+
+def _number(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if math.isnan(v):
+        return "nan"
+    if v == 0:
+        return "-0" if math.copysign(1.0, v) < 0 else "0"
+    return f"{v:.6g}"
+
+
+def _describe(fmt) -> dict[str, str]:
+    """One table row: how a format is laid out and where its range ends."""
+    from lowbit.formats import BinaryFormat, FloatFormat, IntFormat
+
+    if isinstance(fmt, FloatFormat):
+        notes = [fmt.specials]
+        notes += [] if fmt.signed else ["unsigned"]
+        notes += [] if fmt.zero else ["no zero"]
+        notes += ["radix 4"] if fmt.radix == 4 else []
+        flags = [w for w, on in (("NaN", fmt.has_nan), ("inf", fmt.has_inf), ("-0", fmt.has_negative_zero)) if on]
+        subnormal = fmt.min_value if fmt.zero and fmt.mbits > 0 else None
+        return dict(bias=str(fmt.bias), max=_number(fmt.max_value), min_normal=_number(fmt.min_normal),
+                    min_subnormal=_number(subnormal),
+                    specials=f"{', '.join(notes)} ({', '.join(flags) or 'no NaN, no inf'})")
+    if isinstance(fmt, IntFormat):
+        kind = ("int" if fmt.signed else "uint") + (", narrow" if fmt.narrow else "")
+        return dict(bias="-", max=_number(fmt.max_value), min_normal="-", min_subnormal="-",
+                    specials=f"{kind} [{fmt.min_int}, {fmt.max_int}]")
+    if isinstance(fmt, BinaryFormat):
+        return dict(bias="-", max=_number(fmt.max_value), min_normal="-", min_subnormal="-",
+                    specials="sign: {-1, +1}")
+    raise TypeError(f"not an element format: {fmt!r}")
+
+
+def _element_formats() -> list:
+    from lowbit import formats
+
+    kinds = (formats.FloatFormat, formats.IntFormat, formats.BinaryFormat)
+    return [(n, formats.get(n)) for n in formats.names() if isinstance(formats.get(n), kinds)]
+
+
+_COLUMNS = (("name", "name"), ("bits", "bits"), ("bias", "bias"), ("max", "max"),
+            ("min normal", "min_normal"), ("min subnormal", "min_subnormal"), ("specials", "specials"))
+
+
+def _formats_command(args: argparse.Namespace) -> int:
+    rows = [dict(name=name, bits=str(fmt.bits), **_describe(fmt)) for name, fmt in _element_formats()]
+    _print_table("Element formats", [c for c, _ in _COLUMNS], [[r[k] for _, k in _COLUMNS] for r in rows],
+                 left=("name", "specials"))
+    return 0
+
+
+def _show_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lowbit import formats
+
+    try:
+        fmt = formats.get(args.name)
+    except ValueError as e:
+        print(f"lowbit formats show: {e}", file=sys.stderr)
+        return 2
+    element = getattr(fmt, "element", fmt)  # a block format lists its element's values
+    codes = np.arange(2**element.bits, dtype=np.uint8 if element.bits <= 8 else np.uint16)
+    table = np.asarray(formats.decode(element, codes))
+    print(f"{args.name}: {fmt!r}")
+    if element is not fmt:
+        print(f"element format {element.name}:")
+    values = formats.values(element)
+    print(f"{values.size} finite values, {element.bits} bits")
+    rows = [[f"0x{int(c):0{(element.bits + 3) // 4}x}", format(int(c), f"0{element.bits}b"), _number(float(v))]
+            for c, v in zip(codes, table, strict=True)]
+    _print_table(None, ["code", "bits", "value"], rows, left=("code", "bits"))
+    return 0
+
+
+def _print_table(title: str | None, header: list[str], rows: list[list[str]], left: Sequence[str]) -> None:
+    """A rich table, or plain aligned columns without rich; columns not in ``left`` align right."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        if title:
+            print(title)
+        for line in [header, *rows]:
+            cells = (c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(line, widths, header, strict=True))
+            print("  ".join(cells).rstrip())
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, no_wrap=True, justify="left" if h in left else "right")
+    for r in rows:
+        table.add_row(*r)
+    console = Console()
+    # Piped output has no terminal width; keep rows on one line rather than wrap at 80.
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
