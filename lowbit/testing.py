@@ -445,6 +445,8 @@ def _check_chunk(fmt, x, size, key):
                           ("zero", zero, "toward_zero rounding"),
                           ("zero_ns", zero, "toward_zero rounding (saturate=False)")):
         r.check(what, inr & ~_same(out[k], want, False), x, out[k], want)
+    err = np.abs(out["near"].astype(np.float64) - xf)
+    r.check("|quantize(x) - x| <= half the local spacing", inr & (err > (hi - lo) / 2), x, out["near"], near)
     s = out["stoch"].astype(np.float64)
     r.check("stochastic rounding lands on a neighbour", inr & (s != lo) & (s != hi), x, out["stoch"])
 

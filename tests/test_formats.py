@@ -225,6 +225,30 @@ class TestAgainstMlDtypes:
         assert np.isnan(values[nan_kept]).all()
 
 
+@pytest.mark.parametrize(("fmt", "dtype"), [(FloatFormat(ebits=5, mbits=10), np.float16),
+                                            (FloatFormat(ebits=8, mbits=7), ml_dtypes.bfloat16)])
+def test_generic_16_bit_formats_match_float16_and_bfloat16(fmt, dtype):
+    # FloatFormat's defaults at IEEE half and bfloat16 widths are those types, subnormals included.
+    codes = np.arange(2**16, dtype=np.uint16)
+    table = codes.view(dtype).astype(np.float32)
+    got = np.asarray(formats.decode(fmt, jnp.asarray(codes)))
+    nan = np.isnan(table)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(_bits32(got)[~nan], _bits32(table)[~nan])
+    v = np.unique(table[np.isfinite(table)].astype(np.float64))
+    mids = ((v[1:] + v[:-1]) / 2).astype(np.float32)
+    raw = np.random.default_rng(16).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([v.astype(np.float32), mids, np.nextafter(mids, np.float32(np.inf)),
+                        np.nextafter(mids, np.float32(-np.inf)), _f32(raw), _f32(raw & np.uint32(0x807FFFFF))])
+    x = x[~np.isnan(x)][: 2**21]  # NaN payloads: numpy keeps them in float16, formats write one NaN
+    with np.errstate(over="ignore"):
+        want = x.astype(dtype).view(np.uint16)
+    got = np.asarray(jax.jit(lambda x: formats.encode(fmt, x))(jnp.asarray(x)))
+    bad = got != want
+    assert not bad.any(), [(hex(b), hex(g), hex(w)) for b, g, w in zip(_bits32(x)[bad][:5], got[bad][:5], want[bad][:5],
+                                                                       strict=True)]
+
+
 def test_ml_inputs_cover_the_hard_cases():
     x = _ml_inputs("float8_e4m3fn")
     b = _bits32(x)
