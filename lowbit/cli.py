@@ -14,6 +14,8 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from lowbit.cli_train import add_compare_parser, add_train_parser
+
 __all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
 
 
@@ -32,7 +34,9 @@ def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     return parser
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [add_formats_parser]
+COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
+    add_train_parser, add_compare_parser, add_formats_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
