@@ -151,8 +151,8 @@ def _fp4() -> Recipe:
         name="fp4",
         default=LayerRecipe(dot=grads, weight="sawb", weight_bits=4, act="pact", act_bits=4),
         layers=(("attn_qk", attn), ("attn_av", attn), ("patch", edge), ("head", edge)),
-        summary=(("weights", "int4, SAWB clip (patch/head: 8-bit)"),
-                 ("activations", "int4, PACT learned clip (patch/head: 8-bit)"),
+        summary=(("weights", "4-bit SAWB (16 levels on [-a, a], a from SAWB; patch/head: 8-bit)"),
+                 ("activations", "4-bit PACT, learned clip a, signed (patch/head: 8-bit)"),
                  ("attention QK/AV", "int8 per-tensor absmax"),
                  ("gradients", "fp4_radix4, GradScale + two-phase rounding (patch/head: e5m2)")),
     )
