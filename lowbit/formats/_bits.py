@@ -4,6 +4,7 @@ Every kernel rounds on the float32 bit pattern: integer adds and masks on the
 mantissa are exact and vectorise, where ``log2``/``exp2`` are neither.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -43,3 +44,24 @@ def exponent(x: jnp.ndarray) -> jnp.ndarray:
     field = lax.shift_right_logical(b, u32(MANT)).astype(jnp.int32)
     # Subnormals: b is the integer mantissa m, |x| = m * 2^-149.
     return jnp.where(field == 0, -118 - lax.clz(b).astype(jnp.int32), field - 127)
+
+
+def random_bits(key, shape) -> jnp.ndarray:
+    """Uniform uint32 words of ``shape`` for stochastic rounding, reproducible for ``key``.
+
+    ``jax.random.bits`` spends about 20 Threefry rounds per word, several times the
+    cost of the rounding it feeds. Rounding needs each element's word uniform and
+    unrelated to its neighbours', so the words are an integer hash (Wellons'
+    ``triple32``, a bijection) of the element's flat index under an affine map
+    drawn from ``key``; for any fixed element the word is then exactly uniform over
+    keys, which keeps stochastic rounding unbiased. The index is built from
+    per-axis iotas so the words stay the same under sharding.
+    """
+    draw = jax.random.bits(key, (2,), jnp.uint32)
+    h = jnp.zeros(shape, jnp.uint32)
+    for axis, n in enumerate(shape):
+        h = h * u32(n) + lax.broadcasted_iota(jnp.uint32, shape, axis)
+    h = h * (draw[0] | u32(1)) + draw[1]
+    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        h = (h ^ lax.shift_right_logical(h, u32(shift))) * u32(mult)
+    return h ^ lax.shift_right_logical(h, u32(14))

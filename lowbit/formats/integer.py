@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowbit.formats.minifloat import _round_int, _split
+from lowbit.formats import _bits
+from lowbit.formats._bits import u32
+from lowbit.formats.minifloat import _random, _round_int
 from lowbit.formats._checks import check_int
 
 
@@ -65,11 +67,15 @@ class IntFormat:
     def _quantize(self, x, saturate, rounding, key):
         del saturate  # integers always saturate: an integer grid has no overflow code
         xf = x.astype(jnp.float32)
-        _, neg, _, _, rbits = _split(x, rounding, key)
-        # Round the magnitude so stochastic/toward-zero rounding stay sign-symmetric.
-        mag = _round_int(jnp.abs(xf), rounding, rbits)
-        q = jnp.clip(jnp.where(neg, -mag, mag), jnp.float32(self.min_int), jnp.float32(self.max_int))
-        return q.astype(x.dtype)
+        if rounding == "nearest":  # half to even is sign-symmetric: round x itself
+            q = lax.round(xf, lax.RoundingMethod.TO_NEAREST_EVEN)
+        elif rounding == "toward_zero":
+            q = jnp.trunc(xf)
+        else:  # round the magnitude so the random draw is sign-symmetric too
+            b = _bits.to_bits(xf)
+            mag = _round_int(_bits.from_bits(b & u32(_bits.ABS)), rounding, _random(rounding, key, x.shape))
+            q = _bits.from_bits(_bits.to_bits(mag) | (b & u32(_bits.SIGN)))
+        return jnp.clip(q, jnp.float32(self.min_int), jnp.float32(self.max_int)).astype(x.dtype)
 
     def _encode(self, x, saturate, rounding, key):
         q = self._quantize(x.astype(jnp.float32), saturate, rounding, key)
@@ -100,13 +106,18 @@ class BinaryFormat:
     def _quantize(self, x, saturate, rounding, key):
         del saturate, rounding, key  # a sign has nothing to round
         one = jnp.ones((), x.dtype)
-        return jnp.where(jnp.isnan(x), x, jnp.where(x < 0, -one, one))
+        return jnp.where(jnp.isnan(x), x, jnp.where(_negative(x), -one, one))
 
     def _encode(self, x, saturate, rounding, key):
-        return (x < 0).astype(jnp.uint8)
+        return _negative(x).astype(jnp.uint8)
 
     def _decode(self, codes, dtype):
         return (1 - 2 * (codes.astype(jnp.int32) & 1)).astype(dtype)
 
     def _values(self) -> np.ndarray:
         return np.array([-1.0, 1.0], np.float32)
+
+
+def _negative(x):
+    """x < 0 on the bits: CPUs read float32 subnormals as zero, and -0 is not negative."""
+    return _bits.to_bits(x.astype(jnp.float32)) > u32(_bits.SIGN)

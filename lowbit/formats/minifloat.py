@@ -5,9 +5,14 @@ A magnitude code ``c`` (the bits below the sign) splits into an exponent field
 or ``(f/2^m) * r^(1 - bias)`` for ``e == 0`` when the format has a zero
 (subnormals). Formats without a zero (E8M0) read ``e == 0`` as an ordinary binade.
 
-Radix-2 formats round on the float32 bit pattern (integer add + mask), which is
-bit-exact and runs at memory speed. Radix-4 grids are not a mantissa truncation of
-float32, so they round against their (short) table of midpoints instead.
+Every kernel is bit-exact and close to memory speed. Round-to-nearest on a radix-2
+grid is the float32 adder's own rounding (``_round_adder``); stochastic and
+toward-zero rounding work on the float32 bit pattern (integer add + mask). Grids
+of bare powers (no mantissa: E8M0, P3109 precision 1, radix-4 FP4) round on the
+exponent bits (``_round_pow``). Other radix-4 grids are not a mantissa
+truncation of float32, so they round against their (short) table of midpoints.
+Grids reaching below float32's normal range take integer paths where the CPU
+would flush float arithmetic on subnormals to zero.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import dataclasses
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -177,68 +181,119 @@ class FloatFormat:
         return _decode_table(self)
 
     # ----- kernels ------------------------------------------------------------------
-    def _round(self, a, rounding, rbits):
-        """Round finite ``a >= 0`` (float32) onto the grid.
+    @functools.cached_property
+    def _over_bound(self) -> float | None:
+        """The power of the radix just above ``max_value``, or None past float32.
 
-        Returns ``(value, mag)``: the rounded float32 value (possibly above
-        ``max_value``, which callers treat as overflow) and its magnitude code.
+        Non-saturating kernels clamp magnitudes (inf included) to it: it is a grid
+        value, so it rounds to itself and overflow still reads ``value > max_value``,
+        and it keeps the kernels' intermediate powers of two finite.
         """
-        if self.radix == 2:
-            return _round_radix2(self, a, rounding, rbits)
-        return _round_table(self, a, rounding, rbits)
+        step = 1 if self.radix == 2 else 2
+        exp = (math.frexp(self.max_value)[1] - 1) // step * step + step
+        return math.ldexp(1.0, exp) if exp <= 127 else None
 
-    def _overflow(self, value, isinf, saturate, rounding):
-        """Masks for results that leave the finite range: (to max, to inf, to NaN)."""
-        over = value > jnp.float32(self.max_value)
-        # Round-toward-zero never rounds a finite input up past the largest value.
-        if saturate or not self.has_nan or rounding == "toward_zero":
-            to_max, over = over, jnp.zeros_like(over)
+    @functools.cached_property
+    def _adder_rounds(self) -> bool:
+        """Whether ``_round_adder`` is exact for this format (see there)."""
+        return (
+            self.radix == 2 and self.mbits >= 1 and self.zero
+            and self.min_value / 2 >= 2.0**-126
+            and self._over_bound is not None
+            and math.log2(self._over_bound) + _bits.MANT - self.mbits <= 127
+        )
+
+    @functools.cached_property
+    def _pow_grid(self) -> bool:
+        """Whether ``_round_pow`` covers this format (see there)."""
+        if self.mbits != 0 or self.min_value < 2.0**-127:
+            return False
+        return self.min_value >= 2.0**-126 or (self.radix == 2 and not self.zero)
+
+    def _clamp(self, abits, saturate):
+        """|x| as float32 (from its bits), clamped to the largest magnitude the kernels need.
+
+        NaN stays NaN only where ``_round`` says it keeps NaN; callers mask it otherwise.
+        """
+        bound = self.max_value if saturate or not self.has_nan else self._over_bound
+        if bound is None:
+            return _bits.from_bits(abits)
+        if self.min_value / 2 >= 2.0**-126:
+            # A float min keeps NaN in one op; it flushes float32 subnormals to zero,
+            # which is where this grid rounds them anyway.
+            return jnp.minimum(_bits.from_bits(abits), jnp.float32(bound))
+        return _bits.from_bits(jnp.minimum(abits, u32(_f32_bits(bound))))
+
+    def _round(self, a, rounding, rbits):
+        """Round ``a``, a magnitude from ``_clamp``, onto the unbounded grid.
+
+        Returns ``(value, mag, keeps_nan)``: the rounded value (above ``max_value``
+        means overflow), its magnitude code as uint32, and whether ``value`` is NaN
+        where ``a`` is (a Python bool; else it is garbage there, as ``mag`` always is).
+        """
+        if self._pow_grid:
+            value, mag = _round_pow(self, a, rounding, rbits)
+        elif self.radix == 4:
+            value, mag = _round_table(self, a, rounding, rbits)
+        elif rounding == "nearest" and self._adder_rounds:
+            return (*_round_adder(self, a), True)
         else:
-            to_max = jnp.zeros_like(over)
-        if saturate or not self.has_nan:
-            to_max, isinf = to_max | isinf, jnp.zeros_like(isinf)
-        over = over | isinf
-        if self.has_inf:
-            return to_max, over, jnp.zeros_like(over)
-        return to_max, jnp.zeros_like(over), over
+            value, mag = _round_radix2(self, a, rounding, rbits)
+        return value, mag.astype(jnp.uint32), False
 
-    def _unsigned_nan(self, a, neg):
-        """Inputs an unsigned format cannot hold: negatives (and zero without a zero)."""
-        nonzero = _bits.to_bits(a) != u32(0)  # integer test: CPUs read float32 subnormals as 0
-        return neg & nonzero if self.zero else neg | ~nonzero
+    def _nan_inputs(self, b):
+        """Inputs (bits ``b``) that give NaN whatever the rounding.
+
+        NaN, and for an unsigned format the values it cannot hold: negatives, and
+        zero without a zero. Integer tests: CPUs read float32 subnormals as zero.
+        """
+        if self.signed:
+            return (b & u32(_bits.ABS)) > u32(_bits.INF_BITS)
+        if self.zero:  # NaN or negative, but -0 is +0
+            return (b > u32(_bits.INF_BITS)) & (b != u32(_bits.SIGN))
+        return b - u32(1) >= u32(_bits.INF_BITS)  # NaN, negative or +-0 (+0 wraps)
 
     def _encode(self, x, saturate, rounding, key):
-        a, neg, isnan, isinf, rbits = _split(x, rounding, key)
-        value, mag = self._round(a, rounding, rbits)
-        to_max, to_inf, to_nan = self._overflow(value, isinf, saturate, rounding)
-        mag = jnp.where(to_max, self.max_code, mag)
-        if self.inf_code is not None:
-            mag = jnp.where(to_inf, self.inf_code, mag)
-        isnan = isnan | to_nan
-        sign = jnp.where(neg, self.sign_bit, 0)
+        b = _bits.to_bits(x.astype(jnp.float32))
+        abits = b & u32(_bits.ABS)
+        _, mag, _ = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
+        isnan = self._nan_inputs(b)
+        if not saturate and self.has_nan:  # overflow follows the format; else _clamp saturated
+            over = mag > u32(self.max_code)
+            if rounding == "toward_zero":  # never rounds a finite input past max_value
+                mag, over = jnp.where(over, u32(self.max_code), mag), abits == u32(_bits.INF_BITS)
+            if self.has_inf:
+                mag = jnp.where(over, u32(self.inf_code), mag)
+            else:
+                isnan = isnan | over
+        neg = b >= u32(_bits.SIGN)
+        sign = jnp.where(neg, u32(self.sign_bit), u32(0))
         if not self.has_negative_zero:
-            sign = jnp.where(mag == 0, 0, sign)
-        code = mag | sign
-        if not self.signed:
-            isnan = isnan | self._unsigned_nan(a, neg)
-        code = jnp.where(isnan, jnp.where(neg, self.nan_code(True), self.nan_code(False)), code)
-        return code.astype(self.code_dtype)
+            sign = jnp.where(mag == 0, u32(0), sign)
+        nan = jnp.where(neg, u32(self.nan_code(True)), u32(self.nan_code(False)))
+        return jnp.where(isnan, nan, mag | sign).astype(self.code_dtype)
 
     def _quantize(self, x, saturate, rounding, key):
-        a, neg, isnan, isinf, rbits = _split(x, rounding, key)
-        value, _ = self._round(a, rounding, rbits)
-        to_max, to_inf, to_nan = self._overflow(value, isinf, saturate, rounding)
-        value = jnp.where(to_max, jnp.float32(self.max_value), value)
-        value = jnp.where(to_inf, jnp.float32(jnp.inf), value)
+        b = _bits.to_bits(x.astype(jnp.float32))
+        abits = b & u32(_bits.ABS)
+        value, _, keeps_nan = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
+        if not saturate and self.has_nan:
+            over = value > jnp.float32(self.max_value)
+            if rounding == "toward_zero":  # never rounds a finite input past max_value
+                # An integer min (NaN, now max, is masked below): a float select against
+                # max_value compiles to a min instruction, which flushes float32
+                # subnormals (E8M0's 2^-127) to zero.
+                value = _bits.from_bits(jnp.minimum(_bits.to_bits(value), u32(_f32_bits(self.max_value))))
+                over, keeps_nan = abits == u32(_bits.INF_BITS), False
+            value = jnp.where(over, jnp.float32(jnp.inf if self.has_inf else jnp.nan), value)
         if self.signed:
-            sbits = jnp.where(neg, u32(_bits.SIGN), u32(0))
+            vbits, sign = _bits.to_bits(value), b & u32(_bits.SIGN)
             if not self.has_negative_zero:
-                sbits = jnp.where(_bits.to_bits(value) == 0, u32(0), sbits)
-            value = _bits.from_bits(_bits.to_bits(value) | sbits)
-        else:
-            to_nan = to_nan | self._unsigned_nan(a, neg)
-        # NaN propagates even through formats without a NaN code: hiding it would be worse.
-        value = jnp.where(isnan | to_nan, jnp.float32(jnp.nan), value)
+                sign = jnp.where(vbits == 0, u32(0), sign)
+            value = _bits.from_bits(vbits | sign)
+        if not (keeps_nan and self.signed):
+            # NaN propagates even through formats without a NaN code: hiding it would be worse.
+            value = jnp.where(self._nan_inputs(b), jnp.float32(jnp.nan), value)
         return value.astype(x.dtype)
 
     def _decode(self, codes, dtype):
@@ -264,21 +319,24 @@ def _decode_table(fmt: FloatFormat) -> np.ndarray:
             v = math.nan
         table[code] = -v if neg else v
     if fmt.specials in ("fnuz", "p3109") and fmt.signed:
-        table[fmt.sign_bit] = np.nan
+        table[fmt.sign_bit] = -math.nan  # the negative-zero code; ml_dtypes reads it as -NaN
     table.setflags(write=False)
     return table
 
 
-def _split(x, rounding, key):
-    """float32 magnitude, sign, NaN/inf masks and the random bits of ``x``."""
-    b = _bits.to_bits(x.astype(jnp.float32))
-    neg = b >= u32(_bits.SIGN)
-    abits = b & u32(_bits.ABS)
-    isnan = abits > u32(_bits.INF_BITS)
-    isinf = abits == u32(_bits.INF_BITS)
-    a = _bits.from_bits(jnp.where(isnan | isinf, u32(0), abits))
-    rbits = jax.random.bits(key, x.shape, jnp.uint32) if rounding == "stochastic" else None
-    return a, neg, isnan, isinf, rbits
+def _f32_bits(v: float) -> int:
+    """The float32 bit pattern of a Python float that float32 holds exactly."""
+    return int(np.float32(v).view(np.uint32))
+
+
+def _random(rounding, key, shape):
+    """The random words stochastic rounding consumes (None for the other roundings)."""
+    return _bits.random_bits(key, shape) if rounding == "stochastic" else None
+
+
+def _uniform(rbits):
+    """A uniform float32 in [0, 1) on a 2^-24 grid from random words."""
+    return lax.shift_right_logical(rbits, u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
 def _scale(a, k: int):
@@ -298,8 +356,7 @@ def _round_int(t, rounding, rbits):
     if rounding == "toward_zero":
         return fl
     # u < frac(t) with u on a 2^-24 grid: unbiased to 2^-24 of a step (frac is exact).
-    u = lax.shift_right_logical(rbits, u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-    return fl + (u < t - fl).astype(jnp.float32)
+    return fl + (_uniform(rbits) < t - fl).astype(jnp.float32)
 
 
 def _round_bits(abits, shift, rounding, rbits):
@@ -320,6 +377,88 @@ def _round_bits(abits, shift, rounding, rbits):
     elif rounding == "stochastic":
         abits = abits + (rbits & low)
     return abits & ~low
+
+
+def _round_adder(fmt: FloatFormat, a):
+    """Round half to even by the float32 adder: ``(a + c) - c``.
+
+    ``c = 2^(max(floor(log2 a), emin) - mbits + 23)`` is the power of two whose ulp
+    is the grid step at ``a``; ``a + c`` stays in c's binade, so the addition
+    rounds ``a`` once, half to even, and subtracting ``c`` is exact. That is
+    the whole normal and subnormal rounding in five vector ops, and NaN passes
+    through. Valid when ``c`` stays finite for every clamped ``a`` and the grid's
+    smallest half-step is a float32 normal (the CPU flushes float32 subnormals to
+    zero, which is where they round anyway). ``c`` depends on ``a``, so the
+    compiler cannot fold ``(a + c) - c`` away (it does for a constant ``c``).
+    """
+    m = fmt.mbits
+    cbits = jnp.maximum(_bits.to_bits(a) & u32(_bits.INF_BITS), u32((fmt.emin + 127) << _bits.MANT))
+    cbits = cbits + u32((_bits.MANT - m) << _bits.MANT)
+    c = _bits.from_bits(cbits)
+    s = a + c
+    # Inside c's binade bits count grid steps: s - c is (2^m + fraction) steps for a
+    # normal result, the fraction for a subnormal one; c's exponent gives the rest.
+    binade = lax.shift_right_logical(cbits, u32(_bits.MANT)) - u32(fmt.emin + 150 - m)
+    mag = (_bits.to_bits(s) - cbits) + lax.shift_left(binade, u32(m))
+    return s - c, mag
+
+
+def _round_pow(fmt: FloatFormat, a, rounding, rbits):
+    """Grids of powers of the radix (mbits == 0: E8M0, P3109 precision 1, radix-4 FP4), on the bits.
+
+    A power of 2 or 4 is a float32 with a zero mantissa (and, radix 4, an odd
+    biased exponent). Flooring onto the grid is therefore a mask on the bits, and
+    rounding to nearest first adds the distance from the lower power to the
+    midpoint, 1.5 * 2^k (mantissa 0x400000) or 2.5 * 4^k (mantissa 0x200000 in the
+    binade 2^(2k+1)), less one, plus one more when the upper neighbour has the even
+    code: the carry into the exponent is the round-up decision. Ties go by the code,
+    not by float32's exponent parity, which differs when the bias is even.
+    Integer-only except for stochastic rounding's radix-4 and below-the-grid
+    decisions, so float32 subnormals need no flush workaround; E8M0's 2^-127 is one,
+    handled by moving its binade to where a normal exponent field 0 would put it.
+    """
+    radix2 = fmt.radix == 2
+    low = np.float32(fmt.min_value)
+    low_bits = _f32_bits(fmt.min_value)
+    abits = _bits.to_bits(a)
+    t = jnp.maximum(abits, u32(low_bits))  # below the grid: decided at the end
+    shifted = low_bits < 1 << _bits.MANT
+    if shifted:  # [2^-127, 2^-126) is linear in the bits: 2t - 2^23 gives it field 0
+        t = jnp.minimum(t, t + t - u32(1 << _bits.MANT))
+    exp_lsb = _bits.MANT if radix2 else _bits.MANT + 1  # lowest exponent bit that counts
+    # Radix 4 floors to an odd biased exponent: field - 1 (folded into the add), then set bit 0.
+    lower = 0 if radix2 else 1 << _bits.MANT
+    if rounding == "nearest":
+        # Upper code even: radix 2 when field + bias is even, radix 4 when (field >> 1) + bias is odd.
+        parity = lax.shift_right_logical(t, u32(exp_lsb))
+        if (fmt.bias + radix2) % 2:
+            parity = parity + u32(1)
+        half = 0x3FFFFF if radix2 else 0x5FFFFF
+        t = t + u32((half - lower) % 2**32) + (parity & u32(1))
+    elif not radix2:
+        t = t - u32(lower)
+    elif rounding == "stochastic":  # uniform in the binade: p = (a - lo) / lo
+        t = t + (rbits & u32((1 << _bits.MANT) - 1))
+    r = (t if radix2 else t | u32(lower)) & u32(_bits.INF_BITS)
+    mag = lax.shift_right_logical(r, u32(exp_lsb)) + u32((fmt.bias - (127 if radix2 else 63)) % 2**32)
+    if shifted:
+        r = jnp.maximum(r, u32(low_bits))  # field 0 is 2^-127 again
+    value = _bits.from_bits(r)
+    if rounding == "stochastic" and not radix2:
+        below = abits < u32(low_bits) if fmt.zero else jnp.zeros(a.shape, bool)
+        lo = jnp.where(below, jnp.float32(0), value)
+        gap = jnp.where(below, jnp.float32(low), value * jnp.float32(3))
+        up = _uniform(rbits) * gap < a - lo  # as _round_table decides, bit for bit
+        return jnp.where(up, lo + gap, lo), jnp.where(below, u32(0), mag) + up.astype(jnp.uint32)
+    if not fmt.zero:
+        return value, mag  # everything below the grid rounds up to its smallest value
+    if rounding == "nearest":  # the tie at low / 2 goes to zero, code 0
+        zero = abits <= u32(_f32_bits(fmt.min_value / 2))
+    elif rounding == "toward_zero":
+        zero = abits < u32(low_bits)
+    else:  # t was lifted onto low, so it stays low; only zero or low are possible
+        zero = (abits < u32(low_bits)) & ~(_uniform(rbits) * jnp.float32(low) < a)
+    return jnp.where(zero, jnp.float32(0), value), jnp.where(zero, u32(0), mag)
 
 
 def _round_radix2(fmt: FloatFormat, a, rounding, rbits):
@@ -384,6 +523,5 @@ def _round_table(fmt: FloatFormat, a, rounding, rbits):
     if rounding == "stochastic":
         lo = jnp.take(table, idx)
         gap = jnp.take(table, jnp.minimum(idx + 1, len(vals) - 1)) - lo
-        u = lax.shift_right_logical(rbits, u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
-        idx = jnp.minimum(idx + (u * gap < a - lo).astype(jnp.int32), len(vals) - 1)
+        idx = jnp.minimum(idx + (_uniform(rbits) * gap < a - lo).astype(jnp.int32), len(vals) - 1)
     return jnp.take(table, idx), idx
