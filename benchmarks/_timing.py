@@ -10,6 +10,7 @@ the array, i.e. what a memory-bound elementwise kernel cannot beat.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -49,7 +50,7 @@ def reference(x: jax.Array) -> Callable:
 
 
 def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: int = 7,
-              warmup: int = 1, number: int = 1) -> dict[str, list[float]]:
+              warmup: int = 1, min_sample_s: float = 0.0) -> dict[str, list[float]]:
     """Per-round wall times of every function, called in alternating order.
 
     Args:
@@ -57,21 +58,24 @@ def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: i
       args: name -> positional arguments for that callable.
       repeats: timed rounds (at least ``MIN_REPEATS``).
       warmup: untimed rounds first (compilation, page faults).
-      number: calls per sample (for arrays so small that one call is microseconds).
+      min_sample_s: each sample repeats its call until it lasts about this long
+        (calls on small arrays take microseconds, below the scheduler's noise).
 
     Returns:
-      name -> list of ``repeats`` wall times, round ``i`` at index ``i``.
+      name -> ``repeats`` wall seconds per call, round ``i`` at index ``i``.
     """
     repeats = max(repeats, MIN_REPEATS)
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             _ready(fns[n](*args[n]))
+    number = {n: max(1, math.ceil(min_sample_s / time_call(fns[n], *args[n]))) if min_sample_s else 1
+              for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
         # Forward on even rounds, backward on odd: neither side always runs on a warm cache.
         for n in names if i % 2 == 0 else reversed(names):
-            times[n].append(time_call(fns[n], *args[n], number=number))
+            times[n].append(time_call(fns[n], *args[n], number=number[n]))
     return times
 
 
