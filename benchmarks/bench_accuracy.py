@@ -1,0 +1,250 @@
+"""Test accuracy of every training recipe against fp32: digits and Fashion-MNIST, several seeds.
+
+Every (dataset, recipe, seed) run trains the ViT with ``lowbit.training.loop.train``
+from scratch and appends one JSON record to ``results/bench_accuracy.jsonl``;
+rerunning skips the runs already recorded with the same configuration, so an
+interrupted sweep continues where it stopped. Runs go seed-major (every recipe
+once, then every recipe again), so a partial sweep already covers all recipes.
+After every run the report (``bench_accuracy.md``, ``.png``: mean ± std over
+seeds, gap to fp32 in points) is rewritten from all records.
+
+Configurations: digits uses ``lowbit train``'s defaults (ViT dim 64, depth 2,
+patch 2, 30 epochs); Fashion-MNIST a ViT with patch 4 (49 tokens), dim 64,
+depth 2, 10 epochs: depth 4 measured 142 s per fp32 epoch (250 s nvfp4) on the
+loaded 2-core machine, too slow for a sweep of 8 recipes x 3 seeds. Targets (gap
+to fp32): digits fp8 0.5 and fp4 1.5 points, Fashion-MNIST fp8 0.3 and fp4 1.0.
+
+Usage::
+
+    python benchmarks/bench_accuracy.py                 # digits (all recipes), then Fashion-MNIST
+    python benchmarks/bench_accuracy.py --datasets fashion-mnist --seeds 0
+    python benchmarks/bench_accuracy.py --report        # rewrite the report from the records only
+    python benchmarks/bench_accuracy.py --quick         # digits, 3 epochs, 1 seed, 4 recipes (*_quick.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATASETS = {
+    "digits": dict(model=dict(patch_size=None, dim=64, depth=2, heads=4, mlp_dim=128), epochs=30,
+                   recipes=None),  # None: every recipe
+    "fashion-mnist": dict(model=dict(patch_size=4, dim=64, depth=2, heads=4, mlp_dim=128), epochs=10,
+                          recipes=["fp32", "fp8", "fp4", "mxfp4", "nvfp4", "int4_lsq", "ternary", "binary"]),
+}
+TRAIN = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.05, warmup=2.0)  # lowbit train's defaults
+TARGETS = {("digits", "fp8"): 0.5, ("digits", "fp4"): 1.5,
+           ("fashion-mnist", "fp8"): 0.3, ("fashion-mnist", "fp4"): 1.0}
+QUICK_RECIPES = ["fp32", "fp8", "fp4", "int8_lsq"]
+
+
+def machine_info() -> dict:
+    import flax
+    import optax
+
+    return dict(_timing.machine_info(), flax=flax.__version__, optax=optax.__version__)
+
+
+def lowbit_commit() -> str:
+    """The code a run trained with: recipes change under a long sweep, and a record must say which it used."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowbit"], cwd=root, capture_output=True, text=True)
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def config_key(dataset: str, recipe: str, seed: int, epochs: int) -> str:
+    """What makes two runs the same run: a record is reused only if all of it matches."""
+    cfg = dict(dataset=dataset, recipe=recipe, seed=seed, epochs=epochs, model=DATASETS[dataset]["model"], **TRAIN)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | None) -> dict:
+    import jax
+    from flax import nnx
+
+    from lowbit.nn.vit import ViT
+    from lowbit.training import recipes
+    from lowbit.training.loop import train
+
+    recipe = recipes.get(recipe_name)
+    model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, recipe=recipe,
+                rngs=nnx.Rngs(seed), **DATASETS[dataset.name]["model"])
+    # Fashion-MNIST runs take many minutes: per-epoch checkpoints let a killed
+    # sweep resume mid-run. Digits runs take under a minute, not worth the writes.
+    metrics = train(model, dataset, recipe=recipe, epochs=epochs, seed=seed, out_dir=ckpt_dir,
+                    resume=ckpt_dir is not None, progress=False, **TRAIN)
+    jax.clear_caches()  # one process trains dozens of models: drop their executables
+    return metrics
+
+
+def summarise(records: list[dict]) -> dict[str, list[dict]]:
+    """dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...)."""
+    by = {}
+    for r in records:
+        by.setdefault(r["dataset"], {}).setdefault(r["recipe"], []).append(r)
+    out = {}
+    for ds, per_recipe in by.items():
+        rows = []
+        for name, runs in per_recipe.items():
+            accs = [100 * r["test_accuracy"] for r in runs]
+            rows.append(dict(recipe=name, seeds=sorted(r["seed"] for r in runs), n=len(runs),
+                             mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                             step_time_ms=statistics.median(r["step_time_ms"] for r in runs),
+                             train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
+                             skipped_steps=sum(r["skipped_steps"] for r in runs)))
+        base = next((r for r in rows if r["recipe"] == "fp32"), None)
+        for row in rows:
+            row["gap"] = row["mean"] - base["mean"] if base else None
+            target = TARGETS.get((ds, row["recipe"]))
+            row["target"] = target
+            row["meets_target"] = None if target is None or row["gap"] is None else -row["gap"] <= target
+        order = {name: i for i, name in enumerate(_recipe_order())}
+        out[ds] = sorted(rows, key=lambda r: order.get(r["recipe"], len(order)))
+    return out
+
+
+def _recipe_order() -> list[str]:
+    from lowbit.training import recipes
+
+    return recipes.names()
+
+
+def table(ds: str, rows: list[dict], epochs: int) -> str:
+    lines = [f"### {ds} ({epochs} epochs, model {DATASETS[ds]['model']})", "",
+             "| recipe | seeds | test accuracy (%) | gap to fp32 (points) | target | step (ms) | train time (s) "
+             "| skipped steps |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
+        target = "" if r["target"] is None else f"≥ −{r['target']} {'✓' if r['meets_target'] else '✗'}"
+        lines.append(f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {gap} | {target} "
+                     f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, list[dict]], path: Path) -> None:
+    """Gap to fp32 per recipe; the axis stops at -6 points so a diverged run does not flatten the rest."""
+    from matplotlib.figure import Figure
+
+    floor = -6.0
+    fig = Figure(figsize=(6 * len(summary), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(summary), squeeze=False)[0]
+    for ax, (ds, rows) in zip(axes, summary.items()):
+        rows = [r for r in rows if r["gap"] is not None]
+        names = [r["recipe"] for r in rows]
+        ax.bar(names, [max(r["gap"], floor) for r in rows], yerr=[r["std"] for r in rows], capsize=3)
+        for i, r in enumerate(rows):
+            if r["gap"] < floor:
+                ax.annotate(f"{r['gap']:.0f}", (i, floor), ha="center", va="bottom", color="w", fontsize=8)
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set(title=f"{ds} (fp32 {next((r['mean'] for r in rows if r['recipe'] == 'fp32'), float('nan')):.2f}%)",
+               ylabel="gap to fp32 (points, ± std)", ylim=(floor, 2.0))
+        ax.tick_params(axis="x", rotation=45)
+    fig.savefig(path, dpi=100)
+
+
+def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict) -> None:
+    summary = summarise(records)
+    if not summary:
+        return
+    parts = ["# bench_accuracy: recipes vs fp32 (mean ± std over seeds)", "",
+             f"Generated {command_info['date']} by `{command_info['command']}`; "
+             f"{len(records)} runs. Machine: {command_info['cpu']}, {command_info['cores']} cores, "
+             f"jax {command_info['jax']}, flax {command_info['flax']}. Load average when each run ended is in "
+             f"the JSONL records (step times are under that load; compare them only within a dataset).", "",
+             f"Training: AdamW lr {TRAIN['learning_rate']}, wd {TRAIN['weight_decay']}, batch {TRAIN['batch_size']}, "
+             f"warmup {TRAIN['warmup']} epochs, cosine decay. Gap = mean(recipe) − mean(fp32).", ""]
+    for ds, rows in summary.items():
+        parts += [table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])), ""]
+    stem.with_suffix(".md").write_text("\n".join(parts))
+    plot(summary, stem.with_suffix(".png"))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="digits,fashion-mnist", help="comma-separated (default: both)")
+    ap.add_argument("--recipes", help="comma-separated (default: every recipe on digits, 8 on Fashion-MNIST)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
+    ap.add_argument("--epochs", type=int, help="override the per-dataset epochs")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the records")
+    ap.add_argument("--quick", action="store_true", help="digits, 3 epochs, seed 0, 4 recipes; *_quick.* files")
+    args = ap.parse_args(argv)
+
+    from lowbit import data
+
+    if args.quick:
+        args.datasets, args.seeds, args.epochs = "digits", "0", 3
+        args.recipes = args.recipes or ",".join(QUICK_RECIPES)
+    stem = RESULTS / ("bench_accuracy_quick" if args.quick else "bench_accuracy")
+    jsonl = stem.with_suffix(".jsonl")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    epochs_for = {ds: (args.epochs if ds in datasets and args.epochs else cfg["epochs"])
+                  for ds, cfg in DATASETS.items()}
+    info = machine_info()
+    commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
+
+    def current(records):
+        """The records of this configuration (others, e.g. another --epochs, stay in the file)."""
+        return [r for r in records
+                if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]])]
+
+    if not args.report:
+        for ds_name in datasets:
+            names = args.recipes.split(",") if args.recipes else DATASETS[ds_name]["recipes"] or _recipe_order()
+            dataset = data.load(ds_name)
+            todo = [(seed, name) for seed in seeds for name in names]
+            for i, (seed, name) in enumerate(todo):
+                key = config_key(ds_name, name, seed, epochs_for[ds_name])
+                if any(r["key"] == key for r in read_records(jsonl)):
+                    continue
+                print(f"[{ds_name} {i + 1}/{len(todo)}] {name} seed {seed} ...", flush=True)
+                ckpt = RESULTS / "runs" / ds_name / name / f"seed{seed}" if ds_name == "fashion-mnist" else None
+                t0 = time.perf_counter()
+                m = run_one(dataset, name, seed, epochs_for[ds_name], ckpt)
+                record = dict(key=key, dataset=ds_name, recipe=name, seed=seed, epochs=epochs_for[ds_name],
+                              model=DATASETS[ds_name]["model"], **TRAIN, test_accuracy=m["test_accuracy"],
+                              final_loss=m["final_loss"], train_time_s=m["train_time_s"],
+                              step_time_ms=m["step_time_ms"], skipped_steps=m["skipped_steps"],
+                              test_accuracy_per_epoch=[h["test_accuracy"] for h in m["history"]],
+                              wall_s=time.perf_counter() - t0, load_average=_timing.load_average(),
+                              lowbit_commit=commit,
+                              date=_timing.machine_info()["date"])
+                with jsonl.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"    {100 * m['test_accuracy']:.2f}%  {m['step_time_ms']:.1f} ms/step  "
+                      f"{record['wall_s']:.0f} s  load {record['load_average']}", flush=True)
+                write_report(current(read_records(jsonl)), stem, epochs_for, info)
+
+    records = current(read_records(jsonl))
+    write_report(records, stem, epochs_for, info)
+    for ds, rows in summarise(records).items():
+        print(table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(dict(
+        benchmark="bench_accuracy", training=TRAIN, datasets={ds: dict(DATASETS[ds], epochs=epochs_for[ds])
+                                                            for ds in DATASETS},
+        summary=summarise(records), machine=info), indent=2))
+    print(f"wrote {stem}.md, .png, .json ({len(records)} runs in {jsonl})")
+
+
+if __name__ == "__main__":
+    main()
