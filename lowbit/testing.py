@@ -112,7 +112,7 @@ def float_formats(draw, *, max_bits: int = 8, radix: int | None = None, specials
     radix = draw(st.sampled_from((2, 4))) if radix is None else radix
     specials = draw(st.sampled_from(formats.SPECIALS)) if specials is None else specials
     signed = draw(st.booleans()) if specials in ("ieee", "fn", "finite") else True
-    zero = draw(st.booleans())
+    zero = True if signed else draw(st.booleans())  # zero-less formats are unsigned (E8M0)
     width = max_bits - int(signed)  # ebits + mbits
     mbits = draw(st.integers(1 if specials == "ieee" else 0, max(width - 1, 0)))
     ebits = draw(st.integers(1, max(width - mbits, 1)))

@@ -84,10 +84,16 @@ class AdaptiveFloat:
         d = jnp.clip(d, -100, 100)  # keeps 2^d a float32 normal
         if self.rule == "max":
             return d
+        # Compare candidates on x * 2^d (its max near the format's max): a power-of-two
+        # scale shifts every candidate's error alike, and tiny channels would
+        # otherwise square their errors into float32 underflow and tie.
+        up, _ = _pow2_pair(d)
+        xn = xf * up
         best_d, best_err = d, None
         for off in self.search:
             cand = jnp.clip(d + off, -100, 100)
-            err = jnp.sum(jnp.square(self._shifted(xf, cand, True, "nearest", None) - xf), axis=red, keepdims=True)
+            shift = jnp.full(d.shape, off, jnp.int32)
+            err = jnp.sum(jnp.square(self._shifted(xn, shift, True, "nearest", None) - xn), axis=red, keepdims=True)
             if best_err is None:
                 best_d, best_err = cand, err
             else:

@@ -78,14 +78,25 @@ class FloatFormat:
             self.specials != "ieee" or self.mbits >= 1,
             own, "mbits", self.mbits, ">= 1 with specials='ieee' (the top exponent holds inf and NaN)",
         )
+        require(
+            self.specials != "ieee" or self.ebits >= 2,
+            own, "ebits", self.ebits, ">= 2 with specials='ieee' (one exponent bit leaves no normal binade)",
+        )
+        # Without a zero, the negative-zero code would be -min (E8M0 is unsigned for this reason).
+        require(self.zero or not self.signed, own, "zero", self.zero, "False only for an unsigned format")
         require(self.max_code >= (1 if self.zero else 0), own, "specials", self.specials,
                 "a policy that leaves at least one positive finite value for these widths")
         smallest = self.grid_value(1 if self.zero else 0)
+        # CPUs flush float32 subnormal arithmetic to zero: radix-2 grids handle those
+        # inputs on integer bits, but overflow tests and radix-4 tables need normals.
+        floor = 2.0**-126 if self.radix == 2 else 2.0**-100
         require(
-            self.max_value <= _F32_MAX and smallest >= 2.0**-149 and np.float32(smallest) == smallest,
+            self.max_value <= _F32_MAX and self.max_value >= 2.0**-126 and smallest >= 2.0**-149
+            and np.float32(smallest) == smallest and (self.radix == 2 or smallest >= floor),
             own, "bias", self.bias,
-            "a bias that keeps every value exact in float32 "
-            f"(here the values would span {smallest:.3g} .. {self.max_value:.3g})",
+            "a bias that keeps every value exact in float32, the largest >= 2^-126"
+            + (" and the smallest >= 2^-100 (radix 4)" if self.radix == 4 else "")
+            + f" (here the values would span {smallest:.3g} .. {self.max_value:.3g})",
         )
         if not self.name:
             object.__setattr__(self, "name", f"e{self.ebits}m{self.mbits}")
@@ -278,7 +289,12 @@ class FloatFormat:
         abits = b & u32(_bits.ABS)
         value, _, keeps_nan = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
         if not saturate and self.has_nan:
-            over = value > jnp.float32(self.max_value)
+            # On the bits unless NaN must survive: the CPU reads a max_value below
+            # float32's normals as zero. Adder formats have a normal max_value.
+            if keeps_nan:
+                over = value > jnp.float32(self.max_value)
+            else:
+                over = _bits.to_bits(value) > u32(_f32_bits(self.max_value))
             if rounding == "toward_zero":  # never rounds a finite input past max_value
                 # An integer min (NaN, now max, is masked below): a float select against
                 # max_value compiles to a min instruction, which flushes float32
@@ -509,16 +525,20 @@ def _round_table(fmt: FloatFormat, a, rounding, rbits):
     """Nearest / stochastic / toward-zero rounding against the magnitude table."""
     vals = [fmt.grid_value(c) for c in range(fmt.max_code + 2)]  # one past max: overflow
     table = jnp.asarray(np.array(vals, np.float32))
+    # Compare bit patterns: ordered like the magnitudes, and safe where the CPU
+    # would read float32 subnormals (grids deep enough to hold them) as zero.
+    abits = _bits.to_bits(a)
     idx = jnp.zeros(a.shape, jnp.int32)
     if rounding == "nearest":
         for i in range(len(vals) - 1):
             mid = (vals[i] + vals[i + 1]) / 2
             assert np.float32(mid) == mid, "midpoint must be exact in float32"
-            up = (a > jnp.float32(mid)) | ((a == jnp.float32(mid)) & ((i + 1) % 2 == 0))
+            mid = u32(_f32_bits(mid))
+            up = (abits > mid) | ((abits == mid) & ((i + 1) % 2 == 0))
             idx = idx + up.astype(jnp.int32)
         return jnp.take(table, idx), idx
     for v in vals[1:]:
-        idx = idx + (a >= jnp.float32(v)).astype(jnp.int32)
+        idx = idx + (abits >= u32(_f32_bits(v))).astype(jnp.int32)
     idx = jnp.minimum(idx, len(vals) - 2) if rounding == "toward_zero" else idx
     if rounding == "stochastic":
         lo = jnp.take(table, idx)
