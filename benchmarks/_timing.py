@@ -10,6 +10,7 @@ the array, i.e. what a memory-bound elementwise kernel cannot beat.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -127,3 +128,13 @@ def machine_info() -> dict[str, Any]:
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
     }
 
+
+
+def write_json(name: str, result: Mapping[str, Any]) -> str:
+    """Write ``result`` to ``benchmarks/results/<name>.json``; returns the path."""
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return out

@@ -13,7 +13,6 @@ Writes ``benchmarks/results/bench_quant.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -87,11 +86,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "bench_quant", "shape": [args.size, args.size], "dtype": "float32",
               "repeats": args.repeats, "reference_ms": 1e3 * _timing.median(ref), "cases": rows,
               "machine": _timing.machine_info(), "loadavg_1min": os.getloadavg()[0]}
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_quant.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
+    _timing.write_json("bench_quant", result)
     return result
 
 
