@@ -47,9 +47,18 @@ def test_ternary_export_equals_the_ternary_forward(model):
         np.testing.assert_array_equal(quant.dequantize(exported[path]), ternary_weight(layer.kernel[...], axis=-1))
 
 
+def test_edges_take_their_own_format(model):
+    exported = export.export(model, "binary", edges="int8")
+    for path, layer in export._kernels(model):
+        want = "int8" if layer.role in ("patch", "head") else "binary"
+        assert exported[path].quantizer.format.name == want, path
+
+
 def test_export_errors(model):
     with pytest.raises(ValueError, match="weights="):
         export.export(model, "fp5")
+    with pytest.raises(ValueError, match="edges="):
+        export.export(model, "int8", edges="fp5")
     exported = export.export(model, "int8")
     exported.pop(next(iter(exported)))
     with pytest.raises(ValueError, match="export has layers"):

@@ -144,7 +144,7 @@ def test_every_recipe_trains_a_step(name):
 def test_lsq_layer_real_int8_path_matches_fake():
     x = _x((4, 6, 8))
     fake = QLinear(8, 5, recipe=recipes.get("int8_lsq").with_matmul("fake"), role="mlp_in", rngs=nnx.Rngs(0))
-    real = QLinear(8, 5, recipe=recipes.get("int8_lsq").with_matmul("auto"), role="mlp_in", rngs=nnx.Rngs(0))
+    real = QLinear(8, 5, recipe=recipes.get("int8_lsq").with_matmul("real"), role="mlp_in", rngs=nnx.Rngs(0))
     jaxpr = str(jax.make_jaxpr(lambda v: real(v))(x))
     assert "preferred_element_type=int32" in jaxpr  # the int8 dot really runs
     np.testing.assert_allclose(real(x), fake(x), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from lowbit import formats, quant
 from lowbit.nn.layers import QConv, QLinear
+from lowbit.training.recipes import EDGES
 
 # Per-output-channel weight quantizers; ternary and binary take their scale from
 # the TWN / XNOR rule (see ``_rule``), so the exported values equal what the
@@ -50,8 +51,26 @@ def _kernels(model: nnx.Module):
             yield "/".join(map(str, path)), module
 
 
-def export(model: nnx.Module, weights: str) -> dict:
+def _format_of(layer, weights: str, edges: str | None) -> str:
+    """The export format of one layer: ``edges`` for the patch embedding and the head if given."""
+    return edges if edges is not None and layer.role in EDGES else weights
+
+
+def _check(weights: str, edges: str | None) -> None:
+    for field, value in (("weights", weights), ("edges", edges)):
+        if value is not None and value not in EXPORTS:
+            raise ValueError(f"{field}={value!r} is invalid; allowed: {', '.join(EXPORTS)}")
+
+
+def export(model: nnx.Module, weights: str, *, edges: str | None = None) -> dict:
     """Every quantized layer's kernel in format ``weights`` (see ``EXPORTS``).
+
+    Args:
+      model: a model built from ``QLinear`` / ``QConv`` layers.
+      weights: the export format of the kernels.
+      edges: another format for the first and last layer (roles ``patch`` and
+        ``head``), e.g. ``int8`` for models trained by the ternary / binary
+        recipes, which keep those layers at 8 bits.
 
     Returns:
       ``{layer path: QTensor}`` (``fp32``: the float32 kernels themselves).
@@ -59,25 +78,25 @@ def export(model: nnx.Module, weights: str) -> dict:
     Raises:
       ValueError: an unknown export format.
     """
-    if weights not in EXPORTS:
-        raise ValueError(f"weights={weights!r} is invalid; allowed: {', '.join(EXPORTS)}")
-    q = EXPORTS[weights]
+    _check(weights, edges)
     out = {}
     for path, layer in _kernels(model):
+        fmt = _format_of(layer, weights, edges)
         w = layer.kernel[...].astype(jnp.float32)
-        values, scale = _prepare(weights, w)
-        out[path] = w if q is None else quant.quantize(q, values, scale=scale)
+        values, scale = _prepare(fmt, w)
+        out[path] = w if EXPORTS[fmt] is None else quant.quantize(EXPORTS[fmt], values, scale=scale)
     return out
 
 
-def fake_quant_weights(model: nnx.Module, weights: str) -> None:
+def fake_quant_weights(model: nnx.Module, weights: str, *, edges: str | None = None) -> None:
     """Replace every exported kernel by its fake-quantized value, in place (the reference for ``load``)."""
-    q = EXPORTS[weights]
+    _check(weights, edges)
     for _, layer in _kernels(model):
+        fmt = _format_of(layer, weights, edges)
         w = layer.kernel[...].astype(jnp.float32)
-        if q is not None:
-            values, scale = _prepare(weights, w)
-            layer.kernel[...] = quant.fake_quant(q, values, scale=scale)
+        if EXPORTS[fmt] is not None:
+            values, scale = _prepare(fmt, w)
+            layer.kernel[...] = quant.fake_quant(EXPORTS[fmt], values, scale=scale)
 
 
 def load(model: nnx.Module, exported: dict) -> None:

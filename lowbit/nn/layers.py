@@ -68,10 +68,20 @@ def _einsum(spec, lhs, rhs, config, **kw):
     return out if perm is None else jnp.transpose(out, perm)
 
 
+def _positive(step):
+    """|s|: AdamW can push a learned LSQ step through zero; its magnitude is what quantizes.
+
+    Without this, int8_lsq on digits collapsed to chance on one seed once a step
+    went negative.
+    """
+    return jnp.abs(step[...])
+
+
 class _Quantized(nnx.Module):
     """Shared state handling: the layer recipe, the RNG stream and GradScale."""
 
     def __init__(self, recipe: Recipe, role: str, rngs: nnx.Rngs):
+        self.role = role
         self.layer: LayerRecipe = recipe.layer(role)
         self.compute_dtype = recipe.policy.compute_dtype
         cfg = self.layer.dot
@@ -94,14 +104,17 @@ class _Quantized(nnx.Module):
         steps; the dot only needs the steps to recover the integer codes.
         """
         a, cfg = self.layer, self.layer.dot
-        if not (a.act == "lsq" and a.weight == "lsq" and cfg.lhs is None and cfg.rhs is None):
+        # Only on request: with "auto", LSQ stays fake. On this CPU the real int8 forward
+        # did not shorten the int8_lsq step (its backward stays float32).
+        if not (a.act == "lsq" and a.weight == "lsq" and cfg.lhs is None and cfg.rhs is None
+                and cfg.matmul == "real"):
             return cfg, {}
         grid = dict(lhs=Quantizer(format=IntFormat(bits=a.act_bits), scale="learned"),
                     rhs=Quantizer(format=IntFormat(bits=a.weight_bits), scale="learned"))
         real = dataclasses.replace(cfg, **grid)
         if not uses_real_matmul(real):
             return cfg, {}
-        return real, dict(lhs_scale=self.act_step[...], rhs_scale=self.weight_step[...])
+        return real, dict(lhs_scale=_positive(self.act_step), rhs_scale=_positive(self.weight_step))
 
     def _act_state(self):
         """Learned clip/step for the input activation, initialised for unit-variance inputs."""
@@ -119,7 +132,7 @@ class _Quantized(nnx.Module):
         if a.act == "pact":
             return pact(x, self.act_alpha[...], bits=a.act_bits, signed=True)
         if a.act == "lsq":
-            return lsq(x, self.act_step[...], bits=a.act_bits, signed=True)
+            return lsq(x, _positive(self.act_step), bits=a.act_bits, signed=True)
         return x
 
     def _weight_state(self, kernel):
@@ -131,7 +144,7 @@ class _Quantized(nnx.Module):
         if a.weight == "sawb":
             return sawb_quantize(w, a.weight_bits)
         if a.weight == "lsq":
-            return lsq(w, self.weight_step[...], bits=a.weight_bits, signed=True)
+            return lsq(w, _positive(self.weight_step), bits=a.weight_bits, signed=True)
         if a.weight == "ternary":
             return ternary_weight(w, axis=-1)
         if a.weight == "binary":

@@ -57,7 +57,7 @@ def real_ok(q) -> bool:
 def uses_real_matmul(config: "DotQuantConfig") -> bool:
     """Whether ``config`` runs the forward product on integer/float8 operands (see ``matmul``)."""
     if config.matmul == "fake" or not (real_ok(config.lhs) and real_ok(config.rhs)):
-        return config.matmul == "real"
+        return False  # nothing quantizes an operand here (an LSQ layer supplies its own grid)
     ints = all(REAL_DTYPES[q.format.name] == jnp.int8 for q in (config.lhs, config.rhs))
     return config.matmul == "real" or ints or jax.default_backend() != "cpu"
 
@@ -77,7 +77,8 @@ class DotQuantConfig:
       tpr: two-phase rounding of the gradient (odd grid for the drhs product).
       matmul: ``fake`` (dequantized operands in the compute dtype), ``real``
         (integer / float8 operands into ``lax.dot_general``, int32 or float32
-        accumulation, scales applied to the result) or ``auto``: real when both
+        accumulation, scales applied to the result; with no operand quantizer
+        there is nothing to feed it and the product stays float) or ``auto``: real when both
         forward quantizers are integer formats (every backend has fast int8
         dots), or float8 formats on a GPU/TPU backend (XLA's CPU backend
         converts float8 operands to float32 before the dot, so there it is fake).
@@ -99,7 +100,7 @@ class DotQuantConfig:
             raise ValueError("DotQuantConfig.grad_scale=True needs dlhs_grad and drhs_grad quantizers")
         if self.matmul not in MATMULS:
             raise ValueError(f"DotQuantConfig.matmul={self.matmul!r} is invalid; allowed: {', '.join(MATMULS)}")
-        if self.matmul == "real" and not (real_ok(self.lhs) and real_ok(self.rhs)):
+        if self.matmul == "real" and not all(q is None or real_ok(q) for q in (self.lhs, self.rhs)):
             raise ValueError(
                 "DotQuantConfig.matmul='real' needs symmetric uniform lhs and rhs quantizers of a format in "
                 f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})")

@@ -97,7 +97,7 @@ class Recipe:
         def swap(lr: LayerRecipe) -> LayerRecipe:
             here = mode
             if mode == "real" and not (real_ok(lr.dot.lhs) and real_ok(lr.dot.rhs)):
-                here = "auto" if lr.act == "lsq" and lr.weight == "lsq" else "fake"
+                here = "real" if lr.act == "lsq" and lr.weight == "lsq" else "fake"
             return dataclasses.replace(lr, dot=dataclasses.replace(lr.dot, matmul=here))
 
         return dataclasses.replace(self, default=swap(self.default),
