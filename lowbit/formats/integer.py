@@ -15,7 +15,7 @@ from jax import lax
 
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
-from lowbit.formats.minifloat import _random, _round_int
+from lowbit.formats.minifloat import _random, _round_int, _uniform
 from lowbit.formats._checks import check_int
 
 
@@ -94,7 +94,11 @@ class IntFormat:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BinaryFormat:
-    """{-1, +1} (1 bit: code 0 is +1, code 1 is -1); sign(0) = +1 (XNOR-Net)."""
+    """{-1, +1} (1 bit: code 0 is +1, code 1 is -1); sign(0) = +1 (XNOR-Net).
+
+    Stochastic rounding is BinaryConnect's: +1 with probability (1 + x) / 2, x
+    clipped to [-1, 1]; toward-zero rounding has no zero to go to and takes the sign.
+    """
 
     name: str = dataclasses.field(default="binary", compare=False)
 
@@ -104,12 +108,16 @@ class BinaryFormat:
     code_dtype = jnp.uint8
 
     def _quantize(self, x, saturate, rounding, key):
-        del saturate, rounding, key  # a sign has nothing to round
+        del saturate  # every input maps onto the grid
         one = jnp.ones((), x.dtype)
+        if rounding == "stochastic":  # BinaryConnect: P(+1) = (1 + x) / 2, unbiased on [-1, 1]
+            xf = jnp.clip(x.astype(jnp.float32), jnp.float32(-1), jnp.float32(1))
+            u = _uniform(_random(rounding, key, x.shape))
+            return jnp.where(jnp.isnan(x), x, jnp.where(u < (1 + xf) / 2, one, -one))
         return jnp.where(jnp.isnan(x), x, jnp.where(_negative(x), -one, one))
 
     def _encode(self, x, saturate, rounding, key):
-        return _negative(x).astype(jnp.uint8)
+        return _negative(self._quantize(x, saturate, rounding, key)).astype(jnp.uint8)
 
     def _decode(self, codes, dtype):
         return (1 - 2 * (codes.astype(jnp.int32) & 1)).astype(dtype)

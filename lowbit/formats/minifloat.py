@@ -289,12 +289,7 @@ class FloatFormat:
         abits = b & u32(_bits.ABS)
         value, _, keeps_nan = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
         if not saturate and self.has_nan:
-            # On the bits unless NaN must survive: the CPU reads a max_value below
-            # float32's normals as zero. Adder formats have a normal max_value.
-            if keeps_nan:
-                over = value > jnp.float32(self.max_value)
-            else:
-                over = _bits.to_bits(value) > u32(_f32_bits(self.max_value))
+            over = value > jnp.float32(self.max_value)  # a float32 normal, checked at construction
             if rounding == "toward_zero":  # never rounds a finite input past max_value
                 # An integer min (NaN, now max, is masked below): a float select against
                 # max_value compiles to a min instruction, which flushes float32
@@ -525,20 +520,16 @@ def _round_table(fmt: FloatFormat, a, rounding, rbits):
     """Nearest / stochastic / toward-zero rounding against the magnitude table."""
     vals = [fmt.grid_value(c) for c in range(fmt.max_code + 2)]  # one past max: overflow
     table = jnp.asarray(np.array(vals, np.float32))
-    # Compare bit patterns: ordered like the magnitudes, and safe where the CPU
-    # would read float32 subnormals (grids deep enough to hold them) as zero.
-    abits = _bits.to_bits(a)
     idx = jnp.zeros(a.shape, jnp.int32)
     if rounding == "nearest":
         for i in range(len(vals) - 1):
             mid = (vals[i] + vals[i + 1]) / 2
             assert np.float32(mid) == mid, "midpoint must be exact in float32"
-            mid = u32(_f32_bits(mid))
-            up = (abits > mid) | ((abits == mid) & ((i + 1) % 2 == 0))
+            up = (a > jnp.float32(mid)) | ((a == jnp.float32(mid)) & ((i + 1) % 2 == 0))
             idx = idx + up.astype(jnp.int32)
         return jnp.take(table, idx), idx
     for v in vals[1:]:
-        idx = idx + (abits >= u32(_f32_bits(v))).astype(jnp.int32)
+        idx = idx + (a >= jnp.float32(v)).astype(jnp.int32)
     idx = jnp.minimum(idx, len(vals) - 2) if rounding == "toward_zero" else idx
     if rounding == "stochastic":
         lo = jnp.take(table, idx)
