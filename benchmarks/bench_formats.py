@@ -142,8 +142,8 @@ def misses(row) -> list[str]:
     """The targets a row falls short of (empty for formats without targets)."""
     if not row["target"]:
         return []
-    out = [f"{op} x2 {row['x2'][op]:.2f}<{t}" for op, t in TARGET_X2.items() if row["x2"][op] < t]
-    out += [f"{op} ml_dtypes {row['ml_dtypes'][op]:.1f}<{t}" for op, t in TARGET_ML_DTYPES.items()
+    out = [f"{op} x2 {row['x2'][op]:.3f} < {t}" for op, t in TARGET_X2.items() if row["x2"][op] < t]
+    out += [f"{op} ml_dtypes {row['ml_dtypes'][op]:.2f} < {t}" for op, t in TARGET_ML_DTYPES.items()
             if op in row["ml_dtypes"] and row["ml_dtypes"][op] < t]
     return out
 
