@@ -1,0 +1,242 @@
+"""``lowbit ptq`` and ``lowbit finetune``: post-training quantization of a trained ViT.
+
+Each ``add_*_parser`` registers one subcommand and sets ``func``, which takes the
+parsed arguments and returns the exit status (2 for bad input: a missing or
+mismatched checkpoint, an unknown format, a missing dataset).
+
+The choices below are literals so that building the parser imports no jax;
+``tests/test_cli_ptq.py`` checks them against ``lowbit.ptq``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_finetune_parser", "add_ptq_parser"]
+
+CALIBRATIONS = ("absmax", "percentile", "mse", "kl")
+SOFTMAX = ("uniform", "log2", "twin")
+GELU = ("uniform", "twin")
+LAYERNORM = ("tensor", "channel", "ptf")
+METHODS = ("noise", "outlier", "both", "plain")
+
+
+class _InputError(Exception):
+    """Bad user input: one line on stderr, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _granularity(text: str) -> tuple[str, int | None]:
+    if text in ("tensor", "channel"):
+        return text, None
+    kind, _, size = text.partition(":")
+    if kind == "group" and size.isdigit() and int(size) >= 1:
+        return "group", int(size)
+    raise argparse.ArgumentTypeError(f"expected tensor, channel or group:N (N >= 1), got {text!r}")
+
+
+def _add_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="the --out directory of `lowbit train` (or one of its checkpoints)")
+    parser.add_argument("--data-dir", help="directory with the dataset files (default: the dataset's usual place)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample / data order seed (default: 0)")
+
+
+def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``lowbit ptq``."""
+    parser = subparsers.add_parser(
+        "ptq", help="post-training quantization of a trained ViT",
+        description="Calibrate static activation scales on training images, quantize every matmul of a trained "
+                    "ViT and score it; writes metrics.json (accuracy, per-layer SQNR) and layer_sqnr.png. "
+                    "--sweep scores a grid of settings instead and writes ptq_sweep.md/.json.")
+    _add_source(parser)
+    q = parser.add_argument_group("quantization")
+    q.add_argument("--weights", default="int8", help="weight format: intN, float8_e4m3fn, float4_e2m1fn, ... "
+                                                     "(default: int8)")
+    q.add_argument("--activations", default="int8", help="activation format (default: int8)")
+    q.add_argument("--calibration", choices=CALIBRATIONS, default="absmax",
+                   help="activation clip source (default: absmax)")
+    q.add_argument("--weight-calibration", choices=CALIBRATIONS[:3],
+                   help="weight clip source (default: as --calibration; kl -> mse)")
+    q.add_argument("--granularity", type=_granularity, default=("channel", None),
+                   help="weight scales: tensor, channel or group:N (default: channel)")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile (default: 99.99)")
+    q.add_argument("--dynamic", action="store_true", help="activation scales from every batch, not calibration")
+    q.add_argument("--noisy-bias", action="store_true",
+                   help="NoisyQuant: fixed noise before each linear layer's input quantizer, removed in its bias")
+    vit = parser.add_argument_group("ViT-specific activations")
+    vit.add_argument("--softmax", choices=SOFTMAX, default="uniform",
+                     help="attention probabilities: uniform, log2 (FQ-ViT), twin (PTQ4ViT) (default: uniform)")
+    vit.add_argument("--gelu", choices=GELU, default="uniform",
+                     help="MLP hidden activations: uniform or twin (PTQ4ViT) (default: uniform)")
+    vit.add_argument("--layernorm", choices=LAYERNORM, default="tensor",
+                     help="LayerNorm outputs: tensor, channel (RepQ-ViT folding) or ptf (FQ-ViT) (default: tensor)")
+    cal = parser.add_argument_group("calibration data")
+    cal.add_argument("--samples", type=_positive_int, default=512, help="calibration images (default: 512)")
+    cal.add_argument("--batch-size", type=_positive_int, default=64, help="calibration batch size (default: 64)")
+    cal.add_argument("--calibration-data", choices=("real", "synthetic"), default="real",
+                     help="training images, or images synthesised from the model (PSAQ-ViT) (default: real)")
+    cal.add_argument("--synthetic-steps", type=_positive_int, default=200,
+                     help="optimisation steps per synthetic batch (default: 200)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="score W8A8, W6A6, W4A8, W4A4 (integer and float formats) x every calibration method")
+    parser.add_argument("--out", type=Path, help="output directory (default: runs/ptq-<setting>)")
+    parser.set_defaults(func=_ptq_command)
+    return parser
+
+
+def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers ``lowbit finetune``."""
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune a trained ViT to survive PTQ",
+        description="Fine-tune a trained float ViT so that post-training quantization to --target-format hurts "
+                    "less: adaptive quantization noise, an outlier penalty, both, or neither (plain, a control). "
+                    "Writes a checkpoint that `lowbit ptq --checkpoint` reads, and metrics.json.")
+    _add_source(parser)
+    parser.add_argument("--method", choices=METHODS, required=True, help="what to fine-tune with")
+    parser.add_argument("--target-format", default="int4", help="the PTQ format the noise imitates (default: int4)")
+    parser.add_argument("--no-activation-noise", action="store_true",
+                        help="noise on the weights only (default: weights and linear-layer inputs)")
+    parser.add_argument("--outlier-weight", type=_nonnegative_float, default=1.0,
+                        help="weight of the outlier penalty (default: 1)")
+    parser.add_argument("--outlier-threshold", type=_nonnegative_float, default=3.0,
+                        help="values beyond this many RMS count as outliers (default: 3)")
+    parser.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set (default: 1)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--lr", type=_nonnegative_float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
+    parser.add_argument("--out", type=Path, help="output directory (default: runs/finetune-<method>-<format>)")
+    parser.set_defaults(func=_finetune_command)
+    return parser
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"lowbit {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def _load(args: argparse.Namespace):
+    """The checkpoint's model and metadata, and its dataset."""
+    from lowbit import data
+    from lowbit.ptq import CheckpointError, load_vit
+
+    try:
+        model, meta = load_vit(args.checkpoint)
+    except CheckpointError as e:
+        raise _InputError(e) from None
+    if meta.get("recipe") not in ("fp32", "bf16", "fp16"):
+        raise _InputError(f"checkpoint {args.checkpoint} was trained with recipe {meta.get('recipe')!r}; "
+                          "PTQ starts from a float model (fp32, bf16 or fp16)")
+    try:
+        dataset = data.load(meta.get("dataset", ""), args.data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise _InputError(e) from None
+    if tuple(model.config["image_shape"]) != dataset.image_shape:
+        raise _InputError(f"checkpoint {args.checkpoint} expects {model.config['image_shape']} images; "
+                          f"{dataset.name} has {list(dataset.image_shape)}")
+    return model, meta, dataset
+
+
+def _config(args: argparse.Namespace, **override):
+    from lowbit.ptq import PTQConfig
+
+    granularity, group = args.granularity
+    fields = dict(weights=args.weights, activations=args.activations, calibration=args.calibration,
+                  weight_calibration=args.weight_calibration, granularity=granularity, group_size=group,
+                  percentile=args.percentile, softmax=args.softmax, gelu=args.gelu, layernorm=args.layernorm,
+                  dynamic=args.dynamic, noisy_bias=args.noisy_bias, samples=args.samples,
+                  batch_size=args.batch_size, seed=args.seed)
+    try:
+        return PTQConfig(**(fields | override))
+    except ValueError as e:
+        raise _InputError(e) from None
+
+
+def _ptq_command(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args)  # bad flags fail before the checkpoint is read
+        model, _, dataset = _load(args)
+        images = None
+        if args.calibration_data == "synthetic":
+            from lowbit.ptq.datafree import synthesize
+
+            images = synthesize(model, args.samples, steps=args.synthetic_steps, seed=args.seed)
+        if args.sweep:
+            return _sweep(args, model, dataset, images)
+        from lowbit.ptq import ptq, write_report
+
+        _, metrics = ptq(model, dataset, cfg, images=images)
+    except _InputError as e:
+        return _fail("ptq", e)
+    metrics.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
+    out = args.out or Path("runs") / f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}"
+    written = write_report(out, metrics)
+    print(f"{cfg.label} ({cfg.weights} weights, {cfg.activations} activations, {cfg.calibration} calibration, "
+          f"{args.calibration_data} data): test accuracy {100 * metrics['test_accuracy']:.2f}% "
+          f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points); "
+          f"lowest layer SQNR {min(r['sqnr_db'] for r in metrics['layers']):.1f} dB")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _sweep(args: argparse.Namespace, model, dataset, images) -> int:
+    from lowbit.ptq.sweep import markdown, sweep
+
+    base = _config(args)
+    result = sweep(model, dataset, base, images=images, log=lambda line: print(line, flush=True))
+    result.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
+    out = args.out or Path("runs") / "ptq-sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ptq_sweep.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / "ptq_sweep.md").write_text(table)
+    print(table)
+    print(f"wrote {out}/ptq_sweep.json and {out}/ptq_sweep.md")
+    return 0
+
+
+def _finetune_command(args: argparse.Namespace) -> int:
+    from lowbit.ptq import save_vit
+    from lowbit.ptq.finetune import FinetuneConfig, finetune
+
+    try:
+        cfg = FinetuneConfig(method=args.method, target_format=args.target_format,
+                             noise_activations=not args.no_activation_noise, outlier_weight=args.outlier_weight,
+                             outlier_threshold=args.outlier_threshold, epochs=args.epochs,
+                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+        model, meta, dataset = _load(args)
+        if args.batch_size > len(dataset.x_train):
+            raise _InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+    except (ValueError, _InputError) as e:
+        return _fail("finetune", e)
+    metrics = finetune(model, dataset, cfg)
+    out = args.out or Path("runs") / f"finetune-{cfg.method}-{cfg.target_format}"
+    path = save_vit(model, out, cfg.epochs, dict(dataset=dataset.name, hparams=meta.get("hparams"),
+                                                  finetune=metrics["config"], source=str(args.checkpoint)))
+    metrics.update(checkpoint=str(path), source=str(args.checkpoint), dataset=dataset.name)
+    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"fine-tuned ({cfg.method}, {cfg.target_format}) for {cfg.epochs} epoch(s): float accuracy "
+          f"{100 * metrics['float_accuracy_before']:.2f}% -> {100 * metrics['float_accuracy']:.2f}%")
+    print(f"wrote {path} and {out}/metrics.json; next: lowbit ptq --checkpoint {out}")
+    return 0

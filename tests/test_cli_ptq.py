@@ -1,0 +1,133 @@
+"""lowbit.cli_ptq: the ``ptq`` and ``finetune`` subcommands."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+from flax import nnx
+
+from lowbit import cli_ptq, data, ptq
+from lowbit.nn.vit import ViT
+from lowbit.ptq import config, finetune
+from lowbit.training import loop, recipes
+
+_TINY = dict(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="lowbit")
+    subparsers = parser.add_subparsers(required=True)
+    cli_ptq.add_ptq_parser(subparsers)
+    cli_ptq.add_finetune_parser(subparsers)
+    return parser
+
+
+def _main(argv):
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The --out directory of a one-epoch fp32 run on digits (accuracy does not matter here)."""
+    out = tmp_path_factory.mktemp("run")
+    recipe = recipes.get("fp32")
+    loop.train(ViT(**_TINY, recipe=recipe, rngs=nnx.Rngs(0)), data.load("digits"), recipe=recipe, epochs=1,
+               batch_size=64, out_dir=out, progress=False)
+    return out
+
+
+def test_choices_match_the_library():
+    assert cli_ptq.CALIBRATIONS == config.CALIBRATIONS
+    assert (cli_ptq.SOFTMAX, cli_ptq.GELU, cli_ptq.LAYERNORM) == (config.SOFTMAX, config.GELU, config.LAYERNORM)
+    assert cli_ptq.METHODS == finetune.METHODS
+
+
+@pytest.mark.parametrize(("command", "flags"), [
+    ("ptq", ["--checkpoint", "--weights", "--calibration", "--softmax", "--layernorm", "--noisy-bias",
+             "--calibration-data", "--sweep"]),
+    ("finetune", ["--method", "--target-format", "--outlier-weight"])])
+def test_help(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(flag in out for flag in flags)
+
+
+def _error(argv, capsys):
+    assert _main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize("command", [["ptq"], ["finetune", "--method", "noise"]])
+def test_missing_checkpoint(command, tmp_path, capsys):
+    err = _error(command + ["--checkpoint", str(tmp_path / "nope")], capsys)
+    assert "does not exist" in err and "lowbit train" in err
+
+
+def test_directory_without_checkpoint(tmp_path, capsys):
+    assert "holds no metadata.json" in _error(["ptq", "--checkpoint", str(tmp_path)], capsys)
+
+
+def _edited_copy(run_dir, tmp_path, edit):
+    """A copy of the run's checkpoint whose metadata.json went through ``edit``."""
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    copy = tmp_path / ckpt.name
+    shutil.copytree(ckpt, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    edit(meta)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
+    (lambda m: m["model"].update(type="ResNet"), "not a lowbit ViT checkpoint"),
+    (lambda m: m.update(recipe="fp4"), "PTQ starts from a float model"),
+    (lambda m: m.update(dataset="cifar10"), "CIFAR-10"),
+])
+def test_mismatched_checkpoint(run_dir, tmp_path, capsys, edit, message):
+    assert message in _error(["ptq", "--checkpoint", str(_edited_copy(run_dir, tmp_path, edit))], capsys)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--weights", "int1"], "unknown format 'int1'"),
+    (["--activations", "mxfp4_e2m1"], "not a scalar"),
+    (["--activations", "float8_e4m3fn", "--softmax", "log2"], "needs a signed integer"),
+    (["--dynamic", "--noisy-bias"], "noisy_bias"),
+])
+def test_bad_settings(run_dir, capsys, flags, message):
+    assert message in _error(["ptq", "--checkpoint", str(run_dir)] + flags, capsys)
+
+
+def test_bad_granularity_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["ptq", "--checkpoint", "x", "--granularity", "group:0"])
+    assert exit_info.value.code == 2
+    assert "group:N" in capsys.readouterr().err
+
+
+def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys):
+    out = tmp_path / "ptq"
+    argv = ["ptq", "--checkpoint", str(run_dir), "--samples", "64", "--granularity", "group:8", "--out", str(out)]
+    assert _main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["label"] == "W8A8" and metrics["config"]["group_size"] == 8
+    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["layers"]) == 8
+    assert all("sqnr_db" in layer for layer in metrics["layers"])
+    assert (out / "layer_sqnr.png").stat().st_size > 0
+    assert "W8A8" in capsys.readouterr().out
+
+
+def test_finetune_then_ptq(run_dir, tmp_path, capsys):
+    out = tmp_path / "ft"
+    argv = ["finetune", "--checkpoint", str(run_dir), "--method", "plain", "--target-format", "int4",
+            "--batch-size", "512", "--out", str(out)]
+    assert _main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
+    model, meta = ptq.load_vit(out)
+    assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == _TINY["dim"]
