@@ -14,6 +14,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from lowbit.cli_ptq import add_finetune_parser, add_ptq_parser
 from lowbit.cli_train import add_compare_parser, add_train_parser
 
 __all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
@@ -35,7 +36,7 @@ def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] = [
-    add_train_parser, add_compare_parser, add_formats_parser,
+    add_train_parser, add_compare_parser, add_ptq_parser, add_finetune_parser, add_formats_parser,
 ]
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from lowbit.cli_args import InputError, fail, nonnegative_float, positive_int
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
 
@@ -22,30 +23,6 @@ SOFTMAX = ("uniform", "log2", "twin")
 GELU = ("uniform", "twin")
 LAYERNORM = ("tensor", "channel", "ptf")
 METHODS = ("noise", "outlier", "both", "plain")
-
-
-class _InputError(Exception):
-    """Bad user input: one line on stderr, exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def _granularity(text: str) -> tuple[str, int | None]:
@@ -94,11 +71,11 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     vit.add_argument("--layernorm", choices=LAYERNORM, default="tensor",
                      help="LayerNorm outputs: tensor, channel (RepQ-ViT folding) or ptf (FQ-ViT) (default: tensor)")
     cal = parser.add_argument_group("calibration data")
-    cal.add_argument("--samples", type=_positive_int, default=512, help="calibration images (default: 512)")
-    cal.add_argument("--batch-size", type=_positive_int, default=64, help="calibration batch size (default: 64)")
+    cal.add_argument("--samples", type=positive_int, default=512, help="calibration images (default: 512)")
+    cal.add_argument("--batch-size", type=positive_int, default=64, help="calibration batch size (default: 64)")
     cal.add_argument("--calibration-data", choices=("real", "synthetic"), default="real",
                      help="training images, or images synthesised from the model (PSAQ-ViT) (default: real)")
-    cal.add_argument("--synthetic-steps", type=_positive_int, default=200,
+    cal.add_argument("--synthetic-steps", type=positive_int, default=200,
                      help="optimisation steps per synthetic batch (default: 200)")
     parser.add_argument("--sweep", action="store_true",
                         help="score W8A8, W6A6, W4A8, W4A4 (integer and float formats) x every calibration method")
@@ -119,21 +96,16 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--target-format", default="int4", help="the PTQ format the noise imitates (default: int4)")
     parser.add_argument("--no-activation-noise", action="store_true",
                         help="noise on the weights only (default: weights and linear-layer inputs)")
-    parser.add_argument("--outlier-weight", type=_nonnegative_float, default=1.0,
+    parser.add_argument("--outlier-weight", type=nonnegative_float, default=1.0,
                         help="weight of the outlier penalty (default: 1)")
-    parser.add_argument("--outlier-threshold", type=_nonnegative_float, default=3.0,
+    parser.add_argument("--outlier-threshold", type=nonnegative_float, default=3.0,
                         help="values beyond this many RMS count as outliers (default: 3)")
-    parser.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training set (default: 1)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--lr", type=_nonnegative_float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set (default: 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--lr", type=nonnegative_float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/finetune-<method>-<format>)")
     parser.set_defaults(func=_finetune_command)
     return parser
-
-
-def _fail(command: str, error: Exception) -> int:
-    print(f"lowbit {command}: error: {error}", file=sys.stderr)
-    return 2
 
 
 def _load(args: argparse.Namespace):
@@ -144,16 +116,16 @@ def _load(args: argparse.Namespace):
     try:
         model, meta = load_vit(args.checkpoint)
     except CheckpointError as e:
-        raise _InputError(e) from None
+        raise InputError(e) from None
     if meta.get("recipe") not in ("fp32", "bf16", "fp16"):
-        raise _InputError(f"checkpoint {args.checkpoint} was trained with recipe {meta.get('recipe')!r}; "
+        raise InputError(f"checkpoint {args.checkpoint} was trained with recipe {meta.get('recipe')!r}; "
                           "PTQ starts from a float model (fp32, bf16 or fp16)")
     try:
         dataset = data.load(meta.get("dataset", ""), args.data_dir)
     except (FileNotFoundError, ValueError) as e:
-        raise _InputError(e) from None
+        raise InputError(e) from None
     if tuple(model.config["image_shape"]) != dataset.image_shape:
-        raise _InputError(f"checkpoint {args.checkpoint} expects {model.config['image_shape']} images; "
+        raise InputError(f"checkpoint {args.checkpoint} expects {model.config['image_shape']} images; "
                           f"{dataset.name} has {list(dataset.image_shape)}")
     return model, meta, dataset
 
@@ -170,7 +142,7 @@ def _config(args: argparse.Namespace, **override):
     try:
         return PTQConfig(**(fields | override))
     except ValueError as e:
-        raise _InputError(e) from None
+        raise InputError(e) from None
 
 
 def _ptq_command(args: argparse.Namespace) -> int:
@@ -187,8 +159,8 @@ def _ptq_command(args: argparse.Namespace) -> int:
         from lowbit.ptq import ptq, write_report
 
         _, metrics = ptq(model, dataset, cfg, images=images)
-    except _InputError as e:
-        return _fail("ptq", e)
+    except InputError as e:
+        return fail("ptq", e)
     metrics.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
     out = args.out or Path("runs") / f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}"
     written = write_report(out, metrics)
@@ -227,9 +199,9 @@ def _finetune_command(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
         model, meta, dataset = _load(args)
         if args.batch_size > len(dataset.x_train):
-            raise _InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
-    except (ValueError, _InputError) as e:
-        return _fail("finetune", e)
+            raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+    except (ValueError, InputError) as e:
+        return fail("finetune", e)
     metrics = finetune(model, dataset, cfg)
     out = args.out or Path("runs") / f"finetune-{cfg.method}-{cfg.target_format}"
     path = save_vit(model, out, cfg.epochs, dict(dataset=dataset.name, hparams=meta.get("hparams"),

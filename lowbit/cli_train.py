@@ -19,35 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli_args import InputError, fail, nonnegative_float, positive_int
 from lowbit.data import DATASETS
 
 __all__ = ["add_compare_parser", "add_train_parser"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-class _InputError(Exception):
-    """Bad user input: reported as one line on stderr with exit status 2."""
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -85,12 +62,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default: digits, bundled)")
     data.add_argument("--data-dir", help="directory with the dataset files (fashion-mnist, cifar10)")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=_positive_int, default=30, help="passes over the training set (default: 30)")
-    opt.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default: 64)")
-    opt.add_argument("--lr", type=_nonnegative_float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
-    opt.add_argument("--weight-decay", type=_nonnegative_float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    opt.add_argument("--warmup", type=_nonnegative_float, default=2.0, help="linear warmup in epochs (default: 2)")
-    opt.add_argument("--devices", type=_positive_int, default=1,
+    opt.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set (default: 30)")
+    opt.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
+    opt.add_argument("--lr", type=nonnegative_float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
+    opt.add_argument("--weight-decay", type=nonnegative_float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    opt.add_argument("--warmup", type=nonnegative_float, default=2.0, help="linear warmup in epochs (default: 2)")
+    opt.add_argument("--devices", type=positive_int, default=1,
                      help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
     quant = parser.add_argument_group("quantization")
@@ -112,8 +89,8 @@ def _train_command(args: argparse.Namespace) -> int:
         dataset, (recipe,) = _load_inputs(args, [args.recipe])
         out = args.out or Path("runs") / f"{recipe.name}-{dataset.name}-seed{args.seed}"
         metrics = _run(args, dataset, recipe, args.seed, out, resume=args.resume)
-    except _InputError as e:
-        return _fail("train", e)
+    except InputError as e:
+        return fail("train", e)
     print(f"{metrics['recipe']} on {metrics['dataset']}, {metrics['epochs']} epochs, seed {metrics['seed']}: "
           f"test accuracy {100 * metrics['test_accuracy']:.2f}%, final loss {metrics['final_loss']:.4f}, "
           f"{metrics['train_time_s']:.1f} s ({metrics['step_time_ms']:.1f} ms/step), "
@@ -135,8 +112,8 @@ def _compare_command(args: argparse.Namespace) -> int:
                 print(f"[{i * len(seeds) + j + 1}/{len(recipes) * len(seeds)}] {recipe.name}, seed {seed}", flush=True)
                 metrics = _run(args, dataset, recipe, seed, out / recipe.name / f"seed{seed}", resume=False)
                 runs.setdefault(recipe.name, []).append(metrics)
-    except _InputError as e:
-        return _fail("compare", e)
+    except InputError as e:
+        return fail("compare", e)
     rows = _summarise(runs)
     report = dict(dataset=dataset.name, seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
                   learning_rate=args.lr, results=rows)
@@ -148,18 +125,13 @@ def _compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(command: str, error: Exception) -> int:
-    print(f"lowbit {command}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def _split(text: str, kind: type, flag: str) -> list:
     try:
         items = [kind(part.strip()) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise _InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+        raise InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
     if not items or len(set(items)) != len(items):
-        raise _InputError(f"{flag} {text!r}: expected distinct, comma-separated values")
+        raise InputError(f"{flag} {text!r}: expected distinct, comma-separated values")
     return items
 
 
@@ -171,14 +143,14 @@ def _use_devices(args: argparse.Namespace) -> None:
     """
     n = args.devices
     if args.batch_size % n:
-        raise _InputError(f"--batch-size {args.batch_size} is not divisible by --devices {n}")
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by --devices {n}")
     if n > 1:
         flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
     import jax
 
     if len(jax.devices()) < n:
-        raise _InputError(f"--devices {n}: jax sees only {len(jax.devices())} devices (its backend started before "
+        raise InputError(f"--devices {n}: jax sees only {len(jax.devices())} devices (its backend started before "
                           f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)")
 
 
@@ -190,7 +162,7 @@ def _load_inputs(args: argparse.Namespace, recipe_names: list[str]):
         chosen = [recipes.get(name).with_matmul(args.matmul) for name in recipe_names]
         return data.load(args.dataset, args.data_dir), chosen
     except (FileNotFoundError, ValueError) as e:
-        raise _InputError(e) from None
+        raise InputError(e) from None
 
 
 def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, resume: bool) -> dict[str, Any]:
@@ -201,19 +173,19 @@ def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, res
     from lowbit.training.loop import train
 
     if args.batch_size > len(dataset.x_train):
-        raise _InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+        raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
     try:
         model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, patch_size=args.patch_size,
                     dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim, recipe=recipe,
                     rngs=nnx.Rngs(seed), dropout=args.dropout)
     except ValueError as e:  # sizes that do not fit together or the images
-        raise _InputError(e) from None
+        raise InputError(e) from None
     try:
         return train(model, dataset, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
                      learning_rate=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, out_dir=out,
                      resume=resume, devices=args.devices, progress=not args.no_progress)
     except CheckpointError as e:
-        raise _InputError(f"{e} (use a fresh --out, or drop --resume to start over)") from None
+        raise InputError(f"{e} (use a fresh --out, or drop --resume to start over)") from None
 
 
 def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
