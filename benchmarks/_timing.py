@@ -51,7 +51,8 @@ def reference(x: jax.Array) -> Callable:
 
 
 def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: int = 7,
-              warmup: int = 1, min_sample_s: float = 0.0) -> dict[str, list[float]]:
+              warmup: int = 1, min_sample_s: float = 0.0,
+              cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Per-round wall times of every function, called in alternating order.
 
     Args:
@@ -61,6 +62,11 @@ def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: i
       warmup: untimed rounds first (compilation, page faults).
       min_sample_s: each sample repeats its call until it lasts about this long
         (calls on small arrays take microseconds, below the scheduler's noise).
+      cpu_times: if given, filled like the result with the process's CPU seconds
+        per call (all threads, user + system). Other tenants stretch wall time
+        but barely CPU time, so CPU ratios between XLA kernels stay steady on a
+        loaded machine; they overstate single-threaded numpy, whose CPU time is
+        its wall time, against multi-threaded XLA.
 
     Returns:
       name -> ``repeats`` wall seconds per call, round ``i`` at index ``i``.
@@ -73,10 +79,15 @@ def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: i
     number = {n: max(1, math.ceil(min_sample_s / time_call(fns[n], *args[n]))) if min_sample_s else 1
               for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu_times is not None:
+        cpu_times.update({n: [] for n in names})
     for i in range(repeats):
         # Forward on even rounds, backward on odd: neither side always runs on a warm cache.
         for n in names if i % 2 == 0 else reversed(names):
+            cpu0 = time.process_time()
             times[n].append(time_call(fns[n], *args[n], number=number[n]))
+            if cpu_times is not None:
+                cpu_times[n].append((time.process_time() - cpu0) / number[n])
     return times
 
 

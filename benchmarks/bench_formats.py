@@ -4,7 +4,9 @@ Every number is a throughput ratio measured in one process, alternating with its
 references (``_timing``: median of per-round ratios over >= 5 rounds):
 
 * ``x2``: against a jitted ``x * 2`` on the same float32 array, the memory-bound
-  reference an elementwise kernel cannot beat (> 1 means faster than it);
+  reference an elementwise kernel cannot beat (> 1 means faster than it), in
+  wall time and (``x2_cpu``) in process CPU time, which a loaded machine barely
+  stretches;
 * ``ml_dtypes``: lowbit's speedup over ml_dtypes' numpy casts, where ml_dtypes
   has the format: ``astype(T).astype(float32)`` for quantize, ``astype(T)`` for
   encode, ``view(T).astype(float32)`` for decode;
@@ -126,11 +128,13 @@ def bench_format(name, fmt, x, x_np, key, repeats, block: bool):
     q = None if block else _qwix_fn(name, x)
     if q is not None:
         fns["qwix"], args["qwix"] = q
-    times = _timing.alternate(fns, args, repeats=repeats, min_sample_s=MIN_SAMPLE_S)
+    cpu = {}
+    times = _timing.alternate(fns, args, repeats=repeats, min_sample_s=MIN_SAMPLE_S, cpu_times=cpu)
     ref = times["x2"]
     row = {"name": name, "kind": "block" if block else "element", "bits": getattr(fmt, "bits", None),
            "target": (not block) and _has_target(fmt)}
     row["x2"] = {op: _timing.ratio(ref, times[op]) for op in OPS}
+    row["x2_cpu"] = {op: _timing.ratio(cpu["x2"], cpu[op]) for op in OPS}
     row["ml_dtypes"] = {op: _timing.ratio(times[f"ml_dtypes_{op}"], times[op]) for op in baselines}
     if q is not None:
         row["qwix"] = _timing.ratio(ref, times["qwix"])
@@ -142,7 +146,9 @@ def misses(row) -> list[str]:
     """The targets a row falls short of (empty for formats without targets)."""
     if not row["target"]:
         return []
-    out = [f"{op} x2 {row['x2'][op]:.3f} < {t}" for op, t in TARGET_X2.items() if row["x2"][op] < t]
+    # A miss needs both clocks: a loaded machine stretches wall time alone.
+    out = [f"{op} x2 {row['x2'][op]:.3f} (cpu {row['x2_cpu'][op]:.3f}) < {t}" for op, t in TARGET_X2.items()
+           if max(row["x2"][op], row["x2_cpu"][op]) < t]
     out += [f"{op} ml_dtypes {row['ml_dtypes'][op]:.2f} < {t}" for op, t in TARGET_ML_DTYPES.items()
             if op in row["ml_dtypes"] and row["ml_dtypes"][op] < t]
     return out
@@ -202,18 +208,22 @@ def markdown(result) -> str:
         "",
         f"2^{cfg['log2_size']} float32 elements, median over {cfg['repeats']} alternating rounds. "
         "`×x*2`: throughput relative to a jitted `x * 2` (higher is better); "
-        "`×ml_dtypes`: speedup over ml_dtypes' numpy cast. Targets (FP8/FP6/FP4 and integer formats): "
-        f"quantize ≥ {TARGET_X2['quantize']}× x*2 and ≥ {TARGET_ML_DTYPES['quantize']:.0f}× ml_dtypes, "
-        f"stochastic ≥ {TARGET_X2['stochastic']}× x*2; misses are listed per row.",
+        "`cpu`: the same ratio in process CPU time, which other tenants barely stretch; "
+        "`×ml_dtypes`: speedup over ml_dtypes' numpy cast (wall time). Targets (FP8/FP6/FP4 and "
+        f"integer formats): quantize ≥ {TARGET_X2['quantize']}× x*2 and "
+        f"≥ {TARGET_ML_DTYPES['quantize']:.0f}× ml_dtypes, stochastic ≥ {TARGET_X2['stochastic']}× x*2; "
+        "misses (below target in wall and CPU time alike) are listed per row.",
         "",
     ]
-    head = ["format", "bits", *(f"{op} ×x*2" for op in OPS), *(f"{op} ×ml_dtypes" for op in ML_OPS)]
+    head = ["format", "bits", *(f"{op} ×x*2" for op in OPS), *(f"{op} ×x*2 cpu" for op in TARGET_X2),
+            *(f"{op} ×ml_dtypes" for op in ML_OPS)]
     if has_qwix:
         head.append("qwix ×x*2")
     head.append("misses")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["formats"]:
         cells = [r["name"], _fmt(r["bits"], "d"), *(_fmt(r["x2"][op], ".2f") for op in OPS),
+                 *(_fmt(r["x2_cpu"][op], ".2f") for op in TARGET_X2),
                  *(_fmt(r["ml_dtypes"].get(op), ".1f") for op in ML_OPS)]
         if has_qwix:
             cells.append(_fmt(r.get("qwix"), ".2f"))
