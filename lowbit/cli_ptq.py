@@ -100,9 +100,9 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="weight of the outlier penalty (default: 1)")
     parser.add_argument("--outlier-threshold", type=nonnegative_float, default=3.0,
                         help="values beyond this many RMS count as outliers (default: 3)")
-    parser.add_argument("--epochs", type=positive_int, default=1, help="passes over the training set (default: 1)")
+    parser.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set (default: 2)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
-    parser.add_argument("--lr", type=nonnegative_float, default=1e-4, help="peak AdamW learning rate (default: 1e-4)")
+    parser.add_argument("--lr", type=nonnegative_float, default=3e-4, help="peak AdamW learning rate (default: 3e-4)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/finetune-<method>-<format>)")
     parser.set_defaults(func=_finetune_command)
     return parser

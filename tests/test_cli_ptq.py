@@ -126,7 +126,7 @@ def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys):
 def test_finetune_then_ptq(run_dir, tmp_path, capsys):
     out = tmp_path / "ft"
     argv = ["finetune", "--checkpoint", str(run_dir), "--method", "plain", "--target-format", "int4",
-            "--batch-size", "512", "--out", str(out)]
+            "--epochs", "1", "--batch-size", "512", "--out", str(out)]
     assert _main(argv) == 0
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
     model, meta = ptq.load_vit(out)

@@ -74,9 +74,9 @@ class FinetuneConfig:
     noise_activations: bool = True
     outlier_weight: float = 1.0
     outlier_threshold: float = 3.0
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 64
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     weight_decay: float = 0.05
     seed: int = 0
 
