@@ -1,6 +1,6 @@
 """Test accuracy of every training recipe against fp32: digits and Fashion-MNIST, several seeds.
 
-Every (dataset, recipe, seed) run trains the ViT with ``lowbit.training.loop.train``
+Every (dataset, recipe, seed) run trains the ViT with ``lowbit.trainer.loop.train``
 from scratch and appends one JSON record to ``results/bench_accuracy.jsonl``;
 rerunning skips the runs already recorded with the same configuration, so an
 interrupted sweep continues where it stopped. Runs go seed-major (every recipe
@@ -81,8 +81,8 @@ def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | 
     from flax import nnx
 
     from lowbit.nn.vit import ViT
-    from lowbit.training import recipes
-    from lowbit.training.loop import train
+    from lowbit import recipes
+    from lowbit.trainer.loop import train
 
     recipe = recipes.get(recipe_name)
     model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, recipe=recipe,
@@ -122,7 +122,7 @@ def summarise(records: list[dict]) -> dict[str, list[dict]]:
 
 
 def _recipe_order() -> list[str]:
-    from lowbit.training import recipes
+    from lowbit import recipes
 
     return recipes.names()
 

@@ -40,8 +40,9 @@ import _timing  # noqa: E402
 from lowbit import data  # noqa: E402
 from lowbit.nn import export  # noqa: E402
 from lowbit.nn.vit import ViT  # noqa: E402
-from lowbit.training import loop, recipes  # noqa: E402
-from lowbit.training.variables import OverwriteWithGradient  # noqa: E402
+from lowbit import recipes  # noqa: E402
+from lowbit.trainer import loop
+from lowbit.nn.variables import OverwriteWithGradient  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # model recipe -> (export format, export format of the edge layers or None for the same)

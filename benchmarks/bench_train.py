@@ -1,6 +1,6 @@
 """Train-step time and peak memory of every recipe relative to fp32, as the ViT widens.
 
-The step is ``lowbit.training.loop``'s own: ``_initial_state`` splits the model
+The step is ``lowbit.trainer.loop``'s own: ``_initial_state`` splits the model
 and ``_train_step`` (forward, quantized backward, AdamW, loss scaling) is jitted
 exactly as ``train`` does, minus the data-parallel shardings (one device). The
 input is one fixed synthetic digits-shaped batch (64 x 8x8x1, patch 2: 17
@@ -55,7 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
 from lowbit.nn.vit import ViT  # noqa: E402
-from lowbit.training import loop, recipes  # noqa: E402
+from lowbit import recipes  # noqa: E402
+from lowbit.trainer import loop
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, IMAGE, PATCH, DEPTH, HEADS = 64, (8, 8, 1), 2, 2, 4

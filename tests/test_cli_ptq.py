@@ -1,4 +1,4 @@
-"""lowbit.cli_ptq: the ``ptq`` and ``finetune`` subcommands."""
+"""lowbit.cli.ptq: the ``ptq`` and ``finetune`` subcommands."""
 
 import argparse
 import json
@@ -7,10 +7,12 @@ import shutil
 import pytest
 from flax import nnx
 
-from lowbit import cli_ptq, data, ptq
+from lowbit import data, ptq
+from lowbit.cli import ptq as cli_ptq
 from lowbit.nn.vit import ViT
 from lowbit.ptq import config, finetune
-from lowbit.training import loop, recipes
+from lowbit import recipes
+from lowbit.trainer import loop
 
 _TINY = dict(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
 

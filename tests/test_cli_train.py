@@ -1,12 +1,12 @@
-"""lowbit.cli_train: the ``train`` and ``compare`` subcommands."""
+"""lowbit.cli.train: the ``train`` and ``compare`` subcommands."""
 
 import argparse
 import json
 
 import pytest
 
-from lowbit import cli_train
-from lowbit.cli_train import add_compare_parser, add_train_parser
+from lowbit.cli import train as cli_train
+from lowbit.cli.train import add_compare_parser, add_train_parser
 
 _SMALL = ["--epochs", "1", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
 

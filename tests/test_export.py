@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from lowbit.nn import ViT, export
-from lowbit.training import recipes
+from lowbit import recipes
 
 # bytes/param of the kernels alone, before scales: what the packing must deliver
 PACKED = {"fp32": 4.0, "fp8": 1.0, "fp4": 0.5, "int8": 1.0, "int4": 0.5, "ternary": 0.25, "binary": 0.125}

@@ -1,4 +1,4 @@
-"""lowbit.training.loop and checkpoint: learning, bit-exact resume, checkpoint errors, data parallel."""
+"""lowbit.trainer.loop and checkpoint: learning, bit-exact resume, checkpoint errors, data parallel."""
 
 import json
 import os
@@ -14,8 +14,9 @@ from flax import nnx
 
 from lowbit.data import Dataset
 from lowbit.nn import QLinear
-from lowbit.training import checkpoint, loop, recipes
-from lowbit.training.checkpoint import CheckpointError
+from lowbit import recipes
+from lowbit.trainer import checkpoint, loop
+from lowbit.trainer.checkpoint import CheckpointError
 
 
 class Tiny(nnx.Module):
@@ -169,7 +170,8 @@ _DATA_PARALLEL = textwrap.dedent("""
     from flax import nnx
     from lowbit.data import Dataset
     from lowbit.nn.vit import ViT
-    from lowbit.training import loop, recipes
+    from lowbit import recipes
+    from lowbit.trainer import loop
 
     assert len(jax.devices()) == 4
     rng = np.random.default_rng(0)

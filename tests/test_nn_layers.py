@@ -10,7 +10,8 @@ from jax import lax
 
 from lowbit import quant
 from lowbit.nn import OverwriteWithGradient, QConv, QDotGeneral, QEinsum, QEinsumOp, QLinear, einsum_dimension_numbers
-from lowbit.training import DotQuantConfig, recipes
+from lowbit import recipes
+from lowbit.training import DotQuantConfig
 
 INT8 = DotQuantConfig(lhs=quant.Quantizer(format="int8"), rhs=quant.Quantizer(format="int8"))
 

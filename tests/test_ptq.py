@@ -16,7 +16,8 @@ from lowbit.ptq.datafree import patch_similarity_entropy, synthesize
 from lowbit.ptq.finetune import FinetuneConfig, finetune
 from lowbit.ptq.noise import adaptive_noise, quantization_step
 from lowbit.ptq.outlier import outlier_penalty
-from lowbit.training import loop, recipes
+from lowbit import recipes
+from lowbit.trainer import loop
 
 
 def _calibrated(role, operand, cfg, batches):

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from lowbit.nn.vit import ViT, default_patch_size
-from lowbit.training import recipes
+from lowbit import recipes
 
 
 @nnx.jit  # one compilation instead of one per eager op

@@ -16,7 +16,7 @@ from flax import nnx
 
 from lowbit import formats, quant
 from lowbit.nn.layers import QConv, QLinear
-from lowbit.training.recipes import EDGES
+from lowbit.recipes.registry import EDGES
 
 # Per-output-channel weight quantizers; ternary and binary take their scale from
 # the TWN / XNOR rule (see ``_rule``), so the exported values equal what the

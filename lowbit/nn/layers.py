@@ -26,8 +26,8 @@ from lowbit.training.gradscale import gradscale_init
 from lowbit.formats import IntFormat
 from lowbit.quant import Quantizer
 from lowbit.training.qdot import DotQuantConfig, quantized_dot_general, uses_real_matmul
-from lowbit.training.recipes import LayerRecipe, Recipe
-from lowbit.training.variables import OverwriteWithGradient
+from lowbit.recipes import LayerRecipe, Recipe
+from lowbit.nn.variables import OverwriteWithGradient
 
 
 @dataclasses.dataclass(frozen=True)

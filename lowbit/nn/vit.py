@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lowbit.nn.layers import QEinsum, QLinear
-from lowbit.training.recipes import Recipe
+from lowbit.recipes import Recipe
 
 __all__ = ["ViT", "default_patch_size"]
 

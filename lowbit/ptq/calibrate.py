@@ -28,7 +28,7 @@ from lowbit.ptq.capture import quantized_layers, record, role_of, set_child
 from lowbit.ptq.config import PTQConfig
 from lowbit.ptq.noise import NoisyBias, noisy_bias_search
 from lowbit.training.qdot import DotQuantConfig
-from lowbit.training.recipes import LayerRecipe
+from lowbit.recipes import LayerRecipe
 
 __all__ = ["quantize_vit"]
 

@@ -25,7 +25,7 @@ from lowbit.training.qdot import DotQuantConfig, quantized_dot_general
 __all__ = ["ROLES", "Operands", "layer_output", "quantized_layers", "record", "recording", "role_of",
            "set_child"]
 
-# Attribute name in the ViT -> matmul role (lowbit.training.recipes.ROLES), in forward order.
+# Attribute name in the ViT -> matmul role (lowbit.recipes.ROLES), in forward order.
 ROLES = {"patch_embed": "patch", "qkv": "qkv", "qk": "attn_qk", "av": "attn_av", "proj": "proj",
          "mlp_in": "mlp_in", "mlp_out": "mlp_out", "head": "head"}
 WRAPPED = "inner"  # attribute under which lowbit.ptq wrappers keep the layer they wrap

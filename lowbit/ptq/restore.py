@@ -1,7 +1,7 @@
 """Load a ViT trained by ``lowbit train`` from its checkpoint, and save one back in that layout.
 
 ``lowbit train --out DIR`` writes ``DIR/checkpoints/epoch_NNNN/`` (see
-``lowbit.training.checkpoint``): the whole ``TrainState`` plus ``metadata.json``
+``lowbit.trainer.checkpoint``): the whole ``TrainState`` plus ``metadata.json``
 naming the model class, its constructor arguments, the recipe, the dataset and
 the optimiser's hyperparameters. Restoring needs a template of that exact
 structure, so the model is rebuilt from the metadata and the optimiser state is
@@ -19,14 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lowbit.nn.vit import ViT
-from lowbit.training import checkpoint, recipes
-from lowbit.training.checkpoint import CheckpointError
-from lowbit.training.loop import TrainState, make_optimizer
-from lowbit.training.variables import OverwriteWithGradient
+from lowbit import recipes
+from lowbit.trainer import checkpoint
+from lowbit.trainer.checkpoint import CheckpointError
+from lowbit.trainer.loop import TrainState, make_optimizer
+from lowbit.nn.variables import OverwriteWithGradient
 
 __all__ = ["CheckpointError", "find_checkpoint", "load_vit", "save_vit"]
 
-_FORMAT = 1  # the checkpoint layout version lowbit.training.loop writes
+_FORMAT = 1  # the checkpoint layout version lowbit.trainer.loop writes
 
 
 def find_checkpoint(path: str | Path) -> Path:

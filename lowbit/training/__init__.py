@@ -1,9 +1,6 @@
-"""Training numerics: STE rules, quantized matmuls, GradScale, loss scaling, policies, recipes."""
+"""Flax-free training numerics: STE rules, quantized dot_general, GradScale, loss scaling, policies."""
 
-from lowbit.training import checkpoint, recipes
-from lowbit.training.checkpoint import CheckpointError
 from lowbit.training.gradscale import gradscale_init, gradscale_update
-from lowbit.training.loop import TrainState, make_optimizer, train
 from lowbit.training.loss_scale import (
     DynamicLossScale,
     LossScale,
@@ -14,8 +11,6 @@ from lowbit.training.loss_scale import (
 )
 from lowbit.training.policy import Policy, get_policy
 from lowbit.training.qdot import DotQuantConfig, quantized_dot_general
-from lowbit.training.recipes import LayerRecipe, Recipe
-from lowbit.training.variables import OverwriteWithGradient
 from lowbit.training.ste import (
     binary_weight,
     clipped_ste,
@@ -29,9 +24,8 @@ from lowbit.training.ste import (
 )
 
 __all__ = [
-    "CheckpointError", "OverwriteWithGradient", "TrainState", "checkpoint", "make_optimizer", "train",
-    "DotQuantConfig", "DynamicLossScale", "LayerRecipe", "LossScale", "NoOpLossScale", "Policy", "Recipe",
+    "DotQuantConfig", "DynamicLossScale", "LossScale", "NoOpLossScale", "Policy",
     "StaticLossScale", "all_finite", "binary_weight", "clipped_ste", "get_policy", "gradscale_init",
-    "gradscale_update", "lsq", "lsq_init_step", "pact", "quantized_dot_general", "recipes", "sawb_clip",
+    "gradscale_update", "lsq", "lsq_init_step", "pact", "quantized_dot_general", "sawb_clip",
     "sawb_quantize", "skip_nonfinite", "ste", "ternary_weight",
 ]

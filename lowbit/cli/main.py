@@ -14,8 +14,8 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
-from lowbit.cli_ptq import add_finetune_parser, add_ptq_parser
-from lowbit.cli_train import add_compare_parser, add_train_parser
+from lowbit.cli.ptq import add_finetune_parser, add_ptq_parser
+from lowbit.cli.train import add_compare_parser, add_train_parser
 
 __all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
 
@@ -158,6 +158,3 @@ def _print_table(title: str | None, header: list[str], rows: list[list[str]], le
         console = Console(width=200)
     console.print(table)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli_args import InputError, fail, nonnegative_float, positive_int
+from lowbit.cli.args import InputError, fail, nonnegative_float, positive_int
 from lowbit.data import DATASETS
 
 __all__ = ["add_compare_parser", "add_train_parser"]
@@ -156,7 +156,7 @@ def _use_devices(args: argparse.Namespace) -> None:
 
 def _load_inputs(args: argparse.Namespace, recipe_names: list[str]):
     from lowbit import data
-    from lowbit.training import recipes
+    from lowbit import recipes
 
     try:
         chosen = [recipes.get(name).with_matmul(args.matmul) for name in recipe_names]
@@ -169,8 +169,8 @@ def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, res
     from flax import nnx
 
     from lowbit.nn.vit import ViT
-    from lowbit.training.checkpoint import CheckpointError
-    from lowbit.training.loop import train
+    from lowbit.trainer.checkpoint import CheckpointError
+    from lowbit.trainer.loop import train
 
     if args.batch_size > len(dataset.x_train):
         raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit.cli_args import InputError, fail, nonnegative_float, positive_int
+from lowbit.cli.args import InputError, fail, nonnegative_float, positive_int
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
 

@@ -40,10 +40,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowbit import data as lowbit_data
-from lowbit.training import checkpoint
+from lowbit.trainer import checkpoint
 from lowbit.training.loss_scale import all_finite, skip_nonfinite
 from lowbit.training.policy import Policy
-from lowbit.training.variables import OverwriteWithGradient
+from lowbit.nn.variables import OverwriteWithGradient
 
 __all__ = ["TrainState", "make_optimizer", "train"]
 
@@ -51,7 +51,7 @@ _CHECKPOINT_FORMAT = 1
 
 
 class Recipe(Protocol):
-    """What the loop needs from a recipe (``lowbit.training.recipes.Recipe``)."""
+    """What the loop needs from a recipe (``lowbit.recipes.Recipe``)."""
 
     name: str
     policy: Policy
