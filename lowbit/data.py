@@ -208,7 +208,7 @@ _FASHION_FILES = {
     "y_test": ("t10k-labels", "idx1-ubyte"),
 }
 _FASHION_HOWTO = (
-    "Install it with `apt-get install dataset-fashion-mnist` (files go to "
+    "Install it with `apt-get install -y dataset-fashion-mnist` (files go to "
     f"{DEFAULT_FASHION_MNIST_DIR}/) or pass --data-dir (data_dir=) a directory with the four "
     "IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
     "t10k-labels-idx1-ubyte (each may be .gz)."
@@ -276,18 +276,65 @@ def _load_cifar10(data_dir: str | Path | None) -> Dataset:
     )
 
 
+# The only globals a CIFAR-10 batch refers to: numpy's array and dtype reconstructors
+# (protocol 2-4 pickles use _reconstruct, protocol 5 uses _frombuffer; the module is
+# numpy.core under numpy 1, numpy._core under numpy 2), and, in batches re-pickled by
+# Python 3 at protocol 2, _codecs.encode for bytes. Each maps to a function chosen
+# here (numpy's own, taken from its __reduce__), never imported by the name the file gives.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What Python 3 protocol-2 pickles call as ``_codecs.encode`` to rebuild ``bytes``."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode is admitted only for latin1 text, got {encoding!r}")
+    return text.encode("latin1")
+
+
+_PICKLE_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays, and nothing that could run code.
+
+    Every callable a pickle invokes (REDUCE, NEWOBJ, INST, OBJ, BUILD of a class
+    instance) is first looked up through :meth:`find_class`, extension codes
+    included; admitting only numpy's array reconstruction and latin1 bytes means a
+    crafted file can build arrays, dicts, lists, strings and numbers, and nothing else.
+    """
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only arrays, "
+                "lists and strings"
+            ) from None
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Reads one CIFAR-10 python batch into (N, 32, 32, 3) float32 images and (N,) int32 labels.
 
-    The batches are pickles, and unpickling runs code chosen by the file's author: load
-    only files from a trusted source.
+    The batches are pickles; they are read with :class:`_ArrayUnpickler`, so a crafted
+    file cannot run code: it fails with a ``ValueError`` instead.
     """
     try:
         with path.open("rb") as f:
             # The official batches were pickled by Python 2; "bytes" keeps their str keys
             # as bytes instead of guessing a text encoding.
-            batch = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            OverflowError) as e:  # what a malformed opcode stream raises
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")

@@ -1,6 +1,7 @@
 """Tests for lowbit.data on small IDX and CIFAR files written here, plus bundled digits."""
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_fashion_mnist_missing_default_dir_says_apt_get(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         data.load("fashion-mnist")
     message = str(info.value)
-    assert "apt-get install dataset-fashion-mnist" in message
+    assert "apt-get install -y dataset-fashion-mnist" in message
     assert "--data-dir" in message and str(absent) in message
 
 
@@ -231,6 +232,45 @@ def test_cifar10_rejects_malformed_batch(tmp_path, payload, match):
     with pytest.raises(ValueError, match=match) as info:
         data.load("cifar10", tmp_path)
     assert "test_batch" in str(info.value)
+
+
+class _Exploit:
+    """Pickles as a call to os.system: unpickling it with pickle.load would run the command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("where", ["top", "inside-dict", "inside-array"])
+def test_cifar10_malicious_pickle_runs_no_code(tmp_path, where):
+    _write_cifar(tmp_path, np.random.default_rng(8))
+    marker = tmp_path / "pwned"
+    exploit = _Exploit(marker)
+    payload = {"top": exploit,
+               "inside-dict": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": exploit},
+               "inside-array": {b"data": np.array([exploit], dtype=object), b"labels": [0]}}[where]
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps(payload, protocol=2))
+    pickle.loads(pickle.dumps(exploit))  # the oracle: plain pickle does run it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 python batch.*refusing to load global "
+                                         r"(posix|os|nt)\.system"):
+        data.load("cifar10", tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_reads_every_pickle_protocol(tmp_path, protocol):
+    batches = _write_cifar(tmp_path, np.random.default_rng(9))
+    for name, batch in batches.items():
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    ds = data.load("cifar10", tmp_path)
+    np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
+    np.testing.assert_array_equal((ds.x_test * 255).round().astype(np.uint8).transpose(0, 3, 1, 2).reshape(7, -1),
+                                  batches["test_batch"][b"data"])
 
 
 # --- digits and dispatch ------------------------------------------------------------
