@@ -1,5 +1,6 @@
 """Tests for ``lowbit formats`` and ``lowbit formats show NAME``."""
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,29 @@ def test_formats_lists_every_element_format(capsys):
     assert _row(out, "float8_e8m0fnu")[1:6] == ["8", "127", "1.70141e+38", "5.87747e-39", "-"]
     assert _row(out, "int4")[1:4] == ["4", "-", "7"]
     assert "fnuz" in " ".join(_row(out, "float8_e4m3fnuz")) and "inf" in " ".join(_row(out, "p3109_k8p3"))
+    element_table = out.split("Block formats")[0]
     for block in ("mxfp8_e4m3", "nvfp4"):  # block formats are not element formats
-        assert f" {block} " not in out
+        assert f" {block} " not in element_table
+
+
+def test_formats_lists_every_block_format(capsys):
+    assert main(["formats"]) == 0
+    blocks = capsys.readouterr().out.split("Block formats")[1]
+    names = [n for n in formats.names() if isinstance(formats.get(n), formats.BlockFormat)]
+    assert {"mxfp8_e4m3", "mxfp4_e2m1", "mxint8", "nvfp4"} <= set(names)
+    for name in names:
+        _row(blocks, name)
+    # OCP MX v1.0: 32 elements share one E8M0 scale; NVFP4: 16 E2M1 elements per E4M3 scale under an FP32 one.
+    assert _row(blocks, "mxfp4_e2m1")[1:] == ["mx", "float4_e2m1fn", "32", "float8_e8m0fnu", "-", "4.25", "6"]
+    assert _row(blocks, "nvfp4")[1:] == ["nvfp4", "float4_e2m1fn", "16", "float8_e4m3fn", "float32", "4.5", "6"]
+    assert _row(blocks, "mxfp8_e5m2")[-1] == "57344"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lowbit {importlib.metadata.version('lowbit')}"
 
 
 def test_formats_show_lists_every_code_and_value(capsys):

@@ -10,10 +10,12 @@ environment (e.g. ``XLA_FLAGS``) before jax starts a backend.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import sys
 from collections.abc import Callable, Sequence
 
+from lowbit.cli.output import print_table
 from lowbit.cli.ptq import add_finetune_parser, add_ptq_parser
 from lowbit.cli.train import add_compare_parser, add_train_parser
 
@@ -23,8 +25,9 @@ __all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
 def add_formats_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit formats`` and ``lowbit formats show NAME``."""
     parser = subparsers.add_parser(
-        "formats", help="list the registered element formats",
-        description="Print every registered element format: bits, bias, range and special values.",
+        "formats", help="list the registered element and block formats",
+        description="Print every registered element format (bits, bias, range, special values) and every "
+                    "block format (MX, NVFP4: element format, block size, scale format, bits per value).",
     )
     parser.set_defaults(func=_formats_command)
     actions = parser.add_subparsers(dest="action", metavar="{show}")
@@ -43,6 +46,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]] 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lowbit`` parser with every command in ``COMMANDS``."""
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-precision number formats and training in them.")
+    parser.add_argument("--version", action="version", version=f"lowbit {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)
@@ -53,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lowbit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lowbit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 # ----- lowbit formats ----------------------------------------------------------------------
@@ -103,10 +114,24 @@ _COLUMNS = (("name", "name"), ("bits", "bits"), ("bias", "bias"), ("max", "max")
             ("min normal", "min_normal"), ("min subnormal", "min_subnormal"), ("specials", "specials"))
 
 
+def _block_row(name: str, fmt) -> list[str]:
+    """One row of the block format table: layout, scales and storage cost."""
+    tensor_scale = "float32" if fmt.kind == "nvfp4" else "-"
+    bits_per_value = fmt.element.bits + fmt.scale.bits / fmt.block_size  # the per-tensor scale is negligible
+    return [name, fmt.kind, fmt.element.name, str(fmt.block_size), fmt.scale.name, tensor_scale,
+            f"{bits_per_value:g}", _number(fmt.element_max)]
+
+
 def _formats_command(args: argparse.Namespace) -> int:
+    from lowbit import formats
+
     rows = [dict(name=name, bits=str(fmt.bits), **_describe(fmt)) for name, fmt in _element_formats()]
-    _print_table("Element formats", [c for c, _ in _COLUMNS], [[r[k] for _, k in _COLUMNS] for r in rows],
-                 left=("name", "specials"))
+    print_table("Element formats", [c for c, _ in _COLUMNS], [[r[k] for _, k in _COLUMNS] for r in rows],
+                left=("name", "specials"))
+    blocks = [_block_row(n, formats.get(n)) for n in formats.names() if isinstance(formats.get(n), formats.BlockFormat)]
+    print_table("Block formats (scaled along the last axis)",
+                ["name", "kind", "element", "block", "scale", "tensor scale", "bits/value", "element max"], blocks,
+                left=("name", "kind", "element", "scale", "tensor scale"))
     return 0
 
 
@@ -130,31 +155,5 @@ def _show_command(args: argparse.Namespace) -> int:
     print(f"{values.size} finite values, {element.bits} bits")
     rows = [[f"0x{int(c):0{(element.bits + 3) // 4}x}", format(int(c), f"0{element.bits}b"), _number(float(v))]
             for c, v in zip(codes, table, strict=True)]
-    _print_table(None, ["code", "bits", "value"], rows, left=("code", "bits"))
+    print_table(None, ["code", "bits", "value"], rows, left=("code", "bits"))
     return 0
-
-
-def _print_table(title: str | None, header: list[str], rows: list[list[str]], left: Sequence[str]) -> None:
-    """A rich table, or plain aligned columns without rich; columns not in ``left`` align right."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        if title:
-            print(title)
-        for line in [header, *rows]:
-            cells = (c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(line, widths, header, strict=True))
-            print("  ".join(cells).rstrip())
-        return
-    table = Table(title=title)
-    for h in header:
-        table.add_column(h, no_wrap=True, justify="left" if h in left else "right")
-    for r in rows:
-        table.add_row(*r)
-    console = Console()
-    # Piped output has no terminal width; keep rows on one line rather than wrap at 80.
-    if not console.is_terminal:
-        console = Console(width=200)
-    console.print(table)
-
