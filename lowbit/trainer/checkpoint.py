@@ -1,16 +1,25 @@
 """Atomic, verified training checkpoints (orbax arrays plus a JSON metadata file).
 
-A checkpoint is a directory ``epoch_NNNN`` holding ``state/`` (every array leaf of a
-pytree, written by orbax) and ``metadata.json`` (what the run was, the name, shape
-and dtype of each leaf and a SHA-256 of their bytes). It is written under a
-temporary name and renamed into place, so a crash mid-write never leaves a
-half-written ``epoch_NNNN``; older checkpoints are deleted only after the new one
-is in place.
+A checkpoint is a directory ``epoch_NNNN`` (``epoch_NNNN_step_MMMM`` when written
+``MMMM`` steps into the epoch after ``NNNN``) holding ``state/`` (every array
+leaf of a pytree, written by orbax) and ``metadata.json`` (what the run was, the
+name, shape and dtype of each leaf and a SHA-256 of the metadata and the leaves'
+bytes).
 
-Restoring checks everything it can before trusting the data: the metadata parses,
-the run description matches, the leaves match the expected structure, and the
-restored bytes hash to the recorded digest. Any failure is a
-:class:`CheckpointError` naming the path and what is wrong.
+Crash safety: a checkpoint is written under a temporary name owned by the
+writing process (``.tmp-PID-...``), every file and directory in it is fsynced,
+and it is renamed into place; an old checkpoint is first renamed out of the way
+(``.del-PID-...``) and only then deleted. So a process killed at any moment,
+including mid-write, leaves every ``epoch_*`` directory complete, and the newest
+one loadable. A writer removes only its own temporary directories and those of
+processes that no longer exist, never another live process's write.
+
+Restoring checks everything it can before trusting the data: the metadata parses
+and passes its schema (``lowbit.trainer.metadata``), the run description matches,
+the leaves match the expected structure, and the metadata and restored bytes hash
+to the recorded digest. Any failure is a :class:`CheckpointError` naming the path
+and what is wrong; :class:`IncompatibleCheckpointError` (a subclass) means the
+checkpoint is intact but belongs to a different run.
 """
 
 from __future__ import annotations
@@ -21,16 +30,25 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["CheckpointError", "latest", "restore", "save"]
+from lowbit.trainer import metadata as schema
+from lowbit.trainer.lock import pid_alive
 
-_PATTERN = re.compile(r"epoch_(\d+)")
+__all__ = ["FORMAT", "CheckpointError", "IncompatibleCheckpointError", "checkpoints", "latest", "remove",
+           "restore", "restore_latest", "save"]
+
+FORMAT = 2
+"""Checkpoint layout version; 2 covers the metadata by the checksum and records ``step``."""
+
+_PATTERN = re.compile(r"epoch_(\d{4,})(?:_step_(\d{4,}))?")
+_PRIVATE = re.compile(r"\.(?:tmp|del)-(\d+)-[0-9a-f]{32}(?:-.*)?")
 _METADATA = "metadata.json"
 _STATE = "state"
 
@@ -39,25 +57,51 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, corrupt, or belongs to a different run."""
 
 
-def save(directory: str | Path, epoch: int, tree: Any, metadata: Mapping[str, Any]) -> Path:
-    """Writes ``tree`` as checkpoint ``directory/epoch_NNNN`` and drops older ones.
+class IncompatibleCheckpointError(CheckpointError):
+    """An intact checkpoint of a different run (recipe, model, hyperparameters, structure)."""
+
+
+def save(directory: str | Path, epoch: int, tree: Any, metadata: Mapping[str, Any], *, step: int = 0,
+         keep: int = 1) -> Path:
+    """Writes ``tree`` as a checkpoint in ``directory``, then keeps only the newest ``keep``.
 
     Args:
       directory: Where checkpoints live; created if missing.
-      epoch: Number of completed epochs; names the checkpoint.
+      epoch: Number of completed epochs.
       tree: A pytree of arrays (typed PRNG keys included).
-      metadata: JSON-serialisable description of the run; :func:`restore` compares
-        it with what the resuming run expects.
+      metadata: JSON-serialisable description of the run (no NaN or inf);
+        :func:`restore` compares it with what the resuming run expects. The keys
+        ``format``, ``epoch``, ``step``, ``leaves`` and ``sha256`` are set here.
+      step: Steps completed in the epoch after ``epoch`` (0 at an epoch's end).
+      keep: How many checkpoints to keep, counting the new one; older ones are
+        deleted. Checkpoints ordered after the new one (an abandoned later run,
+        a stray directory) are left alone.
 
     Returns:
-      The new checkpoint's path.
+      The new checkpoint's path: ``epoch_NNNN``, or ``epoch_NNNN_step_MMMM``
+      when ``step`` > 0.
+
+    Raises:
+      ValueError: ``epoch``, ``step`` or ``keep`` out of range, or ``metadata``
+        not JSON-serialisable.
     """
-    directory = Path(directory)
+    for name, value, lo in (("epoch", epoch, 0), ("step", step, 0), ("keep", keep, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"checkpoint.save: {name} must be an integer >= {lo}, got {value!r}")
+    directory = Path(directory).resolve()  # orbax needs an absolute path
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"epoch_{epoch:04d}"
+    final = directory / _name(epoch, step)
     names, arrays = _flatten(tree)
+    record = dict(metadata, format=FORMAT, epoch=epoch, step=step, leaves=_leaf_specs(names, arrays))
+    try:
+        record["sha256"] = _digest(record, arrays)
+    except ValueError as e:  # allow_nan=False: a NaN would make metadata.json invalid JSON
+        raise ValueError(f"checkpoint.save: metadata is not valid JSON ({e})") from None
+    except TypeError as e:
+        raise ValueError(f"checkpoint.save: metadata is not JSON-serialisable ({e})") from None
+    _sweep(directory)
     # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed checkpoint.
-    tmp = directory / f".tmp-{final.name}-{uuid.uuid4().hex}"
+    tmp = directory / f"{_private('tmp')}-{final.name}"
     try:
         tmp.mkdir()
         import orbax.checkpoint as ocp  # deferred: only runs that checkpoint pay for the import
@@ -65,30 +109,47 @@ def save(directory: str | Path, epoch: int, tree: Any, metadata: Mapping[str, An
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / _STATE, dict(zip(names, arrays)))
             checkpointer.wait_until_finished()
-        record = dict(metadata, leaves=_leaf_specs(names, arrays), sha256=_digest(arrays))
-        (tmp / _METADATA).write_text(json.dumps(record, indent=1))
-        if final.exists():  # a rerun of the same epoch after restarting from scratch
-            shutil.rmtree(final)
+        (tmp / _METADATA).write_text(json.dumps(record, indent=1, allow_nan=False))
+        _fsync_tree(tmp)
+        if final.exists():  # a stray or abandoned checkpoint of the same name
+            remove(final)
         os.rename(tmp, final)
+        _fsync(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in directory.iterdir():
-        if old != final and (_PATTERN.fullmatch(old.name) or old.name.startswith(".tmp-")):
-            shutil.rmtree(old, ignore_errors=True)
+    key = _order(final.name)
+    older = [p for p in checkpoints(directory) if _order(p.name) <= key]
+    for old in older[keep:]:
+        remove(old)
     return final
 
 
-def latest(directory: str | Path) -> Path | None:
-    """The checkpoint with the highest epoch in ``directory``, or None if there is none."""
+def checkpoints(directory: str | Path) -> list[Path]:
+    """Every checkpoint directory in ``directory``, newest (highest epoch, then step) first."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _PATTERN.fullmatch(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+        return []
+    found = [p for p in directory.iterdir() if _PATTERN.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: _order(p.name), reverse=True)
 
 
-def restore(path: str | Path, template: Any, expected: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+def latest(directory: str | Path) -> Path | None:
+    """The newest checkpoint in ``directory`` (not checked), or None if there is none."""
+    found = checkpoints(directory)
+    return found[0] if found else None
+
+
+def remove(path: str | Path) -> None:
+    """Deletes a checkpoint: renamed out of sight first, so no half-deleted one is ever listed."""
+    path = Path(path)
+    aside = path.with_name(_private("del"))
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore(path: str | Path, template: Any, expected: Mapping[str, Any],
+            check: Callable[[dict[str, Any]], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Reads a checkpoint back into the structure of ``template``.
 
     Args:
@@ -97,28 +158,36 @@ def restore(path: str | Path, template: Any, expected: Mapping[str, Any]) -> tup
         (e.g. a freshly initialised train state).
       expected: Metadata entries that must equal those saved (recipe, model
         config, hyperparameters...).
+      check: Further validation of the metadata (e.g. ``metadata.check_run``);
+        raises ``ValueError`` naming the bad field.
 
     Returns:
       ``(tree, metadata)``: the restored pytree and the saved metadata.
 
     Raises:
-      CheckpointError: Missing or unreadable files, a metadata entry that differs
-        from ``expected``, leaves that differ in name, shape or dtype from
-        ``template``, or restored bytes that fail the checksum.
+      IncompatibleCheckpointError: A metadata entry differs from ``expected``,
+        or leaves differ in name, shape or dtype from ``template``.
+      CheckpointError: Missing or unreadable files, metadata that fails its
+        schema, or metadata or restored bytes that fail the checksum.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     try:
-        metadata = json.loads((path / _METADATA).read_text())
+        meta = json.loads((path / _METADATA).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {_METADATA} ({e})") from e
+    try:
+        schema.check_checkpoint(meta, FORMAT)
+        if check is not None:
+            check(meta)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {_METADATA} is invalid: {e}") from None
     for key, want in expected.items():
-        if (diff := _difference(key, metadata.get(key), want)) is not None:
+        if (diff := _difference(key, meta.get(key), want)) is not None:
             name, have, want = diff
-            raise CheckpointError(
-                f"checkpoint {path} is incompatible: {name} is {have!r} there but {want!r} in this run"
-            )
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path} is incompatible: {name} is {have!r} there but {want!r} in this run")
     names, arrays = _flatten(template)
-    _check_leaves(path, metadata.get("leaves"), _leaf_specs(names, arrays))
+    _check_leaves(path, meta["leaves"], _leaf_specs(names, arrays))
     abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in zip(names, arrays)}
     try:
         import orbax.checkpoint as ocp
@@ -128,10 +197,85 @@ def restore(path: str | Path, template: Any, expected: Mapping[str, Any]) -> tup
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(f"checkpoint {path}: cannot read the arrays ({type(e).__name__}: {e})") from e
     values = [np.asarray(restored[n]) for n in names]
-    if _digest(values) != metadata.get("sha256"):
-        raise CheckpointError(f"checkpoint {path}: array data does not match its checksum (corrupt files)")
+    if _digest({k: v for k, v in meta.items() if k != "sha256"}, values) != meta["sha256"]:
+        raise CheckpointError(f"checkpoint {path}: metadata or array data does not match its checksum "
+                              "(edited or corrupt files)")
     leaves = jax.tree.leaves(template)
-    return jax.tree.unflatten(jax.tree.structure(template), [_unraw(v, t) for v, t in zip(values, leaves)]), metadata
+    return jax.tree.unflatten(jax.tree.structure(template), [_unraw(v, t) for v, t in zip(values, leaves)]), meta
+
+
+def restore_latest(directory: str | Path, template: Any, expected: Mapping[str, Any],
+                   check: Callable[[dict[str, Any]], None] | None = None
+                   ) -> tuple[Any, dict[str, Any], Path] | None:
+    """Restores the newest intact checkpoint in ``directory``, skipping damaged ones.
+
+    Each damaged checkpoint skipped (unreadable, failing its schema or checksum,
+    e.g. an empty stray directory) gets a warning naming it and why.
+
+    Args:
+      directory: Where :func:`save` wrote.
+      template, expected, check: As for :func:`restore`.
+
+    Returns:
+      ``(tree, metadata, path)``, or None when ``directory`` holds no checkpoint.
+
+    Raises:
+      IncompatibleCheckpointError: The newest intact checkpoint belongs to a
+        different run (older ones are not tried: they would be a stale run too).
+      CheckpointError: Every checkpoint is damaged (the newest one's error).
+    """
+    found = checkpoints(directory)
+    errors = []
+    for path in found:
+        try:
+            tree, meta = restore(path, template, expected, check)
+        except IncompatibleCheckpointError:
+            raise
+        except CheckpointError as e:
+            errors.append(e)
+            warnings.warn(f"skipping damaged checkpoint {path.name}: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        return tree, meta, path
+    if errors:
+        raise CheckpointError(f"every checkpoint in {Path(directory).resolve()} is damaged; the newest: {errors[0]}")
+    return None
+
+
+def _name(epoch: int, step: int) -> str:
+    return f"epoch_{epoch:04d}" + (f"_step_{step:04d}" if step else "")
+
+
+def _order(name: str) -> tuple[int, int]:
+    m = _PATTERN.fullmatch(name)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def _private(kind: str) -> str:
+    """A name only this process uses; the pid lets others tell when its owner is gone."""
+    return f".{kind}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def _sweep(directory: Path) -> None:
+    """Deletes temporary directories left by processes that no longer exist."""
+    for p in directory.iterdir():
+        if (m := _PRIVATE.fullmatch(p.name)) and not pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file, then every directory, under ``root`` to disk."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for f in filenames:
+            _fsync(Path(dirpath) / f)
+        _fsync(Path(dirpath))
 
 
 def _difference(name: str, have: Any, want: Any) -> tuple[str, Any, Any] | None:
@@ -172,25 +316,24 @@ def _leaf_specs(names: list[str], arrays: list[np.ndarray]) -> list[list]:
     return [[n, list(a.shape), a.dtype.name] for n, a in zip(names, arrays)]
 
 
-def _check_leaves(path: Path, saved: Any, want: list[list]) -> None:
-    if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 3 for s in saved):
-        raise CheckpointError(f"checkpoint {path}: {_METADATA} lists no leaves")
+def _check_leaves(path: Path, saved: list[list], want: list[list]) -> None:
     by_name = {spec[0]: spec for spec in saved}
     for spec in want:
         match = by_name.pop(spec[0], None)
         if match is None:
-            raise CheckpointError(f"checkpoint {path} is incompatible: it has no {spec[0]!r}")
+            raise IncompatibleCheckpointError(f"checkpoint {path} is incompatible: it has no {spec[0]!r}")
         if match != spec:
-            raise CheckpointError(
+            raise IncompatibleCheckpointError(
                 f"checkpoint {path} is incompatible: {spec[0]!r} is {match[2]}{match[1]} there, "
-                f"{spec[2]}{spec[1]} in this run"
-            )
+                f"{spec[2]}{spec[1]} in this run")
     if by_name:
-        raise CheckpointError(f"checkpoint {path} is incompatible: unexpected leaves {sorted(by_name)[:5]}")
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} is incompatible: unexpected leaves {sorted(by_name)[:5]}")
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
+def _digest(meta: Mapping[str, Any], arrays: list[np.ndarray]) -> str:
+    """SHA-256 of the metadata (canonical JSON, without ``sha256``) and the arrays' bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
