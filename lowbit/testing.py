@@ -1,24 +1,27 @@
 """Hypothesis strategies and a reusable property suite for element formats.
 
-Use it to property-test a format you define::
+Use it to property-test a format you define, lowbit's or any object
+implementing ``lowbit.formats.Format``::
 
     from lowbit import formats, testing
 
     fmt = formats.FloatFormat(ebits=3, mbits=3, specials="fn")
-    testing.check_format(fmt)                 # raises AssertionError on a violation
+    testing.check_format(fmt)                 # raises AssertionError listing every violation
 
-or, in pytest, subclass :class:`FormatProperties`::
+In pytest, a test module can be two lines::
 
-    class TestMyFormat(testing.FormatProperties):
-        fmt = formats.FloatFormat(ebits=3, mbits=3, specials="fn")
+    from lowbit.testing import format_test
+    test_my_format = format_test(MyFormat())  # or format_test(fmt, reference=my_numpy_cast)
 
-The suite checks the format contract (DESIGN.md, "Formats: the contract"):
-decode∘encode is the identity on ``values(fmt)``; nearest rounding picks the
-nearest value and breaks exact ties to the even code; quantize is idempotent,
-monotone and sign-symmetric; toward-zero never grows a magnitude; stochastic
-rounding lands on a neighbour, is unbiased and reproducible; saturation,
+The suite checks the format contract: decode∘encode is the identity on
+``values(fmt)``; nearest rounding picks the nearest value and breaks exact ties
+to the even code; quantize is idempotent, monotone and sign-symmetric (where
+the grid is); toward-zero never grows a magnitude; stochastic rounding lands on
+a neighbour, is unbiased, reproducible for a key and uses its key; saturation,
 overflow, NaN and inf follow the format's flags; ``quantize == decode ∘ encode``
-(except that quantize keeps NaN where the format has no NaN code).
+(except that quantize keeps NaN where the format has no NaN code); bfloat16 and
+float16 inputs round as their float32 values do; and, given ``reference=``,
+the results equal the reference's.
 
 Every expectation is computed independently, in float64, from ``values(fmt)``
 and the format's flags. Each format compiles one jitted kernel (cached per
@@ -39,11 +42,11 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from lowbit import formats
-from lowbit.formats import BinaryFormat, FloatFormat, IntFormat
+from lowbit.formats import AdaptiveFloat, BinaryFormat, BlockFormat, CodebookFormat, FloatFormat, IntFormat
 
 __all__ = [
     "CHUNK", "FormatProperties", "check_array", "check_format", "check_grid", "float_formats",
-    "formats_any", "hard_arrays", "hard_floats", "hard_values", "int_formats",
+    "format_test", "formats_any", "hard_arrays", "hard_floats", "hard_values", "int_formats",
 ]
 
 CHUNK = 1024  # the one array length every kernel is compiled for
@@ -53,7 +56,9 @@ _STOCH_DRAWS = 1024  # ... this many times each (repeated in one array: every co
 # probability below e^-25 per point, so the suite does not flake.
 _CHERNOFF_LIMIT = 25.0
 
-_ELEMENT_TYPES = (FloatFormat, IntFormat, BinaryFormat)
+# lowbit's element formats that map every input onto their grid (no overflow code).
+_SATURATING = (IntFormat, BinaryFormat, CodebookFormat)
+_HALF_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _F32_INF_BITS = 0x7F800000
 _NAN_BITS = (0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA5A5A5, 0xFFD00001)
 _F32_EDGE_BITS = (0x00000000, 0x00000001, 0x00000002, 0x00400000, 0x007FFFFF, 0x00800000, 0x00800001,
@@ -63,9 +68,15 @@ _F32_EDGE_BITS = (0x00000000, 0x00000001, 0x00000002, 0x00400000, 0x007FFFFF, 0x
 # ----- strategies ---------------------------------------------------------------------
 
 
+def _is_element(fmt) -> bool:
+    return isinstance(fmt, formats.Format) and not isinstance(fmt, (AdaptiveFloat, BlockFormat))
+
+
 def _element(fmt):
-    if not isinstance(fmt, _ELEMENT_TYPES):
-        raise TypeError(f"{fmt!r} is not an element format; allowed: FloatFormat, IntFormat or BinaryFormat")
+    if not _is_element(fmt):
+        raise TypeError(f"{fmt!r} is not an element format; allowed: an object implementing "
+                        "lowbit.formats.Format (FloatFormat, IntFormat, BinaryFormat, CodebookFormat or your "
+                        "own class; AdaptiveFloat and block formats scale themselves)")
     return fmt
 
 
@@ -126,14 +137,17 @@ def float_formats(draw, *, max_bits: int = 8, radix: int | None = None, specials
 
 def int_formats(*, max_bits: int = 16):
     """Any valid :class:`~lowbit.formats.IntFormat` (signed or not, narrow or not)."""
-    unsigned = st.builds(IntFormat, bits=st.integers(1, max_bits), signed=st.just(False), narrow=st.booleans())
+    unsigned = st.builds(IntFormat, bits=st.integers(1, max_bits), signed=st.just(False), narrow=st.just(False))
+    # A narrow unsigned grid drops its largest code: that needs two bits.
+    unsigned = unsigned | st.builds(IntFormat, bits=st.integers(2, max(max_bits, 2)), signed=st.just(False),
+                                    narrow=st.just(True))
     signed = st.builds(IntFormat, bits=st.integers(2, max_bits), signed=st.just(True), narrow=st.booleans())
     return st.one_of(signed, unsigned)
 
 
 def formats_any(*, max_bits: int = 8):
     """Any element format: a registered one, a generated float or integer format, or binary."""
-    registered = [formats.get(n) for n in formats.names() if isinstance(formats.get(n), _ELEMENT_TYPES)]
+    registered = [formats.get(n) for n in formats.names() if _is_element(formats.get(n))]
     return st.one_of(
         st.sampled_from(registered),
         float_formats(max_bits=max_bits),
@@ -242,7 +256,10 @@ def _kernel(fmt):
 
     Compilation is the suite's main cost, so calls with the same arguments share
     one trace: ``x`` and ``-x`` are quantized together, and so are the chunk and
-    the repeated points whose stochastic roundings are counted.
+    the repeated points whose stochastic roundings are counted. The repeated
+    points are rounded again under a second key (the key must matter), and the
+    chunk is rounded as bfloat16 and float16 too, beside the float32 rounding
+    of the same (already 16-bit) values.
     """
     q = functools.partial(formats.quantize, fmt)
     enc = functools.partial(formats.encode, fmt)
@@ -252,9 +269,11 @@ def _kernel(fmt):
     def run(x, repeated, codes, key):
         c = x.shape[0]
         nearest = q(jnp.concatenate([x, -x]))
-        stoch = q(jnp.concatenate([x, repeated]), rounding="stochastic", key=key)
+        both = jnp.concatenate([x, repeated])
+        stoch = q(both, rounding="stochastic", key=key)
         enc_sat = enc(x, saturate=True)
-        return {
+        enc_ns = enc(x, saturate=False)
+        out = {
             "near": nearest[:c],
             "neg": nearest[c:],
             "near_ns": q(x, saturate=False),
@@ -262,11 +281,24 @@ def _kernel(fmt):
             "zero_ns": q(x, saturate=False, rounding="toward_zero"),
             "stoch": stoch[:c],
             "draws": stoch[c:],
+            # The same array under another key: only the key differs, not the shape or positions.
+            "draws_other_key": q(both, rounding="stochastic", key=jax.random.fold_in(key, 1))[c:],
             "codes": enc_sat,
+            "codes_ns": enc_ns,
             "dec": dec(enc_sat),
-            "dec_ns": dec(enc(x, saturate=False)),
+            "dec_ns": dec(enc_ns),
             "table": dec(codes),
         }
+        for name, dtype in _HALF_DTYPES.items():
+            xh = x.astype(dtype)
+            x32 = xh.astype(jnp.float32)  # exact: the same values in float32
+            out[f"{name}_near"] = q(xh)
+            out[f"{name}_near_f32"] = q(x32).astype(dtype)
+            out[f"{name}_zero_ns"] = q(xh, saturate=False, rounding="toward_zero")
+            out[f"{name}_zero_ns_f32"] = q(x32, saturate=False, rounding="toward_zero").astype(dtype)
+            out[f"{name}_codes_ns"] = enc(xh, saturate=False)
+            out[f"{name}_codes_ns_f32"] = enc(x32, saturate=False)
+        return out
 
     return run
 
@@ -282,8 +314,17 @@ def _run(fmt, x, points=None, codes=None, key=None):
     key = jax.random.key(0) if key is None else key
     out = _kernel(fmt)(jnp.asarray(x), jnp.asarray(np.repeat(pts, _STOCH_DRAWS)), jnp.asarray(all_codes), key)
     out = {k: np.asarray(v) for k, v in out.items()}
-    out["draws"] = out["draws"].reshape(_STOCH_POINTS, _STOCH_DRAWS).T
+    for k in ("draws", "draws_other_key"):
+        out[k] = out[k].reshape(_STOCH_POINTS, _STOCH_DRAWS).T
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _code_table(fmt) -> np.ndarray:
+    """decode(fmt, c) for every code c in 0 .. 2^bits - 1, as float32."""
+    codes = np.arange(2**fmt.bits)
+    return np.concatenate([_run(fmt, np.zeros(CHUNK, np.float32), codes=codes[s : s + CHUNK])["table"]
+                           for s in range(0, codes.size, CHUNK)])[: codes.size]
 
 
 # ----- the properties ---------------------------------------------------------------------
@@ -296,10 +337,13 @@ def _show(a) -> str:
 
 @dataclasses.dataclass
 class _Report:
-    """Collects property violations and raises them together, with examples."""
+    """Collects property violations (the first examples of each property) and raises them together."""
 
     fmt: object
-    lines: list = dataclasses.field(default_factory=list)
+    found: dict = dataclasses.field(default_factory=dict)
+
+    def _add(self, prop: str, line: str):
+        self.found.setdefault(prop, line)
 
     def check(self, prop: str, bad, x, got, want=None):
         """Record ``prop`` as violated on the inputs ``x[bad]``."""
@@ -312,16 +356,18 @@ class _Report:
             if want is not None:
                 e += f", expected {_show(want[i])}"
             examples.append(e)
-        self.lines.append(f"  {prop}: {idx.size} of {np.size(bad)} inputs; " + "; ".join(examples))
+        self._add(prop, f"  {prop}: {idx.size} of {np.size(bad)} inputs; " + "; ".join(examples))
 
     def fact(self, prop: str, ok: bool, detail: str = ""):
         """Record ``prop`` as violated unless ``ok``."""
         if not ok:
-            self.lines.append(f"  {prop}" + (f": {detail}" if detail else ""))
+            self._add(prop, f"  {prop}" + (f": {detail}" if detail else ""))
 
     def raise_if_any(self):
-        if self.lines:
-            raise AssertionError(f"format {self.fmt.name} ({self.fmt!r}) violates:\n" + "\n".join(self.lines))
+        if self.found:
+            name = getattr(self.fmt, "name", type(self.fmt).__name__)
+            raise AssertionError(f"format {name} ({self.fmt!r}) violates {len(self.found)} "
+                                 f"propert{'y' if len(self.found) == 1 else 'ies'}:\n" + "\n".join(self.found.values()))
 
 
 def _chunks(x):
@@ -372,14 +418,17 @@ def _inside(fmt, x):
 
 
 def _outside(fmt, x, saturate: bool, rounding: str) -> np.ndarray:
-    """Expected results for inputs outside [min value, max value] (float64)."""
+    """Expected results for inputs outside [min value, max value] (float64).
+
+    A user's format without saturation has its overflow checked by ``_overflow_choices``.
+    """
     v, _ = _grid(fmt)
     xf = x.astype(np.float64)
     with np.errstate(invalid="ignore"):
         above, below = xf > v[-1], xf < v[0]
     out = np.where(above, v[-1], np.where(below, v[0], np.nan))
     if not isinstance(fmt, FloatFormat):
-        return out  # integers and binary always saturate: they have no overflow code
+        return out  # integers, binary and codebooks always saturate: they have no overflow code
     if not fmt.signed:
         # An unsigned float cannot hold a negative (nor a zero when it has none):
         # those become NaN; positives below the smallest value round up to it.
@@ -397,43 +446,80 @@ def _outside(fmt, x, saturate: bool, rounding: str) -> np.ndarray:
     return out
 
 
-def check_array(fmt, x, *, seed: int = 0) -> None:
+def _overflow_choices(fmt, x, got) -> np.ndarray:
+    """For a user's format with saturate=False: whether each out-of-range result is allowed:
+    the saturated end value, an inf of x's sign (if some code is inf) or NaN (if some code is)."""
+    table = _code_table(fmt)
+    sat = _outside(fmt, x, True, "nearest")
+    g = got.astype(np.float64)
+    ok = _same(g, sat, False)
+    if np.isinf(table).any():
+        ok |= np.isinf(g) & (np.signbit(g) == np.signbit(x))
+    if fmt.has_nan:
+        ok |= np.isnan(g)
+    return ok
+
+
+def check_array(fmt, x, *, seed: int = 0, reference=None) -> None:
     """Check every property of ``fmt`` on the inputs ``x`` (any shape, cast to float32).
+
+    Args:
+      fmt: an element format (``lowbit.formats.Format``).
+      x: the inputs.
+      seed: seeds the stochastic-rounding keys.
+      reference: optional ``(x: float32 ndarray) -> ndarray``, see :func:`check_format`.
 
     Raises:
       AssertionError: naming each violated property with example inputs.
       TypeError: ``fmt`` is not an element format.
     """
-    fmt = _element(fmt)
+    r = _Report(_element(fmt))
+    _check_array(fmt, x, r, seed, reference)
+    r.raise_if_any()
+
+
+def _check_array(fmt, x, r, seed, reference):
     flat = np.asarray(x, np.float32).reshape(-1)
     key = jax.random.key(seed)
     # Casting signalling NaNs and comparing with NaN warn; the checks handle both.
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
         for n, (part, size) in enumerate(_chunks(flat)):
-            _check_chunk(fmt, part, size, jax.random.fold_in(key, n))
+            _check_chunk(fmt, part, size, jax.random.fold_in(key, n), r, reference)
 
 
 _QUANTIZED = ("near", "near_ns", "zero", "zero_ns", "stoch")
 
 
-def _check_chunk(fmt, x, size, key):
+def _symmetric_limit(v) -> float:
+    """The largest |x| up to which the grid is its own mirror image (inf: everywhere)."""
+    mirrored = np.isin(-v, v)
+    if mirrored.all():
+        return math.inf
+    mags = np.abs(v)
+    first_bad = mags[~mirrored].min()
+    inner = mags[mirrored & (mags < first_bad)]
+    return float(inner.max()) if inner.size else 0.0
+
+
+def _check_chunk(fmt, x, size, key, r, reference):
     inr, lo, hi, near, zero = _inside(fmt, x[:size])
     between = np.flatnonzero(inr & (lo < hi))[:_STOCH_POINTS]  # where stochastic rounding has a choice
     out = _run(fmt, x, x[between], key=key)
     draws = out.pop("draws")[:, : between.size]
+    draws_other = out.pop("draws_other_key")[:, : between.size]
     out = {k: v[:size] for k, v in out.items()}
     x = x[:size]
     xf = x.astype(np.float64)
-    r = _Report(fmt)
     nan_in = np.isnan(xf)
     v, _ = _grid(fmt)
     float_fmt = isinstance(fmt, FloatFormat)
 
     for k in ("near", "near_ns", "zero", "zero_ns", "stoch", "neg", "dec", "dec_ns"):
         r.fact(f"{k} has dtype float32", out[k].dtype == np.float32, str(out[k].dtype))
-    r.fact("codes are uint8 up to 8 bits, else uint16",
-           out["codes"].dtype == (np.uint8 if fmt.bits <= 8 else np.uint16), str(out["codes"].dtype))
-    r.check(f"codes fit in {fmt.bits} bits", out["codes"] >= 2**fmt.bits, x, out["codes"])
+    for k in ("codes", "codes_ns"):
+        r.fact("codes are uint8 up to 8 bits, else uint16",
+               out[k].dtype == (np.uint8 if fmt.bits <= 8 else np.uint16), str(out[k].dtype))
+        r.check(f"codes fit in {fmt.bits} bits", out[k] >= 2**fmt.bits, x, out[k])
 
     # NaN in, NaN out: quantize propagates NaN even where the format has no NaN code.
     for k in _QUANTIZED:
@@ -455,9 +541,12 @@ def _check_chunk(fmt, x, size, key):
     for k, sat, rnd in (("near", True, "nearest"), ("near_ns", False, "nearest"),
                         ("zero", True, "toward_zero"), ("zero_ns", False, "toward_zero"),
                         ("stoch", True, "stochastic")):
+        prop = f"{k} (saturate={sat}): saturation, overflow and inf per the format's flags"
+        if not sat and not isinstance(fmt, (FloatFormat, *_SATURATING)):
+            r.check(prop, outside & ~_overflow_choices(fmt, x, out[k]), x, out[k])
+            continue
         want = _outside(fmt, x, sat, rnd)
-        r.check(f"{k} (saturate={sat}): saturation, overflow and inf per the format's flags",
-                outside & ~_same(out[k], want, False), x, out[k], want)
+        r.check(prop, outside & ~_same(out[k], want, False), x, out[k], want)
 
     # Zeros carry x's sign exactly where the format has a negative zero.
     if float_fmt:
@@ -471,11 +560,11 @@ def _check_chunk(fmt, x, size, key):
     for k in ("near", "zero", "stoch"):
         r.check(f"idempotent: {k} is a value of the format", ~np.isnan(out[k]) & ~np.isin(out[k], v), x, out[k])
     if v[0] < 0:
-        # Signed formats are symmetric where the grid is (int8's -128 has no mirror).
+        # Signed formats are symmetric where the grid is (int8's -128 has no mirror, NF4's
+        # table only at zero and +-1).
         sym = ~nan_in & (xf != 0)
-        if not np.array_equal(v, -v[::-1]):
-            with np.errstate(invalid="ignore"):
-                sym &= np.abs(xf) <= min(v[-1], -v[0])
+        with np.errstate(invalid="ignore"):
+            sym &= np.abs(xf) <= _symmetric_limit(v)
         r.check("sign-symmetric: quantize(-x) == -quantize(x)", sym & ~_same(out["neg"], -out["near"], False),
                 x, out["neg"], -out["near"])
     for k in ("near", "near_ns", "zero"):
@@ -494,12 +583,29 @@ def _check_chunk(fmt, x, size, key):
         r.check(f"decode(encode) is a finite value where the format has no NaN ({dk})",
                 exempt & ~np.isfinite(out[dk]), x, out[dk])
 
-    _check_draws(r, x[between], lo[between], hi[between], draws)
-    r.raise_if_any()
+    _check_half(fmt, x, out, r)
+    _check_draws(r, x[between], lo[between], hi[between], draws, draws_other)
+    if reference is not None:
+        _check_reference(fmt, x, out, r, reference)
 
 
-def _check_draws(r, xs, lo, hi, draws):
-    """Many stochastic roundings of points strictly between neighbours: on the grid and unbiased."""
+def _check_half(fmt, x, out, r):
+    """bfloat16 / float16 inputs: x's dtype kept, and rounded exactly as the same values in float32."""
+    for name, dtype in _HALF_DTYPES.items():
+        xh = x.astype(dtype)
+        for k in ("near", "zero_ns"):
+            got, want = out[f"{name}_{k}"], out[f"{name}_{k}_f32"]
+            r.fact(f"quantize keeps the input dtype ({name})", got.dtype == np.dtype(dtype), str(got.dtype))
+            r.check(f"{name} inputs: quantize ({k}) equals quantize of the same values in float32",
+                    ~_same(got.astype(np.float32), want.astype(np.float32), True), xh.astype(np.float32),
+                    got.astype(np.float32), want.astype(np.float32))
+        got, want = out[f"{name}_codes_ns"], out[f"{name}_codes_ns_f32"]
+        r.check(f"{name} inputs: encode equals encode of the same values in float32", got != want,
+                xh.astype(np.float32), got, want)
+
+
+def _check_draws(r, xs, lo, hi, draws, draws_other):
+    """Many stochastic roundings of points strictly between neighbours: on the grid, unbiased, keyed."""
     if xs.size == 0:
         return
     draws = draws.astype(np.float64)
@@ -510,6 +616,36 @@ def _check_draws(r, xs, lo, hi, draws):
     q = (draws == hi).mean(0)
     r.check(f"stochastic rounding is unbiased (got: the mean of {_STOCH_DRAWS} roundings)",
             _STOCH_DRAWS * _kl(q, p) > _CHERNOFF_LIMIT, xs, draws.mean(0), xs)
+    # Two keys: each pair of draws differs with probability 2p(1-p) when the key is used,
+    # so all K draws of all points agree with probability <= exp(-K * sum 2p(1-p)).
+    if _STOCH_DRAWS * np.sum(2 * p * (1 - p)) > _CHERNOFF_LIMIT:
+        r.fact("stochastic rounding uses its key (two keys gave the same draws)",
+               bool((draws != draws_other.astype(np.float64)).any()),
+               f"{xs.size} points, e.g. x={_show(xs[np.argmax(p * (1 - p))])}")
+
+
+def _check_reference(fmt, x, out, r, reference):
+    """Nearest rounding with saturate=False (ml_dtypes' cast) against the user's reference."""
+    ref = np.asarray(reference(x.copy()))
+    if ref.shape != x.shape:
+        r.fact("reference(x) has x's shape", False, f"{ref.shape} for {x.shape}")
+        return
+    want = ref.astype(np.float64)
+    # Where the format has no NaN code, quantize keeps NaN and decode(encode) writes a number.
+    compared = ~np.isnan(x) | fmt.has_nan
+    signed = isinstance(fmt, FloatFormat)
+    for k, what in (("near_ns", "quantize"), ("dec_ns", "decode(encode)")):
+        r.check(f"{what} (nearest, saturate=False) matches the reference", compared & ~_same(out[k], want, signed),
+                x, out[k], want)
+    standard = ref.dtype in (np.float16, np.float32, np.float64)
+    if not standard and ref.dtype.itemsize in (1, 2):  # ml_dtypes: the array holds the codes
+        codes = ref.view(np.uint8 if ref.dtype.itemsize == 1 else np.uint16).astype(np.int64)
+        got = out["codes_ns"].astype(np.int64)
+        bad = got != codes
+        if bad.any():
+            idx = np.flatnonzero(bad)[:4]
+            r.fact("encode (saturate=False) matches the reference's bit patterns", False,
+                   "; ".join(f"x={_show(x[i])} got 0x{got[i]:x}, expected 0x{codes[i]:x}" for i in idx))
 
 
 def _kl(q, p):
@@ -520,21 +656,23 @@ def _kl(q, p):
     return a + b
 
 
-def check_grid(fmt) -> None:
+def check_grid(fmt, *, reference=None) -> None:
     """Deterministic checks: the code table, the declared flags, and every :func:`hard_values` input.
 
     Raises:
       AssertionError: naming each violated property.
       TypeError: ``fmt`` is not an element format.
     """
-    fmt = _element(fmt)
-    r = _Report(fmt)
+    r = _Report(_element(fmt))
+    _check_grid(fmt, r, reference)
+    r.raise_if_any()
+
+
+def _check_grid(fmt, r, reference):
     v = formats.values(fmt)
     r.fact("values(fmt) is float32, finite and strictly ascending",
            v.dtype == np.float32 and np.isfinite(v).all() and bool((np.diff(v) > 0).all()))
-    codes = np.arange(2**fmt.bits)
-    table = np.concatenate([_run(fmt, np.zeros(CHUNK, np.float32), codes=codes[s : s + CHUNK])["table"]
-                            for s in range(0, codes.size, CHUNK)])[: codes.size]
+    table = _code_table(fmt)
     finite = np.unique(table[np.isfinite(table)])
     if isinstance(fmt, IntFormat) and fmt.narrow:
         # The code a narrow range gives up still decodes (to the value it would have had).
@@ -543,7 +681,8 @@ def check_grid(fmt) -> None:
     r.fact("values(fmt) == the finite values of all codes", np.array_equal(finite, v),
            f"{finite.size} decoded vs {v.size} values")
     r.fact("has_nan matches the code table", bool(np.isnan(table).any()) == fmt.has_nan, f"has_nan={fmt.has_nan}")
-    r.fact("max_value == max(values)", v[-1] == np.float32(fmt.max_value), f"{fmt.max_value} vs {v[-1]}")
+    r.fact("max_value is the largest value (or the largest magnitude)",
+           np.float32(fmt.max_value) in (v[-1], -v[0]), f"{fmt.max_value} vs {v[0]} .. {v[-1]}")
     if isinstance(fmt, FloatFormat):
         r.fact("decode_table() == decode(every code)",
                np.array_equal(fmt.decode_table().view(np.uint32), table.view(np.uint32)))
@@ -558,7 +697,7 @@ def check_grid(fmt) -> None:
                f"{fmt.min_value} vs {pos.min()}")
         r.fact("min_normal is a value", np.float32(fmt.min_normal) in pos, f"{fmt.min_normal}")
     _, vcodes = _grid(fmt)
-    back = table[vcodes]
+    back = table[np.minimum(vcodes, table.size - 1)]
     r.check("decode(encode(v)) == v on values(fmt)", ~_same(back, v, False), v, back, v)
     fixed = np.concatenate([_run(fmt, c)["near"][:n] for c, n in _chunks(v)])
     r.check("quantize(v) == v on values(fmt)", ~_same(fixed, v, False), v, fixed, v)
@@ -570,35 +709,71 @@ def check_grid(fmt) -> None:
     first, second = (_run(fmt, x, x[: _STOCH_POINTS], key=key) for _ in range(2))
     r.fact("stochastic rounding is reproducible for a given key",
            all(np.array_equal(first[k].view(np.uint32), second[k].view(np.uint32)) for k in ("stoch", "draws")))
-    r.raise_if_any()
-    check_array(fmt, hard_values(fmt))
+    _check_array(fmt, hard_values(fmt), r, 0, reference)
 
 
-def check_format(fmt, *, examples: int = 100, seed: int = 0) -> None:
-    """Run the whole property suite on ``fmt``.
+def _resolve(fmt):
+    return _element(formats.get(fmt) if isinstance(fmt, str) else fmt)
 
-    Runs :func:`check_grid` (every code and every hard input, deterministic),
-    then :func:`check_array` on ``examples`` Hypothesis-drawn :func:`hard_arrays`.
+
+def check_format(fmt, *, examples: int = 100, seed: int = 0, reference=None) -> None:
+    """Run the whole property suite on ``fmt`` and report every violated property at once.
+
+    Runs the deterministic checks of :func:`check_grid` (every code and every
+    hard input), then :func:`check_array` on ``examples`` Hypothesis-drawn
+    :func:`hard_arrays`, collecting violations instead of stopping at the first.
 
     Args:
-      fmt: a FloatFormat, IntFormat or BinaryFormat, or a registered name.
+      fmt: a registered name or any element format (``lowbit.formats.Format``:
+        FloatFormat, IntFormat, BinaryFormat, CodebookFormat or your own class).
       examples: how many random arrays of ``CHUNK`` inputs to check.
       seed: seeds the stochastic-rounding keys.
+      reference: optional ``(x: float32 ndarray) -> ndarray`` giving what
+        ``quantize(fmt, x, saturate=False)`` (nearest) should return, e.g.
+        ``lambda x: x.astype(ml_dtypes.float8_e4m3fn)`` or a numpy function.
+        Its values are compared with quantize and decode(encode) (NaN inputs
+        only where the format has a NaN code); when it returns an ml_dtypes
+        array, its bit patterns are compared with ``encode(fmt, x)``.
 
     Raises:
-      AssertionError: a property fails; the message names it, with inputs.
+      AssertionError: one message naming every violated property, each with
+        up to four offending inputs.
       TypeError: ``fmt`` is not an element format.
     """
-    fmt = _element(formats.get(fmt) if isinstance(fmt, str) else fmt)
-    check_grid(fmt)
+    fmt = _resolve(fmt)
+    if reference is not None and not callable(reference):
+        raise TypeError(f"reference={reference!r} is invalid; allowed: None or a callable (x: ndarray) -> ndarray")
+    r = _Report(fmt)
+    _check_grid(fmt, r, reference)
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(hard_arrays(fmt))
     def run(x):
-        check_array(fmt, x, seed=seed)
+        _check_array(fmt, x, r, seed, reference)  # records, never raises: every property gets reported
 
     run()
+    r.raise_if_any()
+
+
+def format_test(fmt, *, examples: int = 100, seed: int = 0, reference=None):
+    """A pytest test function running :func:`check_format` (arguments as there).
+
+    Bind it to a ``test_`` name in a test module; that is the whole test file::
+
+        from lowbit.testing import format_test
+        test_my_format = format_test(MyFormat(), reference=my_reference)
+
+    Raises:
+      TypeError: ``fmt`` is not an element format (at import, so collection fails loudly).
+    """
+    fmt = _resolve(fmt)
+
+    def test_format():
+        check_format(fmt, examples=examples, seed=seed, reference=reference)
+
+    test_format.__doc__ = f"lowbit.testing.check_format on {getattr(fmt, 'name', fmt)!r}"
+    return test_format
 
 
 class FormatProperties:

@@ -15,13 +15,14 @@ import numpy as np
 from lowbit.formats import _bits
 from lowbit.formats._checks import check_int, require
 from lowbit.formats.minifloat import FloatFormat
+from lowbit.formats.protocol import BuiltinFormat
 from lowbit.formats.scales import _reduce_axes
 
 RULES = ("max", "sqnr")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaptiveFloat:
+class AdaptiveFloat(BuiltinFormat):
     """A minifloat whose bias is chosen per tensor or per channel from the data.
 
     Attributes:

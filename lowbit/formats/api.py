@@ -1,7 +1,9 @@
 """The public format functions: encode, decode, quantize, values.
 
-Every format class implements ``_encode``, ``_decode``, ``_quantize`` and
-``_values``; these wrappers validate arguments once, outside any trace.
+Each takes a format object implementing ``lowbit.formats.Format`` or a
+registered name, and validates its arguments once, outside any trace. lowbit's
+own formats then run their private kernels (``_encode`` etc.); any other format
+runs its public protocol methods.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.formats._checks import check_codes, check_float_input, check_rounding
+from lowbit.formats.protocol import BuiltinFormat, missing_members
 from lowbit.formats.registry import get
 
 
 def _resolve(fmt):
-    return get(fmt) if isinstance(fmt, str) else fmt
+    """The format object of ``fmt`` (a name or a format); ``TypeError`` for anything else."""
+    if isinstance(fmt, str):
+        return get(fmt)
+    missing = missing_members(fmt)
+    if missing:
+        raise TypeError(f"fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: a registered "
+                        "name or an object implementing lowbit.formats.Format")
+    return fmt
 
 
 def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: jax.Array | None = None):
@@ -42,15 +52,21 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
     fmt = _resolve(fmt)
     x = check_float_input(x)
     check_rounding(rounding, key)
-    return fmt._encode(x, saturate, rounding, key)
+    if isinstance(fmt, BuiltinFormat):
+        return fmt._encode(x, saturate, rounding, key)
+    return fmt.encode(x, saturate=saturate, rounding=rounding, key=key)
 
 
 def decode(fmt, codes, *, dtype: Any = jnp.float32):
     """Values of ``codes`` (what ``encode`` returned) as ``dtype`` (float32 default)."""
     fmt = _resolve(fmt)
     if isinstance(codes, tuple):
-        return fmt._decode(tuple(check_codes(c) if i == 0 else jnp.asarray(c) for i, c in enumerate(codes)), dtype)
-    return fmt._decode(check_codes(codes), dtype)
+        codes = tuple(check_codes(c) if i == 0 else jnp.asarray(c) for i, c in enumerate(codes))
+    else:
+        codes = check_codes(codes)
+    if isinstance(fmt, BuiltinFormat):
+        return fmt._decode(codes, dtype)
+    return fmt.decode(codes, dtype=dtype)
 
 
 def quantize(fmt, x, *, saturate: bool = True, rounding: str = "nearest", key: jax.Array | None = None):
@@ -63,9 +79,13 @@ def quantize(fmt, x, *, saturate: bool = True, rounding: str = "nearest", key: j
     fmt = _resolve(fmt)
     x = check_float_input(x)
     check_rounding(rounding, key)
-    return fmt._quantize(x, saturate, rounding, key)
+    if isinstance(fmt, BuiltinFormat):
+        return fmt._quantize(x, saturate, rounding, key)
+    return fmt.quantize(x, saturate=saturate, rounding=rounding, key=key)
 
 
 def values(fmt) -> np.ndarray:
-    """Every finite representable value of ``fmt``, ascending, as float32 numpy."""
-    return _resolve(fmt)._values()
+    """Every finite representable value of ``fmt``, ascending, as float32 numpy (zero as +0.0)."""
+    fmt = _resolve(fmt)
+    v = np.asarray(fmt._values() if isinstance(fmt, BuiltinFormat) else fmt.values(), np.float32)
+    return np.where(v == 0, np.float32(0), v)  # a format with -0 and +0 lists one zero: +0

@@ -68,6 +68,7 @@ from lowbit.formats._bits import u32
 from lowbit.formats._checks import check_int, require
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.minifloat import FloatFormat
+from lowbit.formats.protocol import BuiltinFormat
 from lowbit.formats.registry import get, register
 
 KINDS = ("mx", "nvfp4")
@@ -78,7 +79,7 @@ _NV_TENSOR_FLOOR = 2.0**-126  # smallest float32 normal: keeps s usable on flush
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BlockFormat:
+class BlockFormat(BuiltinFormat):
     """A block-scaled format (hashable: usable as a static jit argument).
 
     Attributes:
@@ -314,4 +315,4 @@ MX_FORMATS = (
 NVFP4 = BlockFormat(element=get("float4_e2m1fn"), block_size=16, scale=E4M3, kind="nvfp4", name="nvfp4")
 
 for _fmt in (*MX_FORMATS, NVFP4):
-    register(_fmt)
+    register(_fmt.name, _fmt)

@@ -17,10 +17,11 @@ from lowbit.formats import _bits
 from lowbit.formats._bits import u32
 from lowbit.formats.minifloat import _random, _round_int, _uniform
 from lowbit.formats._checks import check_int
+from lowbit.formats.protocol import BuiltinFormat
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IntFormat:
+class IntFormat(BuiltinFormat):
     """A b-bit integer grid.
 
     Attributes:
@@ -93,7 +94,7 @@ class IntFormat:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BinaryFormat:
+class BinaryFormat(BuiltinFormat):
     """{-1, +1} (1 bit: code 0 is +1, code 1 is -1); sign(0) = +1 (XNOR-Net).
 
     Stochastic rounding is BinaryConnect's: +1 with probability (1 + x) / 2, x

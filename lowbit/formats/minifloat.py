@@ -28,13 +28,14 @@ from jax import lax
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
 from lowbit.formats._checks import check_int, require
+from lowbit.formats.protocol import BuiltinFormat
 
 SPECIALS = ("ieee", "fn", "fnuz", "finite", "p3109")
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FloatFormat:
+class FloatFormat(BuiltinFormat):
     """A minifloat element format (hashable: usable as a static jit argument).
 
     Attributes:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+from lowbit.formats.codebook import AF4, FP4_E2M1_CODEBOOK, NF4
 from lowbit.formats.integer import BinaryFormat, IntFormat
 from lowbit.formats.minifloat import FloatFormat
+from lowbit.formats.protocol import BuiltinFormat, missing_members
 
 
 def _f(name, ebits, mbits, bias, specials, **kw):
@@ -50,18 +52,47 @@ _ELEMENT = [
     BinaryFormat(name="binary"),
     IntFormat(name="ternary", bits=2, narrow=True),
     *[p3109(k, p) for k in range(3, 9) for p in range(1, k)],
+    NF4,
+    AF4,
+    FP4_E2M1_CODEBOOK,
 ]
 
 _REGISTRY: dict[str, object] = {f.name: f for f in _ELEMENT}
 _P3109 = re.compile(r"p3109_k(\d+)p(\d+)")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 
-def register(fmt, *, name: str | None = None) -> None:
-    """Add a format (element or block) under ``name`` (default ``fmt.name``)."""
-    key = name or fmt.name
-    if key in _REGISTRY and _REGISTRY[key] != fmt:
-        raise ValueError(f"format name {key!r} is already registered to a different format")
-    _REGISTRY[key] = fmt
+def register(name: str, fmt) -> None:
+    """Make ``fmt`` available by ``name``: ``get(name)``, ``formats.quantize(name, x)``,
+    ``quant.Quantizer(format=name)``, and so recipes and the CLI.
+
+    Args:
+      name: a letter, then letters, digits, ``_``, ``.`` or ``-``; not a
+        registered name (registering an equal format again is a no-op) and not
+        of the reserved form ``p3109_k{K}p{P}``.
+      fmt: an object implementing ``lowbit.formats.Format`` (or a block format).
+
+    Raises:
+      ValueError: a malformed, reserved or taken name.
+      TypeError: ``name`` is not a string, or ``fmt`` lacks members of the
+        protocol (the message lists them).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"register name={name!r} is invalid; allowed: a string")
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"register name={name!r} is invalid; allowed: a letter, then letters, digits, "
+                         "'_', '.' or '-'")
+    if _P3109.fullmatch(name):
+        raise ValueError(f"register name={name!r} is invalid; allowed: any name but p3109_k{{K}}p{{P}} "
+                         "(reserved for formats.p3109)")
+    missing = [] if isinstance(fmt, BuiltinFormat) else missing_members(fmt)
+    if missing:
+        raise TypeError(f"register fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: an "
+                        "object implementing lowbit.formats.Format")
+    if name in _REGISTRY and _REGISTRY[name] != fmt:
+        raise ValueError(f"register name={name!r} is invalid; allowed: a new name ({name!r} is already "
+                         f"registered to {_REGISTRY[name]!r})")
+    _REGISTRY[name] = fmt
 
 
 def names() -> list[str]:

@@ -1,9 +1,12 @@
-"""Flax NNX: quantized dot_general drop-ins, quantized layers, the ViT and weight export."""
+"""Flax: ``quantize`` / ``describe`` for any NNX or linen model, explicit quantized layers, the built-in
+models and weight export."""
 
 from lowbit.nn import export
+from lowbit.nn.describe import describe
 from lowbit.nn.einsum import einsum_dimension_numbers
-from lowbit.nn.layers import OverwriteWithGradient, QConv, QDotGeneral, QEinsum, QEinsumOp, QLinear
-from lowbit.nn.vit import ViT, default_patch_size
+from lowbit.nn.layers import QConv, QDotGeneral, QEinsum, QEinsumOp, QLinear
+from lowbit.nn.quantize import discover, is_quantized, ops, quantize
+from lowbit.nn.variables import OpState, OverwriteWithGradient, QuantKey
 
-__all__ = ["OverwriteWithGradient", "QConv", "QDotGeneral", "QEinsum", "QEinsumOp", "QLinear", "ViT", "default_patch_size",
-           "einsum_dimension_numbers", "export"]
+__all__ = ["OpState", "OverwriteWithGradient", "QConv", "QDotGeneral", "QEinsum", "QEinsumOp", "QLinear", "QuantKey",
+           "describe", "discover", "einsum_dimension_numbers", "export", "is_quantized", "ops", "quantize"]

@@ -16,7 +16,6 @@ from flax import nnx
 
 from lowbit import formats, quant
 from lowbit.nn.layers import QConv, QLinear
-from lowbit.recipes.registry import EDGES
 
 # Per-output-channel weight quantizers; ternary and binary take their scale from
 # the TWN / XNOR rule (see ``_rule``), so the exported values equal what the
@@ -46,14 +45,15 @@ def _prepare(name: str, w):
 
 
 def _kernels(model: nnx.Module):
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, (QLinear, QConv)):
-            yield "/".join(map(str, path)), module
+    """``(path, layer, is_edge)``: edges are the first and last kernel."""
+    layers = [("/".join(map(str, path)), m) for path, m in nnx.iter_modules(model) if isinstance(m, (QLinear, QConv))]
+    for i, (path, m) in enumerate(layers):
+        yield path, m, i in (0, len(layers) - 1)
 
 
-def _format_of(layer, weights: str, edges: str | None) -> str:
-    """The export format of one layer: ``edges`` for the patch embedding and the head if given."""
-    return edges if edges is not None and layer.role in EDGES else weights
+def _format_of(is_edge: bool, weights: str, edges: str | None) -> str:
+    """The export format of one layer: ``edges`` for the first and last layer if given."""
+    return edges if edges is not None and is_edge else weights
 
 
 def _check(weights: str, edges: str | None) -> None:
@@ -80,8 +80,8 @@ def export(model: nnx.Module, weights: str, *, edges: str | None = None) -> dict
     """
     _check(weights, edges)
     out = {}
-    for path, layer in _kernels(model):
-        fmt = _format_of(layer, weights, edges)
+    for path, layer, is_edge in _kernels(model):
+        fmt = _format_of(is_edge, weights, edges)
         w = layer.kernel[...].astype(jnp.float32)
         values, scale = _prepare(fmt, w)
         out[path] = w if EXPORTS[fmt] is None else quant.quantize(EXPORTS[fmt], values, scale=scale)
@@ -91,8 +91,8 @@ def export(model: nnx.Module, weights: str, *, edges: str | None = None) -> dict
 def fake_quant_weights(model: nnx.Module, weights: str, *, edges: str | None = None) -> None:
     """Replace every exported kernel by its fake-quantized value, in place (the reference for ``load``)."""
     _check(weights, edges)
-    for _, layer in _kernels(model):
-        fmt = _format_of(layer, weights, edges)
+    for _, layer, is_edge in _kernels(model):
+        fmt = _format_of(is_edge, weights, edges)
         w = layer.kernel[...].astype(jnp.float32)
         if EXPORTS[fmt] is not None:
             values, scale = _prepare(fmt, w)
@@ -105,7 +105,7 @@ def load(model: nnx.Module, exported: dict) -> None:
     Raises:
       ValueError: ``exported`` does not match the model's quantized layers.
     """
-    layers = dict(_kernels(model))
+    layers = {path: layer for path, layer, _ in _kernels(model)}
     if set(layers) != set(exported):
         raise ValueError(f"export has layers {sorted(exported)}, the model has {sorted(layers)}")
     for path, value in exported.items():

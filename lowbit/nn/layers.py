@@ -1,33 +1,31 @@
-"""Flax NNX layers whose matmuls go through a recipe's quantizers.
+"""Explicit quantized layers, for users who write their models with lowbit layers.
+
+``lowbit.quantize`` reaches stock Flax layers and raw ops without any of these;
+they remain for those who want the quantization visible in the model code.
 
 * ``QDotGeneral`` / ``QEinsumOp``: stateless drop-ins for the ``dot_general=``
   argument of ``nnx.Linear`` / ``linen.Dense`` and the ``einsum_op=`` argument of
   ``nnx.Einsum`` (deterministic quantizers only: they have nowhere to keep an
   RNG or a GradScale).
-* ``QLinear``, ``QEinsum``, ``QConv``: layers that also hold the learned
-  quantizer state — LSQ steps and PACT clips as ``nnx.Param`` (trained by the
-  optimizer), GradScale as ``OverwriteWithGradient`` (replaced by its
-  "gradient", which the backward pass sets to the updated scale), and an RNG
-  stream for stochastic rounding.
+* ``QLinear``, ``QEinsum``, ``QConv``: NNX layers quantized by one ``Rule`` (its
+  selection fields are ignored), holding the op's quantizer state (``OpState``:
+  LSQ steps and PACT clips as ``nnx.Param``, GradScale, the stochastic-rounding key).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from lowbit.nn.einsum import einsum_dimension_numbers
-from lowbit.training.ste import binary_weight, lsq, lsq_init_step, pact, sawb_quantize, ternary_weight
-from lowbit.training.gradscale import gradscale_init
-from lowbit.formats import IntFormat
-from lowbit.quant import Quantizer
-from lowbit.training.qdot import DotQuantConfig, quantized_dot_general, uses_real_matmul
-from lowbit.recipes import LayerRecipe, Recipe
-from lowbit.nn.variables import OverwriteWithGradient
+from lowbit.nn.variables import OpState
+from lowbit.recipes import op as oprule
+from lowbit.recipes.rules import Rule
+from lowbit.training.qdot import DotQuantConfig, conv_key, quantized_dot_general
+
+__all__ = ["QConv", "QDotGeneral", "QEinsum", "QEinsumOp", "QLinear"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +37,8 @@ class QDotGeneral:
     def __post_init__(self):
         if self.config.stochastic or self.config.grad_scale:
             raise ValueError(
-                "QDotGeneral is stateless: stochastic rounding and GradScale need QLinear/QEinsum, "
-                "which hold an RNG stream and the GradScale state"
+                "QDotGeneral is stateless: stochastic rounding and GradScale need QLinear/QEinsum or "
+                "lowbit.quantize, which hold an RNG stream and the GradScale state"
             )
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
@@ -58,178 +56,89 @@ class QEinsumOp:
         QDotGeneral(self.config)  # same statelessness check
 
     def __call__(self, spec, lhs, rhs, precision=None, preferred_element_type=None, **_):
-        return _einsum(spec, lhs, rhs, self.config, precision=precision,
-                       preferred_element_type=preferred_element_type)
-
-
-def _einsum(spec, lhs, rhs, config, **kw):
-    dn, perm = einsum_dimension_numbers(spec)
-    out = quantized_dot_general(lhs, rhs, dn, config, **kw)
-    return out if perm is None else jnp.transpose(out, perm)
-
-
-def _positive(step):
-    """|s|: AdamW can push a learned LSQ step through zero; its magnitude is what quantizes.
-
-    Without this, int8_lsq on digits collapsed to chance on one seed once a step
-    went negative.
-    """
-    return jnp.abs(step[...])
+        dn, perm = einsum_dimension_numbers(spec)
+        out = quantized_dot_general(lhs, rhs, dn, self.config, precision=precision,
+                                    preferred_element_type=preferred_element_type)
+        return out if perm is None else jnp.transpose(out, perm)
 
 
 class _Quantized(nnx.Module):
-    """Shared state handling: the layer recipe, the RNG stream and GradScale."""
+    """One quantized op: its rule, compute dtype and ``OpState``."""
 
-    def __init__(self, recipe: Recipe, role: str, rngs: nnx.Rngs):
-        self.role = role
-        self.layer: LayerRecipe = recipe.layer(role)
-        self.compute_dtype = recipe.policy.compute_dtype
-        cfg = self.layer.dot
-        self.rngs = nnx.Rngs(quant=rngs.params()) if cfg.stochastic else None
-        self.grad_scale = OverwriteWithGradient(gradscale_init()) if cfg.grad_scale else None
+    def __init__(self, rule: Rule, call: oprule.OpCall, rhs_init, compute_dtype, rngs: nnx.Rngs):
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule={rule!r} is invalid; allowed: a lowbit.recipes.Rule")
+        self.rule, self.call, self.compute_dtype = rule, call, jnp.dtype(compute_dtype)
+        self.quant = OpState(oprule.state_init(rule, call, rhs_init, rngs.params()))
 
-    def _dot(self, lhs, rhs, dn):
-        cfg, scales = self._real_lsq()
-        key = self.rngs.quant() if self.rngs is not None else None
-        gs = self.grad_scale[...] if self.grad_scale is not None else None
-        # PTQ calibration hook (lowbit.ptq): an optional sink for this matmul's raw operands.
-        if getattr(self, "capture", None) is not None:
-            self.capture.append((lhs, rhs, dn))
-        return quantized_dot_general(lhs, rhs, dn, cfg, key=key, grad_scale=gs, **scales)
-
-    def _real_lsq(self):
-        """LSQ operands already sit on an integer grid: tell the dot their steps so it can run in int8.
-
-        The LSQ rules (outside the dot) own the gradients of x, w and the
-        steps; the dot only needs the steps to recover the integer codes.
-        """
-        a, cfg = self.layer, self.layer.dot
-        # Only on request: with "auto", LSQ stays fake. On this CPU the real int8 forward
-        # did not shorten the int8_lsq step (its backward stays float32).
-        if not (a.act == "lsq" and a.weight == "lsq" and cfg.lhs is None and cfg.rhs is None
-                and cfg.matmul == "real"):
-            return cfg, {}
-        grid = dict(lhs=Quantizer(format=IntFormat(bits=a.act_bits), scale="learned"),
-                    rhs=Quantizer(format=IntFormat(bits=a.weight_bits), scale="learned"))
-        real = dataclasses.replace(cfg, **grid)
-        if not uses_real_matmul(real):
-            return cfg, {}
-        return real, dict(lhs_scale=_positive(self.act_step), rhs_scale=_positive(self.weight_step))
-
-    def _act_state(self):
-        """Learned clip/step for the input activation, initialised for unit-variance inputs."""
-        a = self.layer
-        if a.act == "pact":
-            # PACT's clip starts where a unit-variance input has ~99.7% of its mass.
-            self.act_alpha = nnx.Param(jnp.asarray(3.0, jnp.float32))
-        elif a.act == "lsq":
-            # LSQ's 2 E|x| / sqrt(Q_P) with E|x| = sqrt(2/pi) for unit-variance data.
-            qp = 2 ** (a.act_bits - 1) - 1
-            self.act_step = nnx.Param(jnp.asarray(2 * math.sqrt(2 / math.pi) / math.sqrt(qp), jnp.float32))
-
-    def _quantize_act(self, x):
-        a = self.layer
-        if a.act == "pact":
-            return pact(x, self.act_alpha[...], bits=a.act_bits, signed=True)
-        if a.act == "lsq":
-            return lsq(x, _positive(self.act_step), bits=a.act_bits, signed=True)
-        return x
-
-    def _weight_state(self, kernel):
-        if self.layer.weight == "lsq":
-            self.weight_step = nnx.Param(lsq_init_step(kernel, self.layer.weight_bits, True))
-
-    def _quantize_weight(self, w):
-        a = self.layer
-        if a.weight == "sawb":
-            return sawb_quantize(w, a.weight_bits)
-        if a.weight == "lsq":
-            return lsq(w, _positive(self.weight_step), bits=a.weight_bits, signed=True)
-        if a.weight == "ternary":
-            return ternary_weight(w, axis=-1)
-        if a.weight == "binary":
-            return binary_weight(w, axis=-1)
-        return w
+    def _run(self, lhs, rhs, **call):
+        op = dataclasses.replace(self.call, **call) if call else self.call
+        return oprule.run(self.rule, op, lhs, rhs, self.quant.values(), self.quant.next_key(), self.compute_dtype)
 
 
 class QLinear(_Quantized):
-    """``y = Q(x) @ Q(W) + b`` with the recipe's quantizers for ``role``.
+    """``y = x @ W + b`` with ``rule``'s quantizers.
 
     Args:
       in_features, out_features: sizes of the last axis in and out.
-      recipe: the training recipe; ``recipe.layer(role)`` picks the quantizers.
-      role: which matmul this is (e.g. ``"qkv"``, ``"head"``).
-      rngs: parameter init and (when the recipe rounds stochastically) the
-        quantization RNG stream.
+      rule: how the product is quantized (``Rule``; its selection fields are ignored).
+      rngs: parameter init and the op's stochastic-rounding key.
       use_bias: add a float bias after the product.
+      param_dtype, compute_dtype: storage and product dtypes.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, recipe: Recipe, role: str,
-                 rngs: nnx.Rngs, use_bias: bool = True):
-        super().__init__(recipe, role, rngs)
-        init = nnx.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), recipe.policy.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), recipe.policy.param_dtype)) if use_bias else None
-        self._act_state()
-        self._weight_state(self.kernel[...])
+    def __init__(self, in_features: int, out_features: int, *, rule: Rule, rngs: nnx.Rngs, use_bias: bool = True,
+                 param_dtype=jnp.float32, compute_dtype=jnp.float32):
+        kernel = nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features), param_dtype)
+        super().__init__(rule, oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ()))), kernel,
+                         compute_dtype, rngs)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x):
-        x = self._quantize_act(x.astype(self.compute_dtype))
-        w = self._quantize_weight(self.kernel[...].astype(self.compute_dtype))
-        y = self._dot(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        y = self._run(x, self.kernel[...], dn=(((x.ndim - 1,), (0,)), ((), ())))
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 class QEinsum(_Quantized):
-    """A quantized product of two activations, e.g. attention's ``QK^T`` and ``AV``.
+    """A quantized two-operand einsum, e.g. attention's ``QK^T`` and ``AV``.
 
     Args:
       spec: a two-operand einsum with explicit output, e.g. ``"bhqd,bhkd->bhqk"``.
-      recipe, role, rngs: as for ``QLinear``.
+      rule, rngs, compute_dtype: as for ``QLinear``.
     """
 
-    def __init__(self, spec: str, *, recipe: Recipe, role: str, rngs: nnx.Rngs):
-        super().__init__(recipe, role, rngs)
-        self.dn, self.perm = einsum_dimension_numbers(spec)
+    def __init__(self, spec: str, *, rule: Rule, rngs: nnx.Rngs, compute_dtype=jnp.float32):
+        dn, perm = einsum_dimension_numbers(spec)
+        super().__init__(rule, oprule.OpCall(kind="einsum", dn=dn, perm=perm), jnp.zeros(()), compute_dtype, rngs)
 
     def __call__(self, a, b):
-        a, b = a.astype(self.compute_dtype), b.astype(self.compute_dtype)
-        out = self._dot(a, b, self.dn)
-        return out if self.perm is None else jnp.transpose(out, self.perm)
+        return self._run(a, b)
 
 
 class QConv(_Quantized):
-    """A quantized 2-D convolution (NHWC), computed as a matmul over image patches.
-
-    Expressing the convolution as ``patches @ W`` routes it through the same
-    quantized ``dot_general`` (forward, dlhs and drhs quantizers) as every other layer.
+    """A quantized 2-D convolution (NHWC input, HWIO kernel).
 
     Args:
       in_features, out_features: channels in and out.
       kernel_size: ``(kh, kw)``.
       strides: ``(sh, sw)``.
-      padding: ``"SAME"``, ``"VALID"`` or explicit pairs, as ``lax.conv``.
-      recipe, role, rngs, use_bias: as for ``QLinear``.
+      padding: ``"SAME"``, ``"VALID"`` or explicit pairs, as ``lax.conv_general_dilated``.
+      rule, rngs, use_bias, param_dtype, compute_dtype: as for ``QLinear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=(3, 3), strides=(1, 1),
-                 padding="SAME", *, recipe: Recipe, role: str, rngs: nnx.Rngs, use_bias: bool = True):
-        super().__init__(recipe, role, rngs)
-        self.kernel_size, self.strides, self.padding = tuple(kernel_size), tuple(strides), padding
-        fan_in = in_features * self.kernel_size[0] * self.kernel_size[1]
-        init = nnx.initializers.lecun_normal()
-        # Rows ordered (channel, kh, kw): the layout conv_general_dilated_patches produces.
-        self.kernel = nnx.Param(init(rngs.params(), (fan_in, out_features), recipe.policy.param_dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), recipe.policy.param_dtype)) if use_bias else None
-        self._act_state()
-        self._weight_state(self.kernel[...])
+    def __init__(self, in_features: int, out_features: int, kernel_size=(3, 3), strides=(1, 1), padding="SAME", *,
+                 rule: Rule, rngs: nnx.Rngs, use_bias: bool = True, param_dtype=jnp.float32,
+                 compute_dtype=jnp.float32):
+        kernel = nnx.initializers.lecun_normal()(rngs.params(), (*kernel_size, in_features, out_features), param_dtype)
+        call = oprule.OpCall(kind="conv", conv=conv_key(dict(
+            window_strides=tuple(strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+        super().__init__(rule, call, kernel, compute_dtype, rngs)
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x):
-        x = x.astype(self.compute_dtype)
-        patches = lax.conv_general_dilated_patches(
-            x, self.kernel_size, self.strides, self.padding, dimension_numbers=("NHWC", "OIHW", "NHWC"))
-        patches = self._quantize_act(patches)
-        w = self._quantize_weight(self.kernel[...].astype(self.compute_dtype))
-        y = self._dot(patches, w, (((patches.ndim - 1,), (0,)), ((), ())))
+        y = self._run(x, self.kernel[...])
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+
 

@@ -1,6 +1,8 @@
-"""NNX variable kinds the train loop treats specially."""
+"""NNX variable kinds the train loop treats specially, and the per-op quantizer state."""
 
 from flax import nnx
+
+from lowbit.recipes.op import next_key
 
 
 class OverwriteWithGradient(nnx.Variable):
@@ -10,3 +12,37 @@ class OverwriteWithGradient(nnx.Variable):
     replaces each value by its gradient instead of handing it to the optimizer;
     ``quantized_dot_general`` returns the updated GradScale as that gradient.
     """
+
+
+class QuantKey(nnx.Variable):
+    """An op's stochastic-rounding key (raw ``uint32`` key data), advanced on every call.
+
+    Not trained and not differentiated: the train loop carries it with the rest
+    of the model state, so a resumed run draws the same keys.
+    """
+
+
+class OpState(nnx.Module):
+    """The quantizer state of one op, as NNX variables (see ``lowbit.recipes.op``).
+
+    Learned steps and clips are ``nnx.Param`` (the optimizer trains them),
+    GradScale is ``OverwriteWithGradient`` and the stochastic-rounding key a
+    ``QuantKey``.
+    """
+
+    _TYPES = {"param": nnx.Param, "overwrite": OverwriteWithGradient, "rng": QuantKey}
+
+    def __init__(self, state: dict):
+        for name, (category, value) in state.items():
+            setattr(self, name, self._TYPES[category](value))
+
+    def values(self) -> dict:
+        """Current values by name (``sr_key`` excluded: use ``next_key``)."""
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Variable) and k != "sr_key"}
+
+    def next_key(self):
+        """This call's stochastic-rounding key (advancing the state), or ``None`` if the op has none."""
+        if not isinstance(getattr(self, "sr_key", None), QuantKey):
+            return None
+        key, self.sr_key.value = next_key(self.sr_key[...])
+        return key

@@ -1,14 +1,15 @@
-"""A small Vision Transformer whose every matmul goes through a training recipe.
+"""A small Vision Transformer written with stock Flax NNX layers and raw einsums.
 
 Pre-LN encoder (Dosovitskiy et al. 2021): non-overlapping patches, flattened by a
-reshape and embedded by a ``QLinear`` (role ``patch``); a learned class token and
-learned positions; ``depth`` blocks of LayerNorm → multi-head self-attention
-(``qkv``, ``attn_qk``, ``attn_av``, ``proj``) and LayerNorm → MLP (``mlp_in``, GELU,
-``mlp_out``), each added to the residual stream; a final LayerNorm and a ``head``
-on the class token.
+reshape and embedded by an ``nnx.Linear``; a learned class token and learned
+positions; ``depth`` blocks of LayerNorm → multi-head self-attention (``qkv``
+Linear, ``QK^T`` and ``AV`` as ``jnp.einsum``, ``proj`` Linear) and LayerNorm →
+MLP (``mlp_in``, GELU, ``mlp_out``), each added to the residual stream; a final
+LayerNorm and a ``head`` on the class token.
 
-Dtypes follow ``recipe.policy``: parameters in ``param_dtype``, activations,
-softmax and LayerNorm in ``compute_dtype``, logits in ``output_dtype``.
+Nothing here knows lowbit's quantization: ``lowbit.quantize(ViT(...), recipe)``
+quantizes it like any user model (and applies the recipe's precision policy to
+its matmuls).
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from lowbit.nn.layers import QEinsum, QLinear
-from lowbit.recipes import Recipe
 
 __all__ = ["ViT", "default_patch_size"]
 
@@ -43,28 +41,13 @@ def default_patch_size(image_shape: tuple[int, int, int]) -> int:
     raise ValueError(f"no patch size >= 2 divides the {h}x{w} image into at most {_MAX_TOKENS} patches")
 
 
-def _layer_norm(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-    # Flax reduces the mean and variance in float32 by promoting the input, which
-    # jax_numpy_dtype_promotion="strict" rejects for float16/bfloat16; the output
-    # is still cast back to the compute dtype (norm.dtype).
-    with jax.numpy_dtype_promotion("standard"):
-        return norm(x)
-
-
-def _norm(dim: int, recipe: Recipe, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    policy = recipe.policy
-    return nnx.LayerNorm(dim, dtype=policy.compute_dtype, param_dtype=policy.param_dtype, rngs=rngs)
-
-
 class _Attention(nnx.Module):
-    """Multi-head self-attention with quantized projections and products."""
+    """Multi-head self-attention."""
 
-    def __init__(self, dim: int, heads: int, recipe: Recipe, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
         self.heads = heads
-        self.qkv = QLinear(dim, 3 * dim, recipe=recipe, role="qkv", rngs=rngs)
-        self.qk = QEinsum("bhqd,bhkd->bhqk", recipe=recipe, role="attn_qk", rngs=rngs)
-        self.av = QEinsum("bhqk,bhkd->bhqd", recipe=recipe, role="attn_av", rngs=rngs)
-        self.proj = QLinear(dim, dim, recipe=recipe, role="proj", rngs=rngs)
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+        self.proj = nnx.Linear(dim, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, dim = x.shape
@@ -73,30 +56,44 @@ class _Attention(nnx.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         # Scaling q before the product keeps QK^T in range for narrow compute dtypes.
         q = q * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
-        attn = jax.nn.softmax(self.qk(q, k), axis=-1)
-        out = self.av(attn, v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+        attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+        out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, n, dim)
         return self.proj(out)
 
 
 class _Block(nnx.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, recipe: Recipe, rngs: nnx.Rngs):
-        self.norm1 = _norm(dim, recipe, rngs)
-        self.attn = _Attention(dim, heads, recipe, rngs)
-        self.norm2 = _norm(dim, recipe, rngs)
-        self.mlp_in = QLinear(dim, mlp_dim, recipe=recipe, role="mlp_in", rngs=rngs)
-        self.mlp_out = QLinear(mlp_dim, dim, recipe=recipe, role="mlp_out", rngs=rngs)
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = _Attention(dim, heads, rngs)
+        self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.dropout(self.attn(_layer_norm(self.norm1, x)))
-        h = jax.nn.gelu(self.mlp_in(_layer_norm(self.norm2, x)))
+        x = x + self.dropout(self.attn(self.norm1(x)))
+        h = jax.nn.gelu(self.mlp_in(self.norm2(x)))
         return x + self.dropout(self.mlp_out(self.dropout(h)))
 
 
-class ViT(nnx.Module):
-    """Vision Transformer classifier; every matmul is quantized by ``recipe``.
+def config_tuple(**kwargs) -> tuple:
+    """Constructor arguments as a tuple, not a dict: NNX keeps plain attributes in the (hashable) graph."""
+    return tuple(kwargs.items())
+
+
+class Configured:
+    """``config``: the constructor arguments a model recorded in ``_config``, JSON-serialisable."""
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments, JSON-serialisable: what a checkpoint records."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config}
+
+
+class ViT(Configured, nnx.Module):
+    """Vision Transformer classifier (float32; ``lowbit.quantize`` it to train in low precision).
 
     Args:
       image_shape: (H, W, C) of the input images.
@@ -107,8 +104,7 @@ class ViT(nnx.Module):
       depth: Number of transformer blocks.
       heads: Attention heads.
       mlp_dim: Hidden width of each block's MLP.
-      recipe: The training recipe: quantizers per matmul role and the precision policy.
-      rngs: Parameter initialisation, dropout and stochastic-rounding streams.
+      rngs: Parameter initialisation and dropout streams.
       dropout: Dropout rate after the embedding, attention and MLP (0 disables it).
 
     Raises:
@@ -126,7 +122,6 @@ class ViT(nnx.Module):
         depth: int = 2,
         heads: int = 4,
         mlp_dim: int = 128,
-        recipe: Recipe,
         rngs: nnx.Rngs,
         dropout: float = 0.0,
     ):
@@ -142,27 +137,18 @@ class ViT(nnx.Module):
             raise ValueError(f"ViT: patch_size {patch_size} does not divide the {h}x{w} image")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"ViT: dropout must be in [0, 1), got {dropout}")
-        # A tuple, not a dict: NNX keeps plain attributes in the (hashable) graph definition.
-        self._config = (("image_shape", (h, w, c)), ("num_classes", num_classes), ("patch_size", patch_size),
-                        ("dim", dim), ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim),
-                        ("dropout", dropout), ("recipe", recipe.name))
-        self.policy = recipe.policy
+        self._config = config_tuple(image_shape=(h, w, c), num_classes=num_classes, patch_size=patch_size, dim=dim,
+                                    depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout)
         self.patch_size = patch_size
         num_patches = (h // patch_size) * (w // patch_size)
-        param_dtype = recipe.policy.param_dtype
-        self.patch_embed = QLinear(patch_size * patch_size * c, dim, recipe=recipe, role="patch", rngs=rngs)
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), param_dtype))
+        self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, rngs=rngs)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), jnp.float32))
         # Small positions (ViT/DeiT use std 0.02) let patch content dominate early on.
-        self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches + 1, dim), param_dtype))
+        self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches + 1, dim), jnp.float32))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.blocks = nnx.List([_Block(dim, heads, mlp_dim, dropout, recipe, rngs) for _ in range(depth)])
-        self.norm = _norm(dim, recipe, rngs)
-        self.head = QLinear(dim, num_classes, recipe=recipe, role="head", rngs=rngs)
-
-    @property
-    def config(self) -> dict:
-        """The constructor arguments (recipe by name), JSON-serialisable: what a checkpoint records."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config}
+        self.blocks = nnx.List([_Block(dim, heads, mlp_dim, dropout, rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(dim, rngs=rngs)
+        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Classifies a batch of images.
@@ -171,17 +157,15 @@ class ViT(nnx.Module):
           images: (B, H, W, C) array.
 
         Returns:
-          (B, num_classes) logits in the policy's output dtype.
+          (B, num_classes) float32 logits.
         """
-        compute = self.policy.compute_dtype
-        x = self.patch_embed(self._patches(images.astype(compute)))
-        cls = jnp.broadcast_to(self.cls_token[...].astype(compute), (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(compute)
+        x = self.patch_embed(self._patches(images.astype(jnp.float32)))
+        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(_layer_norm(self.norm, x[:, 0]))
-        return logits.astype(self.policy.output_dtype)
+        return self.head(self.norm(x[:, 0]))
 
     def _patches(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) → (B, num_patches, p·p·C), patches in row-major order."""

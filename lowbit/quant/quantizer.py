@@ -47,7 +47,8 @@ class Quantizer:
     onto the format's largest value.
 
     Attributes:
-      format: element format, by name or as a format object; stored resolved.
+      format: element format, by name or as a format object (any
+        ``lowbit.formats.Format``, a user's included); stored resolved.
         Block formats (``mxfp4_e2m1``, ``nvfp4``, ...) bring their own block
         scales: the quantizer then only moves ``axis`` to the last axis (where
         the blocks run) and the scale fields must keep their defaults.
@@ -113,9 +114,10 @@ class Quantizer:
     def __post_init__(self):
         fmt = _resolve_format(self.format)
         object.__setattr__(self, "format", fmt)
-        scalar = (formats.FloatFormat, formats.IntFormat, formats.BinaryFormat)
-        require(isinstance(fmt, scalar) or is_block(fmt), _OWN, "format", fmt,
-                "a FloatFormat, IntFormat, BinaryFormat or block format (AdaptiveFloat scales itself: "
+        element = isinstance(fmt, formats.Format) and not isinstance(fmt, formats.AdaptiveFloat)
+        require(element or is_block(fmt), _OWN, "format", fmt,
+                "an element format (lowbit.formats.Format: FloatFormat, IntFormat, BinaryFormat, "
+                "CodebookFormat or a user's) or a block format (AdaptiveFloat scales itself: "
                 "use its base format with scale_format='e8m0')")
         require(self.granularity in GRANULARITIES, _OWN, "granularity", self.granularity, ", ".join(GRANULARITIES))
         check_int(_OWN, "axis", self.axis, -64, 63)

@@ -169,18 +169,79 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
     gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
     scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
                    for s in (lhs_scale, rhs_scale))
-    real = uses_real_matmul(config)
-    return _qdot(dn, config, precision, preferred_element_type, real, lhs, rhs, key, gs, scales)
+    product = _Dot(dn, precision, preferred_element_type)
+    return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _qdot(dn, config, precision, pet, real, lhs, rhs, key, gs, scales):
-    out, _ = _qdot_fwd(dn, config, precision, pet, real, lhs, rhs, key, gs, scales)
+def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, **conv_kwargs):
+    """``lax.conv_general_dilated`` with quantized operands and gradients.
+
+    The same forward / dlhs / drhs quantizers, GradScale and two-phase rounding as
+    ``quantized_dot_general``; the product is always fake-quantized (XLA has no
+    integer or float8 convolution on the backends lowbit targets).
+
+    Args:
+      lhs, rhs: the input and the kernel, float.
+      config: the quantizers; ``config.matmul`` is ignored.
+      key, grad_scale: as ``quantized_dot_general``.
+      **conv_kwargs: ``lax.conv_general_dilated``'s arguments after the operands
+        (``window_strides``, ``padding``, ``dimension_numbers``...).
+
+    Returns:
+      The convolution, as ``lax.conv_general_dilated`` returns it.
+    """
+    if config.grad_scale != (grad_scale is not None):
+        raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
+    if key is None:
+        if config.stochastic:
+            raise ValueError("config rounds stochastically: pass key=jax.random.key(...)")
+        key = jax.random.key(0)  # never drawn from
+    gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
+    product = _Conv(conv_key(conv_kwargs))
+    return _qprod(product, config, False, lhs, rhs, key, gs, (None, None))
+
+
+def conv_key(conv_kwargs: dict) -> tuple:
+    """``lax.conv_general_dilated`` keyword arguments as sorted, hashable ``(name, value)`` pairs.
+
+    Lists (as users pass paddings and strides) become tuples: the product is a
+    static jit argument. Raises ``TypeError`` for an unhashable value.
+    """
+    key = tuple(sorted((k, _hashable(v)) for k, v in conv_kwargs.items()))
+    hash(key)
+    return key
+
+
+def _hashable(v):
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # ConvDimensionNumbers and other named tuples
+        return type(v)(*(_hashable(x) for x in v))
+    return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+class _Dot(NamedTuple):
+    """A ``lax.dot_general`` with fixed dimension numbers, precision and result type."""
+
+    dn: Any
+    precision: Any
+    pet: Any
+
+    def __call__(self, a, b):
+        return lax.dot_general(a, b, self.dn, precision=self.precision, preferred_element_type=self.pet)
+
+
+class _Conv(NamedTuple):
+    """A ``lax.conv_general_dilated`` with fixed keyword arguments."""
+
+    kwargs: tuple
+
+    def __call__(self, a, b):
+        return lax.conv_general_dilated(a, b, **dict(self.kwargs))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _qprod(product, config, real, lhs, rhs, key, gs, scales):
+    out, _ = _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales)
     return out
-
-
-def _dot(a, b, dn, precision, pet):
-    return lax.dot_general(a, b, dn, precision=precision, preferred_element_type=pet)
 
 
 def _real_operand(q, x, key, scale):
@@ -202,7 +263,8 @@ def _out_scale(step, ndim_out, own_batch, own_free, own_contract, lhs_side, n_ot
     return step.reshape(dims)
 
 
-def _real_dot(dn, config, precision, pet, lhs, rhs, k_lhs, k_rhs, scales):
+def _real_dot(product, config, lhs, rhs, k_lhs, k_rhs, scales):
+    dn, precision, pet = product
     (lc, rc), (lb, rb) = dn
     cl, sl = _real_operand(config.lhs, lhs, k_lhs, scales[0])
     cr, sr = _real_operand(config.rhs, rhs, k_rhs, scales[1])
@@ -226,21 +288,21 @@ class _Narrow(NamedTuple):
         return (self.codes.astype(jnp.float32) * self.step).astype(self.proto.dtype)
 
 
-def _qdot_fwd(dn, config, precision, pet, real, lhs, rhs, key, gs, scales):
+def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales):
     k_lhs, k_rhs, k_bwd = jax.random.split(key, 3)
     if real:
-        out, lhs_q, rhs_q = _real_dot(dn, config, precision, pet, lhs, rhs, k_lhs, k_rhs, scales)
+        out, lhs_q, rhs_q = _real_dot(product, config, lhs, rhs, k_lhs, k_rhs, scales)
     else:
         lhs_q = _fq(config.lhs, lhs, k_lhs, scales[0])
         rhs_q = _fq(config.rhs, rhs, k_rhs, scales[1])
-        out = _dot(lhs_q, rhs_q, dn, precision, pet)
+        out = product(lhs_q, rhs_q)
     # Only what the backward pass reads is saved: the quantized operands when reused.
     res_lhs = lhs_q if config.reuse_fwd and config.drhs_lhs is None else lhs
     res_rhs = rhs_q if config.reuse_fwd and config.dlhs_rhs is None else rhs
     return out, (res_lhs, res_rhs, k_bwd, gs)
 
 
-def _qdot_bwd(dn, config, precision, pet, real, res, g):
+def _qprod_bwd(product, config, real, res, g):
     lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     new_gs = gs
@@ -254,12 +316,12 @@ def _qdot_bwd(dn, config, precision, pet, real, res, g):
         g_drhs = _fq(config.drhs_grad, g, k2)
     rhs_b = _fq(config.dlhs_rhs, rhs, k3)
     lhs_b = _fq(config.drhs_lhs, lhs, k4)
-    # dot_general is linear in each operand: its VJP is the transposed product.
-    _, vjp_l = jax.vjp(lambda a: _dot(a, rhs_b, dn, precision, pet), lhs_b)
-    _, vjp_r = jax.vjp(lambda b: _dot(lhs_b, b, dn, precision, pet), rhs_b)
+    # The product is linear in each operand: its VJP is the transposed product.
+    _, vjp_l = jax.vjp(lambda a: product(a, rhs_b), lhs_b)
+    _, vjp_r = jax.vjp(lambda b: product(lhs_b, b), rhs_b)
     (dlhs,) = vjp_l(g_dlhs.astype(g.dtype))
     (drhs,) = vjp_r(g_drhs.astype(g.dtype))
     return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs, (None, None)
 
 
-_qdot.defvjp(_qdot_fwd, _qdot_bwd)
+_qprod.defvjp(_qprod_fwd, _qprod_bwd)

@@ -1,0 +1,153 @@
+"""``lowbit.describe``: what a quantized model's forward pass quantizes, op by op."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+from flax import nnx
+
+from lowbit.nn import quantize as q
+from lowbit.recipes import op as oprule
+from lowbit.recipes.rules import Recipe
+
+__all__ = ["Description", "OpDescription", "describe"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpDescription:
+    """One op of the forward pass.
+
+    Attributes:
+      path: module path of the op (``""`` is the root).
+      key: the op's name within its module (``dot_general0``, ``einsum1``...).
+      kind: ``dot_general``, ``einsum`` or ``conv``.
+      weighted: the rhs is a weight (see ``lowbit.recipes.OpInfo``).
+      lhs_shape, rhs_shape: operand shapes on the described call.
+      rule: index of the recipe rule that quantizes it, ``None`` if it stays float.
+      selector: that rule's selection, readable.
+      lhs, rhs: forward operand quantizers (learned rule first, then the format).
+      dlhs, drhs: gradient quantizers of the input- and weight-gradient products.
+    """
+
+    path: str
+    key: str
+    kind: str
+    weighted: bool
+    lhs_shape: tuple
+    rhs_shape: tuple
+    rule: int | None
+    selector: str = ""
+    lhs: str = "float"
+    rhs: str = "float"
+    dlhs: str = "float"
+    drhs: str = "float"
+
+    def as_dict(self) -> dict:
+        """A JSON-serialisable dict."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """Every op of one forward pass: ``quantized`` (iteration yields these) and ``unmatched`` (float)."""
+
+    recipe: str
+    quantized: tuple[OpDescription, ...]
+    unmatched: tuple[OpDescription, ...]
+
+    def __iter__(self):
+        return iter(self.quantized)
+
+    def __len__(self):
+        return len(self.quantized)
+
+    def table(self):
+        """A ``rich.table.Table`` of every op, float ones included."""
+        from rich.table import Table
+
+        t = Table(title=f"lowbit.quantize: recipe {self.recipe!r} ({len(self.quantized)} quantized ops, "
+                        f"{len(self.unmatched)} float)")
+        for col in ("op", "kind", "lhs", "rhs", "dlhs", "drhs", "rule"):
+            t.add_column(col)
+        for d in sorted(self.quantized + self.unmatched, key=lambda d: _order(self, d)):
+            t.add_row(f"{d.path or '<root>'}:{d.key}", d.kind, d.lhs, d.rhs, d.dlhs, d.drhs,
+                      "float" if d.rule is None else f"{d.rule} {d.selector}")
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self):
+        from rich.console import Console
+
+        console = Console(width=160, file=io.StringIO())
+        console.print(self.table())
+        return console.file.getvalue()
+
+
+def _order(desc: Description, d: OpDescription) -> int:
+    return getattr(desc, "_order", {}).get((d.path, d.key), 0)
+
+
+def _quantizer(qz) -> str:
+    if qz is None:
+        return "float"
+    parts = [getattr(qz.format, "name", str(qz.format))]
+    if qz.granularity != "tensor":
+        parts.append(f"{qz.granularity}(axis {qz.axis})")
+    if qz.scale != "absmax":
+        parts.append(qz.scale)
+    if qz.rounding != "nearest":
+        parts.append(qz.rounding)
+    return " ".join(parts)
+
+
+def _entry(recipe: Recipe, op: q.Op) -> OpDescription:
+    base = dict(path=op.path, key=op.key, kind=op.call.kind, weighted=op.call.weighted, lhs_shape=op.lhs_shape,
+                rhs_shape=op.rhs_shape, rule=op.rule)
+    if op.rule is None:
+        return OpDescription(**base)
+    rule = recipe.rules[op.rule]
+    cfg = oprule.retarget(rule.dot, op.call, len(op.lhs_shape), len(op.rhs_shape))
+    learned = op.call.weighted
+    lhs = ([f"{rule.act} {rule.act_bits}-bit"] if learned and rule.act != "none" else []) + (
+        [_quantizer(cfg.lhs)] if cfg.lhs is not None or not (learned and rule.act != "none") else [])
+    rhs = ([f"{rule.weight} {rule.weight_bits}-bit"] if learned and rule.weight != "none" else []) + (
+        [_quantizer(cfg.rhs)] if cfg.rhs is not None or not (learned and rule.weight != "none") else [])
+    grad = " GradScale" + (" TPR" if cfg.tpr else "") if cfg.grad_scale else ""
+    return OpDescription(**base, selector=rule.selector(), lhs=" + ".join(lhs), rhs=" + ".join(rhs),
+                         dlhs=_quantizer(cfg.dlhs_grad) + (grad if cfg.dlhs_grad is not None else ""),
+                         drhs=_quantizer(cfg.drhs_grad) + (grad if cfg.drhs_grad is not None else ""))
+
+
+def describe(model, *example_args, **example_kwargs) -> Description:
+    """Every op that one forward pass of a quantized model runs, with its quantizers.
+
+    Args:
+      model: a model from ``lowbit.quantize`` (NNX or linen).
+      *example_args, **example_kwargs: inputs of one forward pass (a small batch).
+        For NNX this is the model's first call if it has not run yet: the ops'
+        quantizer state is created now.
+
+    Returns:
+      A ``Description``: ``quantized`` ops (path, kind, lhs/rhs/dlhs/drhs
+      quantizers, the rule), ``unmatched`` float ops, and ``table()`` (rich).
+
+    Raises:
+      TypeError: ``model`` did not come from ``lowbit.quantize``.
+    """
+    if not q.is_quantized(model):
+        raise TypeError(f"model={type(model).__name__} is invalid; allowed: a model from lowbit.quantize")
+    recipe = model._lowbit_recipe
+    if isinstance(model, nnx.Module):
+        if not q.ops(model):
+            q.discover(model, *example_args, **example_kwargs)
+        ops = q.ops(model)
+    else:
+        ops = q.linen_ops(model, example_args, example_kwargs)
+    entries = [_entry(recipe, op) for op in ops]
+    desc = Description(recipe.name, tuple(e for e in entries if e.rule is not None),
+                       tuple(e for e in entries if e.rule is None))
+    object.__setattr__(desc, "_order", {(e.path, e.key): i for i, e in enumerate(entries)})
+    return desc

@@ -1,0 +1,291 @@
+"""``lowbit.quantize``: apply a recipe to an unmodified Flax model (NNX or linen).
+
+NNX: ``quantize`` returns a copy whose root class is a subclass that runs every
+public method with op interception (``lowbit.nn.intercept``). Every module of the
+copy records its path (``_lowbit_path``), and Flax layers' ``dot_general`` /
+``einsum_op`` / ``conv_general_dilated`` attributes point at lowbit's
+interceptors. On the first call (or ``discover``) the ops are found and each
+matched op gets an ``OpState`` child named ``lowbit_<kind><n>`` on the module
+that runs it; float parameters keep their values and paths.
+
+Linen: ``quantize`` returns a module of a subclass with the same fields, whose
+``init``/``apply`` run with interception; linen's method interceptor tracks
+module paths, and each matched op keeps its state on its module's scope in the
+collections ``lowbit_params`` (LSQ steps, PACT clips), ``lowbit_overwrite``
+(GradScale) and ``lowbit_rng`` (stochastic-rounding keys). ``apply`` accepts
+the float model's ``params`` unchanged plus those collections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import jax
+from flax import linen, nnx
+
+from lowbit.nn import intercept
+from lowbit.nn.variables import OpState
+from lowbit.recipes import op as oprule
+from lowbit.recipes import resolve
+from lowbit.recipes.rules import Recipe
+
+__all__ = ["LINEN_COLLECTIONS", "Op", "discover", "is_quantized", "ops", "quantize"]
+
+# Linen collections of the quantizer state, by state category (``lowbit.recipes.op.CATEGORIES``).
+LINEN_COLLECTIONS = {"param": "lowbit_params", "overwrite": "lowbit_overwrite", "rng": "lowbit_rng"}
+_STATE_PREFIX = "lowbit_"
+
+
+def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude: str | None = None, seed: int = 0):
+    """A quantized version of ``model``: its matmuls and convolutions run through ``recipe``.
+
+    Args:
+      model: a ``flax.nnx.Module`` or a ``flax.linen.Module``, written without lowbit.
+      recipe: a ``lowbit.recipes.Recipe`` or a registered name (``lowbit.recipes.names()``).
+      include, exclude: regexes searched in op paths (``blocks/0/attn``) that
+        narrow the recipe: only ops whose path matches ``include`` and not
+        ``exclude`` are quantized (``exclude="head"`` keeps the head in float).
+      seed: where the ops' stochastic-rounding streams start (each op folds in its name).
+
+    Returns:
+      NNX: a new model (``model`` is untouched) with the same parameters; the
+      ops' quantizer state is added on the first call (``lowbit.describe(qmodel,
+      x)`` or ``qmodel(x)``; ``lowbit.train`` does it for you). Linen: a module
+      with the same ``init``/``apply`` signature.
+
+    Raises:
+      ValueError: an unknown recipe name or a regex that does not compile.
+      TypeError: ``model`` is neither an NNX nor a linen module, or ``recipe`` is
+        neither a Recipe nor a name.
+    """
+    if not isinstance(model, (nnx.Module, linen.Module)):
+        raise TypeError(f"model={type(model).__name__} is invalid; allowed: a flax.nnx.Module or a flax.linen.Module")
+    if is_quantized(model):
+        raise ValueError(f"model is already quantized (recipe {model._lowbit_recipe.name!r}); quantize the float model")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} is invalid; allowed: an integer")
+    recipe = resolve(recipe).narrowed(include, exclude)
+    narrowed = include is not None or exclude is not None
+    if isinstance(model, nnx.Module):
+        return _quantize_nnx(model, recipe, narrowed, seed)
+    return _quantize_linen(model, recipe, narrowed, seed)
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` came from ``lowbit.quantize``."""
+    return getattr(model, "_lowbit_recipe", None) is not None
+
+
+# ----- NNX ---------------------------------------------------------------------------------
+
+
+def _quantize_nnx(model: nnx.Module, recipe: Recipe, narrowed: bool, seed: int) -> nnx.Module:
+    qmodel = nnx.clone(model)
+    for path, module in nnx.iter_modules(qmodel):
+        module._lowbit_path = "/".join(map(str, path))
+        _point_layers_at_interceptors(module)
+    qmodel.__class__ = _quantized_class(type(qmodel))
+    qmodel._lowbit_recipe = recipe
+    qmodel._lowbit_narrowed = narrowed
+    qmodel._lowbit_seed = seed
+    qmodel._lowbit_ops = None  # set by discover
+    return qmodel
+
+
+def _point_layers_at_interceptors(module) -> None:
+    """Flax layers keep ``lax.dot_general`` & co. as attributes, bound at import: point them at lowbit's."""
+    for attr, fn in intercept.LAYER_ATTRIBUTES.items():
+        if getattr(module, attr, None) is intercept.ORIGINALS[attr]:
+            object.__setattr__(module, attr, fn) if isinstance(module, linen.Module) else setattr(module, attr, fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized_class(cls: type) -> type:
+    """``cls`` with ``__call__`` and every public method of the user's classes run under interception.
+
+    Cached, so two quantized copies of one class share a graph definition type.
+    """
+    names = {"__call__"} | {n for klass in cls.__mro__ if not klass.__module__.startswith(("flax.", "builtins"))
+                            for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    wrapped = {n: _intercepted_method(getattr(cls, n)) for n in names if hasattr(cls, n)}
+    return type(cls.__name__, (cls,), {**wrapped, "__module__": cls.__module__,
+                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})"})
+
+
+def _intercepted_method(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if intercept.active() is not None:  # an inner call of the same forward pass
+            return method(self, *args, **kwargs)
+        if self._lowbit_ops is None:
+            discover(self, *args, method=method, **kwargs)
+        with intercept.patched(self._lowbit_recipe, "run", _run_nnx_op, _nnx_lookup):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def _nnx_lookup(module, key: str):
+    return dict(getattr(module, "_lowbit_plan", ())).get(key)
+
+
+def _run_nnx_op(module, key, rule, call, lhs, rhs):
+    state: OpState = getattr(module, _STATE_PREFIX + key)
+    compute = intercept.active().recipe.policy.compute_dtype
+    return oprule.run(rule, call, lhs, rhs, state.values(), state.next_key(), compute)
+
+
+def _op_key(seed: int, path: str, key: str) -> jax.Array:
+    """The first stochastic-rounding key of one op: the seed and the op's name, nothing else."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(f"{path}:{key}".encode()))
+
+
+def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept.Recorded]:
+    """Find the ops of one forward pass, match them to the recipe and create their state.
+
+    Runs the model once in float on a copy (the model's own state, e.g. dropout
+    RNG counters or batch statistics, does not move); every op is recorded in
+    forward order, matched against the recipe, and each matched op gets an
+    ``OpState`` child named ``lowbit_<kind><n>`` on the module that runs it.
+    The model's first call does this by itself; call it (or ``lowbit.describe``)
+    before ``nnx.split`` so the state exists outside any trace.
+
+    Args:
+      qmodel: a model from ``lowbit.quantize``.
+      *args, **kwargs: example inputs (one small batch is enough).
+      method: the unbound method to run (default the model's ``__call__``).
+
+    Returns:
+      The recorded ops in forward order.
+    """
+    if not is_quantized(qmodel) or not isinstance(qmodel, nnx.Module):
+        raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: an NNX model from lowbit.quantize")
+    recipe = qmodel._lowbit_recipe
+    shadow = nnx.clone(qmodel)
+    method = getattr(method, "__wrapped__", method) or type(qmodel).__mro__[1].__call__
+    with intercept.patched(recipe, "record") as frame:
+        method(shadow, *args, **kwargs)
+    chosen = intercept.plan(recipe, frame.recorded, narrowed=qmodel._lowbit_narrowed)
+    modules = {m._lowbit_path: m for _, m in nnx.iter_modules(qmodel)}
+    plans: dict[str, list] = {}
+    for rec, index in zip(frame.recorded, chosen):
+        module = modules[rec.path]
+        plans.setdefault(rec.path, []).append((rec.key, index))
+        if index is not None and not hasattr(module, _STATE_PREFIX + rec.key):
+            state = oprule.state_init(recipe.rules[index], rec.call, rec.rhs,
+                                      _op_key(qmodel._lowbit_seed, rec.path, rec.key))
+            setattr(module, _STATE_PREFIX + rec.key, OpState(state))
+    for path, module in modules.items():
+        module._lowbit_plan = tuple(plans.get(path, ()))
+    qmodel._lowbit_ops = tuple(Op.of(rec, index) for rec, index in zip(frame.recorded, chosen))
+    return frame.recorded
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One op of a quantized model's forward pass, as discovered (hashable: kept in the graph)."""
+
+    path: str
+    key: str
+    call: oprule.OpCall
+    lhs_shape: tuple
+    rhs_shape: tuple
+    rule: int | None
+
+    @classmethod
+    def of(cls, rec: intercept.Recorded, rule: int | None) -> "Op":
+        return cls(rec.path, rec.key, rec.call, tuple(rec.shapes[0]), tuple(rec.shapes[1]), rule)
+
+
+def ops(qmodel) -> tuple[Op, ...]:
+    """The discovered ops of an NNX model from ``lowbit.quantize`` (empty before its first call)."""
+    return getattr(qmodel, "_lowbit_ops", None) or ()
+
+
+# ----- linen -------------------------------------------------------------------------------
+
+
+def _quantize_linen(model: linen.Module, recipe: Recipe, narrowed: bool, seed: int) -> linen.Module:
+    cls = _linen_class(type(model))
+    fields = {f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
+    qmodel = cls(**fields)
+    object.__setattr__(qmodel, "_lowbit_recipe", recipe)
+    object.__setattr__(qmodel, "_lowbit_narrowed", narrowed)
+    object.__setattr__(qmodel, "_lowbit_seed", seed)
+    return qmodel
+
+
+@functools.lru_cache(maxsize=None)
+def _linen_class(cls: type) -> type:
+    """A subclass of linen module ``cls`` whose root ``__call__`` runs under interception."""
+
+    def __call__(self, *args, **kwargs):
+        if self.scope is None or self.scope.path or intercept.active() is not None:
+            return cls.__call__(self, *args, **kwargs)
+        return _linen_forward(self, cls, args, kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})"})
+
+
+def _track(next_fun, args, kwargs, context):
+    """linen method interceptor: every module learns its path before its method runs."""
+    module = context.module
+    if module.scope is not None:
+        object.__setattr__(module, "_lowbit_path", "/".join(map(str, module.scope.path)))
+        _point_layers_at_interceptors(module)
+    return next_fun(*args, **kwargs)
+
+
+def linen_ops(qmodel: linen.Module, args, kwargs) -> tuple[Op, ...]:
+    """The ops of one forward pass of a quantized linen model, matched to its recipe.
+
+    Linen re-creates modules on every ``init``/``apply``, so the plan is made on
+    every trace from an abstract float pass (``jax.eval_shape``: nothing is
+    computed or stored).
+    """
+    recipe = qmodel._lowbit_recipe
+    float_cls = type(qmodel).__mro__[1]
+    fields = {f: getattr(qmodel, f) for f in qmodel.__dataclass_fields__ if f not in ("parent", "name")}
+    recorded = []
+
+    def record(*a, **kw):
+        with intercept.patched(recipe, "record") as frame, linen.intercept_methods(_track):
+            float_cls(**fields).init(jax.random.key(0), *a, **kw)
+        recorded.extend(frame.recorded)
+        return 0
+
+    jax.eval_shape(record, *args, **kwargs)
+    chosen = intercept.plan(recipe, recorded, narrowed=qmodel._lowbit_narrowed)
+    return tuple(Op.of(r, i) for r, i in zip(recorded, chosen))
+
+
+def _linen_forward(root, cls, args, kwargs):
+    """One forward pass of a quantized linen model: discover (abstractly), then run."""
+    recipe = root._lowbit_recipe
+    plan = {(op.path, op.key): op.rule for op in linen_ops(root, args, kwargs)}
+
+    def runner(module, key, rule, call, lhs, rhs):
+        return _run_linen_op(module, key, rule, call, lhs, rhs, recipe, root._lowbit_seed)
+
+    with intercept.patched(recipe, "run", runner, lambda m, k: plan.get((m._lowbit_path, k))), \
+            linen.intercept_methods(_track):
+        object.__setattr__(root, "_lowbit_path", "")
+        return cls.__call__(root, *args, **kwargs)
+
+
+def _run_linen_op(module, key, rule, call, lhs, rhs, recipe: Recipe, seed: int):
+    """The op under ``rule``, its state in ``LINEN_COLLECTIONS`` on the module's scope."""
+    spec = oprule.state_init(rule, call, rhs, _op_key(seed, module._lowbit_path, key))
+    values, sr = {}, None
+    for name, (category, init) in spec.items():
+        var = module.scope.variable(LINEN_COLLECTIONS[category], f"{key}_{name}", lambda v=init: v)
+        if name == "sr_key":
+            sr, nxt = oprule.next_key(var.value)
+            if module.scope.is_mutable_collection(LINEN_COLLECTIONS["rng"]):
+                var.value = nxt
+        else:
+            values[name] = var.value
+    return oprule.run(rule, call, lhs, rhs, values, sr, recipe.policy.compute_dtype)
