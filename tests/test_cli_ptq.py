@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -71,6 +72,13 @@ def test_missing_checkpoint(command, tmp_path, capsys):
     assert "does not exist" in err and "lowbit train" in err
 
 
+@pytest.mark.parametrize("command", [["ptq"], ["finetune", "--method", "noise"]])
+def test_unwritable_out_fails_before_the_checkpoint_is_read(command, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = _error(command + ["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "file" / "o")], capsys)
+    assert f"--out {tmp_path}/file/o cannot be created" in err and "is a file" in err
+
+
 def test_directory_without_checkpoint(tmp_path, capsys):
     assert "holds no metadata.json" in _error(["ptq", "--checkpoint", str(tmp_path)], capsys)
 
@@ -113,9 +121,12 @@ def test_bad_granularity_is_a_usage_error(capsys):
     assert "group:N" in capsys.readouterr().err
 
 
-def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys):
+def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
+    # Relative --checkpoint and --out, as a user types them: resolved against the working directory.
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(run_dir, tmp_path)
     out = tmp_path / "ptq"
-    argv = ["ptq", "--checkpoint", str(run_dir), "--samples", "64", "--granularity", "group:8", "--out", str(out)]
+    argv = ["ptq", "--checkpoint", relative, "--samples", "64", "--granularity", "group:8", "--out", "ptq"]
     assert _main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["label"] == "W8A8" and metrics["config"]["group_size"] == 8
@@ -125,11 +136,13 @@ def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys):
     assert "W8A8" in capsys.readouterr().out
 
 
-def test_finetune_then_ptq(run_dir, tmp_path, capsys):
+def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out: the fine-tuned checkpoint is written through orbax
     out = tmp_path / "ft"
     argv = ["finetune", "--checkpoint", str(run_dir), "--method", "plain", "--target-format", "int4",
-            "--epochs", "1", "--batch-size", "512", "--out", str(out)]
+            "--epochs", "1", "--batch-size", "512", "--out", "ft"]
     assert _main(argv) == 0
+    assert "for 1 epoch:" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
     model, meta = ptq.load_vit(out)
     assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == _TINY["dim"]

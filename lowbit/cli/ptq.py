@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit.cli.args import InputError, fail, nonnegative_float, positive_int
+from lowbit.cli.args import InputError, absolute_path, check_output_dir, fail, nonnegative_float, positive_int
+from lowbit.cli.output import plural
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
 
@@ -35,9 +36,10 @@ def _granularity(text: str) -> tuple[str, int | None]:
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True,
+    parser.add_argument("--checkpoint", type=absolute_path, required=True,
                         help="the --out directory of `lowbit train` (or one of its checkpoints)")
-    parser.add_argument("--data-dir", help="directory with the dataset files (default: the dataset's usual place)")
+    parser.add_argument("--data-dir", type=absolute_path,
+                        help="directory with the dataset files (default: the dataset's usual place)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sample / data order seed (default: 0)")
 
 
@@ -79,7 +81,7 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                      help="optimisation steps per synthetic batch (default: 200)")
     parser.add_argument("--sweep", action="store_true",
                         help="score W8A8, W6A6, W4A8, W4A4 (integer and float formats) x every calibration method")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/ptq-<setting>)")
+    parser.add_argument("--out", type=absolute_path, help="output directory (default: runs/ptq-<setting>)")
     parser.set_defaults(func=_ptq_command)
     return parser
 
@@ -103,7 +105,8 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--epochs", type=positive_int, default=2, help="passes over the training set (default: 2)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
     parser.add_argument("--lr", type=nonnegative_float, default=3e-4, help="peak AdamW learning rate (default: 3e-4)")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/finetune-<method>-<format>)")
+    parser.add_argument("--out", type=absolute_path,
+                        help="output directory (default: runs/finetune-<method>-<format>)")
     parser.set_defaults(func=_finetune_command)
     return parser
 
@@ -148,6 +151,9 @@ def _config(args: argparse.Namespace, **override):
 def _ptq_command(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)  # bad flags fail before the checkpoint is read
+        default = "ptq-sweep" if args.sweep else f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}"
+        out = args.out or absolute_path(f"runs/{default}")
+        check_output_dir(out)
         model, _, dataset = _load(args)
         images = None
         if args.calibration_data == "synthetic":
@@ -155,30 +161,28 @@ def _ptq_command(args: argparse.Namespace) -> int:
 
             images = synthesize(model, args.samples, steps=args.synthetic_steps, seed=args.seed)
         if args.sweep:
-            return _sweep(args, model, dataset, images)
+            return _sweep(args, model, dataset, images, out)
         from lowbit.ptq import ptq, write_report
 
         _, metrics = ptq(model, dataset, cfg, images=images)
     except InputError as e:
         return fail("ptq", e)
     metrics.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
-    out = args.out or Path("runs") / f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}"
-    written = write_report(out, metrics)
+    files = write_report(out, metrics)
     print(f"{cfg.label} ({cfg.weights} weights, {cfg.activations} activations, {cfg.calibration} calibration, "
           f"{args.calibration_data} data): test accuracy {100 * metrics['test_accuracy']:.2f}% "
           f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points); "
           f"lowest layer SQNR {min(r['sqnr_db'] for r in metrics['layers']):.1f} dB")
-    print("wrote " + ", ".join(str(p) for p in written))
+    print("wrote " + ", ".join(str(p) for p in files))
     return 0
 
 
-def _sweep(args: argparse.Namespace, model, dataset, images) -> int:
+def _sweep(args: argparse.Namespace, model, dataset, images, out: Path) -> int:
     from lowbit.ptq.sweep import markdown, sweep
 
     base = _config(args)
     result = sweep(model, dataset, base, images=images, log=lambda line: print(line, flush=True))
     result.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
-    out = args.out or Path("runs") / "ptq-sweep"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ptq_sweep.json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
@@ -197,18 +201,19 @@ def _finetune_command(args: argparse.Namespace) -> int:
                              noise_activations=not args.no_activation_noise, outlier_weight=args.outlier_weight,
                              outlier_threshold=args.outlier_threshold, epochs=args.epochs,
                              batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+        out = args.out or absolute_path(f"runs/finetune-{cfg.method}-{cfg.target_format}")
+        check_output_dir(out)
         model, meta, dataset = _load(args)
         if args.batch_size > len(dataset.x_train):
             raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
     except (ValueError, InputError) as e:
         return fail("finetune", e)
     metrics = finetune(model, dataset, cfg)
-    out = args.out or Path("runs") / f"finetune-{cfg.method}-{cfg.target_format}"
     path = save_vit(model, out, cfg.epochs, dict(dataset=dataset.name, hparams=meta.get("hparams"),
                                                   finetune=metrics["config"], source=str(args.checkpoint)))
     metrics.update(checkpoint=str(path), source=str(args.checkpoint), dataset=dataset.name)
-    (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"fine-tuned ({cfg.method}, {cfg.target_format}) for {cfg.epochs} epoch(s): float accuracy "
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"fine-tuned ({cfg.method}, {cfg.target_format}) for {plural(cfg.epochs, 'epoch')}: float accuracy "
           f"{100 * metrics['float_accuracy_before']:.2f}% -> {100 * metrics['float_accuracy']:.2f}%")
     print(f"wrote {path} and {out}/metrics.json; next: lowbit ptq --checkpoint {out}")
     return 0

@@ -1,8 +1,9 @@
-"""``lowbit train`` and ``lowbit compare``: train the ViT in one or several recipes.
+"""``lowbit train`` and ``lowbit compare``: train a model in one or several recipes.
 
 Each ``add_*_parser`` registers one subcommand and sets ``func``, which takes the
 parsed arguments and returns the exit status (2 for bad input such as a missing
-dataset, an unknown recipe or an incompatible checkpoint).
+dataset, an unknown recipe, an unwritable ``--out`` or an incompatible checkpoint).
+Every input is checked before the first step compiles.
 
 Imports of jax-using modules stay inside the command functions: ``--devices N``
 must set ``XLA_FLAGS`` before jax creates its CPU backend.
@@ -15,28 +16,35 @@ import json
 import os
 import re
 import statistics
-import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli.args import InputError, fail, nonnegative_float, positive_int
+from lowbit.cli.args import (HelpFormatter, InputError, absolute_path, check_output_dir, fail, nonnegative_float,
+                             nonnegative_int, positive_int)
+from lowbit.cli.output import Panel, plot_bars, plural, print_table, written
 from lowbit.data import DATASETS
 
 __all__ = ["add_compare_parser", "add_train_parser"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_STOPPED = 130  # exit status of a run a signal stopped early (the shell's for Ctrl-C)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit train``."""
     parser = subparsers.add_parser(
-        "train", help="train the ViT in one recipe",
-        description="Train the ViT on a dataset in one recipe; writes checkpoints, metrics.json and curves.png.",
+        "train", help="train a model in one recipe", formatter_class=HelpFormatter,
+        description="Train a model on a dataset in one recipe; writes checkpoints, metrics.json and curves.png.",
     )
-    parser.add_argument("--recipe", default="fp32", help="training recipe (default: fp32)")
+    parser.add_argument("--recipe", default="fp32", help="training recipe: {recipes} (default: fp32)")
     parser.add_argument("--seed", type=int, default=0, help="model init and data order seed (default: 0)")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/<recipe>-<dataset>-seed<seed>)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--out", type=absolute_path,
+                        help="output directory (default: runs/<recipe>-<dataset>-seed<seed>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest valid checkpoint in --out (says which epoch it restored)")
     _add_common(parser)
     parser.set_defaults(func=_train_command)
     return parser
@@ -45,13 +53,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit compare``."""
     parser = subparsers.add_parser(
-        "compare", help="train several recipes and compare them with fp32",
-        description="Train the ViT in each recipe and seed; print accuracy (mean ± std), the gap to fp32 "
-                    "and the step-time ratio; write comparison.json and comparison.png.",
+        "compare", help="train several recipes and compare them with fp32", formatter_class=HelpFormatter,
+        description="Train a model in each recipe and seed; print accuracy (mean ± std over seeds), the gap to "
+                    "fp32, the step-time ratio, wall and compile time; write comparison.json and comparison.png.",
     )
-    parser.add_argument("--recipes", default="fp32,fp8,fp4", help="comma-separated recipes (default: fp32,fp8,fp4)")
+    parser.add_argument("--recipes", default="fp32,fp8,fp4",
+                        help="comma-separated recipes from: {recipes} (default: fp32,fp8,fp4)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/compare-<dataset>)")
+    parser.add_argument("--out", type=absolute_path, help="output directory (default: runs/compare-<dataset>)")
     _add_common(parser)
     parser.set_defaults(func=_compare_command)
     return parser
@@ -60,7 +69,8 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default: digits, bundled)")
-    data.add_argument("--data-dir", help="directory with the dataset files (fashion-mnist, cifar10)")
+    data.add_argument("--data-dir", type=absolute_path,
+                      help="directory with the dataset files (fashion-mnist, cifar10)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set (default: 30)")
     opt.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
@@ -69,7 +79,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--warmup", type=nonnegative_float, default=2.0, help="linear warmup in epochs (default: 2)")
     opt.add_argument("--devices", type=positive_int, default=1,
                      help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)")
-    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = parser.add_argument_group("run")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --out that holds an earlier run's checkpoints or metrics, deleting "
+                          "them (without it, that is an error)")
+    run.add_argument("--keep", type=positive_int, default=2, help="newest checkpoints to keep (default: 2)")
+    run.add_argument("--max-skipped", type=nonnegative_int,
+                     help="fail the run once more than N steps were skipped for a non-finite loss or gradients "
+                          "(default: the trainer's)")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar: one line per epoch (as when output is not a terminal)")
     quant = parser.add_argument_group("quantization")
     quant.add_argument("--matmul", default="auto", choices=("auto", "real", "fake"),
                        help="quantized matmuls on integer/float8 operands (real), on dequantized floats (fake), "
@@ -84,44 +103,67 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    from lowbit.trainer import TrainingError
+
     try:
         _use_devices(args)
-        dataset, (recipe,) = _load_inputs(args, [args.recipe])
-        out = args.out or Path("runs") / f"{recipe.name}-{dataset.name}-seed{args.seed}"
+        (recipe,) = _recipes(args, [args.recipe])
+        out = args.out or absolute_path(f"runs/{recipe.name}-{args.dataset}-seed{args.seed}")
+        check_output_dir(out)
+        dataset = _dataset(args)
+        since = time.time()
         metrics = _run(args, dataset, recipe, args.seed, out, resume=args.resume)
     except InputError as e:
         return fail("train", e)
-    print(f"{metrics['recipe']} on {metrics['dataset']}, {metrics['epochs']} epochs, seed {metrics['seed']}: "
-          f"test accuracy {100 * metrics['test_accuracy']:.2f}%, final loss {metrics['final_loss']:.4f}, "
-          f"{metrics['train_time_s']:.1f} s ({metrics['step_time_ms']:.1f} ms/step), "
-          f"skipped steps {metrics['skipped_steps']}")
-    print(f"wrote {out}/metrics.json and {out}/curves.png")
-    return 0
+    except TrainingError as e:
+        return fail("train", e, status=1)
+    if not metrics["stopped"]:
+        print(f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
+              f"seed {metrics['seed']}: test accuracy {100 * metrics['test_accuracy']:.2f}%, "
+              f"final loss {metrics['final_loss']:.4f}, {metrics['train_time_s']:.1f} s "
+              f"({metrics['step_time_ms']:.1f} ms/step), {plural(metrics['skipped_steps'], 'skipped step')}")
+    print(written([out / "metrics.json", out / "curves.png"], since))
+    # A stopped run is unfinished: a script's next command (`&& lowbit ptq ...`) must not run.
+    return _STOPPED if metrics["stopped"] else 0
 
 
 def _compare_command(args: argparse.Namespace) -> int:
+    from lowbit.trainer import TrainingError
+
     try:
         names = _split(args.recipes, str, "--recipes")
         seeds = _split(args.seeds, int, "--seeds")
         _use_devices(args)
-        dataset, recipes = _load_inputs(args, names)
-        out = args.out or Path("runs") / f"compare-{dataset.name}"
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for i, recipe in enumerate(recipes):
-            for j, seed in enumerate(seeds):
-                print(f"[{i * len(seeds) + j + 1}/{len(recipes) * len(seeds)}] {recipe.name}, seed {seed}", flush=True)
-                metrics = _run(args, dataset, recipe, seed, out / recipe.name / f"seed{seed}", resume=False)
-                runs.setdefault(recipe.name, []).append(metrics)
+        recipes = _recipes(args, names)
+        out = args.out or absolute_path(f"runs/compare-{args.dataset}")
+        check_output_dir(out)
+        runs = [(recipe, seed, out / recipe.name / f"seed{seed}") for recipe in recipes for seed in seeds]
+        if not args.overwrite and (earlier := [str(p) for *_, p in runs if p.is_dir() and any(p.iterdir())]):
+            # Checked for every run up front, not by each run as it starts, hours in.
+            raise InputError(f"{', '.join(earlier)} hold(s) an earlier comparison; add --overwrite to replace it, "
+                             "or pass a fresh --out")
+        dataset = _dataset(args)
+        since = time.time()
+        results: dict[str, list[dict[str, Any]]] = {}
+        for i, (recipe, seed, run_out) in enumerate(runs):
+            print(f"[{i + 1}/{len(runs)}] {recipe.name}, seed {seed}", flush=True)
+            metrics = _run(args, dataset, recipe, seed, run_out, resume=False)
+            if metrics["stopped"]:
+                print("stopped: the comparison is incomplete; rerun it with --overwrite")
+                return _STOPPED
+            results.setdefault(recipe.name, []).append(metrics)
     except InputError as e:
         return fail("compare", e)
-    rows = _summarise(runs)
+    except TrainingError as e:
+        return fail("compare", e, status=1)
+    rows = _summarise(results)
     report = dict(dataset=dataset.name, seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
                   learning_rate=args.lr, results=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
-    _print_table(rows, dataset.name, seeds)
-    _plot(rows, out / "comparison.png", dataset.name)
-    print(f"wrote {out}/comparison.json and {out}/comparison.png")
+    _print_comparison(rows, dataset.name, seeds, args.epochs)
+    _plot_comparison(rows, out / "comparison.png", dataset.name, seeds)
+    print(written([out / "comparison.json", out / "comparison.png"], since))
     return 0
 
 
@@ -154,51 +196,97 @@ def _use_devices(args: argparse.Namespace) -> None:
                           f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)")
 
 
-def _load_inputs(args: argparse.Namespace, recipe_names: list[str]):
-    from lowbit import data
+def _recipes(args: argparse.Namespace, names: list[str]) -> list:
     from lowbit import recipes
 
     try:
-        chosen = [recipes.get(name).with_matmul(args.matmul) for name in recipe_names]
-        return data.load(args.dataset, args.data_dir), chosen
+        return [recipes.get(name).with_matmul(args.matmul) for name in names]
+    except ValueError as e:
+        raise InputError(e) from None
+
+
+def _dataset(args: argparse.Namespace):
+    from lowbit import data
+
+    try:
+        dataset = data.load(args.dataset, args.data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(e) from None
+    if args.batch_size > len(dataset.x_train):
+        raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+    return dataset
+
+
+@contextmanager
+def _compile_time() -> Iterator[list[float]]:
+    """Collects the seconds jax spends lowering and compiling while the block runs (one-element list)."""
+    from jax import monitoring
+
+    events = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+    total = [0.0]
+
+    def listen(event: str, seconds: float, **_: Any) -> None:
+        if event in events:
+            total[0] += seconds
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield total
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+
+
+def _model(args: argparse.Namespace, dataset, recipe, seed: int):
+    """The float model for the dataset, quantized by ``recipe``; InputError for sizes that do not fit."""
+    from flax import nnx
+
+    from lowbit.nn import quantize
+    from lowbit.nn.vit import ViT
+
+    try:
+        model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, patch_size=args.patch_size,
+                    dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim, rngs=nnx.Rngs(seed),
+                    dropout=args.dropout)
+    except ValueError as e:
+        raise InputError(e) from None
+    return quantize(model, recipe, seed=seed)
 
 
 def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, resume: bool) -> dict[str, Any]:
-    from flax import nnx
+    """Trains one model; the trainer's metrics plus the run's ``wall_time_s`` and ``compile_time_s``.
 
-    from lowbit.nn.vit import ViT
-    from lowbit.trainer.checkpoint import CheckpointError
-    from lowbit.trainer.loop import train
+    Raises:
+        InputError: The model does not fit the data, ``out`` holds an earlier run
+            (without ``--resume``/``--overwrite``) or an incompatible checkpoint:
+            anything the trainer rejects before it compiles.
+        TrainingError: Another process uses ``out``, or too many steps were skipped.
+    """
+    from lowbit.trainer import train
 
-    if args.batch_size > len(dataset.x_train):
-        raise InputError(f"--batch-size {args.batch_size} exceeds the {len(dataset.x_train)} training examples")
+    start = time.perf_counter()
+    model = _model(args, dataset, recipe, seed)
     try:
-        model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, patch_size=args.patch_size,
-                    dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim, recipe=recipe,
-                    rngs=nnx.Rngs(seed), dropout=args.dropout)
-    except ValueError as e:  # sizes that do not fit together or the images
+        with _compile_time() as compiling:
+            metrics = train(model, dataset, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                            learning_rate=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, out_dir=out,
+                            resume=resume, overwrite=args.overwrite, keep=args.keep, max_skipped=args.max_skipped,
+                            devices=args.devices, progress=not args.no_progress)
+    except (TypeError, ValueError) as e:  # checkpoint errors included; all raised before the first step
         raise InputError(e) from None
-    try:
-        return train(model, dataset, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-                     learning_rate=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, out_dir=out,
-                     resume=resume, devices=args.devices, progress=not args.no_progress)
-    except CheckpointError as e:
-        raise InputError(f"{e} (use a fresh --out, or drop --resume to start over)") from None
+    return dict(metrics, wall_time_s=time.perf_counter() - start, compile_time_s=compiling[0])
 
 
 def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
     rows = []
     for name, metrics in runs.items():
-        acc_mean, acc_std = mean_std([m["test_accuracy"] for m in metrics])
-        rows.append(dict(recipe=name, test_accuracy=[m["test_accuracy"] for m in metrics],
-                         test_accuracy_mean=acc_mean, test_accuracy_std=acc_std,
+        accuracy = [m["test_accuracy"] for m in metrics]
+        rows.append(dict(recipe=name, test_accuracy=accuracy, test_accuracy_mean=statistics.fmean(accuracy),
+                         # None, not 0, with one seed: a single run says nothing about the spread.
+                         test_accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
                          step_time_ms=statistics.median(m["step_time_ms"] for m in metrics),
-                         train_time_s=statistics.fmean(m["train_time_s"] for m in metrics)))
+                         train_time_s=statistics.fmean(m["train_time_s"] for m in metrics),
+                         wall_time_s=statistics.fmean(m["wall_time_s"] for m in metrics),
+                         compile_time_s=statistics.fmean(m["compile_time_s"] for m in metrics)))
     base = next((r for r in rows if r["recipe"] == "fp32"), None)
     for row in rows:  # None when fp32 was not among the recipes
         row["gap_to_fp32_points"] = 100 * (row["test_accuracy_mean"] - base["test_accuracy_mean"]) if base else None
@@ -206,35 +294,30 @@ def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _print_table(rows: list[dict[str, Any]], dataset: str, seeds: list[int]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{dataset}, seeds {', '.join(map(str, seeds))}")
-    for column in ("recipe", "test accuracy (%)", "gap to fp32 (points)", "step time (ms)", "vs fp32"):
-        table.add_column(column, justify="left" if column == "recipe" else "right")
+def _print_comparison(rows: list[dict[str, Any]], dataset: str, seeds: list[int], epochs: int) -> None:
+    header = ["recipe", "test accuracy (%)", "gap to fp32 (points)", "step time (ms)", "step vs fp32",
+              "wall time (s)", "compile time (s)"]
+    table = []
     for r in rows:
-        gap, ratio = r["gap_to_fp32_points"], r["step_time_ratio_to_fp32"]
-        table.add_row(r["recipe"], f"{100 * r['test_accuracy_mean']:.2f} ± {100 * r['test_accuracy_std']:.2f}",
-                      "—" if gap is None else f"{gap:+.2f}", f"{r['step_time_ms']:.1f}",
-                      "—" if ratio is None else f"{ratio:.2f}x")
-    Console().print(table)
+        gap, ratio, std = r["gap_to_fp32_points"], r["step_time_ratio_to_fp32"], r["test_accuracy_std"]
+        accuracy = f"{100 * r['test_accuracy_mean']:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+        table.append([r["recipe"], accuracy, "—" if gap is None else f"{gap:+.2f}", f"{r['step_time_ms']:.1f}",
+                      "—" if ratio is None else f"{ratio:.2f}x", f"{r['wall_time_s']:.1f}",
+                      f"{r['compile_time_s']:.1f}"])
+    spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
+    print_table(f"{dataset}, {plural(epochs, 'epoch')}, {plural(len(seeds), 'seed')} "
+                f"({', '.join(map(str, seeds))}; {spread}); wall time: whole run, compile included",
+                header, table, left=("recipe",))
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, dataset: str) -> None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed (pip install lowbit[plot]): no comparison.png", file=sys.stderr)
-        return
-    names = [r["recipe"] for r in rows]
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    acc_ax, time_ax = fig.subplots(1, 2)
-    acc_ax.bar(names, [100 * r["test_accuracy_mean"] for r in rows],
-               yerr=[100 * r["test_accuracy_std"] for r in rows], capsize=4)
-    low = min(100 * (r["test_accuracy_mean"] - r["test_accuracy_std"]) for r in rows)
-    acc_ax.set(ylabel="test accuracy (%)", ylim=(max(0.0, low - 5), 100))
-    time_ax.bar(names, [r["step_time_ms"] for r in rows])
-    time_ax.set(ylabel="median step time (ms)")
-    fig.suptitle(f"recipes on {dataset}")
-    fig.savefig(path, dpi=100)
+def _plot_comparison(rows: list[dict[str, Any]], path: Path, dataset: str, seeds: list[int]) -> None:
+    means = [100 * r["test_accuracy_mean"] for r in rows]
+    stds = None if len(seeds) == 1 else [100 * r["test_accuracy_std"] for r in rows]
+    low = min(means) if stds is None else min(m - s for m, s in zip(means, stds, strict=True))
+    # Starting at 0 would squeeze gaps of a point or two into invisibility: start 5 points
+    # below the lowest bar, on a multiple of 10 (the axis label says where).
+    floor = max(0.0, 10 * ((low - 5) // 10))
+    accuracy = Panel(values=means, errors=stds, ylabel="test accuracy (%)", floor=floor or None, ceiling=100)
+    step = Panel(values=[r["step_time_ms"] for r in rows], ylabel="median step time (ms)")
+    plot_bars(path, f"recipes on {dataset} ({plural(len(seeds), 'seed')})", [r["recipe"] for r in rows],
+              [accuracy, step])

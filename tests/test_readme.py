@@ -1,0 +1,119 @@
+"""README.md is the user's document: its Python blocks and cheap shell commands run as written.
+
+Every command runs verbatim in a fresh temporary working directory (so relative
+paths such as ``--out runs/fp32`` are exercised), through the installed ``lowbit``
+script when there is one. Every ``lowbit`` command of the README is also parsed,
+so a renamed flag breaks this test even where a command is too slow to run here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from lowbit.cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+# The two commands the README opens with (install, then train / test); not rerun here.
+SETUP = ['pip install -e . && lowbit train --recipe fp4', 'pip install -e ".[test]" && pytest -n 2']
+# Run here in a few seconds.
+CHEAP = ["lowbit --version", "lowbit formats"]
+# Run here in order, in one directory: each later command reads what an earlier one wrote.
+SLOW = [
+    "lowbit train --recipe fp8 --epochs 1 --out runs/smoke",
+    "lowbit train --recipe fp32 --epochs 5 --out runs/fp32",
+    "lowbit ptq --checkpoint runs/fp32 --weights int8 --activations int8 --calibration percentile",
+]
+
+
+def _blocks(language: str) -> list[tuple[int, str]]:
+    """(line number, text) of each fenced block in ``language``."""
+    return [(README[: m.start()].count("\n") + 2, m.group(1))
+            for m in re.finditer(rf"^```{language}\n(.*?)^```", README, re.S | re.M)]
+
+
+def _commands() -> list[str]:
+    """Every shell command of the README, comments stripped, in order."""
+    commands = []
+    for _, block in _blocks("bash"):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def _shell(command: str, cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """Runs a README command as written (the ``lowbit`` script, else ``python -m lowbit.cli``)."""
+    if shutil.which("lowbit") is None:
+        command = re.sub(r"^lowbit\b", shlex.quote(sys.executable) + " -m lowbit.cli", command)
+    # The checkout under test, not whatever copy of lowbit site-packages holds.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def test_commands_are_the_ones_this_test_knows():
+    commands = _commands()
+    assert commands[:2] == SETUP
+    assert all(c.startswith("lowbit ") for c in commands[2:]), commands
+    for command in CHEAP + SLOW:
+        assert command in commands, f"README no longer shows `{command}`"
+    # PTQ starts from a checkpoint that an earlier README command writes.
+    assert commands.index(SLOW[1]) < commands.index(SLOW[2])
+
+
+@pytest.mark.parametrize("command", sorted({c for c in _commands()[2:] if c not in CHEAP}))
+def test_every_lowbit_command_parses(command):
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert callable(args.func)
+
+
+def test_readme_is_self_contained():
+    assert "../" not in README and "DESIGN.md" not in README
+    for target in re.findall(r"\]\(([^)#:]+)\)", README):  # relative links point into the repository
+        assert (ROOT / target).exists(), target
+    assert ">= 3.11" in README and "LICENSE" in README
+    for dataset in ("digits", "fashion-mnist", "cifar10"):
+        assert f"`{dataset}`" in README
+
+
+@pytest.mark.parametrize("command", CHEAP)
+def test_cheap_commands_run_verbatim(command, tmp_path):
+    out = _shell(command, tmp_path, timeout=120).stdout
+    expected = {"lowbit --version": r"^lowbit \d+\.\d+", "lowbit formats": r"float8_e4m3fn[\s\S]*mxfp4_e2m1[\s\S]*nvfp4"}
+    assert re.search(expected[command], out), out
+
+
+@pytest.mark.slow
+def test_train_then_ptq_commands_run_verbatim(tmp_path):
+    smoke, fp32, ptq = (_shell(c, tmp_path, timeout=900) for c in SLOW)
+    # The one-epoch run: one line per epoch although stdout is a pipe, the files it names exist.
+    assert re.search(r"^epoch 1/1: loss .* ETA", smoke.stdout, re.M), smoke.stdout
+    assert "1 epoch," in smoke.stdout and "1 epochs" not in smoke.stdout
+    assert f"wrote {tmp_path}/runs/smoke/metrics.json and {tmp_path}/runs/smoke/curves.png" in smoke.stdout
+    assert (tmp_path / "runs/smoke/curves.png").stat().st_size > 0
+    assert (tmp_path / "runs/fp32/metrics.json").is_file() and list((tmp_path / "runs/fp32/checkpoints").iterdir())
+    (report,) = tmp_path.glob("runs/ptq-*/metrics.json")
+    assert "W8A8" in ptq.stdout and (report.parent / "layer_sqnr.png").is_file()
+
+
+@pytest.mark.parametrize(("line", "code"), _blocks("python"), ids=[f"README.md:{n}" for n, _ in _blocks("python")])
+def test_python_block_runs(line, code, tmp_path, monkeypatch):
+    # Each block on its own (users copy one at a time), from an empty directory, with
+    # jax's default dtype promotion rather than the suite's strict one.
+    monkeypatch.chdir(tmp_path)
+    with jax.numpy_dtype_promotion("standard"):
+        exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
