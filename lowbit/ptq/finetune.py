@@ -43,7 +43,7 @@ from lowbit.ptq.config import PTQConfig, resolve_format
 from lowbit.ptq.evaluate import accuracy
 from lowbit.ptq.noise import adaptive_noise
 from lowbit.ptq.outlier import outlier_penalty, range_ratio
-from lowbit.trainer.loop import make_optimizer
+from lowbit.trainer.step import make_optimizer
 
 __all__ = ["METHODS", "FinetuneConfig", "finetune", "operand_range_ratio"]
 

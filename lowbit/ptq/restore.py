@@ -22,12 +22,12 @@ from lowbit.nn.vit import ViT
 from lowbit import recipes
 from lowbit.trainer import checkpoint
 from lowbit.trainer.checkpoint import CheckpointError
-from lowbit.trainer.loop import TrainState, make_optimizer
+from lowbit.trainer.step import TrainState, make_optimizer
 from lowbit.nn.variables import OverwriteWithGradient
 
 __all__ = ["CheckpointError", "find_checkpoint", "load_vit", "save_vit"]
 
-_FORMAT = 1  # the checkpoint layout version lowbit.trainer.loop writes
+_FORMAT = checkpoint.FORMAT  # the checkpoint layout version lowbit.trainer writes
 
 
 def find_checkpoint(path: str | Path) -> Path:

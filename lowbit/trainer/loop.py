@@ -1,31 +1,32 @@
 """The train loop: any Flax NNX classifier, one recipe, data parallel over N devices.
 
 ``train`` runs AdamW (linear warmup, then cosine decay) with the recipe's precision
-policy and loss scaling, evaluates test accuracy after every epoch, writes an
-atomic checkpoint per epoch and, at the end, ``metrics.json`` and ``curves.png``.
+policy and loss scaling through the public step (``lowbit.trainer.step``),
+evaluates test accuracy after every epoch, writes an atomic checkpoint per epoch
+(keeping the last ``keep``) and, at the end, ``metrics.json`` and ``curves.png``.
 
-The model is handled functionally: it is split into three states,
+Safe to stop and rerun:
 
-* ``params``: ``nnx.Param`` (weights and learned quantizer parameters such as LSQ
-  steps and PACT clips), updated by the optimizer;
-* ``overwrite``: ``OverwriteWithGradient`` variables (GradScale), whose
-  "gradient" is their new value, computed by the quantized backward pass;
-* ``rest``: everything else (RNG streams for dropout and stochastic rounding),
-  carried from step to step and checkpointed.
+* SIGINT (Ctrl-C) or SIGTERM stops the run at the next step boundary: the exact
+  state is checkpointed (mid-epoch included), and ``resume=True`` continues it
+  bit for bit (the data order depends only on ``(seed, epoch)``).
+* An ``out_dir`` holding an earlier run is never silently reused: pass
+  ``resume=True`` or ``overwrite=True``. A lock file keeps a second process out.
+* Steps with a non-finite loss or gradient are skipped, counted, warned about
+  once per epoch, and fail the run past ``max_skipped``.
 
 Data parallelism is GSPMD: a ``Mesh`` with a ``data`` axis, batches sharded along
-it and the state replicated. The step is written for the global batch, so
-quantizer statistics (amax, GradScale) are global reductions.
+it and the state replicated.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import contextlib
 import importlib.metadata
+import itertools
 import json
 import math
-import shutil
+import os
 import statistics
 import time
 import warnings
@@ -33,21 +34,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowbit import data as lowbit_data
-from lowbit.trainer import checkpoint
-from lowbit.training.loss_scale import all_finite, skip_nonfinite
+from lowbit.trainer import checkpoint, metadata, report
+from lowbit.trainer.interrupt import StopRequest
+from lowbit.trainer.lock import RunLock, TrainingError
+from lowbit.trainer.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
 from lowbit.training.policy import Policy
-from lowbit.nn.variables import OverwriteWithGradient
 
-__all__ = ["TrainState", "make_optimizer", "train"]
+__all__ = ["TrainState", "TrainingError", "make_optimizer", "train"]
 
-_CHECKPOINT_FORMAT = 1
+_CHECKPOINTS = "checkpoints"
+_REPORTS = ("metrics.json", "curves.png")
 
 
 class Recipe(Protocol):
@@ -57,77 +58,6 @@ class Recipe(Protocol):
     policy: Policy
 
     def make_loss_scale(self) -> Any: ...
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything that changes during training; a pytree, checkpointed whole.
-
-    Attributes:
-      params: The ``nnx.Param`` state.
-      overwrite: The ``OverwriteWithGradient`` state.
-      rest: All other model state (RNG streams...).
-      opt_state: Optimizer state.
-      loss_scale: The recipe's loss scale.
-    """
-
-    params: nnx.State
-    overwrite: nnx.State
-    rest: nnx.State
-    opt_state: Any
-    loss_scale: Any
-
-
-def make_optimizer(
-    learning_rate: float, weight_decay: float, warmup_steps: int, total_steps: int
-) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay to zero, skipping non-finite steps.
-
-    Weight decay applies to matrices only: decaying biases, LayerNorm scales,
-    positions or learned quantizer steps and clips would pull them toward zero
-    for no regularisation benefit.
-    """
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1)
-    )
-    adamw = optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
-    return skip_nonfinite(adamw)
-
-
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
-
-def _train_step(graphdef, policy: Policy, tx, state: TrainState, x, y):
-    def loss_fn(diff):
-        params, overwrite = diff
-        model = nnx.merge(graphdef, params, overwrite, state.rest, copy=True)
-        logits = model(policy.cast_to_compute(x))
-        loss = _cross_entropy(logits, y)
-        rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)[3]
-        return state.loss_scale.scale(loss), (loss, logits, rest)
-
-    (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)((state.params, state.overwrite))
-    grads = state.loss_scale.unscale(grads)
-    finite = all_finite(grads)
-    # optax.adamw mixes its float32 hyperparameters and counters with the
-    # parameters, which jax_numpy_dtype_promotion="strict" rejects.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-    # A skipped step must not adopt GradScale values computed from inf/NaN gradients.
-    overwrite = jax.tree.map(lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
-                             new_overwrite, state.overwrite)
-    new_state = TrainState(params, overwrite, rest, opt_state, state.loss_scale.adjust(finite))
-    correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
-    return new_state, dict(loss=loss, correct=correct)
-
-
-def _eval_step(graphdef, policy: Policy, state: TrainState, x, y, mask):
-    model = nnx.merge(graphdef, state.params, state.overwrite, state.rest)
-    logits = model(policy.cast_to_compute(x))
-    return jnp.sum((jnp.argmax(logits, axis=-1) == y) & mask)
 
 
 def train(
@@ -141,19 +71,27 @@ def train(
     learning_rate: float = 3e-3,
     weight_decay: float = 0.05,
     warmup: float = 2.0,
-    out_dir: str | Path | None = None,
+    out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    keep: int = 2,
+    max_skipped: int | None = None,
     devices: int = 1,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Trains ``model`` on ``dataset`` with ``recipe``; deterministic given ``seed``.
 
+    Every argument, the labels and the model's output shape are checked before
+    anything is compiled.
+
     Args:
       model: An NNX classifier mapping (B, H, W, C) images to (B, classes) logits,
-        initialised by the caller (from ``seed`` for a reproducible run). It is
-        updated in place with the final state and left in eval mode.
-      dataset: Training and test data (``lowbit.data.load``).
-      recipe: Supplies the precision policy and a fresh loss scale.
+        with classes >= ``dataset.num_classes``, initialised by the caller (from
+        ``seed`` for a reproducible run). It is updated in place with the final
+        (or, when stopped, the current) state and left in eval mode.
+      dataset: Training and test data (``lowbit.data.load``); integer labels in
+        ``[0, dataset.num_classes)``.
+      recipe: Supplies ``name``, the precision ``policy`` and ``make_loss_scale()``.
       epochs: Passes over the training set.
       batch_size: Global batch (split across ``devices``); the last partial
         batch of each epoch is dropped.
@@ -162,117 +100,210 @@ def train(
       weight_decay: AdamW decoupled weight decay (matrices only).
       warmup: Linear warmup length in epochs (may be fractional).
       out_dir: Where checkpoints (``checkpoints/``), ``metrics.json`` and
-        ``curves.png`` go; None writes nothing.
-      resume: Continue from the latest checkpoint in ``out_dir``, bit-exactly where
-        the earlier run stopped; with no checkpoint there, start from scratch.
-        False deletes earlier checkpoints.
+        ``curves.png`` go, relative to the working directory or absolute;
+        created if missing. None writes nothing.
+      resume: Continue from the newest intact checkpoint in ``out_dir``, bit-exactly
+        where the earlier run stopped (damaged newer ones are skipped with a
+        warning); with no checkpoint there, start fresh.
+      overwrite: Without ``resume``, an ``out_dir`` that already holds
+        checkpoints or reports is an error unless this is True; then only those
+        files (what lowbit wrote) are deleted before training.
+      keep: How many checkpoints to keep (the newest).
+      max_skipped: The run fails once more steps than this were skipped for a
+        non-finite loss or gradient. None: 10% of the run's steps, at least 16
+        (room for a dynamic loss scale to back off from 2**15 to 1).
       devices: Data-parallel device count (the first ``devices`` of ``jax.devices()``).
-      progress: Show a progress bar (only on a terminal).
+      progress: Show a progress bar with an ETA (only on a terminal). Either way,
+        one line per epoch is printed and flushed.
 
     Returns:
-      The metrics also written to ``metrics.json``: recipe, dataset, epochs, seed,
-      hyperparameters, ``test_accuracy`` (fraction), ``train_time_s``,
-      ``step_time_ms`` (median step after compilation), ``final_loss``,
-      ``skipped_steps`` (non-finite gradients) and per-epoch ``history``.
+      The metrics also written to ``metrics.json`` (valid JSON: NaN is None):
+      recipe, dataset, epochs, seed, hyperparameters, ``test_accuracy``
+      (fraction), ``train_time_s``, ``step_time_ms`` (median step after
+      compilation), ``final_loss``, ``skipped_steps``, ``max_skipped``, per-epoch
+      ``history``, ``stopped`` (a signal ended the run early), ``stopped_at``
+      (``{"epoch": completed epochs, "step": steps into the next}`` or None) and
+      ``curves`` (``"curves.png"`` if written, else None).
 
     Raises:
-      ValueError: Invalid arguments, or too few devices.
-      checkpoint.CheckpointError: ``resume`` found a corrupt checkpoint or one from
-        a different run (recipe, dataset, model or hyperparameters).
+      TypeError: An argument of the wrong type (a bool given as 0/1 or "yes"
+        included), or non-integer labels.
+      ValueError: Invalid arguments or data (labels out of range, a model whose
+        output does not fit), too few devices, an unwritable ``out_dir``, or one
+        holding an earlier run without ``resume``/``overwrite``.
+      TrainingError: Another process is using ``out_dir``, or more than
+        ``max_skipped`` steps were skipped.
+      checkpoint.CheckpointError: ``resume`` found only damaged checkpoints, or
+        (``IncompatibleCheckpointError``) one from a different run (recipe,
+        dataset, model or hyperparameters).
     """
-    _check_args(epochs, batch_size, learning_rate, weight_decay, warmup, devices, resume, out_dir)
+    _check_args(model, recipe, epochs=epochs, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
+                weight_decay=weight_decay, warmup=warmup, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                keep=keep, max_skipped=max_skipped, devices=devices, progress=progress)
+    steps_per_epoch = _check_data(dataset, batch_size)
     mesh = _mesh(devices, batch_size)
+    _check_model(model, dataset, batch_size, recipe.policy)
+    out = _prepare_out_dir(out_dir)
+    with RunLock(out) if out is not None else contextlib.nullcontext():
+        return _train(model, dataset, recipe, mesh, out, steps_per_epoch, epochs=epochs, batch_size=batch_size,
+                      seed=seed, learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup,
+                      resume=resume, overwrite=overwrite, keep=keep, max_skipped=max_skipped, devices=devices,
+                      progress=progress)
+
+
+def _train(model, dataset, recipe, mesh, out, steps_per_epoch, *, epochs, batch_size, seed, learning_rate,
+           weight_decay, warmup, resume, overwrite, keep, max_skipped, devices, progress) -> dict[str, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     policy = recipe.policy
-    steps_per_epoch = len(dataset.x_train) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
-    warmup_steps = min(round(warmup * steps_per_epoch), epochs * steps_per_epoch)
-    tx = make_optimizer(learning_rate, weight_decay, warmup_steps, epochs * steps_per_epoch)
-
-    graphdef, eval_graphdef, state = _initial_state(model, recipe, tx)
+    total_steps = epochs * steps_per_epoch
+    limit = max(16, total_steps // 10) if max_skipped is None else max_skipped
+    warmup_steps = min(round(warmup * steps_per_epoch), total_steps)
+    tx = make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps)
+    graphdef, state = init_state(model, tx, policy=policy, loss_scale=recipe.make_loss_scale())
     hparams = dict(epochs=epochs, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
                    weight_decay=weight_decay, warmup=warmup)
     # Through JSON so tuples compare equal to the lists a checkpoint reads back.
     expected = json.loads(json.dumps(dict(
-        format=_CHECKPOINT_FORMAT, recipe=recipe.name, dataset=dataset.name, hparams=hparams,
-        model=dict(type=type(model).__name__, config=getattr(model, "config", None)))))
-    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    if ckpt_dir is not None and not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    done, history, step_times, elapsed = 0, [], [], 0.0
-    if resume:
-        state, done, history, step_times, elapsed = _resume(ckpt_dir, state, expected)
-    state = jax.device_put(state, replicated)
+        recipe=recipe.name, dataset=dataset.name, hparams=hparams, steps_per_epoch=steps_per_epoch,
+        model=dict(type=type(model).__name__, config=_json_or_none(getattr(model, "config", None))))))
 
-    step = jax.jit(functools.partial(_train_step, graphdef, policy, tx),
+    ckpt_dir = out / _CHECKPOINTS if out is not None else None
+    start_epoch, start_step, history, step_times, elapsed, partial = 0, 0, [], [], 0.0, None
+    messages = []
+    found = None
+    if ckpt_dir is not None and resume:
+        found = checkpoint.restore_latest(ckpt_dir, state, expected, metadata.check_run)
+        if found is None:
+            messages.append("nothing to resume, starting fresh")
+        else:
+            state, meta, path = found
+            start_epoch, start_step, partial = meta["epoch"], meta["step"], meta["partial"]
+            history, step_times, elapsed = meta["history"], meta["step_times_ms"], meta["train_time_s"]
+            where = f"epoch {start_epoch} of {epochs}"
+            if start_step:
+                where += f", step {start_step}/{steps_per_epoch} of epoch {start_epoch + 1}"
+            finished = "; nothing left to train" if start_epoch == epochs else ""
+            messages.append(f"resumed from {where} ({path.name}){finished}")
+    if out is not None and found is None:
+        _clear_earlier_run(out, overwrite=overwrite, resume=resume)
+    state = jax.device_put(state, replicated)
+    skipped_total = int(state.opt_state.total_notfinite)
+
+    step = jax.jit(make_train_step(graphdef, tx, policy=policy),
                    in_shardings=(replicated, sharded, sharded), out_shardings=(replicated, replicated))
-    evaluate = jax.jit(functools.partial(_eval_step, eval_graphdef, policy),
+    evaluate = jax.jit(make_eval_step(graphdef, policy=policy),
                        in_shardings=(replicated, sharded, sharded, sharded), out_shardings=replicated)
     test_batches = _padded_batches(dataset.x_test, dataset.y_test, batch_size)
     timer = _StepTimer(step_times)
-    with _progress(progress) as bar:
-        task = bar.add_task("compiling", total=(epochs - done) * steps_per_epoch, stats="")
-        for epoch in range(done, epochs):
-            start = time.perf_counter()
-            losses, correct = [], 0
-            for x, y in lowbit_data.batches(dataset.x_train, dataset.y_train, batch_size, seed=(seed, epoch)):
+    stopped_at, stop_signal = None, None
+    session_start, session_steps = time.perf_counter(), 0
+    remaining = total_steps - start_epoch * steps_per_epoch - start_step
+
+    def save(epoch: int, step_in_epoch: int, partial: dict | None) -> None:
+        meta = dict(expected, history=history, step_times_ms=step_times, train_time_s=elapsed, partial=partial,
+                    lowbit_version=_version())
+        checkpoint.save(ckpt_dir, epoch, state, report.to_json(meta), step=step_in_epoch, keep=keep)
+
+    with StopRequest() as stop, report.Progress(progress, remaining) as bar:
+        for line in messages:
+            bar.line(line)
+        for epoch in range(start_epoch, epochs):
+            first = start_step if epoch == start_epoch else 0
+            run = partial if first else dict(losses=[], correct=0, skipped=0, time_s=0.0)
+            partial = None
+            t0 = time.perf_counter()
+            batches = itertools.islice(lowbit_data.batches(dataset.x_train, dataset.y_train, batch_size,
+                                                           seed=(seed, epoch)), first, None)
+            done = first
+            for x, y in batches:
                 with timer:
                     state, m = step(state, jax.device_put(x, sharded), jax.device_put(y, sharded))
-                    losses.append(float(m["loss"]))  # blocks, so the timer sees the computation
-                correct += int(m["correct"])
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs}",
-                           stats=f"loss {np.mean(losses):.4f}  acc {correct / (len(losses) * batch_size):.3f}  "
-                                 f"{batch_size / timer.last:,.0f} img/s")
+                    loss = float(m["loss"])  # blocks, so the timer sees the computation
+                done += 1
+                session_steps += 1
+                run["correct"] += int(m["correct"])
+                if bool(m["skipped"]):
+                    run["skipped"] += 1
+                    skipped_total += 1
+                    if skipped_total > limit:
+                        raise TrainingError(
+                            f"train: {skipped_total} steps skipped for a non-finite loss or gradient, more than "
+                            f"max_skipped={limit} (at epoch {epoch + 1} step {done}); the data, labels or "
+                            "learning rate produce NaN/inf")
+                else:
+                    run["losses"].append(loss)
+                bar.step(f"epoch {epoch + 1}/{epochs}",
+                         f"loss {_mean(run['losses']):.4f}  acc {run['correct'] / (done * batch_size):.3f}  "
+                         f"{batch_size / timer.last:,.0f} img/s")
+                if stop.requested and done < steps_per_epoch:
+                    break
+            session_time = time.perf_counter() - t0
+            elapsed += session_time
+            run["time_s"] += session_time
+            if done < steps_per_epoch:  # stopped mid-epoch
+                stopped_at, stop_signal = dict(epoch=epoch, step=done), stop.requested
+                if ckpt_dir is not None:
+                    save(epoch, done, run)
+                break
             correct_test = sum(int(evaluate(state, *(jax.device_put(a, sharded) for a in b))) for b in test_batches)
-            epoch_time = time.perf_counter() - start
-            elapsed += epoch_time
-            history.append(dict(epoch=epoch + 1, loss=float(np.mean(losses)),
-                                train_acc=correct / (steps_per_epoch * batch_size),
-                                test_accuracy=correct_test / len(dataset.x_test), time_s=epoch_time))
-            if bar.live.is_started:
-                bar.console.print("epoch {epoch}/{0}: loss {loss:.4f}  train acc {train_acc:.3f}  "
-                                  "test acc {test_accuracy:.3f}  {time_s:.1f} s".format(epochs, **history[-1]))
+            run["time_s"] += (eval_time := time.perf_counter() - t0 - session_time)
+            elapsed += eval_time
+            history.append(dict(epoch=epoch + 1, loss=_mean(run["losses"]),
+                                train_acc=run["correct"] / (steps_per_epoch * batch_size),
+                                test_accuracy=correct_test / len(dataset.x_test), time_s=run["time_s"],
+                                skipped=run["skipped"]))
+            if run["skipped"]:
+                warnings.warn(f"epoch {epoch + 1}/{epochs}: {run['skipped']} of {steps_per_epoch} steps skipped for "
+                              f"a non-finite loss or gradient ({skipped_total} in the run; it fails past "
+                              f"max_skipped={limit})", RuntimeWarning, stacklevel=2)
+            wall = time.perf_counter() - session_start
+            eta = wall / session_steps * (total_steps - (epoch + 1) * steps_per_epoch) if session_steps else math.nan
+            h = history[-1]
+            bar.line(f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  train acc {h['train_acc']:.3f}  "
+                     f"test acc {h['test_accuracy']:.3f}  {(done - first) * batch_size / session_time:,.0f} img/s  "
+                     f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}")
             if ckpt_dir is not None:
-                meta = dict(expected, epoch=epoch + 1, history=history, step_times_ms=step_times,
-                            train_time_s=elapsed, lowbit_version=_version())
-                checkpoint.save(ckpt_dir, epoch + 1, state, meta)
+                save(epoch + 1, 0, None)
+            if stop.requested and epoch + 1 < epochs:
+                stopped_at, stop_signal = dict(epoch=epoch + 1, step=0), stop.requested
+                break
+        if stopped_at is not None:
+            shown_epoch, shown_step = ((stopped_at["epoch"] + 1, stopped_at["step"]) if stopped_at["step"]
+                                       else (stopped_at["epoch"], steps_per_epoch))
+            where = f"stopped at epoch {shown_epoch}/{epochs} step {shown_step}/{steps_per_epoch} ({stop_signal})"
+            bar.line(f"{where}; resume with --resume" if ckpt_dir is not None else f"{where}; no out_dir, nothing saved")
 
     nnx.update(model, state.params, state.overwrite, state.rest)
     model.eval()
-    last = history[-1] if history else dict(test_accuracy=math.nan, loss=math.nan)
-    metrics = dict(
+    last = history[-1] if history else dict(test_accuracy=None, loss=None)
+    metrics = report.to_json(dict(
         recipe=recipe.name, dataset=dataset.name, **hparams, devices=devices, model=expected["model"],
         lowbit_version=_version(), test_accuracy=last["test_accuracy"], train_time_s=elapsed,
-        step_time_ms=statistics.median(step_times) if step_times else math.nan, final_loss=last["loss"],
-        skipped_steps=int(state.opt_state.total_notfinite), history=history,
-    )
-    if out_dir is not None:
-        _write_report(Path(out_dir), metrics)
+        step_time_ms=statistics.median(step_times) if step_times else None, final_loss=last["loss"],
+        skipped_steps=int(state.opt_state.total_notfinite), max_skipped=limit, history=history,
+        stopped=stopped_at is not None, stopped_at=stopped_at, curves=None,
+    ))
+    if out is not None:
+        metrics = report.write_report(out, metrics)
     return metrics
 
 
-def _initial_state(model: nnx.Module, recipe: Recipe, tx: optax.GradientTransformation):
-    """Graph definitions for training and evaluation, and the initial train state."""
-    model.eval()
-    eval_graphdef = nnx.graphdef(model)
-    model.train()
-    graphdef, params, overwrite, rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)
-    params = recipe.policy.cast_to_param(params)
-    return graphdef, eval_graphdef, TrainState(params, overwrite, rest, tx.init(params), recipe.make_loss_scale())
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
 
 
-def _resume(ckpt_dir: Path, state: TrainState, expected: dict[str, Any]):
-    """The latest checkpoint's state and progress, or ``state`` and no progress if there is none."""
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
-        return state, 0, [], [], 0.0
-    state, meta = checkpoint.restore(path, state, expected)
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _json_or_none(value: Any) -> Any:
+    """``value`` if JSON can hold it (a model's config, compared on resume), else None."""
     try:
-        return state, meta["epoch"], meta["history"], meta["step_times_ms"], meta["train_time_s"]
-    except KeyError as e:
-        raise checkpoint.CheckpointError(f"checkpoint {path}: metadata.json has no {e}") from None
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+    return value
 
 
 class _StepTimer:
@@ -291,15 +322,114 @@ class _StepTimer:
         self._first = False
 
 
-def _check_args(epochs, batch_size, learning_rate, weight_decay, warmup, devices, resume, out_dir) -> None:
-    for name, value in dict(epochs=epochs, batch_size=batch_size, devices=devices).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"train: {name} must be an integer >= 1, got {value!r}")
-    for name, value in dict(learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup).items():
+def _check_args(model, recipe, **args) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"train: model must be a flax.nnx.Module, got {type(model).__name__}")
+    for attr in ("name", "policy", "make_loss_scale"):
+        if not hasattr(recipe, attr):
+            raise TypeError(f"train: recipe must have .name, .policy and .make_loss_scale() (a lowbit Recipe), "
+                            f"got {type(recipe).__name__} without .{attr}")
+    for name in ("resume", "overwrite", "progress"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"train: {name} must be True or False, got {args[name]!r}")
+    for name, lo in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("keep", 1), ("seed", 0),
+                     ("max_skipped", 0)):
+        value = args[name]
+        if name == "max_skipped" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"train: {name} must be an integer, got {value!r}")
+        if value < lo:
+            raise ValueError(f"train: {name} must be >= {lo}, got {value!r}")
+    for name in ("learning_rate", "weight_decay", "warmup"):
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise TypeError(f"train: {name} must be a number, got {value!r}")
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"train: {name} must be a finite number >= 0, got {value!r}")
-    if resume and out_dir is None:
+    out_dir = args["out_dir"]
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"train: out_dir must be a path (str or os.PathLike) or None, got {out_dir!r}")
+    if args["resume"] and out_dir is None:
         raise ValueError("train: resume=True needs out_dir (where the checkpoints are)")
+    if args["resume"] and args["overwrite"]:
+        raise ValueError("train: resume=True continues the run in out_dir and overwrite=True replaces it; "
+                         "pass one of them")
+
+
+def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
+    """Validates images and labels; returns the number of steps per epoch."""
+    classes = dataset.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
+        raise ValueError(f"train: dataset.num_classes must be an integer >= 1, got {classes!r}")
+    for split in ("train", "test"):
+        x, y = np.asarray(getattr(dataset, f"x_{split}")), np.asarray(getattr(dataset, f"y_{split}"))
+        if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4:
+            raise TypeError(f"train: dataset.x_{split} must be float images of shape (N, H, W, C), "
+                            f"got {x.dtype}{list(x.shape)}")
+        if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
+            raise TypeError(f"train: dataset.y_{split} must be integer labels of shape ({len(x)},), "
+                            f"got {y.dtype}{list(y.shape)}")
+        if len(x) == 0:
+            raise ValueError(f"train: dataset.x_{split} is empty")
+        if (bad := np.flatnonzero((y < 0) | (y >= classes))).size:
+            raise ValueError(f"train: dataset.y_{split} has {bad.size} labels outside [0, {classes}) "
+                             f"(num_classes={classes}), e.g. {int(y[bad[0]])} at index {int(bad[0])}")
+    if batch_size > len(dataset.x_train):
+        raise ValueError(f"train: batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
+    return len(dataset.x_train) // batch_size
+
+
+def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: int, policy: Policy) -> None:
+    """Traces (without compiling or running) the model on one batch and checks its output shape."""
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state, copy=True)(policy.cast_to_compute(x))
+
+    images = jax.ShapeDtypeStruct((batch_size, *dataset.x_train.shape[1:]), dataset.x_train.dtype)
+    try:
+        logits = jax.eval_shape(forward, state, images)
+    except Exception as e:  # whatever the user's model raises, say where it came from
+        raise ValueError(f"train: the model cannot be applied to a batch of images of shape {list(images.shape)} "
+                         f"({type(e).__name__}: {e})") from e
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != batch_size or shape[1] < dataset.num_classes:
+        raise ValueError(f"train: the model maps a batch of shape {list(images.shape)} to "
+                         f"{list(shape) if shape is not None else type(logits).__name__}; expected logits of shape "
+                         f"[{batch_size}, classes] with classes >= dataset.num_classes={dataset.num_classes}")
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
+    """``out_dir`` made absolute (orbax needs absolute paths) and created; checks it is writable."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir).expanduser().resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"train: cannot create out_dir {out} ({e.strerror or e})") from None
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"train: out_dir {out} is not a writable directory")
+    return out
+
+
+def _clear_earlier_run(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuses, or with ``overwrite`` deletes, the checkpoints and reports of an earlier run in ``out``."""
+    found = checkpoint.checkpoints(out / _CHECKPOINTS)
+    reports = [out / name for name in _REPORTS if (out / name).exists()]
+    if not (found or reports):
+        return
+    if not overwrite:
+        listed = ", ".join([f"{_CHECKPOINTS}/{p.name}" for p in found[:3]] + [p.name for p in reports])
+        hint = ("there is no checkpoint to resume" if resume
+                else "pass resume=True (--resume) to continue it")
+        raise ValueError(f"train: out_dir {out} already holds a run ({listed}); {hint}, or overwrite=True "
+                         "(--overwrite) to delete it, or choose another out_dir")
+    for path in found:
+        checkpoint.remove(path)
+    for path in reports:
+        path.unlink()
 
 
 def _mesh(devices: int, batch_size: int) -> Mesh:
@@ -328,45 +458,8 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple
             for i in range(0, len(x), batch_size)]
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console()
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[stats]}"), console=console,
-                    disable=not (enabled and console.is_terminal))
-
-
 def _version() -> str:
     try:
         return importlib.metadata.version("lowbit")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _write_report(out_dir: Path, metrics: dict[str, Any]) -> None:
-    """Writes ``metrics.json`` and, when matplotlib is installed, ``curves.png``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        warnings.warn("matplotlib is not installed (pip install lowbit[plot]): no curves.png", stacklevel=3)
-        return
-    hist = metrics["history"]
-    epochs = [h["epoch"] for h in hist]
-    # A bare Figure renders with Agg and leaves pyplot's global backend alone.
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [h["loss"] for h in hist], marker="o")
-    loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    acc_ax.plot(epochs, [h["train_acc"] for h in hist], marker="o", label="train")
-    acc_ax.plot(epochs, [h["test_accuracy"] for h in hist], marker="o", label="test")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy")
-    acc_ax.legend()
-    for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"{metrics['recipe']} on {metrics['dataset']} (seed {metrics['seed']})")
-    fig.savefig(out_dir / "curves.png", dpi=100)
