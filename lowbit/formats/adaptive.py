@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.formats import _bits
-from lowbit.formats._checks import check_int, require
+from lowbit.formats._checks import check_float_input, check_int, check_name, check_range, require
 from lowbit.formats.minifloat import FloatFormat
 from lowbit.formats.protocol import BuiltinFormat
 from lowbit.formats.scales import _reduce_axes
 
 RULES = ("max", "sqnr")
+_MAX_SHIFT = 100  # bias shifts stay in [-100, 100]: 2^shift is a float32 normal
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +47,12 @@ class AdaptiveFloat(BuiltinFormat):
         require(self.rule in RULES, "AdaptiveFloat", "rule", self.rule, ", ".join(RULES))
         if self.axis is not None:
             check_int("AdaptiveFloat", "axis", self.axis, -64, 63)
-        require(len(self.search) > 0 and 0 in self.search, "AdaptiveFloat", "search", self.search,
-                "a non-empty tuple of ints that contains 0")
+        require(isinstance(self.search, tuple) and 0 in self.search
+                and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and abs(d) <= _MAX_SHIFT
+                        for d in self.search),
+                "AdaptiveFloat", "search", self.search,
+                f"a tuple of ints in [-{_MAX_SHIFT}, {_MAX_SHIFT}] that contains 0")
+        check_name("AdaptiveFloat", self.name)
         if not self.name:
             object.__setattr__(self, "name", f"adaptive_{self.base.name}_{self.rule}")
 
@@ -72,7 +77,8 @@ class AdaptiveFloat(BuiltinFormat):
     def _choose(self, x):
         xf = x.astype(jnp.float32)
         red = _reduce_axes(xf, self.axis)
-        amax = jnp.max(jnp.abs(jnp.where(jnp.isfinite(xf), xf, 0.0)), axis=red, keepdims=True)
+        # initial=0: an empty tensor (or channel) has amax 0 and keeps the base bias.
+        amax = jnp.max(jnp.abs(jnp.where(jnp.isfinite(xf), xf, 0.0)), axis=red, keepdims=True, initial=0.0)
         # Largest d with amax * 2^d <= max_value, from exponents and one mantissa compare.
         vmax = np.float32(self.base.max_value)
         emax = int(np.floor(np.log2(vmax)))
@@ -82,7 +88,7 @@ class AdaptiveFloat(BuiltinFormat):
         mant_v = int(vmax.view(np.uint32)) & 0x7FFFFF
         d = emax - ea - (mant_a > _bits.u32(mant_v)).astype(jnp.int32)
         d = jnp.where(amax > 0, d, 0)
-        d = jnp.clip(d, -100, 100)  # keeps 2^d a float32 normal
+        d = jnp.clip(d, -_MAX_SHIFT, _MAX_SHIFT)  # keeps 2^d a float32 normal
         if self.rule == "max":
             return d
         # Compare candidates on x * 2^d (its max near the format's max): a power-of-two
@@ -92,7 +98,7 @@ class AdaptiveFloat(BuiltinFormat):
         xn = xf * up
         best_d, best_err = d, None
         for off in self.search:
-            cand = jnp.clip(d + off, -100, 100)
+            cand = jnp.clip(d + off, -_MAX_SHIFT, _MAX_SHIFT)
             shift = jnp.full(d.shape, off, jnp.int32)
             err = jnp.sum(jnp.square(self._shifted(xn, shift, True, "nearest", None) - xn), axis=red, keepdims=True)
             if best_err is None:
@@ -112,8 +118,16 @@ class AdaptiveFloat(BuiltinFormat):
         return codes, (self.base.bias + d).astype(jnp.int32)
 
     def _decode(self, encoded, dtype):
+        if not isinstance(encoded, tuple) or len(encoded) != 2:
+            raise ValueError(f"{self.name}: decode takes what encode returned, (codes, bias)")
         codes, bias = encoded
-        _, down = _pow2_pair(bias.astype(jnp.int32) - self.base.bias)
+        if not jnp.issubdtype(bias.dtype, jnp.integer):
+            raise TypeError(f"{self.name}: bias has dtype {bias.dtype}; allowed: an integer dtype (int32)")
+        lo, hi = self.base.bias - _MAX_SHIFT, self.base.bias + _MAX_SHIFT
+        check_range(bias, lo, hi, "bias", f"biases in [{lo}, {hi}], the range encode chooses from "
+                    "(under jit a bias outside is clamped into it)")
+        d = jnp.clip(bias.astype(jnp.int32) - self.base.bias, -_MAX_SHIFT, _MAX_SHIFT)
+        _, down = _pow2_pair(d)
         return (self.base._decode(codes, jnp.float32) * down).astype(dtype)
 
     def _values(self) -> np.ndarray:
@@ -125,8 +139,11 @@ def _pow2_pair(d):
 
 
 def choose_bias(fmt: AdaptiveFloat, x):
-    """The exponent bias ``fmt`` picks for ``x`` (int32; per channel if ``fmt.axis`` is set, kept dims)."""
-    from lowbit.formats._checks import check_float_input
+    """The exponent bias ``fmt`` picks for ``x`` (int32; per channel if ``fmt.axis`` is set, kept dims).
 
+    An empty ``x`` (or channel) keeps ``fmt.base.bias``.
+    """
+    if not isinstance(fmt, AdaptiveFloat):
+        raise TypeError(f"fmt has type {type(fmt).__name__}; allowed: an AdaptiveFloat")
     x = check_float_input(x)
     return (fmt.base.bias + fmt._choose(x)).astype(jnp.int32)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowbit.formats._checks import check_codes, check_float_input, check_rounding
+from lowbit.formats._checks import check_bool, check_codes, check_dtype, check_float_input, check_rounding
 from lowbit.formats.protocol import BuiltinFormat, missing_members
 from lowbit.formats.registry import get
 
@@ -35,12 +35,17 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
 
     Args:
       fmt: a format or its registered name.
-      x: float32, bfloat16 or float16 array, any shape.
+      x: float32, bfloat16 or float16 array (jax or numpy), any shape.
+        float64, Python floats and lists are a ``TypeError``: rounding is done
+        in float32, and narrowing float64 first would round twice (a value
+        just past a midpoint can land on the other neighbour); cast explicitly.
       saturate: map finite overflow and +-inf to +-max; ``False`` follows the
-        format's own overflow (inf or NaN), exactly ml_dtypes' cast.
+        format's own overflow (inf or NaN), exactly ml_dtypes' cast. A bool.
       rounding: ``nearest`` (half to even), ``stochastic`` (needs ``key``) or
         ``toward_zero``.
-      key: a ``jax.random`` key for stochastic rounding.
+      key: one ``jax.random`` key for stochastic rounding: ``jax.random.key``
+        or a legacy uint32[2] ``PRNGKey`` (anything else, a batch of keys
+        included, is an error; other roundings ignore a valid key).
 
     Returns:
       Codes of ``x``'s shape, ``uint8`` for formats of at most 8 bits (value in
@@ -51,6 +56,7 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
     """
     fmt = _resolve(fmt)
     x = check_float_input(x)
+    check_bool("", "saturate", saturate)
     check_rounding(rounding, key)
     if isinstance(fmt, BuiltinFormat):
         return fmt._encode(x, saturate, rounding, key)
@@ -58,12 +64,20 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
 
 
 def decode(fmt, codes, *, dtype: Any = jnp.float32):
-    """Values of ``codes`` (what ``encode`` returned) as ``dtype`` (float32 default)."""
+    """Values of ``codes`` (what ``encode`` returned) as ``dtype`` (float32, bfloat16 or float16).
+
+    Codes are integers in ``[0, 2^bits - 1]``; concrete codes outside that
+    range (``0xFFFF`` or ``-1`` for an 8-bit format, ``0xFF`` for a 4-bit one)
+    are a ``ValueError``. Under ``jit`` the codes are tracers whose values
+    cannot be checked: lowbit's formats then read only their low ``bits`` bits
+    (``code & (2^bits - 1)``), as they do the scale codes of block formats.
+    """
     fmt = _resolve(fmt)
-    if isinstance(codes, tuple):
-        codes = tuple(check_codes(c) if i == 0 else jnp.asarray(c) for i, c in enumerate(codes))
+    dtype = check_dtype(dtype)
+    if isinstance(codes, tuple) and codes:
+        codes = (check_codes(codes[0], fmt.bits), *(jnp.asarray(c) for c in codes[1:]))
     else:
-        codes = check_codes(codes)
+        codes = check_codes(codes, fmt.bits)
     if isinstance(fmt, BuiltinFormat):
         return fmt._decode(codes, dtype)
     return fmt.decode(codes, dtype=dtype)
@@ -78,6 +92,7 @@ def quantize(fmt, x, *, saturate: bool = True, rounding: str = "nearest", key: j
     """
     fmt = _resolve(fmt)
     x = check_float_input(x)
+    check_bool("", "saturate", saturate)
     check_rounding(rounding, key)
     if isinstance(fmt, BuiltinFormat):
         return fmt._quantize(x, saturate, rounding, key)

@@ -65,7 +65,7 @@ from jax import lax
 
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
-from lowbit.formats._checks import check_int, require
+from lowbit.formats._checks import check_int, check_name, check_range, require
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.minifloat import FloatFormat
 from lowbit.formats.protocol import BuiltinFormat
@@ -102,7 +102,8 @@ class BlockFormat(BuiltinFormat):
 
     def __post_init__(self):
         own = "BlockFormat"
-        require(self.kind in KINDS, own, "kind", self.kind, ", ".join(KINDS))
+        check_name(own, self.name)
+        require(isinstance(self.kind, str) and self.kind in KINDS, own, "kind", self.kind, ", ".join(KINDS))
         check_int(own, "block_size", self.block_size, 1, 2**16)
         float_ok = isinstance(self.element, FloatFormat) and self.element.radix == 2 and self.element.zero \
             and self.element.signed
@@ -182,10 +183,13 @@ class BlockFormat(BuiltinFormat):
         if scales.shape != (*codes.shape[:-1], nb):
             raise ValueError(f"{self.name}: scales have shape {scales.shape}; codes of shape {codes.shape} "
                              f"need {(*codes.shape[:-1], nb)} (one per block of {self.block_size})")
+        smax = 2**self.scale.bits - 1
+        check_range(scales, 0, smax, "scales", f"{self.scale.name} codes 0 .. {smax} "
+                    "(under jit only the low bits are read)")
         cb, _ = _blocks(codes, self.block_size)
         q = self.element._decode(cb, jnp.float32)
         if self.kind == "mx":
-            code = scales.astype(jnp.int32)[..., None]
+            code = (scales.astype(jnp.int32) & _E8M0_NAN)[..., None]  # the low 8 bits (traced codes)
             out = _mul_pow2(q, jnp.minimum(code, 254) - 127 + self.element_exp)
             out = jnp.where(code >= _E8M0_NAN, jnp.float32(jnp.nan), out)
         else:
@@ -251,7 +255,8 @@ class BlockFormat(BuiltinFormat):
 def _blocks(x, block_size: int):
     """``x`` as (..., nblocks, block_size), zero-padded at the end of the last axis."""
     if x.ndim == 0:
-        raise ValueError("block formats need an array with at least one axis (blocks run along the last)")
+        raise ValueError("x has shape (); allowed: block formats need an array with at least one axis "
+                         "(blocks run along the last)")
     n = x.shape[-1]
     pad = -n % block_size
     if pad:

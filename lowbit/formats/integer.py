@@ -16,7 +16,7 @@ from jax import lax
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
 from lowbit.formats.minifloat import _random, _round_int, _uniform
-from lowbit.formats._checks import check_int
+from lowbit.formats._checks import check_bool, check_int, check_name, require
 from lowbit.formats.protocol import BuiltinFormat
 
 
@@ -26,9 +26,10 @@ class IntFormat(BuiltinFormat):
 
     Attributes:
       bits: storage width, 1..16 (2..16 when signed).
-      signed: two's complement when True.
+      signed: two's complement when True (a bool).
       narrow: drop the most negative code so the grid is symmetric
-        (int8 narrow is [-127, 127]); ternary is 2-bit narrow.
+        (int8 narrow is [-127, 127]); ternary is 2-bit narrow. Unsigned, it
+        drops the largest code (a bool).
       name: display name; not part of equality.
     """
 
@@ -38,7 +39,13 @@ class IntFormat(BuiltinFormat):
     name: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
-        check_int("IntFormat", "bits", self.bits, 2 if self.signed else 1, 16)
+        own = "IntFormat"
+        check_bool(own, "signed", self.signed)
+        check_bool(own, "narrow", self.narrow)
+        check_name(own, self.name)
+        check_int(own, "bits", self.bits, 2 if self.signed else 1, 16)
+        require(self.signed or not self.narrow or self.bits >= 2, own, "narrow", self.narrow,
+                "False for a 1-bit unsigned format (narrow would leave only 0)")
         if not self.name:
             kind = "int" if self.signed else "uint"
             object.__setattr__(self, "name", f"{kind}{self.bits}" + ("_narrow" if self.narrow else ""))
@@ -84,6 +91,7 @@ class IntFormat(BuiltinFormat):
         return (q & ((1 << self.bits) - 1)).astype(self.code_dtype)
 
     def _decode(self, codes, dtype):
+        # Only the low `bits` bits are read (formats.decode rejects wider concrete codes).
         c = codes.astype(jnp.int32) & ((1 << self.bits) - 1)
         if self.signed:  # sign-extend the low `bits` bits
             c = lax.shift_right_arithmetic(lax.shift_left(c, 32 - self.bits), 32 - self.bits)
@@ -102,6 +110,9 @@ class BinaryFormat(BuiltinFormat):
     """
 
     name: str = dataclasses.field(default="binary", compare=False)
+
+    def __post_init__(self):
+        check_name("BinaryFormat", self.name)
 
     bits = 1
     max_value = 1.0

@@ -27,7 +27,7 @@ from jax import lax
 
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
-from lowbit.formats._checks import check_int, require
+from lowbit.formats._checks import check_bool, check_int, check_name, require
 from lowbit.formats.protocol import BuiltinFormat
 
 SPECIALS = ("ieee", "fn", "fnuz", "finite", "p3109")
@@ -39,15 +39,17 @@ class FloatFormat(BuiltinFormat):
     """A minifloat element format (hashable: usable as a static jit argument).
 
     Attributes:
-      ebits: exponent field width, >= 1.
-      mbits: mantissa (fraction) field width, 0..23.
-      bias: exponent bias; ``None`` means the IEEE default ``2^(ebits-1) - 1``.
+      ebits: exponent field width, 1..8 (float32 holds at most 2^8 binades).
+      mbits: mantissa (fraction) field width, 0..15 (at most 16 bits in all).
+      bias: exponent bias in [-256, 256]; ``None`` means the IEEE default
+        ``2^(ebits-1) - 1``. Every value must be exact in float32 (checked).
       radix: 2, or 4 (exponent steps of 4x, as in Sun et al. 2020's radix-4 FP4).
       specials: ``ieee`` (top exponent holds inf and NaN), ``fn`` (no inf, the
         all-ones code is NaN), ``fnuz`` (no inf, NaN at the negative-zero code,
         no -0), ``finite`` (every code is a number), ``p3109`` (NaN at the
         negative-zero code, +-inf at the two all-ones codes, no -0).
-      signed: whether a sign bit is stored (sign-magnitude, sign at bit bits-1).
+      signed: whether a sign bit is stored (sign-magnitude, sign at bit bits-1);
+        a bool, as is ``zero``.
       zero: ``False`` for formats with no zero and no subnormals (E8M0).
       name: display name; not part of equality.
     """
@@ -63,14 +65,23 @@ class FloatFormat(BuiltinFormat):
 
     def __post_init__(self):
         own = "FloatFormat"
-        check_int(own, "ebits", self.ebits, 1)
-        check_int(own, "mbits", self.mbits, 0, 23)
+        # Every field is bounded before anything is computed from it. float32
+        # spans 2^-149 .. 2^128, 277 binades: 8 exponent bits (256 binades) is
+        # the most any grid can use, and a bias beyond +-256 cannot fit either;
+        # the value check below then pins the exact range.
+        check_int(own, "ebits", self.ebits, 1, 8)
+        check_int(own, "mbits", self.mbits, 0, 15)
+        check_bool(own, "signed", self.signed)
+        check_bool(own, "zero", self.zero)
+        check_name(own, self.name)
+        check_int(own, "radix", self.radix, 2, 4)
+        require(self.radix in (2, 4), own, "radix", self.radix, "2 or 4")
+        require(isinstance(self.specials, str) and self.specials in SPECIALS, own, "specials", self.specials,
+                ", ".join(SPECIALS))
+        require(self.bits <= 16, own, "bits", self.bits, "sign + ebits + mbits <= 16")
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.ebits - 1) - 1)
-        check_int(own, "bias", self.bias, -(2**20), 2**20)
-        require(self.radix in (2, 4), own, "radix", self.radix, "2 or 4")
-        require(self.specials in SPECIALS, own, "specials", self.specials, ", ".join(SPECIALS))
-        require(self.bits <= 16, own, "bits", self.bits, "sign + ebits + mbits <= 16")
+        check_int(own, "bias", self.bias, -256, 256)
         require(
             self.signed or self.specials in ("ieee", "fn", "finite"),
             own, "specials", self.specials, "ieee, fn or finite for an unsigned format",
@@ -309,8 +320,9 @@ class FloatFormat(BuiltinFormat):
         return value.astype(x.dtype)
 
     def _decode(self, codes, dtype):
+        # Only the low `bits` bits are read (formats.decode rejects wider concrete codes).
         table = jnp.asarray(self.decode_table())
-        return jnp.take(table, codes.astype(jnp.int32), mode="fill", fill_value=jnp.nan).astype(dtype)
+        return jnp.take(table, codes.astype(jnp.int32) & ((1 << self.bits) - 1), mode="clip").astype(dtype)
 
     def _values(self) -> np.ndarray:
         t = self.decode_table()

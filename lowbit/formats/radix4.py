@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lowbit.formats._checks import check_float_input, check_rounding
 from lowbit.formats.api import quantize
 from lowbit.formats.registry import get
 
@@ -16,7 +17,13 @@ def two_phase(x, *, rounding: str = "nearest", key: jax.Array | None = None):
 
     Returns:
       ``(even, odd)``, each with ``x``'s shape and dtype.
+
+    Raises:
+      TypeError: ``x`` is not float32/bfloat16/float16 (as ``formats.quantize``),
+        or ``key`` is not one ``jax.random`` key.
     """
+    x = check_float_input(x)
+    check_rounding(rounding, key)
     fmt = get("fp4_radix4")
     two = jnp.asarray(2, x.dtype)
     k_even, k_odd = (None, None) if key is None else tuple(jax.random.split(key))

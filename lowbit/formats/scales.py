@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
+
+from lowbit.formats._checks import check_float_input
 
 
 def _reduce_axes(w, axis):
     """Axes to reduce so that one scale remains per index of ``axis`` (None: per tensor)."""
     if axis is None:
         return None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis={axis!r} is invalid; allowed: an integer or None")
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(f"axis={axis} is out of range for a {w.ndim}-d array; allowed: [{-w.ndim}, {w.ndim - 1}] or None")
     axis = axis % w.ndim
@@ -16,7 +21,11 @@ def _reduce_axes(w, axis):
 
 
 def binary_scale(w, axis: int | None = None):
-    """alpha = mean|w| (XNOR-Net), per tensor or per index of ``axis``, kept dims."""
+    """alpha = mean|w| (XNOR-Net), per tensor or per index of ``axis``, kept dims.
+
+    ``w`` is a float32, bfloat16 or float16 array (as for ``formats.quantize``).
+    """
+    w = check_float_input(w, "w")
     return jnp.mean(jnp.abs(w), axis=_reduce_axes(w, axis), keepdims=True)
 
 
@@ -27,6 +36,7 @@ def ternary_threshold(w, axis: int | None = None):
       ``(delta, alpha)``, each shaped to broadcast against ``w`` (kept dims).
       A tensor whose entries are all zero gets alpha = 0.
     """
+    w = check_float_input(w, "w")
     red = _reduce_axes(w, axis)
     aw = jnp.abs(w)
     delta = jnp.asarray(0.7, w.dtype) * jnp.mean(aw, axis=red, keepdims=True)
@@ -39,5 +49,6 @@ def ternary_threshold(w, axis: int | None = None):
 
 def ternarize(w, axis: int | None = None):
     """TWN ternary weights: alpha * sign(w) * [|w| > Delta] (no gradient rule; see training.ste)."""
+    w = check_float_input(w, "w")
     delta, alpha = ternary_threshold(w, axis)
     return jnp.where(jnp.abs(w) > delta, alpha * jnp.sign(w), jnp.zeros_like(w))

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowbit import formats
 from lowbit.formats._checks import check_float_input, check_rounding
@@ -33,6 +34,17 @@ def _check_call(q: Quantizer, x, scale, state):
     if (state is not None) != q.static:
         raise ValueError(f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
                          "allowed: state= (a CalibrationState or QParams) exactly when static=True")
+    if scale is not None:
+        scale = check_float_input(scale, "scale")
+        want = layout(q, x.shape).scale_shape
+        try:
+            ok = np.broadcast_shapes(scale.shape, want) == want
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"scale has shape {scale.shape}; allowed: a shape that broadcasts to the scales' "
+                             f"kept-dims shape {want} (granularity={q.granularity!r}, axis={q.axis} on x of "
+                             f"shape {x.shape})")
     return x
 
 
@@ -67,10 +79,15 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
 
     Args:
       quantizer: the ``Quantizer``.
-      x: float32, bfloat16 or float16 array, any shape.
-      key: ``jax.random`` key, required for ``rounding="stochastic"``.
-      scale: the step for ``scale="learned"``: float32, broadcastable to the
-        scales' kept-dims shape (per channel along axis 1 of a matrix: ``(1, C)``).
+      x: float32, bfloat16 or float16 array (jax or numpy), any shape. float64
+        (also Python floats and lists) is a ``TypeError``, never narrowed
+        silently: the computation is float32, and narrowing first rounds twice.
+      key: one ``jax.random`` key (``jax.random.key`` or a legacy uint32[2]
+        ``PRNGKey``), required for ``rounding="stochastic"``.
+      scale: the step for ``scale="learned"``: a float32 (or bfloat16/float16)
+        array broadcastable to the scales' kept-dims shape (per channel along
+        axis 1 of a matrix: ``(1, C)`` or ``(C,)``); positive (not checked:
+        it is usually traced).
       state: for ``static=True``: a ``CalibrationState`` (from ``calibrate`` or
         an ``Observer``) or the ``QParams`` derived from it.
 
@@ -78,9 +95,11 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
       An array of ``x``'s shape and dtype (computed in float32).
 
     Raises:
-      TypeError: ``x`` is not float32/bfloat16/float16.
+      TypeError: ``quantizer`` is not a ``Quantizer``; ``x`` or ``scale`` is
+        not float32/bfloat16/float16; ``key`` is not a key.
       ValueError: ``axis`` out of range, a group size that does not divide the
-        axis, a missing key, or ``scale``/``state`` given where not expected.
+        axis, a missing key or a batch of keys, ``scale``/``state`` given where
+        not expected, or a ``scale`` of the wrong shape.
     """
     x = _check_call(quantizer, x, scale, state)
     check_rounding(quantizer.rounding, key)
@@ -124,9 +143,19 @@ def quantize(quantizer: Quantizer, x, key=None, *, scale=None, state=None) -> QT
     return _quantize(quantizer, x, key, scale, state)
 
 
-@jax.jit
 def dequantize(qt: QTensor):
-    """The values of ``qt`` in its original dtype; equals ``fake_quant`` bit for bit."""
+    """The values of ``qt`` in its original dtype; equals ``fake_quant`` bit for bit.
+
+    Raises:
+      TypeError: ``qt`` is not a ``QTensor``.
+    """
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"qt has type {type(qt).__name__}; allowed: a QTensor (from lowbit.quant.quantize)")
+    return _dequantize(qt)
+
+
+@jax.jit
+def _dequantize(qt: QTensor):
     q = qt.quantizer
     n = math.prod(qt.shape)
     if is_block(q.format):

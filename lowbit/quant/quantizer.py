@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from lowbit import formats
-from lowbit.formats._checks import ROUNDINGS, check_int, require
+from lowbit.formats._checks import ROUNDINGS, check_bool, check_int, require
 
 GRANULARITIES = ("tensor", "channel", "group")
 SCALES = ("absmax", "percentile", "mse", "kl", "fixed", "learned", "none")
@@ -132,12 +132,12 @@ class Quantizer:
                 and 0 < p <= 100, _OWN, "percentile", p, "a number in (0, 100]")
         require(self.scale_format in SCALE_FORMATS, _OWN, "scale_format", self.scale_format,
                 ", ".join(SCALE_FORMATS))
-        require(isinstance(self.symmetric, bool), _OWN, "symmetric", self.symmetric, "True or False")
+        check_bool(_OWN, "symmetric", self.symmetric)
         require(self.zero_point_range in ZERO_POINT_RANGES, _OWN, "zero_point_range", self.zero_point_range,
                 ", ".join(ZERO_POINT_RANGES))
         require(self.rounding in ROUNDINGS, _OWN, "rounding", self.rounding, ", ".join(ROUNDINGS))
-        require(isinstance(self.saturate, bool), _OWN, "saturate", self.saturate, "True or False")
-        require(isinstance(self.static, bool), _OWN, "static", self.static, "True or False")
+        check_bool(_OWN, "saturate", self.saturate)
+        check_bool(_OWN, "static", self.static)
         require(self.kind in KINDS, _OWN, "kind", self.kind, ", ".join(KINDS))
         require(self.twin_split in TWIN_SPLITS, _OWN, "twin_split", self.twin_split, ", ".join(TWIN_SPLITS))
         check_int(_OWN, "twin_shift", self.twin_shift, 1, 30)
