@@ -17,23 +17,31 @@ from flax import nnx
 
 from lowbit import data as lowbit_data
 from lowbit.data import Dataset
-from lowbit.nn import QLinear
+from lowbit.nn import quantize
+from lowbit.nn.variables import OverwriteWithGradient
 from lowbit import recipes
 from lowbit.trainer import checkpoint, loop
 from lowbit.trainer.checkpoint import CheckpointError, IncompatibleCheckpointError
 
 
 class Tiny(nnx.Module):
-    """Two quantized layers and dropout: params, quantizer state and RNG streams."""
+    """Three stock layers and dropout; quantized, the middle one gets GradScale: params, quantizer state, RNG."""
 
-    def __init__(self, recipe, seed=0):
+    def __init__(self, seed=0):
         rngs = nnx.Rngs(seed)
-        self.fc1 = QLinear(16, 16, recipe=recipe, role="mlp_in", rngs=rngs)
+        self.fc1 = nnx.Linear(16, 16, rngs=rngs)
         self.drop = nnx.Dropout(0.1, rngs=rngs)
-        self.fc2 = QLinear(16, 2, recipe=recipe, role="head", rngs=rngs)
+        self.fc2 = nnx.Linear(16, 16, rngs=rngs)
+        self.fc3 = nnx.Linear(16, 2, rngs=rngs)
 
     def __call__(self, x):
-        return self.fc2(self.drop(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))))
+        h = self.drop(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1))))
+        return self.fc3(jax.nn.relu(self.fc2(h)))
+
+
+def _model(recipe, seed=0):
+    """``Tiny`` quantized by ``recipe`` (the loop discovers its ops and creates their state)."""
+    return quantize(Tiny(seed), recipe)
 
 
 def _toy(n_train=64, n_test=40):
@@ -91,7 +99,7 @@ def runs(tmp_path_factory):
     stopped by SIGINT in epoch 1 and by SIGTERM in epoch 2, resumed each time."""
     recipe = recipes.get("fp4")
     full_dir, cut_dir, sig_dir = (tmp_path_factory.mktemp(n) for n in ("full", "cut", "sig"))
-    full = Tiny(recipe)
+    full = _model(recipe)
     full_metrics = loop.train(full, _toy(), recipe=recipe, out_dir=full_dir, **_HP)
 
     real_save = checkpoint.save
@@ -103,8 +111,8 @@ def runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "save", save_then_die)
         with pytest.raises(_Stop):
-            loop.train(Tiny(recipe), _toy(), recipe=recipe, out_dir=cut_dir, **_HP)
-    resumed = Tiny(recipe, seed=99)  # the restored state must replace every initial value
+            loop.train(_model(recipe), _toy(), recipe=recipe, out_dir=cut_dir, **_HP)
+    resumed = _model(recipe, seed=99)  # the restored state must replace every initial value
     resumed_metrics = loop.train(resumed, _toy(), recipe=recipe, out_dir=cut_dir, resume=True, **_HP)
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -112,12 +120,12 @@ def runs(tmp_path_factory):
     for k, sig, resume in ((1, signal.SIGINT, False), (5, signal.SIGTERM, True)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(lowbit_data, "batches", _interrupt_after(k, sig))
-            metrics, text = _quiet_train(Tiny(recipe), _toy(), recipe=recipe, out_dir=sig_dir, resume=resume, **_HP)
+            metrics, text = _quiet_train(_model(recipe), _toy(), recipe=recipe, out_dir=sig_dir, resume=resume, **_HP)
         signalled.append(metrics)
         printed.append(text)
         listed.append(sorted(p.name for p in (sig_dir / "checkpoints").iterdir()))
     after_signals = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    sig_model = Tiny(recipe, seed=98)
+    sig_model = _model(recipe, seed=98)
     sig_metrics, text = _quiet_train(sig_model, _toy(), recipe=recipe, out_dir=sig_dir, resume=True, **_HP)
     printed.append(text)
     return dict(full=full, full_metrics=full_metrics, full_dir=full_dir, resumed=resumed,
@@ -127,7 +135,7 @@ def runs(tmp_path_factory):
 
 def test_training_reduces_loss():
     recipe = recipes.get("fp32")
-    metrics = loop.train(Tiny(recipe), _toy(), recipe=recipe, out_dir=None, **(_HP | dict(epochs=8)))
+    metrics = loop.train(_model(recipe), _toy(), recipe=recipe, out_dir=None, **(_HP | dict(epochs=8)))
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < 0.6 * losses[0]
     assert metrics["test_accuracy"] >= 0.8
@@ -170,7 +178,8 @@ def test_one_line_per_epoch_when_not_on_a_terminal(runs):
 
 def test_gradscale_state_is_overwritten(runs):
     # The fp4 recipe's GradScale starts at 1 and is replaced by the backward pass.
-    assert float(runs["full"].fc1.grad_scale[...]) != 1.0
+    scales = jax.tree.leaves(nnx.state(runs["full"], OverwriteWithGradient))
+    assert scales and all(float(s) != 1.0 for s in scales)
 
 
 def test_metrics_curves_and_checkpoint_files(runs):
@@ -195,7 +204,7 @@ def test_nonfinite_steps_are_skipped_and_warned_per_epoch():
     data = _toy()
     data.x_train[5, 0, 0, 0] = np.inf  # one poisoned example: its batch's gradients are NaN
     recipe = recipes.get("fp32")
-    model = Tiny(recipe)
+    model = _model(recipe)
     with pytest.warns(RuntimeWarning, match=r"epoch \d/2: 1 of 4 steps skipped .*max_skipped=16") as caught:
         metrics = loop.train(model, data, recipe=recipe, out_dir=None, **_HP)
     assert len([w for w in caught if "skipped" in str(w.message)]) == 2  # one line per epoch, not per step
@@ -217,7 +226,7 @@ def _truncate_arrays(ckpt):
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(runs, tmp_path):
     _truncate_arrays(_copy_run(runs, tmp_path))
     recipe = recipes.get("fp4")
-    model = Tiny(recipe, seed=97)
+    model = _model(recipe, seed=97)
     with pytest.warns(RuntimeWarning, match="skipping damaged checkpoint epoch_0002"):
         metrics, text = _quiet_train(model, _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **_HP)
     assert "resumed from epoch 1 of 2 (epoch_0001)" in text
@@ -233,7 +242,7 @@ def test_all_checkpoints_damaged_is_an_error(runs, tmp_path):
     recipe = recipes.get("fp4")
     with pytest.raises(CheckpointError, match="every checkpoint .* is damaged; the newest: .*epoch_0002"), \
             pytest.warns(RuntimeWarning, match="epoch_0001: cannot read metadata.json"):
-        loop.train(Tiny(recipe), _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **_HP)
+        loop.train(_model(recipe), _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **_HP)
 
 
 @pytest.mark.parametrize(("recipe", "change", "match"),
@@ -243,7 +252,7 @@ def test_incompatible_checkpoint_is_an_error(runs, tmp_path, recipe, change, mat
     _copy_run(runs, tmp_path)
     recipe = recipes.get(recipe)
     with pytest.raises(IncompatibleCheckpointError, match=match):
-        loop.train(Tiny(recipe), _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **(_HP | change))
+        loop.train(_model(recipe), _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **(_HP | change))
 
 
 _DATA_PARALLEL = textwrap.dedent("""
@@ -252,6 +261,7 @@ _DATA_PARALLEL = textwrap.dedent("""
     import orbax.checkpoint as ocp
     from flax import nnx
     from lowbit.data import Dataset
+    from lowbit.nn import quantize
     from lowbit.nn.vit import ViT
     from lowbit import recipes
     from lowbit.trainer import loop
@@ -264,8 +274,8 @@ _DATA_PARALLEL = textwrap.dedent("""
     recipe = recipes.get("fp4")
     saved = []
     for devices in (1, 4):
-        model = ViT(image_shape=(8, 8, 1), num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32,
-                    recipe=recipe, rngs=nnx.Rngs(0))
+        model = quantize(ViT(image_shape=(8, 8, 1), num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32,
+                             rngs=nnx.Rngs(0)), recipe)
         out = f"{sys.argv[1]}/devices{devices}"
         loop.train(model, data, recipe=recipe, epochs=1, batch_size=16, warmup=0, devices=devices,
                    out_dir=out, progress=False)

@@ -39,6 +39,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowbit import data as lowbit_data
+from lowbit.nn.quantize import discover, is_quantized
+from lowbit.nn.quantize import ops as quantized_ops
 from lowbit.trainer import checkpoint, metadata, report
 from lowbit.trainer.interrupt import StopRequest
 from lowbit.trainer.lock import RunLock, TrainingError
@@ -142,6 +144,10 @@ def train(
                 keep=keep, max_skipped=max_skipped, devices=devices, progress=progress)
     steps_per_epoch = _check_data(dataset, batch_size)
     mesh = _mesh(devices, batch_size)
+    if is_quantized(model) and not quantized_ops(model):
+        # A quantized model creates its quantizer state on its first call; it must
+        # exist before the model is split, not appear inside the traced step.
+        discover(model, recipe.policy.cast_to_compute(dataset.x_train[:batch_size]))
     _check_model(model, dataset, batch_size, recipe.policy)
     out = _prepare_out_dir(out_dir)
     with RunLock(out) if out is not None else contextlib.nullcontext():
