@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,86 @@ def test_read_only_out_fails(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     assert _main(["train", "--out", str(tmp_path / "new" / "run"), *_SMALL]) == 2
     assert f"its nearest existing parent {tmp_path} is not writable" in capsys.readouterr().err
+
+
+_FACTORY_MODULE = """
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Tiny(nnx.Module):
+    def __init__(self, image_shape, num_classes, rngs):
+        h, w, c = image_shape
+        self.head = nnx.Linear(h * w * c, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+def make(*, image_shape, num_classes, rngs):
+    return Tiny(image_shape, num_classes, rngs)
+
+
+def not_a_model(*, image_shape, num_classes, rngs):
+    return "a string"
+
+
+def wrong_signature(size):
+    return None
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module ``lowbit_user_models`` in a fresh working directory (not on sys.path: the CLI adds it)."""
+    (tmp_path / "lowbit_user_models.py").write_text(_FACTORY_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "lowbit_user_models", raising=False)
+    return "lowbit_user_models"
+
+
+def test_model_factory_from_the_working_directory_is_quantized_and_trained(user_module, monkeypatch, capsys):
+    from lowbit.nn import is_quantized
+
+    seen = {}
+
+    def fake_train(model, dataset, **kwargs):
+        seen.update(model=model, recipe=kwargs["recipe"])
+        return dict(recipe="fp8", dataset="digits", epochs=1, seed=0, test_accuracy=0.5, final_loss=1.0,
+                    train_time_s=1.0, step_time_ms=2.0, skipped_steps=0, stopped=False)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert _main(["train", "--model", f"{user_module}:make", "--recipe", "fp8", "--no-progress"]) == 0
+    assert type(seen["model"]).__name__ == "Tiny" and is_quantized(seen["model"])
+    assert seen["recipe"].name == "fp8"
+
+
+@pytest.mark.parametrize(("spec", "flags", "message"), [
+    ("lowbit_no_such_module:make", [], "--model: model='lowbit_no_such_module:make': cannot import"),
+    ("{module}:missing", [], "has no callable 'missing'"),
+    ("{module}", [], "allowed: vit, mlp, cnn or PKG.MODULE:FACTORY"),
+    ("{module}:not_a_model", [], "returned str; allowed: a flax.nnx.Module"),
+    ("{module}:wrong_signature", [], "--model {module}:wrong_signature: "),
+    ("mlp", ["--dim", "16", "--depth", "1"], "--dim, --depth set(s) the size of --model vit, not of --model mlp"),
+])
+def test_bad_model_exits_2_before_training(spec, flags, message, user_module, capsys, compilations, monkeypatch):
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained a bad model"))
+    spec, message = spec.format(module=user_module), message.format(module=user_module)
+    assert _main(["train", "--model", spec, *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert compilations == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "lr"), [("mlp", "3e-3"), ("cnn", "3e-3"), ("user", "0.05")])  # user: one layer
+def test_train_other_models_one_epoch(model, lr, user_module, capsys):
+    spec = f"{user_module}:make" if model == "user" else model
+    assert _main(["train", "--model", spec, "--recipe", "int8_lsq", "--epochs", "1", "--warmup", "0.2", "--lr", lr,
+                  "--out", "run", "--no-progress"]) == 0
+    metrics = json.loads(Path("run/metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1
 
 
 def test_invalid_numbers_are_usage_errors(capsys):

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,13 +94,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     quant.add_argument("--matmul", default="auto", choices=("auto", "real", "fake"),
                        help="quantized matmuls on integer/float8 operands (real), on dequantized floats (fake), "
                             "or auto: real for integer formats, and for float8 off-CPU (default: auto)")
-    model = parser.add_argument_group("model (ViT)")
-    model.add_argument("--patch-size", type=int, help="patch side (default: the smallest giving <= 64 patches)")
-    model.add_argument("--dim", type=int, default=64, help="token width (default: 64)")
-    model.add_argument("--depth", type=int, default=2, help="transformer blocks (default: 2)")
-    model.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    model.add_argument("--mlp-dim", type=int, default=128, help="MLP hidden width (default: 128)")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout rate (default: 0)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="vit", metavar="{vit,mlp,cnn,PKG.MODULE:FACTORY}",
+                       help="a built-in model, or your factory, called as FACTORY(image_shape=(H, W, C), "
+                            "num_classes=K, rngs=nnx.Rngs(seed)) and returning an NNX model; PKG.MODULE is "
+                            "imported from the working directory or PYTHONPATH (default: vit)")
+    vit = parser.add_argument_group("ViT sizes (--model vit only)")
+    vit.add_argument("--patch-size", type=positive_int, help="patch side (default: the smallest giving <= 64 patches)")
+    vit.add_argument("--dim", type=positive_int, help="token width (default: 64)")
+    vit.add_argument("--depth", type=positive_int, help="transformer blocks (default: 2)")
+    vit.add_argument("--heads", type=positive_int, help="attention heads (default: 4)")
+    vit.add_argument("--mlp-dim", type=positive_int, help="MLP hidden width (default: 128)")
+    vit.add_argument("--dropout", type=nonnegative_float, help="dropout rate, < 1 (default: 0)")
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -110,6 +116,7 @@ def _train_command(args: argparse.Namespace) -> int:
         (recipe,) = _recipes(args, [args.recipe])
         out = args.out or absolute_path(f"runs/{recipe.name}-{args.dataset}-seed{args.seed}")
         check_output_dir(out)
+        _check_model(args)
         dataset = _dataset(args)
         since = time.time()
         metrics = _run(args, dataset, recipe, args.seed, out, resume=args.resume)
@@ -142,6 +149,7 @@ def _compare_command(args: argparse.Namespace) -> int:
             # Checked for every run up front, not by each run as it starts, hours in.
             raise InputError(f"{', '.join(earlier)} hold(s) an earlier comparison; add --overwrite to replace it, "
                              "or pass a fresh --out")
+        _check_model(args)
         dataset = _dataset(args)
         since = time.time()
         results: dict[str, list[dict[str, Any]]] = {}
@@ -236,19 +244,41 @@ def _compile_time() -> Iterator[list[float]]:
         monitoring.unregister_event_duration_listener(listen)
 
 
+_VIT_SIZES = ("patch_size", "dim", "depth", "heads", "mlp_dim", "dropout")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """Fails on a ``--model`` that does not resolve, or ViT sizes given for another model (before any data loads)."""
+    from lowbit.nn.models import factory
+
+    if ":" in args.model and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own modules import
+    try:
+        factory(args.model)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--model: {e}") from None
+    given = [f"--{name.replace('_', '-')}" for name in _VIT_SIZES if getattr(args, name) is not None]
+    if args.model != "vit" and given:
+        raise InputError(f"{', '.join(given)} set(s) the size of --model vit, not of --model {args.model}")
+
+
 def _model(args: argparse.Namespace, dataset, recipe, seed: int):
-    """The float model for the dataset, quantized by ``recipe``; InputError for sizes that do not fit."""
+    """The ``--model`` for the dataset, quantized by ``recipe``; InputError for one that does not fit."""
     from flax import nnx
 
     from lowbit.nn import quantize
+    from lowbit.nn.models import build
     from lowbit.nn.vit import ViT
 
+    shape = dict(image_shape=dataset.image_shape, num_classes=dataset.num_classes)
     try:
-        model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, patch_size=args.patch_size,
-                    dim=args.dim, depth=args.depth, heads=args.heads, mlp_dim=args.mlp_dim, rngs=nnx.Rngs(seed),
-                    dropout=args.dropout)
-    except ValueError as e:
-        raise InputError(e) from None
+        if args.model == "vit":  # the one built-in model whose sizes are flags
+            sizes = {name: getattr(args, name) for name in _VIT_SIZES if getattr(args, name) is not None}
+            model = ViT(**shape, **sizes, rngs=nnx.Rngs(seed))
+        else:
+            model = build(args.model, **shape, seed=seed)
+    except (TypeError, ValueError) as e:  # sizes that do not fit the images, a factory with another signature
+        raise InputError(f"--model {args.model}: {e}") from None
     return quantize(model, recipe, seed=seed)
 
 
