@@ -1,14 +1,32 @@
 """lowbit: low-precision number formats and training in them, for JAX.
 
-Subpackages, in import order: ``formats`` (element and block formats) ←
-``quant`` (scaled quantization) ← ``training`` (STE rules, quantized matmuls,
-loss scaling, recipes, the train loop) ← ``nn`` (Flax layers, the ViT).
+Subpackages, in import order: ``formats`` (element, codebook and block formats) ←
+``quant`` (scaled quantization) ← ``training`` (Flax-free STE rules, quantized
+dot_general, GradScale, loss scaling, policies) ← ``recipes`` (rules and the named
+recipes) ← ``nn`` (``quantize`` / ``describe`` for any Flax model, explicit layers,
+built-in models) ← ``trainer`` (the train step, loop, checkpoints) ← ``ptq`` ← ``cli``.
 ``lowbit.testing`` (Hypothesis strategies and property suite) and ``lowbit.data``
-sit beside them and are imported on demand.
+sit beside them.
+
+The everyday names are here: ``lowbit.quantize``, ``lowbit.describe``,
+``lowbit.train``, ``lowbit.Rule``, ``lowbit.Recipe`` (imported on first use, so
+``import lowbit`` stays light).
 """
+
+import importlib
 
 from lowbit import formats
 
 __version__ = "0.1.0"
 
-__all__ = ["formats", "__version__"]
+# name -> module that defines it; loaded on first access (PEP 562).
+_LAZY = {"quantize": "lowbit.nn", "describe": "lowbit.nn", "train": "lowbit.trainer", "Rule": "lowbit.recipes",
+         "Recipe": "lowbit.recipes"}
+
+__all__ = ["Recipe", "Rule", "describe", "formats", "quantize", "train", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

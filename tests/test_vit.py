@@ -1,4 +1,4 @@
-"""lowbit.nn.vit: shapes, dtypes, configuration and argument checks."""
+"""lowbit.nn.vit: a stock Flax ViT (no lowbit layer): shapes, configuration, argument checks, quantization."""
 
 import json
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import lowbit
 from lowbit.nn.vit import ViT, default_patch_size
-from lowbit import recipes
 
 
 @nnx.jit  # one compilation instead of one per eager op
@@ -17,18 +17,32 @@ def _forward(model, x):
     return model(x)
 
 
-def _vit(recipe="fp32", **kw):
+def _vit(**kw):
     args = dict(image_shape=(8, 8, 1), num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32)
-    return ViT(**(args | kw), recipe=recipes.get(recipe), rngs=nnx.Rngs(0))
+    return ViT(**(args | kw), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "bf16", "fp4"])
 def test_forward_shape_and_output_dtype(recipe):
-    model = _vit(recipe)
-    logits = _forward(model, jnp.ones((3, 8, 8, 1), jnp.float32))
-    assert logits.shape == (3, 10)
-    assert logits.dtype == recipes.get(recipe).policy.output_dtype
+    model = lowbit.quantize(_vit(), recipe)
+    x = jnp.ones((3, 8, 8, 1), jnp.float32)
+    lowbit.describe(model, x)
+    logits = _forward(model, x)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(logits, np.float32)))
+
+
+def test_the_vit_is_stock_flax_quantized_like_any_model():
+    # Every matmul of the ViT is found by path: 1 patch embedding, 2 Linear + 2 einsum + 2 Linear per block, head.
+    desc = lowbit.describe(lowbit.quantize(_vit(depth=2), "fp8"), jnp.ones((1, 8, 8, 1)))
+    assert [f"{d.path}:{d.key}" for d in desc] == [
+        "patch_embed:dot_general0",
+        *[f"blocks/{i}/{op}" for i in range(2) for op in (
+            "attn/qkv:dot_general0", "attn:einsum0", "attn:einsum1", "attn/proj:dot_general0",
+            "mlp_in:dot_general0", "mlp_out:dot_general0")],
+        "head:dot_general0"]
+    lowbit_layers = (lowbit.nn.QLinear, lowbit.nn.QEinsum, lowbit.nn.QConv, lowbit.nn.OpState)
+    assert not any(isinstance(m, lowbit_layers) for _, m in nnx.iter_modules(_vit()))
 
 
 def test_patches_are_row_major_tiles():
@@ -59,10 +73,10 @@ def test_positions_cover_class_token_and_patches():
     assert model.pos_embed.shape == (1, 2 * 2 + 1, 16)
 
 
-def test_config_is_json_and_names_the_recipe():
-    config = _vit("fp8").config
+def test_config_is_json():
+    config = _vit().config
     assert json.loads(json.dumps(config)) == config
-    assert config["recipe"] == "fp8" and config["image_shape"] == [8, 8, 1]
+    assert config["image_shape"] == [8, 8, 1] and config["dim"] == 16
 
 
 @pytest.mark.parametrize(

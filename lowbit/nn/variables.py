@@ -44,5 +44,5 @@ class OpState(nnx.Module):
         """This call's stochastic-rounding key (advancing the state), or ``None`` if the op has none."""
         if not isinstance(getattr(self, "sr_key", None), QuantKey):
             return None
-        key, self.sr_key.value = next_key(self.sr_key[...])
+        key, self.sr_key[...] = next_key(self.sr_key[...])
         return key
