@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowbit import formats, quant
 from lowbit.formats import AdaptiveFloat, BinaryFormat, BlockFormat, FloatFormat, IntFormat
@@ -328,8 +332,6 @@ def classify(call, expected) -> bool:
     try:
         result = call()
     except Exception as e:  # noqa: BLE001 - classifying is the point
-        import re
-
         if isinstance(expected, Py):
             return isinstance(e, expected.type) and re.search(expected.field, str(e)) is not None
         return (isinstance(expected, Err) and type(e) is expected.type and _raised_in_lowbit(e.__traceback__)
@@ -352,3 +354,110 @@ def test_malformed_call(call, expected):
     if isinstance(expected, Err):
         assert type(info.value) is expected.type
         assert _raised_in_lowbit(info.tb), "raised outside lowbit"
+
+
+# ----- the documented behaviours behind the table ----------------------------------------------
+def test_float64_is_refused_because_narrowing_rounds_twice():
+    """Why float64 is a TypeError: float64 -> float32 -> format can round differently from rounding once."""
+    x = 1.0625 + 2.0**-40  # 2^-40 above the midpoint of e4m3's neighbours 1.0 and 1.125
+    v = formats.values(E4).astype(np.float64)
+    assert v[np.argmin(np.abs(v - x))] == 1.125  # the nearest value, found in float64: no tie
+    # Narrowed first, x lands exactly on the midpoint, which ties to the even 1.0.
+    assert float(formats.quantize(E4, np.float32(x))) == 1.0
+    for call in (lambda a: formats.quantize(E4, a), lambda a: formats.encode(E4, a), lambda a: quant.fake_quant(INT8, a)):
+        with pytest.raises(TypeError, match="float64"):
+            call(np.array([x]))
+    with jax.enable_x64(True):  # with x64 on, jax float64 arrays exist; they are refused alike
+        with pytest.raises(TypeError, match="float64"):
+            formats.quantize(E4, jnp.asarray([x], jnp.float64))
+        with pytest.raises(TypeError, match="float64"):
+            quant.fake_quant(INT8, jnp.asarray([x], jnp.float64))
+
+
+@pytest.mark.parametrize(("name", "codes"), [
+    (E4, np.array([0xFFFF, 0x1138, 0x0138, 0x7F00], np.uint16)),
+    ("float4_e2m1fn", np.array([0xFF, 0x12, 0xF3, 0x10], np.uint8)),
+    ("int4", np.array([-1, 0x1F, 16, -8], np.int32)),
+    ("binary", np.array([2, 3, 0xFE], np.uint8)),
+    ("p3109_k6p3", np.array([64, 127, 0xFFC0], np.uint16)),
+])
+def test_traced_codes_read_only_their_low_bits(name, codes):
+    """Concrete codes that do not fit are a ValueError; under jit the low ``bits`` bits are decoded."""
+    fmt = formats.get(name)
+    low = (codes.astype(np.int64) & (2**fmt.bits - 1)).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"\bcodes\b.*allowed"):
+        formats.decode(fmt, codes)
+    traced = np.asarray(jax.jit(lambda c: formats.decode(fmt, c))(codes))
+    np.testing.assert_array_equal(traced, np.asarray(formats.decode(fmt, low)))
+    oracle = {E4: ml_dtypes.float8_e4m3fn, "float4_e2m1fn": ml_dtypes.float4_e2m1fn}.get(name)
+    if oracle is not None:
+        np.testing.assert_array_equal(traced, low.view(oracle).astype(np.float32))
+
+
+def test_traced_scale_codes_and_biases_are_masked_and_clamped():
+    codes, scales = formats.encode("mxfp4_e2m1", M.T)
+    wide = scales.astype(jnp.int32) + 0x100  # a ninth bit set: the low 8 bits are the scale
+    got = jax.jit(lambda s: formats.decode("mxfp4_e2m1", (codes, s)))(wide)
+    np.testing.assert_array_equal(got, formats.decode("mxfp4_e2m1", (codes, scales)))
+    c, bias = formats.encode(AF, X)
+    far = bias + 1000  # outside [base.bias - 100, base.bias + 100]: clamped to its top
+    got = jax.jit(lambda b: formats.decode(AF, (c, b)))(far)
+    np.testing.assert_array_equal(got, formats.decode(AF, (c, jnp.full_like(bias, AF.base.bias + 100))))
+
+
+@pytest.mark.parametrize("key", [KEY, LEGACY], ids=["new", "legacy"])
+def test_one_key_per_call_and_vmap_for_a_batch(key):
+    """Both key styles are reproducible, work traced, and a batch of keys goes through vmap."""
+    def sq(k):
+        return formats.quantize(E4, X, rounding="stochastic", key=k)
+
+    np.testing.assert_array_equal(sq(key), sq(key))
+    np.testing.assert_array_equal(jax.jit(sq)(key), sq(key))
+    keys = jax.random.split(key, 3)
+    np.testing.assert_array_equal(jax.vmap(sq)(keys), np.stack([sq(k) for k in keys]))
+    np.testing.assert_array_equal(jax.jit(lambda k: quant.fake_quant(STOCH, X, k))(key), quant.fake_quant(STOCH, X, key))
+
+
+def test_learned_scale_shape_is_checked_under_jit_too():
+    run = jax.jit(lambda s: quant.fake_quant(LEARNED, M, scale=s))
+    np.testing.assert_array_equal(run(jnp.full((1, 4), 0.25)), quant.fake_quant(LEARNED, M, scale=jnp.full(4, 0.25)))
+    with pytest.raises(ValueError, match=r"scale has shape \(3,\)"):
+        run(jnp.ones(3))
+
+
+_NOT_BOOLS = st.one_of(st.integers(), st.floats(), st.text(max_size=3), st.none(), st.just(np.bool_(True)))
+_FLAGS = [
+    ("signed", lambda v: FloatFormat(ebits=4, mbits=3, signed=v)),
+    ("zero", lambda v: FloatFormat(ebits=4, mbits=3, zero=v)),
+    ("signed", lambda v: IntFormat(bits=8, signed=v)),
+    ("narrow", lambda v: IntFormat(bits=8, narrow=v)),
+    ("symmetric", lambda v: Quantizer(format="int8", symmetric=v)),
+    ("saturate", lambda v: Quantizer(format="int8", saturate=v)),
+    ("static", lambda v: Quantizer(format="int8", static=v)),
+    ("saturate", lambda v: formats.quantize(E4, X, saturate=v)),
+    ("saturate", lambda v: formats.encode(E4, X, saturate=v)),
+]
+
+
+@given(_NOT_BOOLS)
+def test_flags_accept_only_bools(value):
+    for field, make in _FLAGS:
+        with pytest.raises(TypeError, match=rf"\b{field}=.*True or False"):
+            make(value)
+
+
+@given(ebits=st.integers(0, 9), mbits=st.integers(-1, 16),
+       bias=st.one_of(st.none(), st.integers(-260, 260), st.integers(-(10**40), 10**40)), radix=st.sampled_from([2, 4]), specials=st.sampled_from(formats.SPECIALS), signed=st.booleans())
+def test_every_accepted_float_format_lives_in_float32(ebits, mbits, bias, radix, specials, signed):
+    """Any field values either construct a format the float32 kernels can hold or raise ValueError naming a field."""
+    try:
+        fmt = FloatFormat(ebits=ebits, mbits=mbits, bias=bias, radix=radix, specials=specials, signed=signed)
+    except ValueError as e:
+        assert re.match(r"FloatFormat\.(ebits|mbits|bias|bits|specials|zero)=.*allowed", str(e)), str(e)
+        return
+    assert 1 <= fmt.ebits <= 8 and fmt.bits <= 16 and -256 <= fmt.bias <= 256
+    for v in (fmt.max_value, fmt.min_value, fmt.min_normal):
+        assert np.float32(v) == v and 2.0**-149 <= v <= float(np.finfo(np.float32).max)
+    x = X if signed else np.abs(X)  # an unsigned format reads negatives as NaN
+    q = np.asarray(formats.quantize(fmt, jnp.asarray(x * np.float32(fmt.max_value))))
+    assert np.isin(q, formats.values(fmt)).all()

@@ -135,6 +135,16 @@ class BlockFormat(BuiltinFormat):
         return self.element.max_value * 2.0**self.element_exp
 
     @property
+    def max_value(self) -> float:
+        """Largest element value before the block scale: the largest of ``values`` (``element_max``)."""
+        return self.element_max
+
+    @property
+    def has_nan(self) -> bool:
+        """Always True: a NaN block scale (E8M0 0xFF, the scale format's NaN) decodes its block as NaN."""
+        return True
+
+    @property
     def emax(self) -> int:
         """floor(log2) of the largest element value: OCP's ``emax_elem``."""
         return int(np.floor(np.log2(self.element_max)))
