@@ -6,16 +6,13 @@ import os
 import shutil
 
 import pytest
-from flax import nnx
 
-from lowbit import data, ptq
+from lowbit import ptq
+from lowbit.cli import main
 from lowbit.cli import ptq as cli_ptq
-from lowbit.nn.vit import ViT
 from lowbit.ptq import config, finetune
-from lowbit import recipes
-from lowbit.trainer import loop
 
-_TINY = dict(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+_TINY = ["--patch-size", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32"]
 
 
 def _parser():
@@ -33,11 +30,10 @@ def _main(argv):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """The --out directory of a one-epoch fp32 run on digits (accuracy does not matter here)."""
+    """The --out directory of a one-epoch fp32 `lowbit train` on digits (accuracy does not matter here)."""
     out = tmp_path_factory.mktemp("run")
-    recipe = recipes.get("fp32")
-    loop.train(ViT(**_TINY, recipe=recipe, rngs=nnx.Rngs(0)), data.load("digits"), recipe=recipe, epochs=1,
-               batch_size=64, out_dir=out, progress=False)
+    assert main(["train", "--recipe", "fp32", "--epochs", "1", *_TINY, "--out", str(out),
+                 "--no-progress"]) == 0
     return out
 
 
@@ -145,4 +141,4 @@ def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
     assert "for 1 epoch:" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
     model, meta = ptq.load_vit(out)
-    assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == _TINY["dim"]
+    assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == 16

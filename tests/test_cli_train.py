@@ -3,6 +3,9 @@
 import argparse
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -280,6 +283,36 @@ def test_train_one_epoch_on_digits(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out and "1 epoch," in out
     assert f"wrote {tmp_path}/metrics.json and {tmp_path}/curves.png" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path):
+    script = shutil.which("lowbit")
+    cmd = [script] if script else [sys.executable, "-m", "lowbit.cli"]
+    argv = [*cmd, "train", "--epochs", "2", "--out", "run", *_SMALL[2:]]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the first per-epoch line, printed and flushed into the pipe
+    assert first.startswith("epoch 1/2:"), first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    assert "resume with --resume" in out and "Traceback" not in err
+    resumed = subprocess.run([*argv, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from epoch" in resumed.stdout and "epoch 2/2:" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped"] is False
+
+
+def test_interrupt_outside_training_is_one_line(monkeypatch, capsys):
+    from lowbit.cli.main import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "_recipes", lambda args, names: interrupted(args))
+    assert main(["train", "--no-progress"]) == 130
+    assert capsys.readouterr().err == "lowbit train: interrupted\n"
 
 
 def _fake_run(args, dataset, recipe, seed, out, *, resume):

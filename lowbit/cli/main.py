@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lowbit`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly by itself): no traceback
+        print(f"lowbit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _version() -> str:

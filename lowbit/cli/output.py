@@ -1,8 +1,7 @@
-"""What the ``lowbit`` commands print and plot: tables, bar charts, file lists.
+"""What the ``lowbit`` commands print and plot: tables, bar charts, counts, file lists.
 
 One place for the CLI's presentation, so every command's tables look alike and
-no command claims a file it did not write. Counts ("1 epoch") come from
-``lowbit.trainer.report.plural``, shared with the train loop's own lines.
+no command claims a file it did not write.
 """
 
 from __future__ import annotations
@@ -11,7 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Panel", "plot_bars", "print_table", "written"]
+__all__ = ["Panel", "plot_bars", "plural", "print_table", "written"]
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``0 epochs``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def print_table(title: str | None, header: Sequence[str], rows: Sequence[Sequence[str]],

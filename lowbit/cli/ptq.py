@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from lowbit.cli.args import InputError, absolute_path, check_output_dir, fail, nonnegative_float, positive_int
+from lowbit.cli.output import plural
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
 
@@ -194,8 +195,6 @@ def _sweep(args: argparse.Namespace, model, dataset, images, out: Path) -> int:
 def _finetune_command(args: argparse.Namespace) -> int:
     from lowbit.ptq import save_vit
     from lowbit.ptq.finetune import FinetuneConfig, finetune
-    from lowbit.trainer.report import plural
-
     try:
         cfg = FinetuneConfig(method=args.method, target_format=args.target_format,
                              noise_activations=not args.no_activation_noise, outlier_weight=args.outlier_weight,

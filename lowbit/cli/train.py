@@ -25,7 +25,7 @@ from typing import Any
 
 from lowbit.cli.args import (HelpFormatter, InputError, absolute_path, check_output_dir, fail, nonnegative_float,
                              nonnegative_int, positive_int)
-from lowbit.cli.output import Panel, plot_bars, print_table, written
+from lowbit.cli.output import Panel, plot_bars, plural, print_table, written
 from lowbit.data import DATASETS
 
 __all__ = ["add_compare_parser", "add_train_parser"]
@@ -110,7 +110,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _train_command(args: argparse.Namespace) -> int:
     from lowbit.trainer import TrainingError
-    from lowbit.trainer.report import plural
 
     try:
         _use_devices(args)
@@ -326,8 +325,6 @@ def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _print_comparison(rows: list[dict[str, Any]], dataset: str, seeds: list[int], epochs: int) -> None:
-    from lowbit.trainer.report import plural
-
     header = ["recipe", "test accuracy (%)", "gap to fp32 (points)", "step time (ms)", "step vs fp32",
               "wall time (s)", "compile time (s)"]
     table = []
@@ -344,8 +341,6 @@ def _print_comparison(rows: list[dict[str, Any]], dataset: str, seeds: list[int]
 
 
 def _plot_comparison(rows: list[dict[str, Any]], path: Path, dataset: str, seeds: list[int]) -> None:
-    from lowbit.trainer.report import plural
-
     means = [100 * r["test_accuracy_mean"] for r in rows]
     stds = None if len(seeds) == 1 else [100 * r["test_accuracy_std"] for r in rows]
     low = min(means) if stds is None else min(m - s for m, s in zip(means, stds, strict=True))
