@@ -21,7 +21,9 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from lowbit.formats import _bits
 from lowbit.formats._checks import require
 from lowbit.formats.minifloat import _random, _uniform
 from lowbit.formats.protocol import BuiltinFormat
@@ -53,8 +55,8 @@ class CodebookFormat(BuiltinFormat):
 
     Attributes:
       table: the ``values`` given, strictly ascending finite numbers, 2..256 of
-        them; each is rounded to float32 on construction (they must stay
-        distinct), and -0.0 is stored as +0.0.
+        them, each zero or of magnitude >= 2^-100; each is rounded to float32
+        on construction (they must stay distinct), and -0.0 is stored as +0.0.
       codes: the code of each value, distinct integers in 0..255; ``None``
         means ``0, 1, 2, ...`` (the index). Exact ties round to the lower
         neighbour when its code is even, else to the upper one (the even code
@@ -76,6 +78,9 @@ class CodebookFormat(BuiltinFormat):
         with np.errstate(over="ignore"):
             t = np.asarray(v, np.float64).astype(np.float32)
         require(bool(np.isfinite(t).all()), own, "values", v, "finite numbers inside float32's range")
+        # Stochastic rounding takes differences of neighbours in float32; CPUs flush subnormal results.
+        require(bool(((t == 0) | (np.abs(t) >= 2.0**-100)).all()), own, "values", v,
+                "zero or magnitudes >= 2^-100 (so gaps between neighbours stay float32 normals)")
         require(bool((np.diff(t) > 0).all()), own, "values", v,
                 "strictly ascending numbers that stay distinct in float32")
         object.__setattr__(self, "table", tuple(float(e) + 0.0 for e in t))  # + 0.0: -0 becomes +0
@@ -141,25 +146,34 @@ class CodebookFormat(BuiltinFormat):
 
     # ----- kernels -------------------------------------------------------------------
     def _index(self, xf, rounding, key):
-        """int32 table index of float32 ``xf`` (NaN: garbage, callers mask it)."""
-        table = jnp.asarray(self._table)
+        """int32 table index of float32 ``xf`` (NaN: garbage, callers mask it).
+
+        Comparisons run on order keys (``_order_key``), integers, because CPUs read
+        float32 subnormals as zero in float compares.
+        """
         n = self._table.size
+        xk = _order_key(_bits.to_bits(xf))
         if rounding == "nearest":
             floor, tie_up = self._midpoints
+            fk = jnp.asarray(_order_key_np(floor))
             # x is past midpoint k iff x > floor_k, or x == floor_k at an exact tie that goes up.
-            i = jnp.searchsorted(jnp.asarray(floor), xf, side="left").astype(jnp.int32)
-            at = jnp.take(jnp.asarray(floor), jnp.minimum(i, n - 2)) == xf
-            up = at & jnp.take(jnp.asarray(tie_up), jnp.minimum(i, n - 2)) & (i < n - 1)
+            i = jnp.searchsorted(fk, xk, side="left").astype(jnp.int32)
+            j = jnp.minimum(i, n - 2)
+            up = (jnp.take(fk, j) == xk) & jnp.take(jnp.asarray(tie_up), j) & (i < n - 1)
             return i + up.astype(jnp.int32)
-        below = jnp.clip(jnp.searchsorted(table, xf, side="right").astype(jnp.int32) - 1, 0, n - 2)
-        lo, hi = jnp.take(table, below), jnp.take(table, below + 1)
+        tk = jnp.asarray(_order_key_np(self._table))
+        below = jnp.clip(jnp.searchsorted(tk, xk, side="right").astype(jnp.int32) - 1, 0, n - 2)
         if rounding == "stochastic":
             # u < (x - lo) / (hi - lo), u on a 2^-24 grid; outside the table this saturates.
+            # Nonzero table values are >= 2^-100 in magnitude, so the gap is a float32 normal.
+            table = jnp.asarray(self._table)
+            lo, hi = jnp.take(table, below), jnp.take(table, below + 1)
             up = _uniform(_random(rounding, key, xf.shape)) * (hi - lo) < xf - lo
             return below + up.astype(jnp.int32)
         # toward zero: the lower neighbour for x >= 0 unless it is negative, the upper one for
         # x < 0 unless it is positive; outside the table, the nearer end.
-        take_hi = jnp.where(xf >= 0, (xf >= hi) | (lo < 0), (hi <= 0) & (xf > lo))
+        lo, hi = jnp.take(tk, below), jnp.take(tk, below + 1)
+        take_hi = jnp.where(xk >= 0, (xk >= hi) | (lo < 0), (hi <= 0) & (xk > lo))
         return below + take_hi.astype(jnp.int32)
 
     def _encode(self, x, saturate, rounding, key):
@@ -192,3 +206,15 @@ FP4_E2M1_CODEBOOK = CodebookFormat(
     codes=tuple(8 | c for c in range(7, 0, -1)) + tuple(range(8)),
     name="fp4_e2m1_codebook",
 )
+
+
+def _order_key(bits):
+    """float32 bits (uint32) -> int32 keys ordered as the floats are (-0 and +0 share key 0)."""
+    b = lax.bitcast_convert_type(bits, jnp.int32)
+    return jnp.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+
+def _order_key_np(v: np.ndarray) -> np.ndarray:
+    """``_order_key`` of float32 numpy values."""
+    b = np.asarray(v, np.float32).view(np.int32)
+    return np.where(b < 0, -(b & 0x7FFFFFFF), b).astype(np.int32)
