@@ -207,6 +207,5 @@ def test_stop_request_restores_handlers_and_a_second_signal_aborts():
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_plural_and_duration():
-    assert report.plural(1, "epoch") == "1 epoch" and report.plural(2, "epoch") == "2 epochs"
+def test_duration():
     assert report.duration(3725.4) == "1:02:05" and report.duration(math.nan) == "-:--:--"

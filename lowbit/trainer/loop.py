@@ -221,7 +221,7 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, *, epochs, batch_
             t0 = time.perf_counter()
             batches = itertools.islice(lowbit_data.batches(dataset.x_train, dataset.y_train, batch_size,
                                                            seed=(seed, epoch)), first, None)
-            done = first
+            done, timed_before = first, len(step_times)
             for x, y in batches:
                 with timer:
                     state, m = step(state, jax.device_put(x, sharded), jax.device_put(y, sharded))
@@ -265,9 +265,10 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, *, epochs, batch_
                               f"max_skipped={limit})", RuntimeWarning, stacklevel=2)
             wall = time.perf_counter() - session_start
             eta = wall / session_steps * (total_steps - (epoch + 1) * steps_per_epoch) if session_steps else math.nan
-            h = history[-1]
+            h, timed = history[-1], step_times[timed_before:]  # the compiling step is not timed
+            speed = 1e3 * batch_size * len(timed) / sum(timed) if timed else math.nan
             bar.line(f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  train acc {h['train_acc']:.3f}  "
-                     f"test acc {h['test_accuracy']:.3f}  {(done - first) * batch_size / session_time:,.0f} img/s  "
+                     f"test acc {h['test_accuracy']:.3f}  {_fmt(speed, ',.0f')} img/s  "
                      f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}")
             if ckpt_dir is not None:
                 save(epoch + 1, 0, None)

@@ -14,12 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "duration", "plural", "to_json", "write_report"]
-
-
-def plural(n: int, noun: str) -> str:
-    """``"1 epoch"``, ``"2 epochs"``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+__all__ = ["Progress", "duration", "to_json", "write_report"]
 
 
 def duration(seconds: float) -> str:
