@@ -325,7 +325,9 @@ def test_compare_summarises_every_recipe_and_seed(tmp_path, monkeypatch, capsys)
     # Training itself is covered above and in test_loop; here each run is faked.
     monkeypatch.setattr(cli_train, "_run", _fake_run)
     assert _main(["compare", "--recipes", "fp32,fp4", "--seeds", "0,2", "--out", str(tmp_path)]) == 0
-    rows = {r["recipe"]: r for r in json.loads((tmp_path / "comparison.json").read_text())["results"]}
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert (report["model"], report["seeds"], report["dataset"]) == ("vit", [0, 2], "digits")
+    rows = {r["recipe"]: r for r in report["results"]}
     assert rows["fp32"]["gap_to_fp32_points"] == 0 and rows["fp32"]["step_time_ratio_to_fp32"] == 1
     assert rows["fp4"]["test_accuracy"] == pytest.approx([0.90, 0.92])
     assert rows["fp4"]["test_accuracy_mean"] == pytest.approx(0.91)

@@ -165,8 +165,8 @@ def _compare_command(args: argparse.Namespace) -> int:
     except TrainingError as e:
         return fail("compare", e, status=1)
     rows = _summarise(results)
-    report = dict(dataset=dataset.name, seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
-                  learning_rate=args.lr, results=rows)
+    report = dict(dataset=dataset.name, model=args.model, seeds=seeds, epochs=args.epochs,
+                  batch_size=args.batch_size, learning_rate=args.lr, results=rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
     _print_comparison(rows, dataset.name, seeds, args.epochs)
