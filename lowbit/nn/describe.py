@@ -96,7 +96,9 @@ def _quantizer(qz) -> str:
     parts = [getattr(qz.format, "name", str(qz.format))]
     if qz.granularity != "tensor":
         parts.append(f"{qz.granularity}(axis {qz.axis})")
-    if qz.scale != "absmax":
+    if qz.scale == "delayed":
+        parts.append(f"delayed({qz.amax_reduction}, {qz.amax_history})")
+    elif qz.scale != "absmax":
         parts.append(qz.scale)
     if qz.rounding != "nearest":
         parts.append(qz.rounding)

@@ -28,9 +28,9 @@ def _check_call(q: Quantizer, x, scale, state):
     if not isinstance(q, Quantizer):
         raise TypeError(f"quantizer has type {type(q).__name__}; allowed: lowbit.quant.Quantizer")
     x = check_float_input(x)
-    if (scale is not None) != (q.scale == "learned"):
+    if (scale is not None) != (q.scale in ("learned", "delayed")):
         raise ValueError(f"scale= is {'missing' if scale is None else 'given'} with Quantizer.scale={q.scale!r}; "
-                         "allowed: scale= exactly when scale='learned'")
+                         "allowed: scale= exactly when scale='learned' or 'delayed'")
     if (state is not None) != q.static:
         raise ValueError(f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
                          "allowed: state= (a CalibrationState or QParams) exactly when static=True")
@@ -51,8 +51,8 @@ def _check_call(q: Quantizer, x, scale, state):
 def _params(q, lay, xw, scale, state) -> QParams:
     if q.static:
         return params_from_state(q, state)
-    if q.scale in ("learned", "fixed", "none"):
-        step = {"learned": scale, "fixed": q.fixed_scale, "none": 1.0}[q.scale]
+    if q.scale in ("learned", "delayed", "fixed", "none"):
+        step = {"learned": scale, "delayed": scale, "fixed": q.fixed_scale, "none": 1.0}[q.scale]
         step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), lay.scale_shape)
         return from_step(q, step)
     return scales.params(q, xw, lay.reduce)
@@ -84,7 +84,8 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
         silently: the computation is float32, and narrowing first rounds twice.
       key: one ``jax.random`` key (``jax.random.key`` or a legacy uint32[2]
         ``PRNGKey``), required for ``rounding="stochastic"``.
-      scale: the step for ``scale="learned"``: a float32 (or bfloat16/float16)
+      scale: the step for ``scale="learned"`` (or ``"delayed"``: the step from the
+        amax history, ``lowbit.training.delayed.step``): a float32 (or bfloat16/float16)
         array broadcastable to the scales' kept-dims shape (per channel along
         axis 1 of a matrix: ``(1, C)`` or ``(C,)``); positive (not checked:
         it is usually traced).

@@ -12,8 +12,10 @@ from lowbit import formats
 from lowbit.formats._checks import ROUNDINGS, check_bool, check_int, require
 
 GRANULARITIES = ("tensor", "channel", "group")
-SCALES = ("absmax", "percentile", "mse", "kl", "fixed", "learned", "none")
+SCALES = ("absmax", "percentile", "mse", "kl", "fixed", "learned", "delayed", "none")
 DATA_SCALES = ("absmax", "percentile", "mse", "kl")  # the sources a static quantizer calibrates
+AMAX_REDUCTIONS = ("max", "most_recent")  # how scale="delayed" reads its amax history
+DEFAULT_AMAX_HISTORY = 16
 SCALE_FORMATS = ("float32", "e8m0", "e4m3")
 ZERO_POINT_RANGES = ("full", "restricted")
 KINDS = ("uniform", "log2", "twin_uniform", "ptf")
@@ -63,8 +65,12 @@ class Quantizer:
         ``mse`` (the clip ratio in [0.3, 1] of absmax with the least
         fake-quantization error); ``kl`` (TensorRT entropy calibration, per
         tensor, symmetric); ``fixed`` (the step is ``fixed_scale``); ``learned``
-        (the caller passes the step: ``fake_quant(q, x, scale=step)``); ``none``
-        (step 1: the bare format).
+        (the caller passes the step: ``fake_quant(q, x, scale=step)``);
+        ``delayed`` (TransformerEngine's delayed scaling, per tensor: the clip
+        is the reduced amax history of earlier steps, kept as op state by
+        ``lowbit.training.qdot``; see ``lowbit.training.delayed``; called
+        directly, ``fake_quant`` takes the step as ``scale=`` as for
+        ``learned``); ``none`` (step 1: the bare format).
       percentile: ``q`` in (0, 100] for ``scale="percentile"``.
       scale_format: how the step is stored: ``float32``; ``e8m0`` (a power of
         two, rounded up so nothing clips); ``e4m3`` (an E4M3 value, nearest,
@@ -91,6 +97,11 @@ class Quantizer:
         negatives, one for positives, in a power-of-two ratio: post-GELU).
       twin_shift: the fine step is the coarse step times ``2^-twin_shift``.
       ptf_max_power: ``K``, the largest power-of-two factor exponent of ``ptf``.
+      amax_history: ``scale="delayed"`` only (default 16): how many steps of
+        amaxes the history keeps, 1..65536.
+      amax_reduction: ``scale="delayed"`` only (default ``max``): the clip is the
+        largest amax of the history (``max``) or the last step's
+        (``most_recent``).
     """
 
     format: Any
@@ -110,6 +121,8 @@ class Quantizer:
     twin_split: str = "magnitude"
     twin_shift: int = 3
     ptf_max_power: int = 3
+    amax_history: int | None = None
+    amax_reduction: str | None = None
 
     def __post_init__(self):
         fmt = _resolve_format(self.format)
@@ -143,7 +156,26 @@ class Quantizer:
         check_int(_OWN, "twin_shift", self.twin_shift, 1, 30)
         check_int(_OWN, "ptf_max_power", self.ptf_max_power, 1, 8)
         self._check_fixed_scale()
+        self._check_delayed()
         self._check_combinations(fmt)
+
+    def _check_delayed(self):
+        """``amax_history`` / ``amax_reduction``: defaults filled in with ``scale="delayed"``, refused otherwise."""
+        if self.scale != "delayed":
+            for field in ("amax_history", "amax_reduction"):
+                require(getattr(self, field) is None, _OWN, field, getattr(self, field), "None unless scale='delayed'")
+            return
+        if self.amax_history is None:
+            object.__setattr__(self, "amax_history", DEFAULT_AMAX_HISTORY)
+        if self.amax_reduction is None:
+            object.__setattr__(self, "amax_reduction", "max")
+        check_int(_OWN, "amax_history", self.amax_history, 1, 1 << 16)
+        require(self.amax_reduction in AMAX_REDUCTIONS, _OWN, "amax_reduction", self.amax_reduction,
+                ", ".join(AMAX_REDUCTIONS))
+        # One amax per tensor, a magnitude: what the history holds.
+        for field, want in (("granularity", "tensor"), ("kind", "uniform"), ("symmetric", True)):
+            require(getattr(self, field) == want, _OWN, field, getattr(self, field),
+                    f"{want!r} with scale='delayed' (the amax history holds one magnitude per tensor)")
 
     def _check_fixed_scale(self):
         s = self.fixed_scale

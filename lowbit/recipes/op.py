@@ -10,7 +10,9 @@ State of one op (``state_init``), by category:
 * ``param`` — trained by the optimizer: ``act_alpha`` (PACT clip),
   ``act_step`` / ``weight_step`` (LSQ steps);
 * ``overwrite`` — replaced by its gradient: ``grad_scale`` (GradScale; the
-  quantized backward pass returns the updated scale as its cotangent);
+  quantized backward pass returns the updated scale as its cotangent) and
+  ``amax_lhs`` / ``amax_rhs`` / ``amax_grad`` (delayed scaling's amax
+  histories, returned the same way; see ``lowbit.training.delayed``);
 * ``rng`` — ``sr_key``: the op's stochastic-rounding key, advanced by ``next_key``
   on every call (the one random source of quantized training).
 """
@@ -30,6 +32,7 @@ from lowbit.formats import IntFormat
 from lowbit.quant import Quantizer
 from lowbit.quant.quantizer import is_block
 from lowbit.recipes.rules import Rule
+from lowbit.training import delayed
 from lowbit.training.gradscale import gradscale_init
 from lowbit.training.qdot import DotQuantConfig, quantized_conv, quantized_dot_general, uses_real_matmul
 from lowbit.training.ste import binary_weight, lsq, lsq_init_step, pact, sawb_quantize, ternary_weight
@@ -123,6 +126,8 @@ def state_init(rule: Rule, call: OpCall, rhs: jax.Array, key: jax.Array) -> dict
             state["weight_step"] = ("param", lsq_init_step(jnp.asarray(rhs, jnp.float32), rule.weight_bits, True))
     if rule.dot.grad_scale:
         state["grad_scale"] = ("overwrite", gradscale_init())
+    for site, length in rule.dot.amax_histories.items():
+        state[f"amax_{site}"] = ("overwrite", delayed.history_init(length))
     if rule.dot.stochastic:
         state["sr_key"] = ("rng", jax.random.key_data(key))
     return state
@@ -206,10 +211,12 @@ def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[st
         rhs = _quantize_weight(rule, rhs, state, rc[1])
     cfg, scales = _real_lsq(rule, retarget(rule.dot, call, lhs.ndim, rhs.ndim), state)
     gs = state.get("grad_scale")
+    hists = {site: state[f"amax_{site}"] for site in cfg.amax_histories} or None
     if call.kind == "conv":
-        out = quantized_conv(lhs, rhs, cfg, key=key, grad_scale=gs, **dict(call.conv))
+        out = quantized_conv(lhs, rhs, cfg, key=key, grad_scale=gs, amax_history=hists, **dict(call.conv))
     else:
-        out = quantized_dot_general(lhs, rhs, call.dn, cfg, key=key, grad_scale=gs, precision=call.precision,
+        out = quantized_dot_general(lhs, rhs, call.dn, cfg, key=key, grad_scale=gs, amax_history=hists,
+                                    precision=call.precision,
                                     preferred_element_type=call.preferred_element_type, **scales)
         if call.perm is not None:
             out = jnp.transpose(out, call.perm)

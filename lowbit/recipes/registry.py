@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from lowbit.quant import Quantizer
+from lowbit.quant.quantizer import DEFAULT_AMAX_HISTORY
 from lowbit.recipes.rules import Recipe, Rule
 from lowbit.training.policy import get_policy
 from lowbit.training.qdot import DotQuantConfig
@@ -32,12 +33,34 @@ EDGE = dict(operands="weight", position="edges")  # first and last weighted op
 ACTIVATIONS = dict(operands="activation")  # products of two activations (attention QK^T, AV)
 
 
-def _fp(name, fwd_fmt, grad_fmt, summary) -> Recipe:
-    """FP8/FP6: per-tensor current scaling forward (per-channel weights), its own format for gradients."""
-    act, grad = _q(fwd_fmt), _q(grad_fmt)
+def _fp(name, fwd_fmt, grad_fmt, summary, **scaling) -> Recipe:
+    """FP8/FP6: per-tensor scaling forward (per-channel weights), its own format for gradients.
+
+    ``scaling`` (e.g. ``scale="delayed"``) applies to the per-tensor activation and
+    gradient quantizers; the default is current scaling (each tensor's own absmax).
+    """
+    act, grad = _q(fwd_fmt, **scaling), _q(grad_fmt, **scaling)
     weight = _q(fwd_fmt, granularity="channel")
     return Recipe(name=name, rules=(Rule(**ACTIVATIONS, dot=_dot(act, grad)), Rule(dot=_dot(act, grad, weight))),
                   summary=summary)
+
+
+def _absmax_int(weight_bits: int) -> Recipe:
+    """Dynamic absmax W8A8 / W4A8 (qwix's default QAT): per-channel weights, per-tensor int8 activations.
+
+    Float gradients. Both operands are integers, so ``matmul="auto"`` runs the
+    forward product on int8 operands with int32 accumulation on every backend
+    (int4 codes ride in int8); convolutions stay fake-quantized.
+    """
+    act = _q("int8")
+    weight = _q(f"int{weight_bits}", granularity="channel")
+    return Recipe(
+        name=f"int{weight_bits}",
+        rules=(Rule(**ACTIVATIONS, dot=_dot(act, None)), Rule(dot=_dot(act, None, weight))),
+        summary=(("weights", f"int{weight_bits} per-channel absmax"), ("activations", "int8 per-tensor absmax"),
+                 ("activation products (attention)", "int8 per-tensor absmax"),
+                 ("gradients", "float32 (int8 dots forward)")),
+    )
 
 
 def _block(name, fmt, summary) -> Recipe:
@@ -103,6 +126,11 @@ def _registry() -> dict[str, Recipe]:
         "fp8": _fp("fp8", e4m3, e5m2, (("weights", "e4m3, per-channel current scaling"),
                                        ("activations", "e4m3, per-tensor current scaling"),
                                        ("gradients", "e5m2, per-tensor current scaling"))),
+        "fp8_delayed": _fp("fp8_delayed", e4m3, e5m2, (
+            ("weights", "e4m3, per-channel current scaling"),
+            ("activations", f"e4m3, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)"),
+            ("gradients", f"e5m2, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)")),
+            scale="delayed"),
         "fp6": _fp("fp6", "float6_e2m3fn", "float6_e3m2fn",
                    (("weights", "e2m3, per-channel"), ("activations", "e2m3, per-tensor"),
                     ("gradients", "e3m2, per-tensor"))),
@@ -111,6 +139,8 @@ def _registry() -> dict[str, Recipe]:
                                                 ("gradients", "MXFP4, stochastic rounding"))),
         "nvfp4": _block("nvfp4", "nvfp4", (("weights, activations", "NVFP4 (E2M1, 16-blocks, E4M3 + FP32 scale)"),
                                            ("gradients", "NVFP4, stochastic rounding"))),
+        "int8": _absmax_int(8),
+        "int4": _absmax_int(4),
         "int8_lsq": _lsq(8),
         "int4_lsq": _lsq(4),
         "ternary": _low_bit_weights("ternary", "ternary", "ternary {-a, 0, a}, TWN threshold, per channel a"),

@@ -21,6 +21,11 @@ Radix-4 FP4 gradients (Sun et al. 2020) add two things:
 * **Two-phase rounding** (``tpr=True``): ``g`` is quantized on the even grid for
   the dlhs product and on the odd grid (the same format at twice the scale) for
   the drhs product.
+
+**Delayed scaling** (``Quantizer(scale="delayed")`` on ``lhs``, ``rhs``,
+``dlhs_grad`` or ``drhs_grad``): pass ``amax_history``, one float32 ``(L,)``
+history per delayed site (``lhs``, ``rhs``, ``grad``; see ``delayed``). The
+updated histories leave the backward pass as their cotangents, like GradScale.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowbit import formats, quant
+from lowbit.training import delayed
 from lowbit.training.gradscale import gradscale_update
 
 Quantizer = Any  # lowbit.quant.Quantizer or None (identity)
@@ -75,6 +81,9 @@ class DotQuantConfig:
       grad_scale: the gradient quantizers take their scale from the GradScale
         state (``1/s``) instead of their own scale source.
       tpr: two-phase rounding of the gradient (odd grid for the drhs product).
+      Any of ``lhs``, ``rhs``, ``dlhs_grad``, ``drhs_grad`` may use delayed
+      scaling (``scale="delayed"``); the two gradient quantizers then share one
+      history (both quantize the incoming gradient).
       matmul: ``fake`` (dequantized operands in the compute dtype), ``real``
         (integer / float8 operands into ``lax.dot_general``, int32 or float32
         accumulation, scales applied to the result; with no operand quantizer
@@ -106,12 +115,53 @@ class DotQuantConfig:
                 f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})")
         if self.tpr and not self.grad_scale:
             raise ValueError("DotQuantConfig.tpr=True needs grad_scale=True (the odd grid is 2x the GradScale step)")
+        for field in ("dlhs_rhs", "drhs_lhs"):
+            if _delayed(getattr(self, field)):
+                raise ValueError(f"DotQuantConfig.{field} has scale='delayed'; allowed: delayed scaling on lhs, rhs, "
+                                 "dlhs_grad and drhs_grad only (they own the histories)")
+        grads = [q for q in (self.dlhs_grad, self.drhs_grad) if _delayed(q)]
+        if grads and self.grad_scale:
+            raise ValueError("DotQuantConfig.grad_scale=True sets the gradient quantizers' scale; allowed: "
+                             "dlhs_grad/drhs_grad without scale='delayed' when grad_scale=True")
+        if len({q.amax_history for q in grads}) > 1:
+            raise ValueError("DotQuantConfig.dlhs_grad and drhs_grad share one amax history (both quantize the "
+                             f"gradient); allowed: equal amax_history (got {[q.amax_history for q in grads]})")
+
+    @property
+    def amax_histories(self) -> dict[str, int]:
+        """The amax histories of the delayed sites: ``{"lhs" | "rhs" | "grad": length}``."""
+        sites = dict(lhs=self.lhs, rhs=self.rhs, grad=self.dlhs_grad if _delayed(self.dlhs_grad) else self.drhs_grad)
+        return {site: q.amax_history for site, q in sites.items() if _delayed(q)}
 
     @property
     def stochastic(self) -> bool:
         """Whether any quantizer rounds stochastically (then a key is required)."""
         qs = (self.lhs, self.rhs, self.dlhs_grad, self.dlhs_rhs, self.drhs_grad, self.drhs_lhs)
         return any(getattr(q, "rounding", None) == "stochastic" for q in qs)
+
+
+def _delayed(q) -> bool:
+    return q is not None and q.scale == "delayed"
+
+
+def _histories(config: DotQuantConfig, amax_history) -> tuple:
+    """``amax_history`` checked against ``config``'s delayed sites, as a ``(lhs, rhs, grad)`` tuple."""
+    want = config.amax_histories
+    given = {} if amax_history is None else amax_history
+    if not isinstance(given, dict) or set(given) != set(want):
+        raise ValueError(f"amax_history={None if amax_history is None else sorted(given)} does not match the "
+                         f"config's delayed sites; allowed: a dict with keys {sorted(want)}"
+                         + (" (or None)" if not want else ""))
+    hists = []
+    for site in ("lhs", "rhs", "grad"):
+        h = given.get(site)
+        if h is not None:
+            h = jnp.asarray(h)
+            if h.shape != (want[site],) or h.dtype != jnp.float32:
+                raise ValueError(f"amax_history[{site!r}] has shape {h.shape} and dtype {h.dtype}; allowed: "
+                                 f"float32 of shape ({want[site]},)")
+        hists.append(h)
+    return tuple(hists)
 
 
 def _check_dims(lhs, rhs, dimension_numbers):
@@ -139,7 +189,7 @@ def _fq(q, x, key, scale=None):
 
 
 def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *, key=None,
-                          grad_scale=None, lhs_scale=None, rhs_scale=None, precision=None,
+                          grad_scale=None, amax_history=None, lhs_scale=None, rhs_scale=None, precision=None,
                           preferred_element_type=None):
     """``lax.dot_general`` with quantized operands and gradients.
 
@@ -151,6 +201,9 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
       key: ``jax.random`` key for stochastic rounding (split between the four
         quantizer sites); required when any quantizer rounds stochastically.
       grad_scale: float32 scalar GradScale state, required iff ``config.grad_scale``.
+      amax_history: ``{site: float32 (L,) history}`` for the delayed sites of
+        ``config`` (``config.amax_histories``), else ``None``. The updated
+        histories are their cotangents (see ``delayed``).
       lhs_scale, rhs_scale: steps of ``scale="learned"`` forward quantizers
         (e.g. LSQ steps; no gradient flows to them through this function).
       precision: passed to ``lax.dot_general``.
@@ -160,6 +213,7 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
       The product, of dtype ``preferred_element_type`` or the operands' dtype.
     """
     dn = _check_dims(lhs, rhs, dimension_numbers)
+    hists = _histories(config, amax_history)
     if config.grad_scale != (grad_scale is not None):
         raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
     if key is None:
@@ -170,10 +224,11 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
     scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
                    for s in (lhs_scale, rhs_scale))
     product = _Dot(dn, precision, preferred_element_type)
-    return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales)
+    return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales, hists)
 
 
-def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, **conv_kwargs):
+def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, amax_history=None,
+                   **conv_kwargs):
     """``lax.conv_general_dilated`` with quantized operands and gradients.
 
     The same forward / dlhs / drhs quantizers, GradScale and two-phase rounding as
@@ -183,13 +238,14 @@ def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=Non
     Args:
       lhs, rhs: the input and the kernel, float.
       config: the quantizers; ``config.matmul`` is ignored.
-      key, grad_scale: as ``quantized_dot_general``.
+      key, grad_scale, amax_history: as ``quantized_dot_general``.
       **conv_kwargs: ``lax.conv_general_dilated``'s arguments after the operands
         (``window_strides``, ``padding``, ``dimension_numbers``...).
 
     Returns:
       The convolution, as ``lax.conv_general_dilated`` returns it.
     """
+    hists = _histories(config, amax_history)
     if config.grad_scale != (grad_scale is not None):
         raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
     if key is None:
@@ -198,7 +254,7 @@ def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=Non
         key = jax.random.key(0)  # never drawn from
     gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
     product = _Conv(conv_key(conv_kwargs))
-    return _qprod(product, config, False, lhs, rhs, key, gs, (None, None))
+    return _qprod(product, config, False, lhs, rhs, key, gs, (None, None), hists)
 
 
 def conv_key(conv_kwargs: dict) -> tuple:
@@ -239,9 +295,17 @@ class _Conv(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _qprod(product, config, real, lhs, rhs, key, gs, scales):
-    out, _ = _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales)
+def _qprod(product, config, real, lhs, rhs, key, gs, scales, hists):
+    out, _ = _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists)
     return out
+
+
+def _delayed_operand(q, x, history, scale):
+    """``(step, new history)`` of a delayed forward operand, or ``(scale, None)`` for any other quantizer."""
+    if not _delayed(q):
+        return scale, None
+    current = delayed.amax(q, x)
+    return delayed.step(q, history, current), delayed.update(history, current)
 
 
 def _real_operand(q, x, key, scale):
@@ -288,8 +352,11 @@ class _Narrow(NamedTuple):
         return (self.codes.astype(jnp.float32) * self.step).astype(self.proto.dtype)
 
 
-def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales):
+def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
     k_lhs, k_rhs, k_bwd = jax.random.split(key, 3)
+    s_lhs, h_lhs = _delayed_operand(config.lhs, lhs, hists[0], scales[0])
+    s_rhs, h_rhs = _delayed_operand(config.rhs, rhs, hists[1], scales[1])
+    scales = (s_lhs, s_rhs)
     if real:
         out, lhs_q, rhs_q = _real_dot(product, config, lhs, rhs, k_lhs, k_rhs, scales)
     else:
@@ -299,14 +366,20 @@ def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales):
     # Only what the backward pass reads is saved: the quantized operands when reused.
     res_lhs = lhs_q if config.reuse_fwd and config.drhs_lhs is None else lhs
     res_rhs = rhs_q if config.reuse_fwd and config.dlhs_rhs is None else rhs
-    return out, (res_lhs, res_rhs, k_bwd, gs)
+    return out, (res_lhs, res_rhs, k_bwd, gs, (h_lhs, h_rhs, hists[2]))
 
 
 def _qprod_bwd(product, config, real, res, g):
-    lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res)
+    lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res[:4])
+    h_lhs, h_rhs, h_grad = res[4]
     k1, k2, k3, k4 = jax.random.split(key, 4)
     new_gs = gs
-    if config.grad_scale:
+    if h_grad is not None:  # delayed gradient scaling: one history for g, each quantizer its own reduction
+        current = delayed.amax(config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad, g)
+        g_dlhs, g_drhs = (_fq(q, g, k, scale=delayed.step(q, h_grad, current) if _delayed(q) else None)
+                          for q, k in ((config.dlhs_grad, k1), (config.drhs_grad, k2)))
+        h_grad = delayed.update(h_grad, current)
+    elif config.grad_scale:
         new_gs = gradscale_update(gs, jnp.max(jnp.abs(g)), config.dlhs_grad.format.max_value)
         inv = (1.0 / new_gs).astype(jnp.float32)  # s is a power of two: exact
         g_dlhs = _fq(config.dlhs_grad, g, k1, scale=inv)
@@ -321,7 +394,7 @@ def _qprod_bwd(product, config, real, res, g):
     _, vjp_r = jax.vjp(lambda b: product(lhs_b, b), rhs_b)
     (dlhs,) = vjp_l(g_dlhs.astype(g.dtype))
     (drhs,) = vjp_r(g_drhs.astype(g.dtype))
-    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs, (None, None)
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs, (None, None), (h_lhs, h_rhs, h_grad)
 
 
 _qprod.defvjp(_qprod_fwd, _qprod_bwd)

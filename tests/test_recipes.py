@@ -1,0 +1,147 @@
+"""Every named recipe on a small model written without lowbit; the int8/int4 and fp8_delayed recipes in detail."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lowbit.nn as lnn
+from lowbit import recipes
+from lowbit.recipes import op as oprule
+from lowbit.training.qdot import uses_real_matmul
+
+
+class _Head(nnx.Module):
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (16, 10)) * 0.1)
+
+    def __call__(self, x):
+        return jnp.einsum("bd,dk->bk", x, self.w[...])  # a raw einsum inside a submodule
+
+
+class _CNN(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+        self.fc = nnx.Linear(6 * 6 * 4, 16, rngs=rngs)
+        self.head = _Head(rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv(x))
+        return self.head(jax.nn.relu(self.fc(x.reshape(x.shape[0], -1))))
+
+
+# No attention products in these models: the recipes' activation-product rules go unused.
+pytestmark = pytest.mark.filterwarnings("ignore:recipe .* is unused")
+
+X = jax.random.normal(jax.random.key(1), (4, 6, 6, 1))
+_DIFF = nnx.DiffState(0, (nnx.Param, lnn.OverwriteWithGradient))
+
+
+def _quantized(name):
+    qm = lnn.quantize(_CNN(nnx.Rngs(0)), name)
+    return qm, lnn.describe(qm, X)
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_every_recipe_quantizes_linear_einsum_and_conv(name):
+    recipe = recipes.get(name)
+    assert recipe.name == name and recipe.summary, "every recipe has README summary rows"
+    qm, desc = _quantized(name)
+    ops = list(desc.quantized) + list(desc.unmatched)
+    assert sorted(e.path for e in ops) == ["conv", "fc", "head"]
+    assert len(desc.quantized) == (3 if recipe.quantized else 0)
+
+    @nnx.jit
+    def forward_and_grad(m, x):
+        return nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2), argnums=_DIFF)(m)
+
+    loss, grads = forward_and_grad(qm, X)
+    assert np.isfinite(float(loss))
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    params = jax.tree.leaves(nnx.state(grads, nnx.Param))
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in params)
+
+
+@pytest.mark.parametrize("name, weight_bits", [("int8", 8), ("int4", 4)])
+def test_absmax_int_recipes_run_int8_dots(name, weight_bits):
+    """W8A8 / W4A8: per-channel weights, per-tensor int8 activations, s8 operands in the compiled dots."""
+    recipe = recipes.get(name)
+    for rule in recipe.rules:
+        cfg = rule.dot
+        assert cfg.lhs.format.name == "int8" and cfg.lhs.granularity == "tensor" and cfg.lhs.scale == "absmax"
+        assert cfg.dlhs_grad is None and cfg.drhs_grad is None  # float gradients
+        assert uses_real_matmul(cfg)
+    weight = recipe.rules[-1].dot.rhs
+    assert (weight.format.name, weight.granularity) == (f"int{weight_bits}", "channel")
+
+    qm, desc = _quantized(name)
+    fc = next(e for e in desc if e.path == "fc")
+    assert f"int{weight_bits} channel(axis 1)" in fc.rhs and fc.lhs == "int8"
+    graphdef, state = nnx.split(qm)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x) ** 2)
+
+    text = jax.jit(jax.grad(loss)).lower(state, X).compile().as_text()
+    # An int32-accumulating dot is what the real path emits for two int8 operands (fc and the einsum head).
+    int_dots = [line for line in text.splitlines() if re.search(r"= s32\[[^\]]*\]\S* dot\(", line)]
+    assert len(int_dots) == 2 and "s8[" in text, "no int8 dots in the compiled step"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_absmax_int_forward_matches_hand_quantized_operands(name):
+    """The dense op's output is the product of the hand-quantized input and per-channel weight."""
+    bits = 8 if name == "int8" else 4
+    lin = nnx.Linear(12, 5, rngs=nnx.Rngs(3))
+    qm = lnn.quantize(lin, name)
+    x = jax.random.normal(jax.random.key(4), (3, 12))
+    got = qm(x)
+    xn, w, b = np.asarray(x), np.asarray(lin.kernel[...]), np.asarray(lin.bias[...])
+    sx = np.float32(np.abs(xn).max()) / np.float32(127)
+    sw = (np.abs(w).max(axis=0, keepdims=True) / np.float32(2 ** (bits - 1) - 1)).astype(np.float32)
+    xq = np.clip(np.round(xn / sx), -128, 127) * sx
+    wq = np.clip(np.round(w / sw), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * sw
+    np.testing.assert_allclose(got, xq @ wq + b, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_delayed_differs_from_fp8_only_in_the_scale_source():
+    fp8, late = recipes.get("fp8"), recipes.get("fp8_delayed")
+    assert len(fp8.rules) == len(late.rules)
+    for a, b in zip(fp8.rules, late.rules):
+        for site in ("lhs", "dlhs_grad", "drhs_grad"):
+            qa, qb = getattr(a.dot, site), getattr(b.dot, site)
+            assert qa.format == qb.format and qa.scale == "absmax" and qb.scale == "delayed"
+        assert a.dot.rhs == b.dot.rhs or (a.dot.rhs.scale, b.dot.rhs.scale) == ("absmax", "delayed")
+        assert b.dot.amax_histories  # state for the op
+
+
+def test_fp8_delayed_first_step_equals_fp8_then_keeps_histories():
+    """Empty histories fall back to current scaling: the first forward and gradient equal fp8's."""
+    m = _CNN(nnx.Rngs(0))
+    (fp8, _), (late, desc) = _quantized("fp8"), _quantized("fp8_delayed")
+    assert all("delayed(max, 16)" in e.lhs and "delayed(max, 16)" in e.dlhs for e in desc)
+    nnx.update(fp8, nnx.state(m, nnx.Param))
+    nnx.update(late, nnx.state(m, nnx.Param))
+    step = nnx.jit(nnx.value_and_grad(lambda mm: jnp.sum(mm(X) ** 2), argnums=_DIFF))
+    (la, ga), (lb, gb) = step(fp8), step(late)
+    assert float(la) == float(lb)
+    for a, b in zip(jax.tree.leaves(nnx.state(ga, nnx.Param)), jax.tree.leaves(nnx.state(gb, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    hist = nnx.state(gb, lnn.OverwriteWithGradient)
+    # Each op's lhs history now holds its input's amax; the conv's input is X itself.
+    conv_lhs = [v for p, v in jax.tree_util.tree_leaves_with_path(hist)
+                if "conv" in jax.tree_util.keystr(p) and "amax_lhs" in jax.tree_util.keystr(p)]
+    assert len(conv_lhs) == 1 and float(conv_lhs[0][0]) == float(jnp.max(jnp.abs(X)))
+    assert all(float(v[0]) > 0 and float(jnp.max(v[1:])) == 0 for v in jax.tree.leaves(hist))
+
+
+def test_state_init_allocates_histories_per_delayed_site():
+    rule = recipes.get("fp8_delayed").rules[-1]
+    call = oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())))
+    state = oprule.state_init(rule, call, jnp.ones((4, 3)), jax.random.key(0))
+    assert {k: (c, v.shape) for k, (c, v) in state.items()} == {
+        "amax_lhs": ("overwrite", (16,)), "amax_grad": ("overwrite", (16,))}
