@@ -13,7 +13,8 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx
+from flax.nnx import bridge
 
 from lowbit import data as lowbit_data
 from lowbit.data import Dataset
@@ -308,3 +309,40 @@ def test_one_and_four_devices_agree(tmp_path):
         np.testing.assert_allclose(one[key][settled], four[key][settled], rtol=0, atol=1e-6, err_msg=key)
     for key in (k for k in one if k.startswith(("overwrite/", "rest/", "loss_scale/"))):
         np.testing.assert_array_equal(one[key], four[key], err_msg=key)  # GradScale, RNG streams
+
+
+class LinenTiny(linen.Module):
+    """A linen MLP with a raw ``@``: trained through flax.nnx.bridge."""
+
+    @linen.compact
+    def __call__(self, x):
+        h = linen.relu(linen.Dense(16)(x.reshape(x.shape[0], -1)))
+        return h @ self.param("w", linen.initializers.lecun_normal(), (16, 2))
+
+
+def test_train_resolves_recipe_names_and_refuses_a_mismatched_model():
+    data = _toy()
+    with pytest.raises(ValueError, match="pass lowbit.quantize\\(model, 'fp4'\\)"):
+        loop.train(Tiny(), data, recipe="fp4", **_HP)
+    with pytest.raises(ValueError, match="quantized with 'fp8'"):
+        loop.train(_model("fp8"), data, recipe="fp4", **_HP)
+    with pytest.raises(ValueError, match="recipe='fp9' is unknown"):
+        loop.train(_model("fp8"), data, recipe="fp9", **_HP)
+    with pytest.raises(TypeError, match="ToNNX"):
+        loop.train(LinenTiny(), data, recipe="fp32", **_HP)
+
+
+def test_a_quantized_linen_model_trains_through_the_nnx_bridge():
+    data = _toy()
+    qlinen = quantize(LinenTiny(), "int8_lsq")
+    model = bridge.ToNNX(qlinen, rngs=nnx.Rngs(0)).lazy_init(data.x_train[:1])
+    steps = nnx.state(model, nnx.Param)
+    names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(steps)}
+    assert any("lowbit_params" in n or "act_step" in n for n in names), names
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    metrics = loop.train(model, data, recipe="int8_lsq", **_HP)
+    assert metrics["test_accuracy"] > 0.9
+    after = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    changed = {"/".join(map(str, p)) for (p, a), b in zip(after, jax.tree.leaves(before))
+               if not np.array_equal(np.asarray(a[...]), b)}
+    assert any("act_step" in n for n in changed) and any("weight_step" in n for n in changed)

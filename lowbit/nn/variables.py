@@ -22,15 +22,26 @@ class QuantKey(nnx.Variable):
     """
 
 
+class QuantParam(nnx.Param):
+    """A learned quantizer parameter (LSQ step, PACT clip): an ``nnx.Param``, so optimizers train it."""
+
+
+# Linen collections of lowbit.quantize (lowbit.nn.quantize.LINEN_COLLECTIONS) map to these types when a
+# quantized linen model goes through flax.nnx.bridge, so the NNX train loop treats them as on NNX models.
+nnx.register_variable_name("lowbit_params", QuantParam)
+nnx.register_variable_name("lowbit_overwrite", OverwriteWithGradient)
+nnx.register_variable_name("lowbit_rng", QuantKey)
+
+
 class OpState(nnx.Module):
     """The quantizer state of one op, as NNX variables (see ``lowbit.recipes.op``).
 
-    Learned steps and clips are ``nnx.Param`` (the optimizer trains them),
+    Learned steps and clips are ``QuantParam`` (an ``nnx.Param``: the optimizer trains them),
     GradScale is ``OverwriteWithGradient`` and the stochastic-rounding key a
     ``QuantKey``.
     """
 
-    _TYPES = {"param": nnx.Param, "overwrite": OverwriteWithGradient, "rng": QuantKey}
+    _TYPES = {"param": QuantParam, "overwrite": OverwriteWithGradient, "rng": QuantKey}
 
     def __init__(self, state: dict):
         for name, (category, value) in state.items():

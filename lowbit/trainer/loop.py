@@ -31,7 +31,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,7 +39,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowbit import data as lowbit_data
-from lowbit.nn.quantize import discover, is_quantized
+from lowbit import recipes
+from lowbit.nn.describe import describe
+from lowbit.nn.layers import QConv, QEinsum, QLinear
+from lowbit.nn.quantize import is_quantized
 from lowbit.nn.quantize import ops as quantized_ops
 from lowbit.trainer import checkpoint, metadata, report
 from lowbit.trainer.interrupt import StopRequest
@@ -53,20 +56,11 @@ _CHECKPOINTS = "checkpoints"
 _REPORTS = ("metrics.json", "curves.png")
 
 
-class Recipe(Protocol):
-    """What the loop needs from a recipe (``lowbit.recipes.Recipe``)."""
-
-    name: str
-    policy: Policy
-
-    def make_loss_scale(self) -> Any: ...
-
-
 def train(
     model: nnx.Module,
     dataset: lowbit_data.Dataset,
     *,
-    recipe: Recipe,
+    recipe: recipes.Recipe | str,
     epochs: int = 30,
     batch_size: int = 64,
     seed: int = 0,
@@ -89,11 +83,17 @@ def train(
     Args:
       model: An NNX classifier mapping (B, H, W, C) images to (B, classes) logits,
         with classes >= ``dataset.num_classes``, initialised by the caller (from
-        ``seed`` for a reproducible run). It is updated in place with the final
-        (or, when stopped, the current) state and left in eval mode.
+        ``seed`` for a reproducible run): a model from ``lowbit.quantize(model,
+        recipe)`` (a quantized linen model goes through
+        ``flax.nnx.bridge.ToNNX(...).lazy_init(x)``), or one built from lowbit's
+        explicit layers (``QLinear``...), or any float model for a recipe that
+        quantizes nothing (``fp32``, ``bf16``, ``fp16``). It is updated in place
+        with the final (or, when stopped, the current) state and left in eval mode.
       dataset: Training and test data (``lowbit.data.load``); integer labels in
         ``[0, dataset.num_classes)``.
-      recipe: Supplies ``name``, the precision ``policy`` and ``make_loss_scale()``.
+      recipe: A ``lowbit.recipes.Recipe`` or its name: the precision policy and
+        the loss scale; for a model from ``lowbit.quantize``, the recipe it was
+        quantized with.
       epochs: Passes over the training set.
       batch_size: Global batch (split across ``devices``); the last partial
         batch of each epoch is dropped.
@@ -139,6 +139,7 @@ def train(
         (``IncompatibleCheckpointError``) one from a different run (recipe,
         dataset, model or hyperparameters).
     """
+    recipe = _check_recipe(model, recipe)
     _check_args(model, recipe, epochs=epochs, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
                 weight_decay=weight_decay, warmup=warmup, out_dir=out_dir, resume=resume, overwrite=overwrite,
                 keep=keep, max_skipped=max_skipped, devices=devices, progress=progress)
@@ -147,7 +148,9 @@ def train(
     if is_quantized(model) and not quantized_ops(model):
         # A quantized model creates its quantizer state on its first call; it must
         # exist before the model is split, not appear inside the traced step.
-        discover(model, recipe.policy.cast_to_compute(dataset.x_train[:batch_size]))
+        ops = describe(model, recipe.policy.cast_to_compute(dataset.x_train[:1]))
+        if progress:
+            print(ops, flush=True)
     _check_model(model, dataset, batch_size, recipe.policy)
     out = _prepare_out_dir(out_dir)
     with RunLock(out) if out is not None else contextlib.nullcontext():
@@ -329,13 +332,32 @@ class _StepTimer:
         self._first = False
 
 
-def _check_args(model, recipe, **args) -> None:
+def _check_recipe(model, recipe) -> recipes.Recipe:
+    """The recipe (resolved from its name) after checking that ``model`` is trained the way it says."""
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"train: model must be a flax.nnx.Module, got {type(model).__name__}")
-    for attr in ("name", "policy", "make_loss_scale"):
-        if not hasattr(recipe, attr):
-            raise TypeError(f"train: recipe must have .name, .policy and .make_loss_scale() (a lowbit Recipe), "
-                            f"got {type(recipe).__name__} without .{attr}")
+        raise TypeError(f"train: model must be a flax.nnx.Module (a linen model: wrap it with "
+                        f"flax.nnx.bridge.ToNNX), got {type(model).__name__}")
+    recipe = recipes.resolve(recipe)
+    own = _model_recipe(model)
+    if own is not None and own.name != recipe.name:
+        raise ValueError(f"train: recipe={recipe.name!r} but the model was quantized with {own.name!r}")
+    explicit = any(isinstance(m, (QLinear, QEinsum, QConv)) for _, m in nnx.iter_modules(model))
+    if own is None and recipe.quantized and not explicit:
+        raise ValueError(f"train: recipe={recipe.name!r} quantizes, but the model is a float model: pass "
+                         f"lowbit.quantize(model, {recipe.name!r})")
+    return recipe
+
+
+def _model_recipe(model) -> recipes.Recipe | None:
+    """The recipe of a model from ``lowbit.quantize`` (or of the linen model a ``nnx.bridge.ToNNX`` wraps)."""
+    inner = getattr(model, "to_nnx__module", None)  # flax.nnx.bridge.ToNNX keeps the linen module here
+    for m in (model, inner):
+        if is_quantized(m):
+            return m._lowbit_recipe
+    return None
+
+
+def _check_args(model, recipe, **args) -> None:
     for name in ("resume", "overwrite", "progress"):
         if not isinstance(args[name], bool):
             raise TypeError(f"train: {name} must be True or False, got {args[name]!r}")
