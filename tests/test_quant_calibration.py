@@ -45,11 +45,8 @@ def test_percentile_and_mse_clip_outliers_below_absmax_with_less_error(seed):
     assert _mse(Quantizer(format="int8", scale="mse"), x) <= _mse(Quantizer(format="int8"), x)
 
 
-@pytest.mark.xfail(strict=False, reason="known defect: kl_threshold does not smooth Q as TensorRT does, so on "
-                   "about 7% of seeds every candidate with an empty kept bin scores inf and the clip reaches "
-                   "the outliers")
 @given(seed=st.integers(0, 2**16))
-@settings(max_examples=3)
+@settings(max_examples=10)
 def test_kl_threshold_inside_histogram_range_and_below_outliers(seed):
     x = _outliers(seed)
     amax = jnp.max(jnp.abs(x))
@@ -58,6 +55,84 @@ def test_kl_threshold_inside_histogram_range_and_below_outliers(seed):
     assert 128 * float(r) / 2048 <= t <= float(r)  # at least `levels` bins are kept
     assert t < float(amax)  # the outliers are clipped
     assert _clip(Quantizer(format="int8", scale="kl"), x) == pytest.approx(t, rel=1e-6)
+
+
+def _kl_score(hist, i, levels, eps=1e-4):
+    """KL(P || Q) of keeping ``i`` bins, as kl_threshold documents it, in float64 numpy."""
+    h = np.asarray(hist, np.float64)
+    p = h[:i].copy()
+    p[i - 1] += h[i:].sum()  # the outliers
+    q, width = np.zeros(i), i // levels
+    for g in range(levels):
+        lo, hi = g * width, i if g == levels - 1 else (g + 1) * width
+        full = h[lo:hi] > 0
+        q[lo:hi][full] = h[lo:hi].sum() / max(full.sum(), 1)
+    smoothed = []
+    for v in (p, q):
+        v = v / v.sum() if v.sum() > 0 else v
+        empty = v == 0
+        v = np.where(empty, eps, v * (1 - eps * empty.sum()))
+        smoothed.append(v / v.sum())
+    p, q = smoothed
+    return float(np.sum(p * np.log(p / q)))
+
+
+def _kl_reference(hist, levels):
+    """The number of bins the documented search keeps: the least KL among candidates that keep
+    at least half the counts."""
+    kept = np.cumsum(hist)
+    allowed = [i for i in range(levels, len(hist) + 1) if 2 * kept[i - 1] >= kept[-1]]
+    return min(allowed, key=lambda i: _kl_score(hist, i, levels))
+
+
+@given(data=st.data())
+@settings(max_examples=20)
+def test_kl_threshold_matches_a_float64_reference_on_gappy_histograms(data):
+    # Sparse histograms, most bins empty, as 8-bit or 4-bit data give (one compiled shape: 64 bins, 8 levels).
+    counts = data.draw(st.lists(st.integers(0, 500), min_size=64, max_size=64))
+    keep = data.draw(st.lists(st.booleans(), min_size=64, max_size=64))
+    hist = np.where(keep, counts, 0).astype(np.int32)
+    if hist.sum() == 0:
+        hist[5] = 1
+    want = _kl_reference(hist, 8)
+    got = int(scales.kl_threshold(jnp.asarray(hist), jnp.float32(64.0), 8))  # range 64: the clip counts bins
+    # float32 in the kernel: a near-tie may go to the other candidate, which then scores the same.
+    assert got == want or abs(_kl_score(hist, got, 8) - _kl_score(hist, want, 8)) < 1e-5, (got, want)
+
+
+def _pixels(seed, n=16 * 784):
+    """8-bit images as Fashion-MNIST stores them, / 255: mostly background zeros, saturated strokes."""
+    rng = np.random.default_rng(seed)
+    kind = rng.uniform(size=n)
+    px = np.where(kind < 0.6, 0, np.where(kind < 0.75, 255, rng.integers(1, 255, n)))
+    return jnp.asarray((px / 255).astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "float4_e2m1fn", "nf4"])
+def test_kl_gives_a_sane_clip_on_8_bit_pixels_and_digits(fmt):
+    # Every pixel value is kept at full precision only by the absmax; the clip must not collapse
+    # onto the first few bins (it did at 4 bits: 0.024 on these pixels, a 10% accuracy W4A4 model).
+    from lowbit import data
+
+    q = Quantizer(format=fmt, scale="kl")
+    assert _clip(q, _pixels(0)) >= 0.9
+    digits = data.load("digits").x_train[:256]  # 17 values, k / 16
+    assert _clip(q, jnp.asarray(digits)) >= 0.5
+
+
+@given(seed=st.integers(0, 2**16))
+@settings(max_examples=5)
+def test_kl_clip_for_fp4_on_gaussian_outliers_is_below_the_outliers_and_above_the_bulk(seed):
+    x = _outliers(seed)
+    clip = _clip(Quantizer(format="float4_e2m1fn", scale="kl"), x)
+    assert 1.5 < clip < float(jnp.max(jnp.abs(x)))
+
+
+def test_kl_ignores_exact_zeros():
+    x = jnp.asarray(np.random.default_rng(3).standard_normal(N).astype(np.float32))
+    padded = jnp.concatenate([x, jnp.zeros(3 * N, jnp.float32)])
+    q = Quantizer(format="int4", scale="kl")
+    assert _clip(q, padded) == _clip(q, x)
 
 
 @pytest.mark.parametrize("fmt,levels", [("int4", 7), ("int8", 127)])

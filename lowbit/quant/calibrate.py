@@ -4,7 +4,7 @@ The running statistic per scale source:
 
 * ``absmax``: running max of ``|x|`` (signed range: running min and max of ``x``);
   exactly the statistic of all batches concatenated.
-* ``kl``: a running histogram of ``|x|`` (2048 bins over a power-of-two range
+* ``kl``: a running histogram of nonzero ``|x|`` (2048 bins over a power-of-two range
   that doubles, merging bin pairs exactly, when a batch outgrows it), so it
   equals the histogram of all batches at once; the threshold is searched once,
   in ``Observer.scale``.
@@ -39,7 +39,7 @@ class CalibrationState(NamedTuple):
       lo, hi: float32 clips in the scales' kept-dims shape: running min/max
         (``absmax``, ``kl``; ``lo = -hi`` for a magnitude) or running means of
         the per-batch clips (``percentile``, ``mse``).
-      hist: int32 ``(2048,)`` counts of ``|x|`` over ``[0, hist_range)`` (``kl``), else ``(0,)``.
+      hist: int32 ``(2048,)`` counts of nonzero ``|x|`` over ``[0, hist_range)`` (``kl``), else ``(0,)``.
       hist_range: float32 scalar, a power of two (0 before the first batch).
     """
 

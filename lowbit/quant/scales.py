@@ -103,13 +103,19 @@ def histogram_range(amax):
 
 @jax.jit
 def histogram(x, hist_range):
-    """int32 counts of finite ``|x|`` in ``KL_BINS`` equal bins over ``[0, hist_range)``."""
+    """int32 counts of finite nonzero ``|x|`` in ``KL_BINS`` equal bins over ``[0, hist_range)``.
+
+    Exact zeros are left out: every symmetric grid holds zero exactly, so they
+    cost nothing at any clip, while a spike of them in the first bin (ReLU
+    outputs, image background) would drive the KL search to a tiny clip that
+    isolates it.
+    """
     a = jnp.abs(x).ravel()
-    finite = jnp.isfinite(a)
+    counted = jnp.isfinite(a) & (a != 0)
     # bins / range is a power of two: the product is exact and floor() bins it exactly.
     idx = jnp.floor(a * (jnp.float32(KL_BINS) / hist_range))
-    idx = jnp.clip(jnp.where(finite, idx, 0), 0, KL_BINS - 1).astype(jnp.int32)
-    return jnp.zeros(KL_BINS, jnp.int32).at[idx].add(finite.astype(jnp.int32))
+    idx = jnp.clip(jnp.where(counted, idx, 0), 0, KL_BINS - 1).astype(jnp.int32)
+    return jnp.zeros(KL_BINS, jnp.int32).at[idx].add(counted.astype(jnp.int32))
 
 
 def rebin(hist, old_range, new_range):
@@ -135,8 +141,15 @@ def kl_threshold(hist, hist_range, levels: int):
     the first ``i`` bins with the outliers beyond them added to bin ``i-1``;
     ``Q`` merges the same ``i`` bins (without outliers) into ``levels`` groups
     of ``i // levels`` bins (the last group takes the rest) and spreads each
-    group's count evenly over its non-empty bins. A candidate whose ``Q`` is
-    zero where ``P`` is not scores infinity. All candidates are scored at once.
+    group's count evenly over its non-empty bins. Both are then smoothed as
+    MXNet/TensorRT do (``_smooth``): every empty bin of the kept range gets
+    ``KL_EPS``, so a bin ``P`` fills and ``Q`` leaves empty (outliers folded
+    into an empty last bin, gaps in a histogram of 8-bit data) costs a finite
+    amount instead of ruling the candidate out. A candidate must also keep at
+    least half the counts (clip at or above the median of ``|x|``): on a gappy
+    histogram (8-bit pixels, the 17 values of digits) a clip below most of the
+    data folds it into a last bin that the normalized ``P`` and ``Q`` then agree
+    on, a KL near zero at a degenerate clip. All candidates are scored at once.
 
     Returns:
       The float32 clip ``i* * hist_range / bins``: the upper edge of the last kept bin.
@@ -158,13 +171,32 @@ def kl_threshold(hist, hist_range, levels: int):
     qv = jnp.where(inside & (h > 0), gsum / jnp.maximum(gnz, jnp.float32(1)), jnp.float32(0))
     outliers = (csum[-1] - csum[i]).astype(jnp.float32)
     pv = jnp.where(inside, h, jnp.float32(0)) + jnp.where(j == i - 1, outliers, jnp.float32(0))
-    pn = pv / jnp.maximum(jnp.sum(pv, axis=1, keepdims=True), jnp.float32(1))
-    qn = qv / jnp.maximum(jnp.sum(qv, axis=1, keepdims=True), jnp.float32(1))
+    pn, qn = _smooth(pv, inside), _smooth(qv, inside)
     ratio = jnp.where(pn > 0, pn / jnp.where(qn > 0, qn, jnp.float32(1)), jnp.float32(1))
-    terms = jnp.where(pn > 0, pn * jnp.log(ratio), jnp.float32(0))
-    kl = jnp.where(jnp.any((pn > 0) & (qn == 0), axis=1), jnp.float32(jnp.inf), jnp.sum(terms, axis=1))
+    kl = jnp.sum(jnp.where(pn > 0, pn * jnp.log(ratio), jnp.float32(0)), axis=1)
+    enough = 2 * csum[i[:, 0]] >= csum[-1]
+    kl = jnp.where(enough, kl, jnp.float32(jnp.inf))
     best = jnp.argmin(kl).astype(jnp.int32) + levels
     return best.astype(jnp.float32) * (hist_range / jnp.float32(bins))
+
+
+KL_EPS = 1e-4
+"""Probability every empty kept bin receives when the KL search smooths P and Q."""
+
+
+def _smooth(v, inside):
+    """Normalize each row of counts ``v`` over its kept bins and give every empty one ``KL_EPS``.
+
+    MXNet's ``_smooth_distribution`` (the TensorRT recipe) adds eps to the empty
+    bins and takes it back uniformly from the others; here it is taken back in
+    proportion, so no bin turns negative (at most 2048 * 1e-4 of the mass moves).
+    """
+    total = jnp.sum(v, axis=1, keepdims=True)
+    n = v / jnp.where(total > 0, total, jnp.float32(1))
+    empty = inside & (n == 0)
+    moved = jnp.float32(KL_EPS) * jnp.sum(empty, axis=1, keepdims=True).astype(jnp.float32)
+    s = jnp.where(empty, jnp.float32(KL_EPS), n * (1 - moved))
+    return s / jnp.sum(s, axis=1, keepdims=True)  # exact 1 again where a row was all empty
 
 
 def kl(q, x, reduce):
