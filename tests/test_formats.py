@@ -173,13 +173,38 @@ def _ml_inputs(name: str) -> np.ndarray:
 
 
 def _e8m0_deviations(x) -> np.ndarray:
-    """Inputs where lowbit deliberately differs from ml_dtypes for E8M0 (DESIGN): exact ties
-    1.5 * 2^k (ml_dtypes rounds up, lowbit to even) and float32 subnormals in (2^-127, 2^-126)
-    (ml_dtypes rounds all of them up to 2^-126, lowbit to nearest)."""
+    """Inputs where lowbit deliberately differs from ml_dtypes for E8M0 (README, "Formats"): the
+    exact ties 1.5 * 2^k, the float32 subnormal 1.5 * 2^-127 included (ml_dtypes rounds up,
+    lowbit to the even code). Every other input, subnormals included, rounds alike."""
     b = _bits32(x)
     positive_normal = (b >= 0x00800000) & (b < 0x7F800000)
     tie = positive_normal & ((b & 0x7FFFFF) == 0x400000)
-    return tie | ((b > 0x00400000) & (b < 0x00800000))
+    return tie | (b == 0x00600000)
+
+
+def test_readme_e8m0_differences_from_the_installed_ml_dtypes():
+    # The README's bullet, checked against whatever ml_dtypes is installed: ties differ exactly
+    # where the lower neighbour has the even code; float32 subnormals between 2^-127 and 2^-126
+    # round to the nearer value in both (ml_dtypes before 0.7 rounded every one of them up).
+    k = np.arange(-127, 127)
+    ties = (1.5 * np.exp2(k)).astype(np.float32)
+    sub = _f32(np.arange(0x00400001, 0x00800000, 977, dtype=np.uint32))
+    sub = sub[_bits32(sub) != 0x00600000]
+    got = np.asarray(formats.encode("float8_e8m0fnu", _padded(np.concatenate([ties, sub]), 8192)))
+    want = np.concatenate([ties, sub]).astype(ml_dtypes.float8_e8m0fnu).view(np.uint8)
+    got, want = got[: want.size], want
+    lower = (k + 127).astype(np.uint8)  # the code of 2^k
+    np.testing.assert_array_equal(got[: k.size], np.where(lower % 2 == 0, lower, lower + 1))
+    np.testing.assert_array_equal(want[: k.size], lower + 1)  # ml_dtypes: ties up
+    np.testing.assert_array_equal(got[k.size:], want[k.size:])
+    assert set(np.unique(want[k.size:])) == {0, 1}  # both neighbours occur: nearest, not all up
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float4_e2m1fn", "float8_e5m2", "int8", "nf4"])
+def test_values_list_zero_once_as_positive_zero(name):
+    v = formats.values(name)
+    zeros = v[v == 0]
+    assert zeros.size == 1 and not np.signbit(zeros[0])
 
 
 @pytest.mark.parametrize("name", ML_DTYPES)
