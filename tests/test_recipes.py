@@ -45,25 +45,43 @@ def _quantized(name):
     return qm, lnn.describe(qm, X)
 
 
+# (Every recipe on an NNX CNN with a raw-einsum head, forward and gradient finite: tests/test_quantize.py.)
+_CALLS = (oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ()))),
+          oprule.OpCall(kind="conv", conv=(("dimension_numbers", ("NHWC", "HWIO", "NHWC")), ("padding", "SAME"),
+                                           ("window_strides", (1, 1)))))
+
+
+def _overwrite_recipes():
+    """Recipes with state replaced by its gradient (GradScale, amax histories)."""
+    return [n for n in recipes.names() if any(
+        c == "overwrite" for r in recipes.get(n).rules for call in _CALLS
+        for c, _ in oprule.state_init(r, call, jnp.ones((3, 3, 1, 4) if call.kind == "conv" else (4, 3)),
+                                      jax.random.key(0)).values())]
+
+
 @pytest.mark.parametrize("name", recipes.names())
-def test_every_recipe_quantizes_linear_einsum_and_conv(name):
+def test_every_recipe_has_summary_rows_and_known_state(name):
     recipe = recipes.get(name)
     assert recipe.name == name and recipe.summary, "every recipe has README summary rows"
-    qm, desc = _quantized(name)
-    ops = list(desc.quantized) + list(desc.unmatched)
-    assert sorted(e.path for e in ops) == ["conv", "fc", "head"]
-    assert len(desc.quantized) == (3 if recipe.quantized else 0)
+    assert all(isinstance(t, str) and isinstance(f, str) and t and f for t, f in recipe.summary)
+    for rule in recipe.rules:
+        for call in _CALLS:
+            rhs = jnp.ones((3, 3, 1, 4) if call.kind == "conv" else (4, 3))
+            for category, value in oprule.state_init(rule, call, rhs, jax.random.key(0)).values():
+                assert category in oprule.CATEGORIES and bool(jnp.all(jnp.isfinite(value)))
 
-    @nnx.jit
-    def forward_and_grad(m, x):
-        return nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2), argnums=_DIFF)(m)
 
-    loss, grads = forward_and_grad(qm, X)
-    assert np.isfinite(float(loss))
-    leaves = jax.tree.leaves(grads)
-    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    params = jax.tree.leaves(nnx.state(grads, nnx.Param))
-    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in params)
+def test_overwrite_recipes_are_found():
+    assert {"fp4", "fp8_delayed"} <= set(_overwrite_recipes())
+
+
+@pytest.mark.parametrize("name", _overwrite_recipes())
+def test_overwrite_state_after_one_step_is_finite_and_positive(name):
+    """GradScale and amax histories: the value each op's state takes after one step (its "gradient")."""
+    qm, _ = _quantized(name)
+    _, grads = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(m(X) ** 2), argnums=_DIFF))(qm)
+    new = jax.tree.leaves(nnx.state(grads, lnn.OverwriteWithGradient))
+    assert new and all(bool(jnp.all(jnp.isfinite(v))) and float(jnp.ravel(v)[0]) > 0 for v in new)
 
 
 @pytest.mark.parametrize("name, weight_bits", [("int8", 8), ("int4", 4)])
