@@ -149,6 +149,8 @@ FORMAT_CALLS = [
     ("decode codes=str", lambda: formats.decode(E4, "abc"), Err(TypeError, r"\bcodes\b")),
     ("decode codes=None", lambda: formats.decode(E4, None), Err(TypeError, r"\bcodes\b")),
     ("decode codes=bool", lambda: formats.decode(E4, np.array([True])), Err(TypeError, r"\bcodes\b")),
+    ("decode e4m3 codes=tuple", lambda: formats.decode(E4, (_u(1), _u(1))), Err(ValueError, r"\bcodes\b")),
+    ("decode int4 codes=tuple", lambda: formats.decode("int4", (_u(1),)), Err(ValueError, r"\bcodes\b")),
     ("decode codes=list of ints", lambda: formats.decode(E4, [0, 56]), Ok(lambda y: list(np.asarray(y)) == [0, 1])),
     ("decode codes=int32 in range", lambda: formats.decode(E4, _u(0x38, dtype=np.int32)),
      Ok(lambda y: float(y[0]) == 1.0)),

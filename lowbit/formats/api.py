@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit.formats._checks import check_bool, check_codes, check_dtype, check_float_input, check_rounding
+from lowbit.formats.integer import BinaryFormat, IntFormat
+from lowbit.formats.minifloat import FloatFormat
 from lowbit.formats.protocol import BuiltinFormat, missing_members
 from lowbit.formats.registry import get
 
@@ -74,6 +76,9 @@ def decode(fmt, codes, *, dtype: Any = jnp.float32):
     """
     fmt = _resolve(fmt)
     dtype = check_dtype(dtype)
+    if isinstance(codes, tuple) and isinstance(fmt, (FloatFormat, IntFormat, BinaryFormat)):
+        raise ValueError(f"codes is a tuple; allowed for {fmt.name}: the codes array encode returned "
+                         "(only scaled formats, adaptive and block, encode to a tuple)")
     if isinstance(codes, tuple) and codes:
         codes = (check_codes(codes[0], fmt.bits), *(jnp.asarray(c) for c in codes[1:]))
     else:
