@@ -37,10 +37,13 @@ def run_dir(tmp_path_factory):
     return out
 
 
-def test_choices_match_the_library():
-    assert cli_ptq.CALIBRATIONS == config.CALIBRATIONS
+def test_choices_are_the_library_lists():
+    from lowbit.quant.quantizer import DATA_SCALES
+
+    # One list each: the CLI takes the library's own (the calibration names are lowbit.quant's clip sources).
+    assert cli_ptq.CALIBRATIONS is config.CALIBRATIONS is DATA_SCALES
     assert (cli_ptq.SOFTMAX, cli_ptq.GELU, cli_ptq.LAYERNORM) == (config.SOFTMAX, config.GELU, config.LAYERNORM)
-    assert cli_ptq.METHODS == finetune.METHODS
+    assert cli_ptq.METHODS is finetune.METHODS
 
 
 @pytest.mark.parametrize(("command", "flags"), [
@@ -92,7 +95,7 @@ def _edited_copy(run_dir, tmp_path, edit):
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
-    (lambda m: m["model"].update(type="ResNet"), "not a lowbit ViT checkpoint"),
+    (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
     (lambda m: m.update(recipe="fp4"), "PTQ starts from a float model"),
     (lambda m: m.update(dataset="cifar10"), "CIFAR-10"),
 ])
@@ -126,8 +129,9 @@ def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
     assert _main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["label"] == "W8A8" and metrics["config"]["group_size"] == 8
-    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["layers"]) == 8
-    assert all("sqnr_db" in layer for layer in metrics["layers"])
+    assert 0 <= metrics["test_accuracy"] <= 1 and len(metrics["ops"]) == 8
+    assert all("sqnr_db" in op for op in metrics["ops"])
+    assert metrics["ops"][2]["name"] == "blocks/0/attn:einsum0"
     assert (out / "layer_sqnr.png").stat().st_size > 0
     assert "W8A8" in capsys.readouterr().out
 
@@ -140,5 +144,5 @@ def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
     assert _main(argv) == 0
     assert "for 1 epoch:" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
-    model, meta = ptq.load_vit(out)
+    model, meta = ptq.load_model(out)
     assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == 16

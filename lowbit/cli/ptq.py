@@ -1,11 +1,11 @@
-"""``lowbit ptq`` and ``lowbit finetune``: post-training quantization of a trained ViT.
+"""``lowbit ptq`` and ``lowbit finetune``: post-training quantization of a trained model.
 
 Each ``add_*_parser`` registers one subcommand and sets ``func``, which takes the
 parsed arguments and returns the exit status (2 for bad input: a missing or
 mismatched checkpoint, an unknown format, a missing dataset).
 
-The choices below are literals so that building the parser imports no jax;
-``tests/test_cli_ptq.py`` checks them against ``lowbit.ptq``.
+The choices come from ``lowbit.ptq.config`` (one list each, shared with the
+library; that module loads without Flax).
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from pathlib import Path
 
 from lowbit.cli.args import InputError, absolute_path, check_output_dir, fail, nonnegative_float, positive_int
 from lowbit.cli.output import plural
+from lowbit.ptq.config import CALIBRATIONS, GELU, LAYERNORM, METHODS, SOFTMAX, WEIGHT_CALIBRATIONS
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
-
-CALIBRATIONS = ("absmax", "percentile", "mse", "kl")
-SOFTMAX = ("uniform", "log2", "twin")
-GELU = ("uniform", "twin")
-LAYERNORM = ("tensor", "channel", "ptf")
-METHODS = ("noise", "outlier", "both", "plain")
 
 
 def _granularity(text: str) -> tuple[str, int | None]:
@@ -46,9 +41,10 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
 def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit ptq``."""
     parser = subparsers.add_parser(
-        "ptq", help="post-training quantization of a trained ViT",
-        description="Calibrate static activation scales on training images, quantize every matmul of a trained "
-                    "ViT and score it; writes metrics.json (accuracy, per-layer SQNR) and layer_sqnr.png. "
+        "ptq", help="post-training quantization of a trained model",
+        description="Calibrate static activation scales on training images, quantize every matmul and "
+                    "convolution of a trained model (vit, mlp, cnn or your own) and score it; writes metrics.json "
+                    "(accuracy, per-op SQNR) and layer_sqnr.png. "
                     "--sweep scores a grid of settings instead and writes ptq_sweep.md/.json.")
     _add_source(parser)
     q = parser.add_argument_group("quantization")
@@ -57,15 +53,15 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     q.add_argument("--activations", default="int8", help="activation format (default: int8)")
     q.add_argument("--calibration", choices=CALIBRATIONS, default="absmax",
                    help="activation clip source (default: absmax)")
-    q.add_argument("--weight-calibration", choices=CALIBRATIONS[:3],
+    q.add_argument("--weight-calibration", choices=WEIGHT_CALIBRATIONS,
                    help="weight clip source (default: as --calibration; kl -> mse)")
     q.add_argument("--granularity", type=_granularity, default=("channel", None),
                    help="weight scales: tensor, channel or group:N (default: channel)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile (default: 99.99)")
     q.add_argument("--dynamic", action="store_true", help="activation scales from every batch, not calibration")
     q.add_argument("--noisy-bias", action="store_true",
-                   help="NoisyQuant: fixed noise before each linear layer's input quantizer, removed in its bias")
-    vit = parser.add_argument_group("ViT-specific activations")
+                   help="NoisyQuant: fixed noise before each linear op's input quantizer, removed in its bias")
+    vit = parser.add_argument_group("ViT-specific activations (on the built-in ViT's attention, MLP and LayerNorm ops)")
     vit.add_argument("--softmax", choices=SOFTMAX, default="uniform",
                      help="attention probabilities: uniform, log2 (FQ-ViT), twin (PTQ4ViT) (default: uniform)")
     vit.add_argument("--gelu", choices=GELU, default="uniform",
@@ -89,15 +85,15 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit finetune``."""
     parser = subparsers.add_parser(
-        "finetune", help="fine-tune a trained ViT to survive PTQ",
-        description="Fine-tune a trained float ViT so that post-training quantization to --target-format hurts "
+        "finetune", help="fine-tune a trained model to survive PTQ",
+        description="Fine-tune a trained float model so that post-training quantization to --target-format hurts "
                     "less: adaptive quantization noise, an outlier penalty, both, or neither (plain, a control). "
                     "Writes a checkpoint that `lowbit ptq --checkpoint` reads, and metrics.json.")
     _add_source(parser)
     parser.add_argument("--method", choices=METHODS, required=True, help="what to fine-tune with")
     parser.add_argument("--target-format", default="int4", help="the PTQ format the noise imitates (default: int4)")
     parser.add_argument("--no-activation-noise", action="store_true",
-                        help="noise on the weights only (default: weights and linear-layer inputs)")
+                        help="noise on the weights only (default: weights and op inputs)")
     parser.add_argument("--outlier-weight", type=nonnegative_float, default=1.0,
                         help="weight of the outlier penalty (default: 1)")
     parser.add_argument("--outlier-threshold", type=nonnegative_float, default=3.0,
@@ -114,10 +110,10 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 def _load(args: argparse.Namespace):
     """The checkpoint's model and metadata, and its dataset."""
     from lowbit import data
-    from lowbit.ptq import CheckpointError, load_vit
+    from lowbit.ptq import CheckpointError, load_model
 
     try:
-        model, meta = load_vit(args.checkpoint)
+        model, meta = load_model(args.checkpoint)
     except CheckpointError as e:
         raise InputError(e) from None
     if meta.get("recipe") not in ("fp32", "bf16", "fp16"):
@@ -159,7 +155,10 @@ def _ptq_command(args: argparse.Namespace) -> int:
         if args.calibration_data == "synthetic":
             from lowbit.ptq.datafree import synthesize
 
-            images = synthesize(model, args.samples, steps=args.synthetic_steps, seed=args.seed)
+            try:
+                images = synthesize(model, args.samples, steps=args.synthetic_steps, seed=args.seed)
+            except ValueError as e:  # a model without the ViT's attention ops
+                raise InputError(e) from None
         if args.sweep:
             return _sweep(args, model, dataset, images, out)
         from lowbit.ptq import ptq, write_report
@@ -172,7 +171,7 @@ def _ptq_command(args: argparse.Namespace) -> int:
     print(f"{cfg.label} ({cfg.weights} weights, {cfg.activations} activations, {cfg.calibration} calibration, "
           f"{args.calibration_data} data): test accuracy {100 * metrics['test_accuracy']:.2f}% "
           f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points); "
-          f"lowest layer SQNR {min(r['sqnr_db'] for r in metrics['layers']):.1f} dB")
+          f"lowest op SQNR {min(r['sqnr_db'] for r in metrics['ops']):.1f} dB")
     print("wrote " + ", ".join(str(p) for p in files))
     return 0
 
@@ -193,7 +192,7 @@ def _sweep(args: argparse.Namespace, model, dataset, images, out: Path) -> int:
 
 
 def _finetune_command(args: argparse.Namespace) -> int:
-    from lowbit.ptq import save_vit
+    from lowbit.ptq import save_model
     from lowbit.ptq.finetune import FinetuneConfig, finetune
     try:
         cfg = FinetuneConfig(method=args.method, target_format=args.target_format,
@@ -208,8 +207,9 @@ def _finetune_command(args: argparse.Namespace) -> int:
     except (ValueError, InputError) as e:
         return fail("finetune", e)
     metrics = finetune(model, dataset, cfg)
-    path = save_vit(model, out, cfg.epochs, dict(dataset=dataset.name, hparams=meta.get("hparams"),
-                                                  finetune=metrics["config"], source=str(args.checkpoint)))
+    path = save_model(model, out, cfg.epochs, dict(dataset=dataset.name, hparams=meta.get("hparams"),
+                                                    finetune=metrics["config"], source=str(args.checkpoint)),
+                      recipe=meta["recipe"], spec=(meta.get("model") or {}).get("spec"))
     metrics.update(checkpoint=str(path), source=str(args.checkpoint), dataset=dataset.name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"fine-tuned ({cfg.method}, {cfg.target_format}) for {plural(cfg.epochs, 'epoch')}: float accuracy "

@@ -49,14 +49,25 @@ _ORIG_MATMUL = {t: (t.__matmul__, t.__rmatmul__) for t in _ARRAY_TYPES}
 
 @dataclasses.dataclass
 class Recorded:
-    """One op seen while discovering: where it ran, what it is, its rhs (LSQ initialises from it)."""
+    """One op seen while discovering or capturing: where it ran, what it is, its raw operands.
+
+    Attributes:
+      module, path, key: the module that ran it, its path and the op's name in it.
+      call: the op.
+      lhs, rhs: its operands as the op received them (before any quantizer);
+        LSQ initialises its weight step from ``rhs``.
+      shapes: ``(lhs.shape, rhs.shape)``.
+      out: the op's result as the forward pass used it (``capture`` mode; float in ``record`` mode).
+    """
 
     module: Any
     path: str
     key: str
     call: oprule.OpCall
+    lhs: Any
     rhs: Any
     shapes: tuple
+    out: Any = None
 
 
 class _Frame:
@@ -92,7 +103,9 @@ def patched(recipe: Recipe, mode: str, runner: Callable | None = None, lookup: C
 
     Args:
       recipe: the model's recipe.
-      mode: ``record`` (ops run in float and are recorded) or ``run``.
+      mode: ``record`` (ops run in float and are recorded), ``run``, or
+        ``capture`` (ops run as in ``run`` and are recorded with their raw
+        operands and result: calibration and per-op errors).
       runner: ``runner(module, key, rule, call, lhs, rhs)`` runs a matched op
         (``run`` mode): the framework side (NNX or linen) owns the state.
       lookup: ``lookup(module, key)``: the rule index of an op, or ``None`` (float).
@@ -175,17 +188,23 @@ def dispatch(call: oprule.OpCall | None, lhs, rhs, fn: Callable):
     n = frame.counters.get((id(module), call.kind), 0)
     frame.counters[(id(module), call.kind)] = n + 1
     key = f"{call.kind}{n}"
+    rec = None
+    if frame.mode != "run":
+        rec = Recorded(module, module._lowbit_path, key, call, lhs, rhs, (lhs.shape, rhs.shape))
+        frame.recorded.append(rec)
     if frame.mode == "record":
-        frame.recorded.append(Recorded(module, module._lowbit_path, key, call, rhs, (lhs.shape, rhs.shape)))
-        return fn(lhs, rhs)
-    rule_index = frame.lookup(module, key)
-    if rule_index is None:
-        return float_operands(frame, lhs, rhs, fn)
-    frame.busy = True  # the quantized op's own lax/jnp calls are not ops of the model
-    try:
-        return frame.runner(module, key, frame.recipe.rules[rule_index], call, lhs, rhs)
-    finally:
-        frame.busy = False
+        out = fn(lhs, rhs)
+    elif (rule_index := frame.lookup(module, key)) is None:
+        out = float_operands(frame, lhs, rhs, fn)
+    else:
+        frame.busy = True  # the quantized op's own lax/jnp calls are not ops of the model
+        try:
+            out = frame.runner(module, key, frame.recipe.rules[rule_index], call, lhs, rhs)
+        finally:
+            frame.busy = False
+    if rec is not None:
+        rec.out = out
+    return out
 
 
 # ----- interceptors ----------------------------------------------------------------------

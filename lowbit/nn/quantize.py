@@ -18,9 +18,11 @@ the float model's ``params`` unchanged plus those collections.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import zlib
+from collections.abc import Callable, Mapping
 
 import jax
 from flax import linen, nnx
@@ -31,14 +33,16 @@ from lowbit.recipes import op as oprule
 from lowbit.recipes import resolve
 from lowbit.recipes.rules import Recipe
 
-__all__ = ["LINEN_COLLECTIONS", "Op", "discover", "is_quantized", "ops", "quantize"]
+__all__ = ["LINEN_COLLECTIONS", "Op", "discover", "intercepting", "is_quantized", "op_name", "ops", "quantize",
+           "recipe_of"]
 
 # Linen collections of the quantizer state, by state category (``lowbit.recipes.op.CATEGORIES``).
 LINEN_COLLECTIONS = {"param": "lowbit_params", "overwrite": "lowbit_overwrite", "rng": "lowbit_rng"}
 _STATE_PREFIX = "lowbit_"
 
 
-def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude: str | None = None, seed: int = 0):
+def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude: str | None = None, seed: int = 0,
+             plan: Mapping[str, int] | None = None):
     """A quantized version of ``model``: its matmuls and convolutions run through ``recipe``.
 
     Args:
@@ -48,6 +52,12 @@ def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude
         narrow the recipe: only ops whose path matches ``include`` and not
         ``exclude`` are quantized (``exclude="head"`` keeps the head in float).
       seed: where the ops' stochastic-rounding streams start (each op folds in its name).
+      plan: an explicit rule per op instead of matching: ``{op name: rule
+        index}`` with op names ``"path:key"`` (``op_name``, e.g.
+        ``blocks/0/attn:einsum1``); ops it does not name stay float. For a
+        recipe with one calibrated rule per op (``lowbit.ptq``), where two ops
+        of one module (attention's two einsums) must differ. A name the forward
+        pass does not run is a ``ValueError`` when the ops are discovered.
 
     Returns:
       NNX: a new model (``model`` is untouched) with the same parameters; the
@@ -68,9 +78,55 @@ def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude
         raise TypeError(f"seed={seed!r} is invalid; allowed: an integer")
     recipe = resolve(recipe).narrowed(include, exclude)
     narrowed = include is not None or exclude is not None
+    fixed = _check_plan(recipe, plan)
     if isinstance(model, nnx.Module):
-        return _quantize_nnx(model, recipe, narrowed, seed)
-    return _quantize_linen(model, recipe, narrowed, seed)
+        qmodel = _quantize_nnx(model, recipe, narrowed, seed)
+        qmodel._lowbit_fixed_plan = fixed
+        return qmodel
+    qmodel = _quantize_linen(model, recipe, narrowed, seed)
+    object.__setattr__(qmodel, "_lowbit_fixed_plan", fixed)
+    return qmodel
+
+
+def _check_plan(recipe: Recipe, plan) -> tuple | None:
+    """``plan`` as sorted ``(name, index)`` pairs (hashable: it sits in the graph), checked."""
+    if plan is None:
+        return None
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan={plan!r} is invalid; allowed: None or a mapping of op names to rule indices")
+    for name, index in plan.items():
+        if not isinstance(name, str) or ":" not in name:
+            raise ValueError(f"plan: op name {name!r} is invalid; allowed: 'path:key' (e.g. 'blocks/0/attn:einsum1')")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(recipe.rules):
+            raise ValueError(f"plan[{name!r}]={index!r} is invalid; allowed: a rule index in "
+                             f"[0, {len(recipe.rules)}) of recipe {recipe.name!r}")
+    return tuple(sorted(plan.items()))
+
+
+def op_name(path: str, key: str) -> str:
+    """The name of one op: ``"path:key"`` (``blocks/0/attn:einsum1``; ``":dot_general0"`` at the root)."""
+    return f"{path}:{key}"
+
+
+def recipe_of(qmodel) -> Recipe:
+    """The recipe a model from ``lowbit.quantize`` runs (after ``include``/``exclude``)."""
+    if not is_quantized(qmodel):
+        raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: a model from lowbit.quantize")
+    return qmodel._lowbit_recipe
+
+
+def _choose(qmodel, recorded: list[intercept.Recorded]) -> list[int | None]:
+    """The rule index of every recorded op: the explicit plan if the model has one, else the recipe's matching."""
+    fixed = getattr(qmodel, "_lowbit_fixed_plan", None)
+    if fixed is None:
+        return intercept.plan(qmodel._lowbit_recipe, recorded, narrowed=qmodel._lowbit_narrowed)
+    fixed = dict(fixed)
+    names = [op_name(r.path, r.key) for r in recorded]
+    missing = sorted(set(fixed) - set(names))
+    if missing:
+        raise ValueError(f"plan names ops the forward pass does not run: {', '.join(missing)} "
+                         f"(its ops: {', '.join(names)})")
+    return [fixed.get(n) for n in names]
 
 
 def is_quantized(model) -> bool:
@@ -167,7 +223,7 @@ def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept
     method = getattr(method, "__wrapped__", method) or type(qmodel).__mro__[1].__call__
     with intercept.patched(recipe, "record") as frame:
         method(shadow, *args, **kwargs)
-    chosen = intercept.plan(recipe, frame.recorded, narrowed=qmodel._lowbit_narrowed)
+    chosen = _choose(qmodel, frame.recorded)
     modules = {m._lowbit_path: m for _, m in nnx.iter_modules(qmodel)}
     plans: dict[str, list] = {}
     for rec, index in zip(frame.recorded, chosen):
@@ -204,22 +260,61 @@ def ops(qmodel) -> tuple[Op, ...]:
     return getattr(qmodel, "_lowbit_ops", None) or ()
 
 
+@contextlib.contextmanager
+def intercepting(qmodel: nnx.Module, *, capture: bool = False, wrap: Callable | None = None):
+    """Run the forward passes of ``qmodel`` inside this block with its ops recorded and/or wrapped.
+
+    Calls of ``qmodel`` in the block (inside ``jit`` too) run its plan as usual;
+    only what this asks for is added. Post-training quantization calibrates
+    from the recorded operands, compares per-op outputs, and adds its noisy
+    bias through ``wrap``.
+
+    Args:
+      qmodel: an NNX model from ``lowbit.quantize`` whose ops were discovered
+        (it ran once, or ``discover``/``lowbit.describe`` ran on it).
+      capture: record every op of every forward pass: the yielded list fills
+        with ``intercept.Recorded`` entries (``path``, ``key``, ``call``, raw
+        ``lhs``/``rhs`` before any quantizer, and ``out``, the op's result). In a
+        traced function they are tracers of that trace.
+      wrap: ``wrap(run, name, state, call, lhs, rhs)`` runs each op that has a
+        rule instead of the standard runner: ``run(lhs, rhs)`` is that op under
+        its rule, ``name`` its ``op_name``, ``state`` its ``OpState``.
+
+    Yields:
+      The list of recorded ops (empty unless ``capture``).
+
+    Raises:
+      ValueError: the ops of ``qmodel`` were not discovered yet.
+    """
+    if not isinstance(qmodel, nnx.Module) or not is_quantized(qmodel):
+        raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: an NNX model from lowbit.quantize")
+    if not ops(qmodel):
+        raise ValueError("intercepting: the model's ops are not discovered yet; call it once (or "
+                         "lowbit.nn.discover / lowbit.describe with an example input) first")
+    runner = _run_nnx_op
+    if wrap is not None:
+        def runner(module, key, rule, call, lhs, rhs):
+            state = getattr(module, _STATE_PREFIX + key)
+            return wrap(functools.partial(_run_nnx_op, module, key, rule, call),
+                        op_name(module._lowbit_path, key), state, call, lhs, rhs)
+    with intercept.patched(qmodel._lowbit_recipe, "capture" if capture else "run", runner, _nnx_lookup) as frame:
+        yield frame.recorded
+
+
 # ----- linen -------------------------------------------------------------------------------
 
 
 def _quantize_linen(model: linen.Module, recipe: Recipe, narrowed: bool, seed: int) -> linen.Module:
-    cls = _linen_class(type(model))
-    fields = {f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")}
-    qmodel = cls(**fields)
-    object.__setattr__(qmodel, "_lowbit_recipe", recipe)
-    object.__setattr__(qmodel, "_lowbit_narrowed", narrowed)
-    object.__setattr__(qmodel, "_lowbit_seed", seed)
-    return qmodel
+    cls = _linen_class(type(model), recipe, narrowed, seed)
+    return cls(**{f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")})
 
 
 @functools.lru_cache(maxsize=None)
-def _linen_class(cls: type) -> type:
-    """A subclass of linen module ``cls`` whose root ``__call__`` runs under interception."""
+def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int) -> type:
+    """A subclass of linen module ``cls`` whose root ``__call__`` runs under interception.
+
+    The recipe lives on the class: linen clones module instances on every ``init``/``apply``.
+    """
 
     def __call__(self, *args, **kwargs):
         if self.scope is None or self.scope.path or intercept.active() is not None:
@@ -227,7 +322,9 @@ def _linen_class(cls: type) -> type:
         return _linen_forward(self, cls, args, kwargs)
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})"})
+                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})",
+                                       "_lowbit_recipe": recipe, "_lowbit_narrowed": narrowed,
+                                       "_lowbit_seed": seed})
 
 
 def _track(next_fun, args, kwargs, context):
@@ -253,12 +350,12 @@ def linen_ops(qmodel: linen.Module, args, kwargs) -> tuple[Op, ...]:
 
     def record(*a, **kw):
         with intercept.patched(recipe, "record") as frame, linen.intercept_methods(_track):
-            float_cls(**fields).init(jax.random.key(0), *a, **kw)
+            float_cls(**fields, parent=None).init(jax.random.key(0), *a, **kw)
         recorded.extend(frame.recorded)
         return 0
 
     jax.eval_shape(record, *args, **kwargs)
-    chosen = intercept.plan(recipe, recorded, narrowed=qmodel._lowbit_narrowed)
+    chosen = _choose(qmodel, recorded)
     return tuple(Op.of(r, i) for r, i in zip(recorded, chosen))
 
 

@@ -1,23 +1,38 @@
-"""Post-training quantization of the ViT: calibration, ViT-specific quantizers, robust fine-tuning.
+"""Post-training quantization of any NNX model: calibration, ViT-specific quantizers, robust fine-tuning.
 
-* ``ptq`` / ``quantize_vit``: static PTQ of a trained float ViT: every quantized
-  layer records its operands on calibration images, activation clips come from
+Everything works per op (``lowbit.nn.ops``): every matmul and convolution the
+forward pass runs, named ``path:key`` (``blocks/0/attn:einsum1``).
+
+* ``ptq`` / ``quantize_model``: static PTQ of a trained float model: every op
+  records its operands on calibration images, activation clips come from
   ``lowbit.quant`` observers (absmax, percentile, MSE, KL) and are frozen into
-  each layer instance's ``LayerRecipe``; weights per channel (or group/tensor).
-  ``PTQConfig`` adds the ViT-specific softmax (log2, twin), GELU (twin) and
-  LayerNorm (per channel, PTF; folded away) quantizers, dynamic activations and
-  NoisyQuant's noisy bias.
+  one rule per op of a recipe that ``lowbit.quantize`` applies; weights per
+  channel (or group/tensor). ``PTQConfig`` adds the ViT-specific softmax (log2,
+  twin), GELU (twin) and LayerNorm (per channel, PTF; folded away) quantizers
+  on the ops its regexes name, dynamic activations and NoisyQuant's noisy bias.
 * ``finetune`` (``lowbit.ptq.finetune``): adaptive quantization-noise and
   outlier-penalty fine-tuning before PTQ.
 * ``synthesize`` (``lowbit.ptq.datafree``): data-free calibration images (PSAQ-ViT).
-* ``load_vit`` / ``save_vit``: the ViT of a ``lowbit train`` checkpoint.
+* ``load_model`` / ``save_model``: the float model of a ``lowbit train`` checkpoint.
+
+Names are imported on first use (PEP 562), so ``lowbit.ptq.config`` (the option
+lists the CLI builds its parser from) loads without Flax.
 """
 
-from lowbit.ptq.calibrate import quantize_vit
-from lowbit.ptq.config import PTQConfig, resolve_format
-from lowbit.ptq.evaluate import accuracy, layer_sqnr, sqnr_db
-from lowbit.ptq.restore import CheckpointError, find_checkpoint, load_vit, save_vit
-from lowbit.ptq.run import calibration_images, ptq, write_report
+import importlib
 
-__all__ = ["CheckpointError", "PTQConfig", "accuracy", "calibration_images", "find_checkpoint", "layer_sqnr",
-           "load_vit", "ptq", "quantize_vit", "resolve_format", "save_vit", "sqnr_db", "write_report"]
+# name -> module that defines it
+_LAZY = {"quantize_model": "lowbit.ptq.calibrate", "PTQConfig": "lowbit.ptq.config",
+         "resolve_format": "lowbit.ptq.config", "accuracy": "lowbit.ptq.evaluate", "op_sqnr": "lowbit.ptq.evaluate",
+         "sqnr_db": "lowbit.ptq.evaluate", "CheckpointError": "lowbit.ptq.restore",
+         "find_checkpoint": "lowbit.ptq.restore", "load_model": "lowbit.ptq.restore",
+         "save_model": "lowbit.ptq.restore", "calibration_images": "lowbit.ptq.run", "ptq": "lowbit.ptq.run",
+         "write_report": "lowbit.ptq.run"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lowbit.ptq' has no attribute {name!r}")

@@ -1,18 +1,28 @@
-"""Static post-training quantization of a ViT: capture, calibrate, freeze, apply.
+"""Static post-training quantization of any NNX model: capture, calibrate, freeze, apply.
 
-``quantize_vit`` runs the float model eagerly over the calibration images with
-every quantized layer recording its operands, folds each activation operand
-into a ``lowbit.quant`` observer, and then gives every layer instance a
-``LayerRecipe`` whose quantizers are frozen: activations per tensor at the
-calibrated step (``scale="fixed"``), weights per channel (or group) at a scale
-computed from the fixed weight. Per-channel LayerNorm quantization is folded
-into the LayerNorm and the next weight first (see ``lowbit.ptq.vit``).
+``quantize_model`` probes a copy of the float model (``lowbit.ptq.capture``),
+runs it over the calibration images with every op recording its operands, and
+folds each activation operand (an op's lhs, and the rhs of a product of two
+activations such as attention's ``QK^T``) into a ``lowbit.quant`` observer.
+Each op then gets its own frozen ``Rule``: activations per tensor at the
+calibrated step (``scale="fixed"``), weights per channel (or group, or tensor)
+at a scale computed from the fixed weight. The rules form one recipe, applied by
+``lowbit.quantize`` with an explicit plan (op name -> its rule) — a rule's
+selectors cannot tell apart two ops of one module (attention's two einsums),
+and a calibrated step belongs to one op, so the plan names each op. The result
+is an ordinary quantized model: ``lowbit.describe`` lists its frozen
+quantizers, ``lowbit.nn.export`` exports its weights.
+
+Per-channel LayerNorm quantization is folded into the LayerNorm and the op's
+weight first (see ``lowbit.ptq.vit``); NoisyQuant's noisy bias is op state
+(see ``lowbit.ptq.noise``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,15 +32,20 @@ import numpy as np
 from flax import nnx
 
 from lowbit import quant
-from lowbit.nn.layers import QEinsum, QLinear
+from lowbit.quant.calibrate import init as observer_init
+from lowbit.quant.calibrate import scale as observer_scale
+from lowbit.quant.calibrate import update as observer_update
+from lowbit.nn.quantize import Op, discover, op_name, ops, quantize
+from lowbit.nn.export import weight
 from lowbit.ptq import vit
-from lowbit.ptq.capture import quantized_layers, record, role_of, set_child
+from lowbit.ptq.capture import Operands, probe, record_traced
 from lowbit.ptq.config import PTQConfig
-from lowbit.ptq.noise import NoisyBias, noisy_bias_search
+from lowbit.ptq.noise import linear_like, noisy_bias_search, quantized_weight, set_noisy_bias, with_noisy_bias
+from lowbit.recipes import op as oprule
+from lowbit.recipes.rules import Recipe, Rule
 from lowbit.training.qdot import DotQuantConfig
-from lowbit.recipes import LayerRecipe
 
-__all__ = ["quantize_vit"]
+__all__ = ["quantize_model"]
 
 _TWIN_SHIFTS = range(1, 9)
 
@@ -40,26 +55,77 @@ def _batches(images: np.ndarray, batch_size: int) -> Iterator[jax.Array]:
         yield jnp.asarray(images[i : i + batch_size])
 
 
-def _operands(layer) -> tuple[str, ...]:
-    """The operands that are activations: both for an attention product, only the input for a linear layer."""
-    return ("lhs", "rhs") if isinstance(layer, QEinsum) else ("lhs",)
+def _activations(op: Op) -> tuple[str, ...]:
+    """The operands that are activations: both for a product of two activations, the lhs for a weighted op."""
+    return ("lhs",) if op.call.weighted else ("lhs", "rhs")
 
 
-def _observe(model, layers, cfg: PTQConfig, images: np.ndarray):
-    """Calibration statistics of every activation operand, and the first batch's operands."""
-    states: dict[tuple[str, str], Any] = {}
+class _Observed:
+    """Running calibration statistics of one activation operand.
+
+    Whether the operand is ever negative decides its grid (signed or unsigned)
+    but is only known after the last batch, so the statistics of both
+    quantizers are kept (one compiled update per batch covers every operand).
+    """
+
+    def __init__(self, name: str, operand: str, cfg: PTQConfig, after_layernorm: bool):
+        self.quantizers = tuple(vit.activation_quantizer(name, operand, cfg, nonnegative=sign,
+                                                         after_layernorm=after_layernorm) for sign in (False, True))
+        self.static = not cfg.dynamic
+        self.nonnegative = True
+        self.states: tuple = ()
+
+    def init(self, shape) -> dict:
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)  # the scales' shape does not depend on the batch size
+        states = tuple(observer_init(qz, x) for qz in self.quantizers) if self.static else ()
+        return dict(min=jnp.asarray(jnp.inf, jnp.float32), states=states)
+
+    @property
+    def quantizer(self) -> quant.Quantizer:
+        return self.quantizers[self.nonnegative]
+
+    def params(self):
+        return observer_scale(self.quantizer, self.states[self.nonnegative])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _observe_batch(graphdef, state, specs, stats, images):
+    """One calibration batch: every op's operands recorded and folded into the running statistics."""
+    calls = record_traced(nnx.merge(graphdef, state), images)[1]
+    new = {}
+    for key, quantizers in specs:
+        x = getattr(calls[key[0]], key[1])
+        old = stats[key]
+        new[key] = dict(min=jnp.minimum(old["min"], jnp.min(x).astype(jnp.float32)),
+                        states=tuple(observer_update(qz, st, x) for qz, st in zip(quantizers, old["states"])))
+    return new, calls
+
+
+def _after_layernorm(model, name: str, cfg: PTQConfig) -> bool:
+    """Whether op ``name``'s lhs is the output of a LayerNorm of ``model`` (``cfg.layernorm_ops``)."""
+    path = vit.layernorm_of(name, cfg)
+    return path is not None and vit.module_at(model, path) is not None
+
+
+def _observe(probed, found, cfg: PTQConfig, images: np.ndarray) -> tuple[dict, dict[str, Operands]]:
+    """Statistics of every activation operand, and the first batch's operands."""
+    observed, stats = {}, {}
+    for op in found:
+        name = op_name(op.path, op.key)
+        for operand in _activations(op):
+            obs = _Observed(name, operand, cfg, operand == "lhs" and _after_layernorm(probed, name, cfg))
+            observed[name, operand] = obs
+            stats[name, operand] = obs.init(op.lhs_shape if operand == "lhs" else op.rhs_shape)
+    specs = tuple((key, obs.quantizers if obs.static else ()) for key, obs in observed.items())
+    graphdef, state = nnx.split(probed)
     sample = None
     for batch in _batches(images, cfg.batch_size):
-        calls = record(model, batch)
-        if sample is None:
-            sample = calls
-        for name, (lhs, rhs, _) in calls.items():
-            for operand in _operands(layers[name]):
-                q = vit.activation_quantizer(role_of(name), operand, cfg)
-                x = lhs if operand == "lhs" else rhs
-                obs = quant.observer(q)
-                states[name, operand] = obs.update(states.get((name, operand)) or obs.init(x), x)
-    return states, sample
+        stats, calls = _observe_batch(graphdef, state, specs, stats, batch)
+        sample = calls if sample is None else sample
+    for key, obs in observed.items():
+        obs.nonnegative = bool(stats[key]["min"] >= 0)
+        obs.states = stats[key]["states"]
+    return observed, sample
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -67,88 +133,128 @@ def _errors(candidates, x):
     return jnp.stack([jnp.sum(jnp.square(quant.fake_quant(c, x) - x)) for c in candidates])
 
 
-def _best_twin_shift(q, x) -> quant.Quantizer:
+def _best_twin_shift(qz, x) -> quant.Quantizer:
     """PTQ4ViT's search of the fine range: the shift with the least squared error on ``x``."""
-    candidates = tuple(dataclasses.replace(q, twin_shift=s) for s in _TWIN_SHIFTS)
+    candidates = tuple(dataclasses.replace(qz, twin_shift=s) for s in _TWIN_SHIFTS)
     return candidates[int(np.argmin(_errors(candidates, jnp.asarray(x, jnp.float32))))]
 
 
-def _freeze(model, name, layer, operand, cfg, states, sample) -> tuple[quant.Quantizer, dict[str, Any]]:
+def _fold(work, op: Op, name: str, cfg: PTQConfig, qz, params, sample: dict) -> tuple[float, dict[str, Any]]:
+    """Fold a per-channel LayerNorm quantizer into the LayerNorm and the op's weight; the common step."""
+    (lc, rc), (lb, _) = op.call.dn or ((None, ()), ((), ()))  # a convolution has no dot dimension numbers
+    if not (op.call.weighted and op.call.kind != "conv" and not lb and lc == (len(op.lhs_shape) - 1,)
+            and len(rc) == 1):
+        raise ValueError(f"PTQConfig.layernorm_ops: op {name} cannot fold per-channel LayerNorm steps (allowed: "
+                         "an op with a weight and one contracting axis, the last of its lhs)")
+    r, step = vit.folding(qz, params)
+    param = weight(vit.module_at(work, op.path), op)
+    vit.fold_layernorm(vit.module_at(work, vit.layernorm_of(name, cfg)), param, r, rc[0])
+    lhs = sample[name].lhs
+    sample[name] = Operands(lhs / jnp.asarray(r, lhs.dtype), param[...], sample[name].out)
+    return step, dict(fold_ratio_max=float(np.max(r) / np.min(r)))
+
+
+def _freeze(work, op: Op, name: str, operand: str, cfg: PTQConfig, obs: _Observed,
+            sample: dict) -> tuple[quant.Quantizer, dict[str, Any]]:
     """The frozen quantizer of one activation operand (folding a per-channel one first)."""
-    role = role_of(name)
-    q = vit.activation_quantizer(role, operand, cfg)
+    qz = obs.quantizer
     if cfg.dynamic:
-        return q, {}
-    params = quant.observer(q).scale(states[name, operand])
+        return qz, {}
+    params = obs.params()
     info: dict[str, Any] = {}
-    if q.granularity == "channel":
-        r, step = vit.folding(q, params)
-        vit.fold_layernorm(vit.input_norm(model, name), layer.kernel, r)
-        lhs, _, dn = sample[name]
-        sample[name] = (lhs / jnp.asarray(r), layer.kernel[...], dn)
-        fixed = vit.fixed_quantizer(q, params, step)
-        info["fold_ratio_max"] = float(np.max(r) / np.min(r))
+    if qz.granularity == "channel":
+        step, info = _fold(work, op, name, cfg, qz, params, sample)
+        fixed = vit.fixed_quantizer(qz, params, step)
     else:
-        fixed = vit.fixed_quantizer(q, params)
+        fixed = vit.fixed_quantizer(qz, params)
     if fixed.kind == "twin_uniform" and fixed.twin_split == "magnitude":
-        fixed = _best_twin_shift(fixed, sample[name][0])
-    info["step"] = fixed.fixed_scale
+        fixed = _best_twin_shift(fixed, getattr(sample[name], operand))
+    if operand == "lhs":
+        info["step"] = fixed.fixed_scale
     return fixed, info
 
 
-def _describe(q: quant.Quantizer | None) -> str:
-    if q is None:
+def _describe(qz: quant.Quantizer | None) -> str:
+    if qz is None:
         return "float"
-    parts = [q.format.name, q.kind if q.kind != "uniform" else "", q.granularity, q.scale]
-    if q.kind == "twin_uniform":
-        parts.append(f"shift {q.twin_shift}")
+    parts = [qz.format.name, qz.kind if qz.kind != "uniform" else "", qz.granularity, qz.scale]
+    if qz.kind == "twin_uniform":
+        parts.append(f"shift {qz.twin_shift}")
     return " ".join(p for p in parts if p)
 
 
-def quantize_vit(model: nnx.Module, images: np.ndarray, cfg: PTQConfig) -> list[dict[str, Any]]:
-    """Post-training quantization of a float ViT, in place.
+def _module_state(qmodel, op: Op):
+    """The ``OpState`` of one op of a quantized model (the ``lowbit_<key>`` child of its module)."""
+    return getattr(vit.module_at(qmodel, op.path), f"lowbit_{op.key}")
+
+
+def quantize_model(model: nnx.Module, images: np.ndarray, cfg: PTQConfig) -> tuple[nnx.Module, list[dict[str, Any]]]:
+    """Post-training quantization of a float NNX model.
 
     Args:
-      model: a float ``lowbit.nn.ViT`` (put in eval mode). Its layers get
-        frozen quantizers; LayerNorms and kernels change when ``layernorm`` is
-        ``channel`` / ``ptf``; linear layers may be wrapped in ``NoisyBias``.
-      images: calibration images ``(N, H, W, C)`` (unused with ``dynamic``).
+      model: a float NNX model (written without lowbit, or the built-in ones);
+        unchanged. Every matmul and convolution its forward pass runs is
+        quantized.
+      images: calibration images ``(N, ...)``, the model's input (with
+        ``dynamic`` only the first finds the ops and the signs of the activations).
       cfg: the setting.
 
     Returns:
-      One dict per quantized layer, in forward order: ``name``, ``role``, the
-      ``lhs`` / ``rhs`` quantizers (as text), the activation ``step`` and, where
-      applied, the fold's ``fold_ratio_max`` and the ``noisy_bias`` amplitude
-      (in input steps).
+      ``(quantized, rows)``: the quantized model (from ``lowbit.quantize``, eval
+      mode; LayerNorms and weights folded where ``layernorm`` is ``channel`` /
+      ``ptf``) and one dict per op in forward order: ``name`` (``path:key``),
+      ``kind``, the ``lhs`` / ``rhs`` quantizers (as text), the activation
+      ``step`` and, where applied, the fold's ``fold_ratio_max`` and the
+      ``noisy_bias`` amplitude (in input steps).
 
     Raises:
-      ValueError: no images to calibrate on.
+      ValueError: no images; a model that is already quantized; a
+        ``layernorm_ops`` entry that names no LayerNorm or an op that cannot fold.
     """
-    if not cfg.dynamic and len(images) == 0:
-        raise ValueError("quantize_vit: static calibration needs at least one image; images is empty")
-    model.eval()
-    layers = quantized_layers(model)
-    states, sample = ({}, None) if cfg.dynamic else _observe(model, layers, cfg, images)
-    key = jax.random.key(cfg.seed)
-    report = []
-    for name, layer in layers.items():
-        row: dict[str, Any] = dict(name=name, role=role_of(name))
-        lhs, info = _freeze(model, name, layer, "lhs", cfg, states, sample)
+    if len(images) == 0:
+        raise ValueError("quantize_model: calibration needs at least one image; images is empty")
+    work = nnx.clone(model)
+    work.eval()
+    probed = probe(work, images[:1])
+    found = ops(probed)
+    observed, sample = _observe(probed, found, cfg, images)
+    rules, plan, rows = [], {}, []
+    for op in found:
+        name = op_name(op.path, op.key)
+        row: dict[str, Any] = dict(name=name, kind=op.call.kind)
+        lhs, info = _freeze(work, op, name, "lhs", cfg, observed[name, "lhs"], sample)
         row.update(info)
-        if isinstance(layer, QEinsum):
-            rhs, _ = _freeze(model, name, layer, "rhs", cfg, states, sample)
-        else:
+        if op.call.weighted:
             rhs = vit.weight_quantizer(cfg)
-        # Per-channel input scales run along the contraction: an integer matmul cannot apply them.
-        config = DotQuantConfig(lhs=lhs, rhs=rhs, matmul="fake" if lhs.granularity == "channel" else "auto")
-        layer.layer = LayerRecipe(dot=config)
-        row.update(lhs=_describe(lhs), rhs=_describe(rhs))
-        if cfg.noisy_bias and isinstance(layer, QLinear) and lhs.kind == "uniform":
-            x, w, dn = sample[name]
-            noise, amplitude = noisy_bias_search(config, x, w, dn, lhs.fixed_scale,
-                                                 jax.random.fold_in(key, len(report)))
-            row["noisy_bias"] = amplitude
-            if noise is not None:
-                set_child(model, name, NoisyBias(layer, noise))
-        report.append(row)
-    return report
+        else:
+            rhs, _ = _freeze(work, op, name, "rhs", cfg, observed[name, "rhs"], sample)
+        plan[name] = len(rules)
+        rules.append(Rule(path=re.escape(op.path), kinds=(op.call.kind,),
+                          operands="weight" if op.call.weighted else "activation",
+                          dot=DotQuantConfig(lhs=lhs, rhs=rhs)))
+        rows.append(dict(row, lhs=_describe(lhs), rhs=_describe(rhs)))
+    recipe = Recipe(name=f"ptq-{cfg.label}", rules=tuple(rules))
+    quantized = quantize(work, recipe, plan=plan)
+    discover(quantized, jnp.asarray(images[:1]))
+    if cfg.noisy_bias and _add_noisy_biases(quantized, found, rules, plan, rows, sample, cfg):
+        with_noisy_bias(quantized)
+    return quantized, rows
+
+
+def _add_noisy_biases(quantized, found, rules, plan, rows, sample, cfg: PTQConfig) -> bool:
+    """NoisyQuant on every ``x @ W`` op with a uniform input quantizer; whether any op kept a noise."""
+    key, added = jax.random.key(cfg.seed), False
+    for i, (op, row) in enumerate(zip(found, rows)):
+        name = row["name"]
+        x, w = sample[name].lhs, sample[name].rhs
+        rule = rules[plan[name]]
+        if not (linear_like(op.call, x.ndim, w.ndim) and rule.dot.lhs.kind == "uniform"):
+            continue
+        config = oprule.retarget(rule.dot, op.call, x.ndim, w.ndim)
+        noise, amplitude = noisy_bias_search(config, x, w, op.call.dn, rule.dot.lhs.fixed_scale,
+                                             jax.random.fold_in(key, i))
+        row["noisy_bias"] = amplitude
+        if noise is not None:
+            set_noisy_bias(_module_state(quantized, op), noise, quantized_weight(config, jnp.asarray(w, jnp.float32)))
+            added = True
+    return added

@@ -1,4 +1,11 @@
-"""``PTQConfig``: what a post-training quantization pass does, as data."""
+"""``PTQConfig``: what a post-training quantization pass does, as data.
+
+Ops are named ``"path:key"`` (``lowbit.nn.quantize.op_name``): the module path
+and the op's name in it, e.g. ``blocks/0/attn:einsum1`` for the second einsum
+of the built-in ViT's attention (its ``AV`` product). The ViT-specific
+quantizers apply to ops whose names match regexes (``re.fullmatch``); the
+defaults fit the built-in ViT and match nothing in the built-in MLP and CNN.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +14,27 @@ import re
 
 from lowbit import formats
 from lowbit.formats._checks import check_int, require
+from lowbit.quant.quantizer import DATA_SCALES
+from lowbit.recipes.rules import compile_regex
 
-__all__ = ["CALIBRATIONS", "GELU", "LAYERNORM", "PTQConfig", "SOFTMAX", "resolve_format"]
+__all__ = ["CALIBRATIONS", "GELU", "GELU_OPS", "LAYERNORM", "LAYERNORM_OPS", "METHODS", "PTQConfig", "SOFTMAX",
+           "SOFTMAX_OPS", "WEIGHT_CALIBRATIONS", "resolve_format"]
 
-CALIBRATIONS = ("absmax", "percentile", "mse", "kl")
-WEIGHT_CALIBRATIONS = ("absmax", "percentile", "mse")  # kl is a per-tensor method; weights go per channel
+# The one list of calibration sources (the clip sources a static quantizer calibrates); the CLI uses it too.
+CALIBRATIONS = DATA_SCALES
+WEIGHT_CALIBRATIONS = tuple(c for c in CALIBRATIONS if c != "kl")  # kl is a per-tensor method; weights go per channel
 SOFTMAX = ("uniform", "log2", "twin")
 GELU = ("uniform", "twin")
 LAYERNORM = ("tensor", "channel", "ptf")
 GRANULARITIES = ("tensor", "channel", "group")
+METHODS = ("noise", "outlier", "both", "plain")  # lowbit.ptq.finetune's
 _OWN = "PTQConfig"
+# Where the built-in ViT (lowbit.nn.vit) has the activations the ViT-specific quantizers are for.
+SOFTMAX_OPS = r"(.*/)?attn:einsum1"  # lhs of AV: the attention probabilities
+GELU_OPS = r"(.*/)?mlp_out:dot_general0"  # lhs of the MLP's output layer: GELU outputs
+# (op regex, path of the LayerNorm whose output is the op's lhs; ``\1`` is the regex's first group)
+LAYERNORM_OPS = ((r"(.*/)?attn/qkv:dot_general0", r"\1norm1"), (r"(.*/)?mlp_in:dot_general0", r"\1norm2"),
+                 (r"head:dot_general0", "norm"))
 _INT = re.compile(r"(u?)int(\d+)")
 
 
@@ -56,17 +74,26 @@ class PTQConfig:
         ``group`` of ``group_size`` inputs of each output channel.
       group_size: inputs per weight group (``granularity="group"``).
       percentile: the percentile of ``calibration="percentile"``.
-      softmax: attention probabilities (``attn_av``'s lhs): ``uniform``,
-        ``log2`` (FQ-ViT) or ``twin`` (PTQ4ViT twin uniform, fine step near 0).
-      gelu: MLP hidden activations (``mlp_out``'s lhs): ``uniform`` or ``twin``
+      softmax: attention probabilities (the lhs of ``softmax_ops``):
+        ``uniform``, ``log2`` (FQ-ViT) or ``twin`` (PTQ4ViT twin uniform, fine
+        step near 0).
+      gelu: GELU outputs (the lhs of ``gelu_ops``): ``uniform`` or ``twin``
         (PTQ4ViT: a fine step for the small negative side).
-      layernorm: LayerNorm outputs (lhs of ``qkv``, ``mlp_in``, ``head``):
-        ``tensor``; ``channel`` (per-channel clips, folded into the LayerNorm
-        and the next weight as in RepQ-ViT); ``ptf`` (FQ-ViT power-of-two
-        factors, folded the same way).
+      layernorm: LayerNorm outputs (the lhs of ``layernorm_ops``): ``tensor``;
+        ``channel`` (per-channel clips, folded into the LayerNorm and the op's
+        weight as in RepQ-ViT); ``ptf`` (FQ-ViT power-of-two factors, folded
+        the same way). Folding needs static calibration.
+      softmax_ops, gelu_ops: regexes on op names (``path:key``) whose lhs is a
+        softmax / GELU output. Defaults: the built-in ViT's.
+      layernorm_ops: ``(op regex, LayerNorm path)`` pairs: ops whose lhs is the
+        output of that LayerNorm (the path may use the regex's groups, ``\1``).
+        A matched op must have a weight (a parameter of its module shaped like
+        its rhs) with one contracting axis, the last axis of its lhs.
       dynamic: activation scales from every batch instead of calibration.
-      noisy_bias: NoisyQuant: a fixed uniform noise added to each linear
-        layer's input before quantization, removed again through its bias.
+      noisy_bias: NoisyQuant: a fixed uniform noise added to the input of
+        every op of the form ``x @ W`` (``nnx.Linear``, raw ``@``) before
+        quantization, its product with the quantized weight subtracted from
+        the result (a bias at deployment).
       samples: calibration images.
       batch_size: calibration batch size.
       seed: which training images calibrate, and the noisy bias's draws.
@@ -82,6 +109,9 @@ class PTQConfig:
     softmax: str = "uniform"
     gelu: str = "uniform"
     layernorm: str = "tensor"
+    softmax_ops: str = SOFTMAX_OPS
+    gelu_ops: str = GELU_OPS
+    layernorm_ops: tuple[tuple[str, str], ...] = LAYERNORM_OPS
     dynamic: bool = False
     noisy_bias: bool = False
     samples: int = 512
@@ -103,6 +133,17 @@ class PTQConfig:
         require(self.softmax in SOFTMAX, _OWN, "softmax", self.softmax, ", ".join(SOFTMAX))
         require(self.gelu in GELU, _OWN, "gelu", self.gelu, ", ".join(GELU))
         require(self.layernorm in LAYERNORM, _OWN, "layernorm", self.layernorm, ", ".join(LAYERNORM))
+        compile_regex(_OWN, "softmax_ops", self.softmax_ops)
+        compile_regex(_OWN, "gelu_ops", self.gelu_ops)
+        if not (isinstance(self.layernorm_ops, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], str) for p in self.layernorm_ops)):
+            raise TypeError(f"{_OWN}.layernorm_ops={self.layernorm_ops!r} is invalid; allowed: a tuple of "
+                            "(op regex, LayerNorm path) pairs")
+        for pattern, _ in self.layernorm_ops:
+            compile_regex(_OWN, "layernorm_ops", pattern)
+        for field in ("dynamic", "noisy_bias"):
+            require(isinstance(getattr(self, field), bool), _OWN, field, getattr(self, field), "True or False")
+        check_int(_OWN, "seed", self.seed, 0)
         check_int(_OWN, "samples", self.samples, 1)
         check_int(_OWN, "batch_size", self.batch_size, 1)
         integer = isinstance(a, formats.IntFormat) and a.signed
@@ -114,6 +155,8 @@ class PTQConfig:
                         "format of at least 3 bits)")
         require(not (self.dynamic and self.noisy_bias), _OWN, "noisy_bias", True,
                 "False with dynamic=True (the noise is sized by a calibrated, static step)")
+        require(not (self.dynamic and self.layernorm != "tensor"), _OWN, "layernorm", self.layernorm,
+                "'tensor' with dynamic=True (folding uses calibrated per-channel ranges)")
 
     @property
     def weight_format(self):

@@ -9,11 +9,18 @@ together with a cross-entropy term that makes the model confident of a random
 target class. Pixels are ``sigmoid`` of free variables, which keeps them in
 the ``[0, 1]`` range of the real data; a small total-variation term favours
 smooth images.
+
+The patch tokens are the results of the ops named by ``feature_ops`` (a regex on
+op names ``path:key``; default the built-in ViT's attention output projections),
+viewed as ``(B, N, D)`` tokens (a convolution's ``(B, H, W, C)`` result as
+``H*W`` tokens), less the first ``skip_tokens`` (the ViT's class token). Any
+NNX model with such ops can be given its own.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +28,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lowbit.ptq.capture import layer_output, quantized_layers, recording, role_of
+from lowbit.ptq.capture import names, probe, record_traced
 
-__all__ = ["patch_similarity_entropy", "synthesize"]
+__all__ = ["FEATURE_OPS", "patch_similarity_entropy", "synthesize"]
+
+FEATURE_OPS = r"(.*/)?attn/proj:dot_general0"  # the built-in ViT's attention outputs
 
 _GRID = jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)
 
@@ -48,25 +57,23 @@ def _total_variation(x):
     return jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) + jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1]))
 
 
-def _loss(graphdef, state, entropy_weight, tv_weight, z, labels):
-    model = nnx.merge(graphdef, state)
+def _loss(graphdef, state, features, skip_tokens, entropy_weight, tv_weight, z, labels):
     x = jax.nn.sigmoid(z)
-    layers = quantized_layers(model)
-    with recording(layers) as calls:
-        logits = model(x)
-    entropy = jnp.mean(jnp.stack([
-        patch_similarity_entropy(layer_output(layer, *calls[name][0])[:, 1:])
-        for name, layer in layers.items() if role_of(name) == "proj"]))
+    logits, calls = record_traced(nnx.merge(graphdef, state), x)
+    tokens = [calls[name].out.reshape(x.shape[0], -1, calls[name].out.shape[-1])[:, skip_tokens:] for name in features]
+    entropy = jnp.mean(jnp.stack([patch_similarity_entropy(t.astype(jnp.float32)) for t in tokens]))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
     return ce - entropy_weight * entropy + tv_weight * _total_variation(x)
 
 
 def synthesize(model: nnx.Module, n: int, *, steps: int = 200, batch_size: int = 64, learning_rate: float = 0.1,
-               entropy_weight: float = 1.0, tv_weight: float = 0.05, seed: int = 0) -> np.ndarray:
-    """``n`` synthetic calibration images for ``model`` (a float ViT, unchanged).
+               entropy_weight: float = 1.0, tv_weight: float = 0.05, seed: int = 0,
+               feature_ops: str = FEATURE_OPS, skip_tokens: int = 1) -> np.ndarray:
+    """``n`` synthetic calibration images for ``model`` (a float NNX classifier, unchanged).
 
     Args:
-      model: the float model; its ``config`` gives the image shape and classes.
+      model: the float model; its ``config`` gives the image shape and classes
+        (``image_shape``, ``num_classes``: the built-in models have it).
       n: images to make.
       steps: Adam steps per batch.
       batch_size: images optimised together.
@@ -74,15 +81,30 @@ def synthesize(model: nnx.Module, n: int, *, steps: int = 200, batch_size: int =
       entropy_weight: weight of the patch-similarity entropy (maximised).
       tv_weight: weight of the total-variation prior.
       seed: initial noise and target classes.
+      feature_ops: regex on op names whose results are the patch tokens.
+      skip_tokens: leading tokens that are no patch (the ViT's class token).
 
     Returns:
       float32 ``(n, H, W, C)`` images in ``[0, 1]``.
+
+    Raises:
+      ValueError: the model has no ``config`` with ``image_shape`` and
+        ``num_classes``, or no op matches ``feature_ops``.
     """
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "image_shape" not in config or "num_classes" not in config:
+        raise ValueError(f"synthesize: model {type(model).__name__} has no config with image_shape and num_classes")
+    shape, classes = tuple(config["image_shape"]), config["num_classes"]
     model.eval()
-    graphdef, state = nnx.split(model)
-    shape, classes = tuple(model.config["image_shape"]), model.config["num_classes"]
+    probed = probe(model, jnp.zeros((1, *shape), jnp.float32))
+    features = [name for name in names(probed) if re.fullmatch(feature_ops, name)]
+    if not features:
+        raise ValueError(f"synthesize: feature_ops={feature_ops!r} matches no op of the model (its ops: "
+                         f"{', '.join(names(probed))})")
+    graphdef, state = nnx.split(probed)
     tx = optax.adam(learning_rate)
-    grad = jax.jit(jax.grad(functools.partial(_loss, graphdef, state, entropy_weight, tv_weight)))
+    grad = jax.jit(jax.grad(functools.partial(_loss, graphdef, state, tuple(features), skip_tokens, entropy_weight,
+                                              tv_weight)))
 
     @jax.jit
     def update(z, opt_state, labels):

@@ -1,4 +1,4 @@
-"""Accuracy, per-layer signal-to-quantization-noise ratios, and their plot."""
+"""Accuracy, per-op signal-to-quantization-noise ratios, and their plot."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import numpy as np
 from flax import nnx
 
 from lowbit import quant
-from lowbit.ptq.capture import layer_output, quantized_layers, recording
+from lowbit.nn.quantize import op_name, ops, recipe_of
+from lowbit.ptq.capture import probe, record_traced
+from lowbit.recipes import op as oprule
+from lowbit.training.qdot import DotQuantConfig
 
-__all__ = ["accuracy", "layer_sqnr", "plot_layers", "sqnr_db"]
+__all__ = ["accuracy", "op_sqnr", "plot_ops", "sqnr_db"]
 
 
 @jax.jit
@@ -59,56 +62,72 @@ def _power(reference, approx):
     return jnp.sum(jnp.square(reference)), jnp.sum(jnp.square(reference - approx.astype(jnp.float32)))
 
 
+def _operand_power(qz, x):
+    """(signal, noise) of ``x``'s own quantization by ``qz``; None where it needs state (learned, delayed,
+    stochastic quantizers: the op's state or key, not the operand, decides)."""
+    if qz is None:
+        return _power(x, x)
+    if qz.scale in ("learned", "delayed") or qz.rounding == "stochastic":
+        return None
+    return _power(x, quant.fake_quant(qz, x))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _errors(float_graphdef, float_state, quant_graphdef, quant_state, images):
-    """(signal, noise) power of each layer's output and operands, in one compiled pass."""
-    models = nnx.merge(float_graphdef, float_state), nnx.merge(quant_graphdef, quant_state)
-    layers = [quantized_layers(m) for m in models]
-    calls = []
-    for model, named in zip(models, layers):
-        with recording(named) as recorded:
-            model(images)
-        calls.append({name: c[0] for name, c in recorded.items()})
+    """(signal, noise) power of each op's output and operands, in one compiled pass."""
+    _, reference = record_traced(nnx.merge(float_graphdef, float_state), images)
+    model = nnx.merge(quant_graphdef, quant_state)
+    _, got = record_traced(model, images)
+    recipe = recipe_of(model)
     out = {}
-    for name, layer in layers[1].items():
-        cfg = layer.layer.dot
-        lhs, rhs, dn = calls[1][name]
-        out[name] = dict(
-            sqnr_db=_power(layer_output(layers[0][name], *calls[0][name]), layer_output(layer, lhs, rhs, dn, cfg)),
-            lhs_sqnr_db=_power(lhs, lhs if cfg.lhs is None else quant.fake_quant(cfg.lhs, lhs)),
-            rhs_sqnr_db=_power(rhs, rhs if cfg.rhs is None else quant.fake_quant(cfg.rhs, rhs)))
+    for op in ops(model):
+        name = op_name(op.path, op.key)
+        lhs, rhs = got[name].lhs, got[name].rhs
+        dot = recipe.rules[op.rule].dot if op.rule is not None else DotQuantConfig()
+        cfg = oprule.retarget(dot, op.call, lhs.ndim, rhs.ndim)
+        out[name] = dict(sqnr_db=_power(reference[name].out, got[name].out),
+                         lhs_sqnr_db=_operand_power(cfg.lhs, lhs), rhs_sqnr_db=_operand_power(cfg.rhs, rhs))
     return out
 
 
-def layer_sqnr(float_model: nnx.Module, quant_model: nnx.Module, images: np.ndarray) -> list[dict[str, Any]]:
-    """Per-layer SQNR (dB) of a quantized model against its float original on the same images.
+def op_sqnr(float_model: nnx.Module, quant_model: nnx.Module, images: np.ndarray) -> list[dict[str, Any]]:
+    """Per-op SQNR (dB) of a quantized model against its float original on the same images.
+
+    Args:
+      float_model: the float NNX model.
+      quant_model: ``float_model`` quantized (``lowbit.quantize``, PTQ), its ops discovered.
+      images: one batch of inputs.
 
     Returns:
-      One dict per layer, in forward order: ``name``; ``sqnr_db``, the layer's
-      output in the quantized model against the float model's (the error of
-      every quantizer up to and including this layer); ``lhs_sqnr_db`` and
-      ``rhs_sqnr_db``, each operand's own quantization in the quantized model.
+      One dict per op of the quantized model, in forward order: ``name``
+      (``path:key``); ``sqnr_db``, the op's result in the quantized model
+      against the float model's (the error of every quantizer up to and
+      including this op); ``lhs_sqnr_db`` and ``rhs_sqnr_db``, each operand's
+      own quantization in the quantized model (None for a quantizer whose step
+      is op state: learned, delayed or stochastic).
     """
     float_model.eval()
     quant_model.eval()
-    powers = _errors(*nnx.split(float_model), *nnx.split(quant_model), jnp.asarray(images))
-    return [dict(name=name, **{k: _db(float(s), float(n)) for k, (s, n) in powers[name].items()})
-            for name in quantized_layers(quant_model)]
+    images = jnp.asarray(images)
+    powers = _errors(*nnx.split(probe(float_model, images[:1])), *nnx.split(quant_model), images)
+    names = [op_name(op.path, op.key) for op in ops(quant_model)]
+    return [dict(name=n, **{k: None if v is None else _db(float(v[0]), float(v[1])) for k, v in powers[n].items()})
+            for n in names]
 
 
-def plot_layers(rows: list[dict[str, Any]], path: str | Path, title: str) -> bool:
-    """Plot the per-layer SQNRs to ``path``; False when matplotlib is missing."""
+def plot_ops(rows: list[dict[str, Any]], path: str | Path, title: str) -> bool:
+    """Plot the per-op SQNRs to ``path``; False when matplotlib is missing."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return False
-    names = [r["name"].replace("blocks.", "b").replace("attn.", "") for r in rows]
+    names = [r["name"].replace("blocks/", "b").replace("attn/", "").replace(":dot_general0", "") for r in rows]
     xs = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4), layout="constrained")
     ax = fig.subplots()
-    for key, label, marker in (("sqnr_db", "layer output (accumulated)", "o"),
+    for key, label, marker in (("sqnr_db", "op output (accumulated)", "o"),
                                ("lhs_sqnr_db", "input activation", "s"), ("rhs_sqnr_db", "weight / 2nd operand", "^")):
-        ys = [r[key] if math.isfinite(r[key]) else np.nan for r in rows]
+        ys = [r[key] if r[key] is not None and math.isfinite(r[key]) else np.nan for r in rows]
         ax.plot(xs, ys, marker=marker, label=label)
     ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)
     ax.set(ylabel="SQNR (dB)", title=title)

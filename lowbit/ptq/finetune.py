@@ -1,17 +1,23 @@
-"""Quantization-robust fine-tuning of a float ViT before PTQ.
+"""Quantization-robust fine-tuning of any float NNX model before PTQ.
+
+Works per op (``lowbit.ptq.capture``): every matmul and convolution the forward
+pass runs.
 
 Methods:
 
-* ``noise``: every step, each linear layer's kernel gets fresh uniform noise of
-  one quantization step of the target format, per output channel and
-  recomputed from the current weights (``lowbit.ptq.noise.adaptive_noise``),
-  so the noise follows each layer's range and outliers; optionally every
-  activation operand PTQ quantizes (linear inputs, attention's Q, K, V and
-  probabilities) gets the same per tensor, on the grid PTQ would use for it. The gradient at the noisy weights
-  updates the clean ones: the model moves to where rounding hurts less.
+* ``noise``: every step, the weight of each op gets fresh uniform noise of one
+  quantization step of the target format, per output channel and recomputed
+  from the current weights (``lowbit.ptq.noise.adaptive_noise``), so the noise
+  follows each op's range and outliers; optionally every activation operand PTQ
+  quantizes (op inputs, attention's Q, K, V and probabilities) gets the same
+  per tensor, on the grid PTQ would use for it (unsigned where the operand is
+  never negative). The gradient at the noisy weights updates the clean ones:
+  the model moves to where rounding hurts less.
 * ``outlier``: the task loss plus ``outlier_weight`` times the outlier penalty
-  (``lowbit.ptq.outlier``) of every matmul operand (activations per tensor,
-  kernels per output channel), which shrinks the ranges PTQ must cover.
+  (``lowbit.ptq.outlier``) of every op operand (activations per tensor,
+  weights per output channel), which shrinks the ranges PTQ must cover. Left
+  out: the model's input (the first weighted op's lhs) and softmax
+  probabilities (the lhs of ``softmax_ops``), whose ranges the data and softmax fix.
 * ``both``: the two together.
 * ``plain``: the same optimisation without either, the control that tells
   what extra training alone gives.
@@ -21,11 +27,12 @@ The model stays a float model: PTQ runs afterwards (``lowbit ptq``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
+import re
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -35,20 +42,22 @@ import optax
 from flax import nnx
 
 from lowbit import data as lowbit_data
+from lowbit import formats
 from lowbit.formats._checks import check_int, require
-from lowbit.nn.layers import QLinear
-from lowbit.ptq.capture import quantized_layers, recording, role_of, set_child
-from lowbit.ptq import vit
-from lowbit.ptq.config import PTQConfig, resolve_format
+from lowbit.nn.quantize import Op, discover, intercepting, op_name, ops, quantize
+from lowbit.ptq import capture
+from lowbit.ptq.config import METHODS, SOFTMAX_OPS, resolve_format
 from lowbit.ptq.evaluate import accuracy
 from lowbit.ptq.noise import adaptive_noise
 from lowbit.ptq.outlier import outlier_penalty, range_ratio
+from lowbit.recipes.rules import Recipe, Rule, compile_regex
 from lowbit.trainer.step import make_optimizer
 
 __all__ = ["METHODS", "FinetuneConfig", "finetune", "operand_range_ratio"]
 
-METHODS = ("noise", "outlier", "both", "plain")
 _OWN = "FinetuneConfig"
+# One rule that quantizes nothing: every op runs through the runner, where the noise is added.
+_EVERY_OP = Recipe(name="float-every-op", rules=(Rule(),))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,7 +67,7 @@ class FinetuneConfig:
     Attributes:
       method: ``noise``, ``outlier``, ``both`` or ``plain``.
       target_format: the PTQ format the noise imitates (``int4``, ``float4_e2m1fn``, ...).
-      noise_activations: also add noise to the activation operands of every matmul.
+      noise_activations: also add noise to the activation operands of every op.
       outlier_weight: weight of the outlier penalty in the loss.
       outlier_threshold: ``k``: values beyond ``k`` RMS count as outliers.
       epochs: passes over the training set.
@@ -67,6 +76,8 @@ class FinetuneConfig:
         steps, cosine decay after).
       weight_decay: AdamW weight decay on matrices.
       seed: data order and noise.
+      softmax_ops: regex on op names (``path:key``) whose lhs is a softmax
+        output (left out of the outlier penalty); default: the built-in ViT's.
     """
 
     method: str = "noise"
@@ -79,9 +90,14 @@ class FinetuneConfig:
     learning_rate: float = 3e-4
     weight_decay: float = 0.05
     seed: int = 0
+    softmax_ops: str = SOFTMAX_OPS
 
     def __post_init__(self):
         require(self.method in METHODS, _OWN, "method", self.method, ", ".join(METHODS))
+        require(isinstance(self.noise_activations, bool), _OWN, "noise_activations", self.noise_activations,
+                "True or False")
+        check_int(_OWN, "seed", self.seed, 0)
+        compile_regex(_OWN, "softmax_ops", self.softmax_ops)
         resolve_format(self.target_format)
         for field in ("outlier_weight", "outlier_threshold", "learning_rate", "weight_decay"):
             value = getattr(self, field)
@@ -101,53 +117,70 @@ class FinetuneConfig:
         return self.method in ("outlier", "both")
 
 
-def _operands(calls) -> list[tuple[jax.Array, Any]]:
+def _reduce_axes(op: Op) -> tuple[int, ...]:
+    """The axes one per-output-channel scale of the op's weight covers: all but the channel axis."""
+    channel = op.call.axes(len(op.lhs_shape), len(op.rhs_shape))["rhs"][1] % len(op.rhs_shape)
+    return tuple(a for a in range(len(op.rhs_shape)) if a != channel)
+
+
+def _penalized(qmodel, calls: dict, softmax_ops: str) -> list[tuple[jax.Array, Any]]:
     """Every recorded operand the model shapes, with the axes its quantization scale covers.
 
-    Left out: the pixels (``patch``'s input) and the softmax probabilities
-    (``attn_av``'s input), whose ranges are fixed by the data and by softmax.
+    Left out: the model's input (the first weighted op's lhs) and the softmax
+    probabilities, whose ranges are fixed by the data and by softmax.
     """
     out = []
-    for name, recorded in calls.items():
-        lhs, rhs, _ = recorded[0]
-        if role_of(name) not in ("patch", "attn_av"):
+    first = next((op for op in ops(qmodel) if op.call.weighted), None)
+    for op in ops(qmodel):
+        name = op_name(op.path, op.key)
+        if name not in calls:
+            continue
+        lhs, rhs, _ = calls[name]
+        if op is not first and not re.fullmatch(softmax_ops, name):
             out.append((lhs, None))
-        out.append((rhs, (0,) if rhs.ndim == 2 else None))  # a kernel is scaled per output channel
+        out.append((rhs, _reduce_axes(op) if op.call.weighted else None))
     return out
+
+
+def _unsigned_twin(fmt):
+    """The unsigned integer format of ``fmt``'s width (PTQ's grid for a never-negative operand), or ``fmt``."""
+    if isinstance(fmt, formats.IntFormat) and fmt.signed:
+        return formats.IntFormat(bits=fmt.bits, signed=False, name=f"uint{fmt.bits}")
+    return fmt
+
+
+def _activation_noise(key, x, fmt):
+    """``adaptive_noise`` per tensor on the grid PTQ would give ``x``: unsigned where ``x`` is never negative."""
+    signed = adaptive_noise(key, x, fmt)
+    unsigned = adaptive_noise(key, x, _unsigned_twin(fmt))
+    return jnp.where(jnp.min(x) >= 0, unsigned, signed)
+
+
+def _perturb(cfg: FinetuneConfig, by_name: dict, key, run, name, state, call, lhs, rhs):
+    """``intercepting`` wrap: the op on noisy operands (weights per channel, activations per tensor)."""
+    fmt = resolve_format(cfg.target_format)
+    k_w, k_x, k_r = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode())), 3)
+    if call.weighted:
+        rhs = rhs + adaptive_noise(k_w, rhs, fmt, _reduce_axes(by_name[name]))
+    if cfg.noise_activations:
+        lhs = lhs + _activation_noise(k_x, lhs, fmt)
+        if not call.weighted:
+            rhs = rhs + _activation_noise(k_r, rhs, fmt)
+    return run(lhs, rhs)
 
 
 def _loss(graphdef, cfg: FinetuneConfig, params, rest, x, y, key):
     model = nnx.merge(graphdef, params, rest)
-    layers = quantized_layers(model)
-    fmt = resolve_format(cfg.target_format)
-    wrapped = {}
-    if cfg.noise:
-        for i, (name, layer) in enumerate(layers.items()):
-            k_w, k_x = jax.random.split(jax.random.fold_in(key, i))
-            if isinstance(layer, QLinear):
-                layer.kernel[...] = layer.kernel[...] + adaptive_noise(k_w, layer.kernel[...], fmt, (0,))
-            if cfg.noise_activations:
-                wrapped[name] = set_child(model, name, _noisy_inputs(layer, role_of(name), k_x, cfg.target_format))
-    with recording(layers) if cfg.outlier else contextlib.nullcontext({}) as calls:
+    by_name = {op_name(op.path, op.key): op for op in ops(model)}
+    wrap = functools.partial(_perturb, cfg, by_name, key) if cfg.noise else None
+    with intercepting(model, capture=cfg.outlier, wrap=wrap) as recorded:
         logits = model(x)
-    for name, layer in wrapped.items():
-        set_child(model, name, layer)
+    calls = {op_name(r.path, r.key): (r.lhs, r.rhs, r.out) for r in recorded}
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-    terms = [outlier_penalty(v, cfg.outlier_threshold, axes) for v, axes in _operands(calls)]
+    terms = [outlier_penalty(v, cfg.outlier_threshold, axes) for v, axes in _penalized(model, calls, cfg.softmax_ops)]
     penalty = jnp.mean(jnp.stack(terms)) if terms else jnp.zeros((), jnp.float32)
     new_rest = nnx.split(model, nnx.Param, ...)[2]
     return ce + jnp.float32(cfg.outlier_weight) * penalty, (ce, penalty, new_rest)
-
-
-def _noisy_inputs(layer, role: str, key, target: str):
-    """``layer`` with noise on the inputs PTQ quantizes as activations, on the grid PTQ would give each."""
-    operands = ("lhs",) if isinstance(layer, QLinear) else ("lhs", "rhs")
-    grids = [vit.activation_quantizer(role, op, PTQConfig(activations=target)).format for op in operands]
-
-    def call(*xs):
-        keys = jax.random.split(key, len(xs))
-        return layer(*(x + adaptive_noise(k, x, g) for x, k, g in zip(xs, keys, grids)))
-    return call
 
 
 def _step(graphdef, cfg, tx, params, rest, opt_state, x, y, key):
@@ -164,7 +197,8 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
     """Fine-tune ``model`` in place with ``cfg``'s method.
 
     Args:
-      model: a float ViT (``lowbit.nn.ViT``); left in eval mode.
+      model: a float NNX classifier (any; the built-in ``vit``, ``mlp``,
+        ``cnn`` or a user's); left in eval mode.
       dataset: training data, and the test set scored after every epoch.
       cfg: the method and its settings.
 
@@ -177,10 +211,13 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
       ValueError: ``cfg.batch_size`` exceeds the training set.
     """
     before = accuracy(model, dataset.x_test, dataset.y_test)
-    model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     steps = len(dataset.x_train) // cfg.batch_size
     require(steps > 0, _OWN, "batch_size", cfg.batch_size, f"at most the {len(dataset.x_train)} training examples")
+    # Every op runs through the runner (a rule that quantizes nothing), where the noise goes in.
+    work = quantize(model, _EVERY_OP)
+    discover(work, jnp.asarray(dataset.x_train[:1]))
+    work.train()
+    graphdef, params, rest = nnx.split(work, nnx.Param, ...)
     tx = make_optimizer(cfg.learning_rate, cfg.weight_decay, max(1, steps * cfg.epochs // 10), steps * cfg.epochs)
     opt_state = tx.init(params)
     step = jax.jit(functools.partial(_step, graphdef, cfg, tx))
@@ -195,20 +232,24 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
             ces.append(float(ce))
             penalties.append(float(penalty))
             n += 1
-        nnx.update(model, params, rest)
+        nnx.update(work, params, rest)
         history.append(dict(epoch=epoch + 1, loss=float(np.mean(ces)), penalty=float(np.mean(penalties)),
-                            test_accuracy=accuracy(model, dataset.x_test, dataset.y_test)))
-        model.train()
+                            test_accuracy=accuracy(work, dataset.x_test, dataset.y_test)))
+        work.train()
+    # The rule quantizes nothing, so its ops have no state: the float model's variables are all there is.
+    nnx.update(model, nnx.state(work, nnx.Variable))
     model.eval()
     return dict(config=dataclasses.asdict(cfg), float_accuracy_before=before,
                 float_accuracy=history[-1]["test_accuracy"], train_time_s=time.perf_counter() - start,
                 history=history)
 
 
-def operand_range_ratio(model: nnx.Module, images) -> float:
-    """Mean ``max|x| / rms(x)`` over every matmul operand on ``images``: how outlier-heavy the model is."""
+def operand_range_ratio(model: nnx.Module, images, softmax_ops: str = SOFTMAX_OPS) -> float:
+    """Mean ``max|x| / rms(x)`` over every op operand on ``images``: how outlier-heavy the model is.
+
+    The operands are those the outlier penalty covers (see ``FinetuneConfig``).
+    """
     model.eval()
-    layers = quantized_layers(model)
-    with recording(layers) as calls:
-        model(jnp.asarray(images))
-    return float(np.mean([float(range_ratio(v, axes)) for v, axes in _operands(calls)]))
+    probed = capture.probe(model, jnp.asarray(images[:1]))
+    calls = capture.record(probed, images)
+    return float(np.mean([float(range_ratio(v, axes)) for v, axes in _penalized(probed, calls, softmax_ops)]))

@@ -7,10 +7,13 @@
 * ``adaptive_noise``: uniform noise of one local step, ``U(-step/2, step/2)``,
   recomputed from the current tensor, so it follows each layer's distribution
   and outliers as fine-tuning changes them.
-* ``NoisyBias`` (NoisyQuant, Liu et al. CVPR 2023): a fixed noise ``N`` is
-  added to a linear layer's input before the activation quantizer and removed
-  after it through the bias, ``y = Q(x + N) Q(W) + (b - N Q(W))``; for
-  heavy-tailed inputs this lowers the expected quantization error of ``y``.
+* NoisyQuant's noisy bias (Liu et al. CVPR 2023): a fixed noise ``N`` is
+  added to an op's input before the activation quantizer and its product with
+  the quantized weight is subtracted from the result,
+  ``y = Q(x + N) Q(W) - N Q(W)`` (at deployment ``- N Q(W)`` joins the bias);
+  for heavy-tailed inputs this lowers the expected quantization error of
+  ``y``. It is op state (``noisy_bias``, ``noisy_correction`` on the op's
+  ``OpState``) applied by ``with_noisy_bias``, so any ``x @ W`` op can have it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import numpy as np
 from flax import nnx
 
 from lowbit import formats, quant
-from lowbit.nn.layers import QLinear
+from lowbit.nn import intercept
+from lowbit.nn.quantize import intercepting
 from lowbit.training.qdot import DotQuantConfig, quantized_dot_general
 
-__all__ = ["NoisyBias", "adaptive_noise", "noisy_bias_search", "quantization_step"]
+__all__ = ["adaptive_noise", "linear_like", "noisy_bias_search", "quantization_step", "quantized_weight",
+           "set_noisy_bias", "with_noisy_bias"]
 
 
 def _grid(fmt) -> tuple[np.ndarray, np.ndarray]:
@@ -71,28 +76,49 @@ def adaptive_noise(key, x, fmt, reduce_axes=None):
     return (jax.random.uniform(key, x.shape, jnp.float32, -0.5, 0.5) * step).astype(x.dtype)
 
 
-class NoisyBias(nnx.Module):
-    """A ``QLinear`` whose input gets a fixed noise before quantization; its bias removes it again.
-
-    Args:
-      inner: the quantized layer; its bias is replaced by ``b - noise @ Q(W)``.
-      noise: ``(in_features,)`` float32, added to every token's input.
-    """
-
-    def __init__(self, inner: QLinear, noise):
-        if inner.bias is None:
-            raise ValueError("NoisyBias needs a layer with a bias to fold the noise's product into")
-        noise = jnp.asarray(noise, jnp.float32)
-        w_q = _weight(inner.layer.dot, inner.kernel[...].astype(jnp.float32))
-        inner.bias[...] = inner.bias[...] - (noise @ w_q).astype(inner.bias[...].dtype)
-        self.inner = inner
-        self.noise = nnx.Variable(noise)
-
-    def __call__(self, x):
-        return self.inner(x + self.noise[...].astype(x.dtype))
+def linear_like(call, lhs_ndim: int, rhs_ndim: int) -> bool:
+    """Whether an op is ``x @ W``: a 2-D weight contracted on its first axis with the input's last axis."""
+    return call.kind == "dot_general" and rhs_ndim == 2 and call.dn == (((lhs_ndim - 1,), (0,)), ((), ()))
 
 
-def _weight(config: DotQuantConfig, w):
+def set_noisy_bias(state: nnx.Module, noise, w_q) -> None:
+    """Give an op (its ``OpState``) the noisy bias ``noise`` (``(in,)``), ``w_q`` its quantized ``(in, out)`` weight."""
+    noise = jnp.asarray(noise, jnp.float32)
+    state.noisy_bias = nnx.Variable(noise)
+    state.noisy_correction = nnx.Variable(noise @ jnp.asarray(w_q, jnp.float32))
+
+
+def _noisy(run, name, state, call, lhs, rhs):
+    """``intercepting`` wrap: an op with a noisy bias runs on ``x + N`` and subtracts ``N Q(W)``."""
+    noise = getattr(state, "noisy_bias", None)
+    if noise is None:
+        return run(lhs, rhs)
+    out = run(lhs + noise[...].astype(lhs.dtype), rhs)
+    return out - state.noisy_correction[...].astype(out.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _noisy_class(cls: type) -> type:
+    """``cls`` (a quantized model class) whose calls apply the ops' noisy biases."""
+
+    def __call__(self, *args, **kwargs):
+        if intercept.active() is not None:  # an inner call of the same forward pass
+            return cls.__call__(self, *args, **kwargs)
+        with intercepting(self, wrap=_noisy):
+            return cls.__call__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": f"{cls.__qualname__}+noisy_bias"})
+
+
+def with_noisy_bias(qmodel: nnx.Module) -> nnx.Module:
+    """``qmodel`` (discovered, from ``lowbit.quantize``), in place, made to apply its ops' noisy biases when called."""
+    qmodel.__class__ = _noisy_class(type(qmodel))
+    return qmodel
+
+
+def quantized_weight(config: DotQuantConfig, w):
+    """``w`` as the op's (retargeted) rhs quantizer sees it: ``Q(W)``."""
     return w if config.rhs is None else quant.fake_quant(config.rhs, w)
 
 
@@ -112,8 +138,8 @@ def noisy_bias_search(config: DotQuantConfig, lhs, rhs, dn, step: float, key,
     output.
 
     Args:
-      config: the layer's quantizers.
-      lhs, rhs, dn: one recorded call (input, kernel, dimension numbers).
+      config: the op's quantizers, on its axes (``lowbit.recipes.op.retarget``).
+      lhs, rhs, dn: one recorded call of an ``x @ W`` op (``linear_like``).
       step: the input quantizer's step.
       key: ``jax.random`` key of the draws.
       amplitudes, draws: the candidates.
@@ -124,7 +150,7 @@ def noisy_bias_search(config: DotQuantConfig, lhs, rhs, dn, step: float, key,
     """
     lhs, rhs = jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32)
     reference = jax.lax.dot_general(lhs, rhs, dn)
-    w_q = _weight(config, rhs)
+    w_q = quantized_weight(config, rhs)
 
     def error(noise):
         return float(_output_error(lhs, rhs, dn, config, noise, w_q, reference))

@@ -1,4 +1,4 @@
-"""One PTQ run end to end: calibrate a copy of the model, score it, report per-layer errors."""
+"""One PTQ run end to end: calibrate a copy of the model, score it, report per-op errors."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 from flax import nnx
 
 from lowbit.data import Dataset
-from lowbit.ptq.calibrate import quantize_vit
+from lowbit.ptq.calibrate import quantize_model
 from lowbit.ptq.config import PTQConfig
-from lowbit.ptq.evaluate import accuracy, layer_sqnr, plot_layers
+from lowbit.ptq.evaluate import accuracy, op_sqnr, plot_ops
 
 __all__ = ["calibration_images", "ptq", "write_report"]
 
-SQNR_IMAGES = 128  # test images the per-layer SQNRs are measured on
+SQNR_IMAGES = 128  # test images the per-op SQNRs are measured on
 
 
 def calibration_images(dataset: Dataset, samples: int, seed: int = 0) -> np.ndarray:
@@ -31,7 +31,7 @@ def ptq(model: nnx.Module, dataset: Dataset, cfg: PTQConfig, *, images: np.ndarr
     """Quantize a copy of ``model`` with ``cfg`` and score it on ``dataset``'s test set.
 
     Args:
-      model: the float ViT; left unchanged.
+      model: the float NNX model; left unchanged.
       dataset: calibration images come from its training set, scores from its test set.
       cfg: the PTQ setting.
       images: calibration images to use instead of ``cfg.samples`` training
@@ -41,26 +41,25 @@ def ptq(model: nnx.Module, dataset: Dataset, cfg: PTQConfig, *, images: np.ndarr
     Returns:
       ``(quantized_model, metrics)`` with ``metrics``: ``config``, ``label``
       (``W8A8`` ...), ``float_accuracy``, ``test_accuracy``,
-      ``accuracy_drop_points`` and ``layers`` (per layer: quantizers, step,
-      ``sqnr_db``, ``lhs_sqnr_db``, ``rhs_sqnr_db``).
+      ``accuracy_drop_points`` and ``ops`` (per op, in forward order: its
+      ``name``, quantizers, step, ``sqnr_db``, ``lhs_sqnr_db``, ``rhs_sqnr_db``).
     """
     if images is None:
         images = calibration_images(dataset, cfg.samples, cfg.seed)
-    quantized = nnx.clone(model)
-    rows = quantize_vit(quantized, images, cfg)
+    quantized, rows = quantize_model(model, images, cfg)
     if float_accuracy is None:
         float_accuracy = accuracy(model, dataset.x_test, dataset.y_test)
     test_accuracy = accuracy(quantized, dataset.x_test, dataset.y_test)
-    errors = {r["name"]: r for r in layer_sqnr(model, quantized, dataset.x_test[:SQNR_IMAGES])}
-    layers = [dict(row, **errors[row["name"]]) for row in rows]
+    errors = {r["name"]: r for r in op_sqnr(model, quantized, dataset.x_test[:SQNR_IMAGES])}
+    per_op = [dict(row, **errors[row["name"]]) for row in rows]
     metrics = dict(config=cfg.to_json(), label=cfg.label, dataset=dataset.name, calibration_images=len(images),
                    float_accuracy=float_accuracy, test_accuracy=test_accuracy,
-                   accuracy_drop_points=100 * (float_accuracy - test_accuracy), layers=layers)
+                   accuracy_drop_points=100 * (float_accuracy - test_accuracy), ops=per_op)
     return quantized, metrics
 
 
 def _finite(value):
-    """``value`` with non-finite floats (an exact layer's infinite SQNR) as None: strict JSON has no Infinity."""
+    """``value`` with non-finite floats (an exact op's infinite SQNR) as None: strict JSON has no Infinity."""
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -81,6 +80,6 @@ def write_report(out: str | Path, metrics: dict[str, Any]) -> list[Path]:
     title = (f"{metrics['label']} {metrics['config']['weights']}/{metrics['config']['activations']}, "
              f"{metrics['config']['calibration']}: {100 * metrics['test_accuracy']:.2f}% "
              f"(float {100 * metrics['float_accuracy']:.2f}%)")
-    if plot_layers(metrics["layers"], out / "layer_sqnr.png", title):
+    if plot_ops(metrics["ops"], out / "layer_sqnr.png", title):
         written.append(out / "layer_sqnr.png")
     return written

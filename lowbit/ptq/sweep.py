@@ -30,7 +30,7 @@ def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETT
     """Score every setting x calibration method.
 
     Args:
-      model: the float ViT.
+      model: the float NNX model.
       dataset: calibration (training) and test images.
       base: every other PTQ field (ViT-specific choices, samples, granularity, ...).
       settings: ``(setting, family, weights, activations)`` rows.
@@ -41,7 +41,7 @@ def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETT
     Returns:
       ``float_accuracy``, ``base`` (the shared fields) and ``rows``: per
       setting and family, ``accuracy`` by calibration method (fractions) and the
-      lowest layer SQNR of each run (``min_sqnr_db``).
+      lowest op SQNR of each run (``min_sqnr_db``).
     """
     if images is None:
         images = calibration_images(dataset, base.samples, base.seed)
@@ -54,7 +54,7 @@ def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETT
             cfg = dataclasses.replace(base, weights=weights, activations=activations, calibration=method)
             _, metrics = ptq(model, dataset, cfg, images=images, float_accuracy=float_accuracy)
             row["accuracy"][method] = metrics["test_accuracy"]
-            row["min_sqnr_db"][method] = min(r["sqnr_db"] for r in metrics["layers"])
+            row["min_sqnr_db"][method] = min(r["sqnr_db"] for r in metrics["ops"])
             log(f"{setting} {weights}/{activations} {method}: {100 * metrics['test_accuracy']:.2f}%")
         rows.append(row)
     shared = {k: v for k, v in base.to_json().items() if k not in ("weights", "activations", "calibration")}
