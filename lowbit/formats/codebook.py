@@ -10,7 +10,9 @@ takes the neighbour on x's side of zero. Every input saturates to the table's
 ends (a codebook has no overflow code). Unused codes decode to NaN, and
 ``encode`` writes NaN as the smallest of them; a table that uses every code has
 no NaN code, so there ``encode`` writes the code of the value nearest zero
-while ``quantize`` keeps NaN.
+while ``quantize`` keeps NaN. ``quantize`` returns ``x``'s dtype, so for
+bfloat16 or float16 inputs it returns the table value rounded to that dtype
+(NF4's values need float32).
 """
 
 from __future__ import annotations
