@@ -30,7 +30,6 @@ SETUP = ['pip install -e . && lowbit train --recipe fp4', 'pip install -e ".[tes
 CHEAP = ["lowbit --version", "lowbit formats"]
 # Run here in order, in one directory: each later command reads what an earlier one wrote.
 SLOW = [
-    "lowbit train --recipe fp8 --epochs 1 --out runs/smoke",
     "lowbit train --recipe fp32 --epochs 5 --out runs/fp32",
     "lowbit ptq --checkpoint runs/fp32 --weights int8 --activations int8 --calibration percentile",
 ]
@@ -72,7 +71,7 @@ def test_commands_are_the_ones_this_test_knows():
     for command in CHEAP + SLOW:
         assert command in commands, f"README no longer shows `{command}`"
     # PTQ starts from a checkpoint that an earlier README command writes.
-    assert commands.index(SLOW[1]) < commands.index(SLOW[2])
+    assert commands.index(SLOW[0]) < commands.index(SLOW[1])
 
 
 @pytest.mark.parametrize("command", sorted({c for c in _commands()[2:] if c not in CHEAP}))
@@ -99,15 +98,16 @@ def test_cheap_commands_run_verbatim(command, tmp_path):
 
 @pytest.mark.slow
 def test_train_then_ptq_commands_run_verbatim(tmp_path):
-    smoke, fp32, ptq = (_shell(c, tmp_path, timeout=900) for c in SLOW)
-    # The one-epoch run: one line per epoch although stdout is a pipe, the files it names exist.
-    assert re.search(r"^epoch 1/1: loss .* ETA", smoke.stdout, re.M), smoke.stdout
-    assert "1 epoch," in smoke.stdout and "1 epochs" not in smoke.stdout
-    assert f"wrote {tmp_path}/runs/smoke/metrics.json and {tmp_path}/runs/smoke/curves.png" in smoke.stdout
-    assert (tmp_path / "runs/smoke/curves.png").stat().st_size > 0
-    assert (tmp_path / "runs/fp32/metrics.json").is_file() and list((tmp_path / "runs/fp32/checkpoints").iterdir())
+    train, ptq = (_shell(c, tmp_path, timeout=900) for c in SLOW)
+    # One line per epoch although stdout is a pipe; the files the run names exist.
+    for epoch in range(1, 6):
+        assert re.search(rf"^epoch {epoch}/5: loss .* ETA", train.stdout, re.M), train.stdout
+    assert "5 epochs," in train.stdout
+    run = tmp_path / "runs" / "fp32"
+    assert f"wrote {run}/metrics.json and {run}/curves.png" in train.stdout
+    assert (run / "curves.png").stat().st_size > 0 and list((run / "checkpoints").iterdir())
     (report,) = tmp_path.glob("runs/ptq-*/metrics.json")
-    assert "W8A8" in ptq.stdout and (report.parent / "layer_sqnr.png").is_file()
+    assert "W8A8" in ptq.stdout and len(list(report.parent.glob("*.png"))) == 1
 
 
 @pytest.mark.parametrize(("line", "code"), _blocks("python"), ids=[f"README.md:{n}" for n, _ in _blocks("python")])
