@@ -64,10 +64,15 @@ def lowbit_commit() -> str:
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def config_key(dataset: str, recipe: str, seed: int, epochs: int) -> str:
+# How the model is quantized: "quantize" = the stock ViT through lowbit.quantize (rules by op path).
+# Records without it come from the earlier ViT built of QLinear layers with recipe roles: the "before" column.
+API = "quantize"
+
+
+def config_key(dataset: str, recipe: str, seed: int, epochs: int, api: str | None = API) -> str:
     """What makes two runs the same run: a record is reused only if all of it matches."""
     cfg = dict(dataset=dataset, recipe=recipe, seed=seed, epochs=epochs, model=DATASETS[dataset]["model"], **TRAIN)
-    return json.dumps(cfg, sort_keys=True)
+    return json.dumps(cfg | (dict(api=api) if api else {}), sort_keys=True)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -80,13 +85,14 @@ def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | 
     import jax
     from flax import nnx
 
-    from lowbit.nn.vit import ViT
+    import lowbit
     from lowbit import recipes
+    from lowbit.nn.vit import ViT
     from lowbit.trainer.loop import train
 
     recipe = recipes.get(recipe_name)
-    model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, recipe=recipe,
-                rngs=nnx.Rngs(seed), **DATASETS[dataset.name]["model"])
+    model = lowbit.quantize(ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes,
+                                rngs=nnx.Rngs(seed), **DATASETS[dataset.name]["model"]), recipe, seed=seed)
     # Fashion-MNIST runs take many minutes: per-epoch checkpoints let a killed
     # sweep resume mid-run. Digits runs take under a minute, not worth the writes.
     metrics = train(model, dataset, recipe=recipe, epochs=epochs, seed=seed, out_dir=ckpt_dir,
@@ -95,8 +101,11 @@ def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | 
     return metrics
 
 
-def summarise(records: list[dict]) -> dict[str, list[dict]]:
-    """dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...)."""
+def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[dict]]:
+    """dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...).
+
+    ``before``: records of the earlier implementation; each row gets their mean ± std as ``before``.
+    """
     by = {}
     for r in records:
         by.setdefault(r["dataset"], {}).setdefault(r["recipe"], []).append(r)
@@ -112,6 +121,8 @@ def summarise(records: list[dict]) -> dict[str, list[dict]]:
                              skipped_steps=sum(r["skipped_steps"] for r in runs)))
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
         for row in rows:
+            old = [100 * r["test_accuracy"] for r in before if r["dataset"] == ds and r["recipe"] == row["recipe"]]
+            row["before"] = (statistics.fmean(old), statistics.stdev(old) if len(old) > 1 else 0.0) if old else None
             row["gap"] = row["mean"] - base["mean"] if base else None
             target = TARGETS.get((ds, row["recipe"]))
             row["target"] = target
@@ -129,13 +140,14 @@ def _recipe_order() -> list[str]:
 
 def table(ds: str, rows: list[dict], epochs: int) -> str:
     lines = [f"### {ds} ({epochs} epochs, model {DATASETS[ds]['model']})", "",
-             "| recipe | seeds | test accuracy (%) | gap to fp32 (points) | target | step (ms) | train time (s) "
-             "| skipped steps |",
-             "|---|---|---:|---:|---|---:|---:|---:|"]
+             "| recipe | seeds | test accuracy (%) | before (QLinear ViT) | gap to fp32 (points) | target | step (ms) "
+             "| train time (s) | skipped steps |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
         target = "" if r["target"] is None else f"≥ −{r['target']} {'✓' if r['meets_target'] else '✗'}"
-        lines.append(f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {gap} | {target} "
+        before = "—" if not r.get("before") else f"{r['before'][0]:.2f} ± {r['before'][1]:.2f}"
+        lines.append(f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
                      f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} |")
     return "\n".join(lines)
 
@@ -161,8 +173,9 @@ def plot(summary: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict) -> None:
-    summary = summarise(records)
+def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict,
+                 before: list[dict] = ()) -> None:
+    summary = summarise(records, before)
     if not summary:
         return
     parts = ["# bench_accuracy: recipes vs fp32 (mean ± std over seeds)", "",
@@ -203,10 +216,10 @@ def main(argv=None) -> None:
     info = machine_info()
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
 
-    def current(records):
+    def current(records, api=API):
         """The records of this configuration (others, e.g. another --epochs, stay in the file)."""
         return [r for r in records
-                if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]])]
+                if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]], api)]
 
     if not args.report:
         for ds_name in datasets:
@@ -233,16 +246,17 @@ def main(argv=None) -> None:
                     f.write(json.dumps(record) + "\n")
                 print(f"    {100 * m['test_accuracy']:.2f}%  {m['step_time_ms']:.1f} ms/step  "
                       f"{record['wall_s']:.0f} s  load {record['load_average']}", flush=True)
-                write_report(current(read_records(jsonl)), stem, epochs_for, info)
+                write_report(current(read_records(jsonl)), stem, epochs_for, info, current(read_records(jsonl), None))
 
     records = current(read_records(jsonl))
-    write_report(records, stem, epochs_for, info)
-    for ds, rows in summarise(records).items():
+    before = current(read_records(jsonl), None)
+    write_report(records, stem, epochs_for, info, before)
+    for ds, rows in summarise(records, before).items():
         print(table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(dict(
         benchmark="bench_accuracy", training=TRAIN, datasets={ds: dict(DATASETS[ds], epochs=epochs_for[ds])
                                                             for ds in DATASETS},
-        summary=summarise(records), machine=info), indent=2))
+        summary=summarise(records, before), machine=info), indent=2))
     print(f"wrote {stem}.md, .png, .json ({len(records)} runs in {jsonl})")
 
 
