@@ -24,7 +24,6 @@ Writes ``benchmarks/results/bench_export.{json,md}`` (``--quick``: 3 epochs, ``b
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -37,11 +36,13 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
+import lowbit  # noqa: E402
 from lowbit import data  # noqa: E402
 from lowbit.nn import export  # noqa: E402
 from lowbit.nn.vit import ViT  # noqa: E402
 from lowbit import recipes  # noqa: E402
-from lowbit.trainer import loop
+from lowbit.trainer import loop  # noqa: E402
+from lowbit.trainer.step import TrainState, make_eval_step  # noqa: E402
 from lowbit.nn.variables import OverwriteWithGradient  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,8 +57,8 @@ def accuracy(model: nnx.Module, dataset, policy) -> float:
     """Test accuracy through the train loop's own eval step (padded batches cover every example)."""
     model.eval()
     graphdef, params, overwrite, rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)
-    state = loop.TrainState(params, overwrite, rest, opt_state=None, loss_scale=None)
-    evaluate = jax.jit(functools.partial(loop._eval_step, graphdef, policy))
+    state = TrainState(params, overwrite, rest, opt_state=None, loss_scale=None)
+    evaluate = jax.jit(make_eval_step(graphdef, policy=policy))
     correct = sum(int(evaluate(state, *batch)) for batch in loop._padded_batches(dataset.x_test, dataset.y_test, 64))
     return correct / len(dataset.x_test)
 
@@ -107,8 +108,9 @@ def main(argv=None) -> dict:
     rows = []
     for recipe_name, formats_ in PLAN.items():
         recipe = recipes.get(recipe_name)
-        model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, recipe=recipe,
-                    rngs=nnx.Rngs(SEED))
+        model = ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes, rngs=nnx.Rngs(SEED))
+        if recipe.quantized:
+            model = lowbit.quantize(model, recipe)
         print(f"training {recipe_name} ({args.epochs} epochs) ...", flush=True)
         metrics = loop.train(model, dataset, recipe=recipe, epochs=args.epochs, seed=SEED, progress=False)
         trained = accuracy(model, dataset, recipe.policy)
