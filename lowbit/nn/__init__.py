@@ -1,7 +1,7 @@
 """Flax: ``quantize`` / ``describe`` for any NNX or linen model, explicit quantized layers, the built-in
 models and weight export."""
 
-from lowbit.nn import export
+from lowbit.nn import export, models
 from lowbit.nn.describe import describe
 from lowbit.nn.einsum import einsum_dimension_numbers
 from lowbit.nn.layers import QConv, QDotGeneral, QEinsum, QEinsumOp, QLinear
@@ -9,4 +9,4 @@ from lowbit.nn.quantize import LINEN_COLLECTIONS, discover, is_quantized, ops, q
 from lowbit.nn.variables import OpState, OverwriteWithGradient, QuantKey
 
 __all__ = ["LINEN_COLLECTIONS", "OpState", "OverwriteWithGradient", "QConv", "QDotGeneral", "QEinsum", "QEinsumOp", "QLinear", "QuantKey",
-           "describe", "discover", "einsum_dimension_numbers", "export", "is_quantized", "ops", "quantize"]
+           "describe", "discover", "einsum_dimension_numbers", "export", "is_quantized", "models", "ops", "quantize"]
