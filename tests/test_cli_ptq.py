@@ -96,11 +96,25 @@ def _edited_copy(run_dir, tmp_path, edit):
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
     (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
-    (lambda m: m.update(recipe="fp4"), "PTQ starts from a float model"),
-    (lambda m: m.update(dataset="cifar10"), "CIFAR-10"),
+    (lambda m: m.update(dataset="cifar10"), "does not match its checksum"),  # metadata is checksummed too
 ])
 def test_mismatched_checkpoint(run_dir, tmp_path, capsys, edit, message):
     assert message in _error(["ptq", "--checkpoint", str(_edited_copy(run_dir, tmp_path, edit))], capsys)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (dict(recipe="fp4"), "was trained with recipe 'fp4'; PTQ starts from a float model"),
+    (dict(dataset="cifar10"), "CIFAR-10 needs a data directory"),
+    (dict(dataset="fashion-mnist"), "apt-get install -y dataset-fashion-mnist"),
+])
+def test_checkpoint_of_another_recipe_or_dataset(run_dir, capsys, monkeypatch, edit, message):
+    # What the CLI checks after a valid checkpoint loads: the run's recipe and dataset.
+    from lowbit.ptq import restore
+
+    load = restore.load_model
+    monkeypatch.setattr(restore, "load_model", lambda path: (lambda m, meta: (m, meta | edit))(*load(path)))
+    monkeypatch.setattr("lowbit.data.DEFAULT_FASHION_MNIST_DIR", "/nonexistent/fashion-mnist")
+    assert message in _error(["ptq", "--checkpoint", str(run_dir)], capsys)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
