@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 
 from lowbit import data
-from lowbit.ptq import PTQConfig, accuracy, calibration_images, load_vit, ptq, save_vit
+from lowbit.ptq import PTQConfig, accuracy, calibration_images, load_model, ptq, save_model
 from lowbit.ptq.datafree import synthesize
 from lowbit.ptq.finetune import FinetuneConfig, finetune, operand_range_ratio
 from lowbit.ptq.sweep import markdown, sweep
@@ -74,7 +74,7 @@ def _vit_stage(model, dataset, base, float_acc):
             cfg = dataclasses.replace(base, **W4A4, calibration=calibration, **extra)
             _, m = ptq(model, dataset, cfg, float_accuracy=float_acc)
             rows.append(dict(option=name, calibration=calibration, test_accuracy=m["test_accuracy"],
-                             min_sqnr_db=min(r["sqnr_db"] for r in m["layers"])))
+                             min_sqnr_db=min(r["sqnr_db"] for r in m["ops"])))
             _log(f"vit {name} {calibration}: {100 * m['test_accuracy']:.2f}%")
     return dict(float_accuracy=float_acc, rows=rows)
 
@@ -90,7 +90,7 @@ def _finetune_stage(model, dataset, base, float_acc, work, epochs, lr):
         cfg = FinetuneConfig(method=method, target_format="int4", epochs=epochs, learning_rate=lr)
         tuned = nnx.clone(model)
         stats = finetune(tuned, dataset, cfg)
-        save_vit(tuned, out, epochs, dict(dataset=dataset.name, finetune=stats["config"]))
+        save_model(tuned, out, epochs, dict(dataset=dataset.name, finetune=stats["config"]))
         after = {c: ptq(tuned, dataset, dataclasses.replace(base, **W4A4, calibration=c),
                         float_accuracy=stats["float_accuracy"])[1]["test_accuracy"] for c in PTQ_AFTER_FINETUNE}
         recovered = {c: (after[c] - baseline[c]) / (float_acc - baseline[c]) if float_acc > baseline[c] else None
@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--synthetic-steps", type=int, default=200)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model, meta = load_vit(args.checkpoint)
+    model, meta = load_model(args.checkpoint)
     dataset = data.load(meta["dataset"])
     base = PTQConfig()
     float_acc = accuracy(model, dataset.x_test, dataset.y_test)

@@ -23,7 +23,7 @@ from flax import nnx
 from lowbit.nn.quantize import Op, discover, intercepting, is_quantized, op_name, ops, quantize, recipe_of
 from lowbit.recipes.rules import Recipe
 
-__all__ = ["FLOAT", "Operands", "names", "probe", "record", "record_traced", "weighted"]
+__all__ = ["FLOAT", "Operands", "names", "probe", "record", "record_traced"]
 
 FLOAT = Recipe(name="float")  # no rules: every op stays float
 
@@ -49,11 +49,6 @@ def probe(model: nnx.Module, example) -> nnx.Module:
 def names(qmodel: nnx.Module) -> list[str]:
     """The names of the discovered ops of ``qmodel``, in forward order."""
     return [op_name(op.path, op.key) for op in ops(qmodel)]
-
-
-def weighted(qmodel: nnx.Module) -> list[Op]:
-    """The discovered ops whose rhs is a weight, in forward order."""
-    return [op for op in ops(qmodel) if op.call.weighted]
 
 
 def record_traced(qmodel: nnx.Module, *args) -> tuple[jax.Array, dict[str, Operands]]:

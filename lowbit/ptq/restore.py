@@ -69,9 +69,12 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def _read_metadata(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "metadata.json").read_text())
+        meta = json.loads((path / "metadata.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read metadata.json ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: metadata.json holds a {type(meta).__name__}, not a JSON object")
+    return meta
 
 
 def _spec(path: Path, meta: dict[str, Any]) -> str:
