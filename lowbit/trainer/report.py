@@ -95,7 +95,7 @@ def _plot(path: Path, metrics: dict[str, Any]) -> bool:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        warnings.warn("matplotlib is not installed (pip install lowbit[plot]): no curves.png", stacklevel=4)
+        warnings.warn("matplotlib (a dependency of lowbit) does not import: no curves.png", stacklevel=4)
         return False
     epochs = [h["epoch"] for h in hist]
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
