@@ -474,9 +474,10 @@ def main(argv=None) -> dict:
     if args.peers and qwix_version is None:
         ap.error("--peers needs qwix, which does not import: pip install 'lowbit[peers]'")
     peers = list(PEERS) if args.peers else []
-    for name in ["fp32", *(PEERS[p][0] for p in peers)][::-1]:
-        if name not in names:
-            names.insert(0, name)  # fp32 shows the pairing's noise floor (ratio ~1); the peers' counterparts
+    # fp32 first (fp32 against itself shows the pairing's noise floor; the tables rely on its place),
+    # then the peers' lowbit counterparts the list lacks, then the list in its order.
+    missing = [PEERS[p][0] for p in peers if PEERS[p][0] not in names]
+    names = ["fp32", *(n for n in missing + names if n != "fp32")]
     unknown = [n for n in names if n not in recipes.names()]
     if unknown:
         ap.error(f"--recipes: unknown {', '.join(unknown)}; allowed: {', '.join(recipes.names())}")
