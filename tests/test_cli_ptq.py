@@ -98,6 +98,7 @@ def _edited_copy(run_dir, tmp_path, edit):
     (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
     (lambda m: m.update(dataset="cifar10"), "does not match its checksum"),  # metadata is checksummed too
 ])
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_mismatched_checkpoint(run_dir, tmp_path, capsys, edit, message):
     assert message in _error(["ptq", "--checkpoint", str(_edited_copy(run_dir, tmp_path, edit))], capsys)
 
@@ -134,6 +135,7 @@ def test_bad_granularity_is_a_usage_error(capsys):
     assert "group:N" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
     # Relative --checkpoint and --out, as a user types them: resolved against the working directory.
     monkeypatch.chdir(tmp_path)
@@ -150,6 +152,7 @@ def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
     assert "W8A8" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out: the fine-tuned checkpoint is written through orbax
     out = tmp_path / "ft"

@@ -59,6 +59,7 @@ def test_edges_take_their_own_format(model):
         assert qtensor.quantizer.format.name == want, name
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_export_errors(model):
     with pytest.raises(ValueError, match="weights="):
         export.export(model, "fp5")

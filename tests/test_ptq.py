@@ -107,6 +107,7 @@ def test_vit_options_land_on_the_ops_the_regexes_name():
     assert vit.activation_quantizer(AV, "lhs", own).kind == "uniform"
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_default_regexes_fit_the_built_in_vit_only():
     x = jnp.zeros((1, 8, 8, 1))
     assert names(probe(_vit(), x)) == VIT_OPS
@@ -209,6 +210,7 @@ def test_w8a8_keeps_accuracy(trained, w8a8):
     assert {d.path + ":" + d.key for d in lnn.describe(quantized)} == set(VIT_OPS)
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_w4a4_with_every_vit_option(trained, digits, w8a8):
     cfg = PTQConfig(weights="int4", activations="int4", softmax="twin", gelu="twin",
                     layernorm="ptf", noisy_bias=True, samples=128)
@@ -323,6 +325,7 @@ def test_outlier_penalty_shrinks_the_range_ratio():
 
 
 # ----- fine-tuning ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_finetune_changes_the_weights(trained, digits):
     model = nnx.clone(trained)
     before = np.asarray(model.blocks[0].mlp_in.kernel[...])
@@ -341,6 +344,7 @@ def test_patch_similarity_entropy_is_higher_for_diverse_patches():
     assert float(entropy(diverse)) > float(entropy(same)) + 1
 
 
+@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
 def test_synthetic_images_calibrate(trained, digits, w8a8):
     images = synthesize(trained, 64, steps=10, batch_size=64)  # one batch of the shape w8a8 calibrated on
     assert images.shape == (64, 8, 8, 1) and 0 <= images.min() and images.max() <= 1

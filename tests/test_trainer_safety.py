@@ -154,7 +154,7 @@ def test_bad_data_and_models_are_refused(tmp_path):
         loop.train(Mlp(inputs=10), data, recipe=_FP32, **_ONE)
     with pytest.raises(TypeError, match="model must be a flax.nnx.Module"):
         loop.train(lambda x: x, data, recipe=_FP32, **_ONE)
-    with pytest.raises(TypeError, match="recipe must have .name, .policy and .make_loss_scale"):
+    with pytest.raises(TypeError, match="recipe=<object .* is invalid; allowed: a lowbit.recipes.Recipe or a name"):
         loop.train(Mlp(), data, recipe=object(), **_ONE)
 
 

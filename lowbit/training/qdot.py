@@ -213,6 +213,15 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
       The product, of dtype ``preferred_element_type`` or the operands' dtype.
     """
     dn = _check_dims(lhs, rhs, dimension_numbers)
+    key, gs, hists = _state_args(config, key, grad_scale, amax_history)
+    scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
+                   for s in (lhs_scale, rhs_scale))
+    product = _Dot(dn, precision, preferred_element_type)
+    return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales, hists)
+
+
+def _state_args(config: DotQuantConfig, key, grad_scale, amax_history):
+    """``(key, grad_scale, histories)`` as ``_qprod`` takes them, after checking they fit ``config``."""
     hists = _histories(config, amax_history)
     if config.grad_scale != (grad_scale is not None):
         raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
@@ -221,10 +230,7 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
             raise ValueError("config rounds stochastically: pass key=jax.random.key(...)")
         key = jax.random.key(0)  # never drawn from: every quantizer rounds deterministically
     gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
-    scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
-                   for s in (lhs_scale, rhs_scale))
-    product = _Dot(dn, precision, preferred_element_type)
-    return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales, hists)
+    return key, gs, hists
 
 
 def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, amax_history=None,
@@ -245,14 +251,7 @@ def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=Non
     Returns:
       The convolution, as ``lax.conv_general_dilated`` returns it.
     """
-    hists = _histories(config, amax_history)
-    if config.grad_scale != (grad_scale is not None):
-        raise ValueError("grad_scale must be given exactly when config.grad_scale is True")
-    if key is None:
-        if config.stochastic:
-            raise ValueError("config rounds stochastically: pass key=jax.random.key(...)")
-        key = jax.random.key(0)  # never drawn from
-    gs = jnp.zeros((), jnp.float32) if grad_scale is None else grad_scale
+    key, gs, hists = _state_args(config, key, grad_scale, amax_history)
     product = _Conv(conv_key(conv_kwargs))
     return _qprod(product, config, False, lhs, rhs, key, gs, (None, None), hists)
 
