@@ -145,22 +145,22 @@ def train(
                 keep=keep, max_skipped=max_skipped, devices=devices, progress=progress)
     steps_per_epoch = _check_data(dataset, batch_size)
     mesh = _mesh(devices, batch_size)
+    ops = None
     if is_quantized(model) and not quantized_ops(model):
         # A quantized model creates its quantizer state on its first call; it must
         # exist before the model is split, not appear inside the traced step.
         ops = describe(model, recipe.policy.cast_to_compute(dataset.x_train[:1]))
-        if progress:
-            print(ops, flush=True)
     _check_model(model, dataset, batch_size, recipe.policy)
     out = _prepare_out_dir(out_dir)
     with RunLock(out) if out is not None else contextlib.nullcontext():
-        return _train(model, dataset, recipe, mesh, out, steps_per_epoch, epochs=epochs, batch_size=batch_size,
+        return _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops if progress else None,
+                      epochs=epochs, batch_size=batch_size,
                       seed=seed, learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup,
                       resume=resume, overwrite=overwrite, keep=keep, max_skipped=max_skipped, devices=devices,
                       progress=progress)
 
 
-def _train(model, dataset, recipe, mesh, out, steps_per_epoch, *, epochs, batch_size, seed, learning_rate,
+def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, batch_size, seed, learning_rate,
            weight_decay, warmup, resume, overwrite, keep, max_skipped, devices, progress) -> dict[str, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
@@ -196,6 +196,8 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, *, epochs, batch_
             messages.append(f"resumed from {where} ({path.name}){finished}")
     if out is not None and found is None:
         _clear_earlier_run(out, overwrite=overwrite, resume=resume)
+    if ops is not None:  # describe's table, after the checks: a refused run prints only its error
+        print(ops, flush=True)
     state = jax.device_put(state, replicated)
     skipped_total = int(state.opt_state.total_notfinite)
 
