@@ -35,10 +35,11 @@ from jax import lax
 
 from lowbit.nn.einsum import einsum_dimension_numbers
 from lowbit.recipes import op as oprule
-from lowbit.recipes.rules import KINDS, OpInfo, Recipe
+from lowbit.recipes.rules import OpInfo, Recipe
 from lowbit.training.qdot import conv_key
 
-__all__ = ["Recorded", "active", "dispatch", "float_operands", "patched"]
+__all__ = ["LAYER_ATTRIBUTES", "ORIGINALS", "Recorded", "active", "assign_positions", "conv_general_dilated",
+           "dispatch", "dot_general", "einsum", "float_operands", "matmul", "patched", "plan"]
 
 # The functions lowbit replaces, as they were at import time.
 ORIGINALS = dict(dot_general=lax.dot_general, einsum=jnp.einsum, matmul=jnp.matmul,
@@ -352,7 +353,3 @@ def plan(recipe: Recipe, recorded: list[Recorded], *, narrowed: bool) -> list[in
         raise ValueError(f"quantize: include/exclude leave no op of the model to quantize (recipe {recipe.name!r}; "
                          f"op paths: {', '.join(sorted({i.path or '<root>' for i in infos}))})")
     return chosen
-
-
-__all__ += ["KINDS", "LAYER_ATTRIBUTES", "assign_positions", "conv_general_dilated", "dot_general", "einsum",
-            "matmul", "plan"]

@@ -306,7 +306,12 @@ def intercepting(qmodel: nnx.Module, *, capture: bool = False, wrap: Callable | 
 
 def _quantize_linen(model: linen.Module, recipe: Recipe, narrowed: bool, seed: int) -> linen.Module:
     cls = _linen_class(type(model), recipe, narrowed, seed)
-    return cls(**{f: getattr(model, f) for f in model.__dataclass_fields__ if f not in ("parent", "name")})
+    return cls(**_linen_fields(model))
+
+
+def _linen_fields(module: linen.Module) -> dict:
+    """A linen module's own dataclass fields (not ``parent``/``name``): what re-creates it."""
+    return {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -345,7 +350,7 @@ def linen_ops(qmodel: linen.Module, args, kwargs) -> tuple[Op, ...]:
     """
     recipe = qmodel._lowbit_recipe
     float_cls = type(qmodel).__mro__[1]
-    fields = {f: getattr(qmodel, f) for f in qmodel.__dataclass_fields__ if f not in ("parent", "name")}
+    fields = _linen_fields(qmodel)
     recorded = []
 
     def record(*a, **kw):
