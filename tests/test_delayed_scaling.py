@@ -85,12 +85,16 @@ def test_reduction_and_step(reduction, clip):
     q = _delayed(E4M3, 4, reduction)
     h = jnp.array([2.0, 9.0, 0.0, 1.0], jnp.float32)
     assert float(delayed.reduce(q, h)) == clip
-    assert float(delayed.step(q, h, jnp.float32(100.0))) == np.float32(clip) / np.float32(448.0)
+    assert float(delayed.step(q, h)) == np.float32(clip) / np.float32(448.0)
 
 
-def test_empty_history_falls_back_to_the_current_amax():
-    q = _delayed(E5M2, 4)
-    assert float(delayed.step(q, delayed.history_init(4), jnp.float32(3.0))) == np.float32(3.0) / np.float32(57344.0)
+@pytest.mark.parametrize("reduction", ["max", "most_recent"])
+def test_empty_history_gives_step_one(reduction):
+    """TransformerEngine's initial scale: the format's own grid until the history holds an amax."""
+    q = _delayed(E5M2, 4, reduction)
+    assert float(delayed.step(q, delayed.history_init(4))) == 1.0
+    assert float(delayed.step(q, jnp.array([0.0, 3.0, 0.0, 0.0], jnp.float32))) == (
+        1.0 if reduction == "most_recent" else np.float32(3.0) / np.float32(57344.0))
 
 
 def test_amax_ignores_non_finite_entries():
@@ -109,11 +113,10 @@ def _fq_ref(x, step, fmt):
     return v.astype(dt).astype(np.float32) * np.float32(step)
 
 
-def _ref_step(hist, current, fmt, reduction):
+def _ref_step(hist, fmt, reduction):
     clip = hist.max() if reduction == "max" else hist[0]
-    clip = clip if clip > 0 else current
     return np.float32(clip) / np.float32(float(ml_dtypes.finfo(
-        {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}[fmt]).max))
+        {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}[fmt]).max)) if clip > 0 else np.float32(1)
 
 
 @pytest.mark.parametrize("reduction", ["max", "most_recent"])
@@ -137,9 +140,9 @@ def test_steps_match_a_hand_written_reference(reduction):
         out, (dx, dw, new) = step(x, w, t, hist)
 
         amax = dict(lhs=np.abs(x).max(), rhs=np.abs(w).max(), grad=np.abs(t).max())
-        xq = _fq_ref(x, _ref_step(ref["lhs"], amax["lhs"], E4M3, reduction), E4M3)
-        wq = _fq_ref(w, _ref_step(ref["rhs"], amax["rhs"], E4M3, reduction), E4M3)
-        gq = _fq_ref(t, _ref_step(ref["grad"], amax["grad"], E5M2, reduction), E5M2)
+        xq = _fq_ref(x, _ref_step(ref["lhs"], E4M3, reduction), E4M3)
+        wq = _fq_ref(w, _ref_step(ref["rhs"], E4M3, reduction), E4M3)
+        gq = _fq_ref(t, _ref_step(ref["grad"], E5M2, reduction), E5M2)
         np.testing.assert_allclose(out, np.sum((xq @ wq) * t), rtol=1e-5)
         np.testing.assert_allclose(dx, gq @ wq.T, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(dw, xq.T @ gq, rtol=1e-5, atol=1e-6)
@@ -150,30 +153,32 @@ def test_steps_match_a_hand_written_reference(reduction):
     assert np.all(ref["lhs"] > 0)  # the history filled and rolled
 
 
-def test_first_step_is_current_scaling_and_later_steps_are_not():
-    """Empty history: delayed scaling equals per-tensor absmax scaling bit for bit (dot and conv)."""
-    current = DotQuantConfig(lhs=Quantizer(format=E4M3), rhs=Quantizer(format=E4M3),
-                             dlhs_grad=Quantizer(format=E5M2), drhs_grad=Quantizer(format=E5M2))
-    late = DotQuantConfig(lhs=_delayed(E4M3), rhs=_delayed(E4M3), dlhs_grad=_delayed(E5M2), drhs_grad=_delayed(E5M2))
+def test_empty_history_is_the_unscaled_grid_and_a_history_of_the_own_amax_is_current_scaling():
+    """Dot and conv, bit for bit: empty history == ``scale="none"`` (step 1); history [amax(x)] == absmax scaling."""
+    def cfg(**kw):
+        return DotQuantConfig(lhs=Quantizer(format=E4M3, **kw), rhs=Quantizer(format=E4M3, **kw),
+                              dlhs_grad=Quantizer(format=E5M2, **kw), drhs_grad=Quantizer(format=E5M2, **kw))
+
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)) * 0.3
     conv = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    empty = {k: delayed.history_init(3) for k in ("lhs", "rhs", "grad")}
 
-    def grads(cfg):
-        f = lambda x, w, hist: jnp.sum(jnp.sin(quantized_conv(x, w, cfg, amax_history=hist, **conv)))
+    def grads(c):
+        f = lambda x, w, t, hist: jnp.sum(t * quantized_conv(x, w, c, amax_history=hist, **conv))
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
-    delayed_grads = grads(late)
-    (a, (ax, aw)), (b, (bx, bw)) = grads(current)(x, w, None), delayed_grads(x, w, empty)
-    assert float(a) == float(b)
-    np.testing.assert_array_equal(ax, bx)
-    np.testing.assert_array_equal(aw, bw)
-    # A history holding a 10x larger amax quantizes more coarsely than the tensor's own absmax.
-    full = {k: jnp.full((3,), 10.0 * float(jnp.max(jnp.abs(v))), jnp.float32)
-            for k, v in (("lhs", x), ("rhs", w), ("grad", x))}
-    (c, _) = delayed_grads(x, w, full)
-    assert float(c) != float(a)
+    t = jax.random.normal(jax.random.key(2), (2, 6, 6, 4)) * 1e-3  # the incoming gradient, well below 1
+    late = grads(cfg(scale="delayed", amax_history=3))
+    empty = {k: delayed.history_init(3) for k in ("lhs", "rhs", "grad")}
+    own = {k: jnp.array([float(jnp.max(jnp.abs(v))), 0.0, 0.0], jnp.float32)
+           for k, v in (("lhs", x), ("rhs", w), ("grad", t))}
+    for hist, ref in ((empty, cfg(scale="none")), (own, cfg())):
+        (a, (ax, aw)), (b, (bx, bw)) = grads(ref)(x, w, t, None), late(x, w, t, hist)
+        assert float(a) == float(b)
+        np.testing.assert_array_equal(ax, bx)
+        np.testing.assert_array_equal(aw, bw)
+    # The two differ: unscaled, the gradient's entries below e5m2's smallest normal (2^-14) lose bits.
+    assert not np.array_equal(late(x, w, t, empty)[1][1], late(x, w, t, own)[1][1])
 
 
 def test_forward_only_call_leaves_no_trace_and_mismatched_histories_are_refused():

@@ -19,11 +19,14 @@ Per step, for a tensor ``x`` with history ``h``:
 
 * ``amax = max |x|`` over its finite entries (as ``scale="absmax"``);
 * ``clip = max(h)`` (``amax_reduction="max"``) or ``h[0]`` (``"most_recent"``);
-  **an empty history** (``clip == 0``: the first step, or only all-zero
-  tensors so far) **falls back to the current amax**, so the first step is
-  current scaling;
 * ``step = clip / q.max_level`` (then rounded to ``q.scale_format``) and
-  ``x`` is quantized with it, saturating values above the clip;
+  ``x`` is quantized with it, saturating values above the clip; **an empty
+  history** (``clip == 0``: the first step, or only all-zero tensors so far)
+  gives ``step = 1``, the format's own grid, as TransformerEngine's initial
+  scale of 1. The quantized values then never wait for ``max |x|``: the
+  amax reduction only feeds the history, off the product's critical path
+  (falling back to the current amax would put it back on it, for every
+  step, to help the first one);
 * the new history is ``[amax, h[0], ..., h[L-2]]``.
 
 Under data parallelism written for the global batch (GSPMD), ``max |x|`` is
@@ -56,20 +59,18 @@ def reduce(q, history: jax.Array) -> jax.Array:
     return jnp.max(history) if q.amax_reduction == "max" else history[0]
 
 
-def step(q, history: jax.Array, current: jax.Array) -> jax.Array:
-    """The step of delayed quantizer ``q``: the history's clip over ``q.max_level``.
+def step(q, history: jax.Array) -> jax.Array:
+    """The step of delayed quantizer ``q``: the history's clip over ``q.max_level``, 1 for an empty history.
 
     Args:
       q: a ``Quantizer`` with ``scale="delayed"``.
       history: its ``(L,)`` amax history.
-      current: this step's amax (``amax(q, x)``), the clip while the history is empty.
 
     Returns:
       float32 scalar step, to pass as ``fake_quant(q, x, scale=step)``.
     """
     clip = reduce(q, history)
-    clip = jnp.where(clip > 0, clip, current)
-    return div(clip, jnp.float32(q.max_level))
+    return jnp.where(clip > 0, div(clip, jnp.float32(q.max_level)), jnp.float32(1))
 
 
 def update(history: jax.Array, current: jax.Array) -> jax.Array:

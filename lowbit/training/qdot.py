@@ -303,8 +303,7 @@ def _delayed_operand(q, x, history, scale):
     """``(step, new history)`` of a delayed forward operand, or ``(scale, None)`` for any other quantizer."""
     if not _delayed(q):
         return scale, None
-    current = delayed.amax(q, x)
-    return delayed.step(q, history, current), delayed.update(history, current)
+    return delayed.step(q, history), delayed.update(history, delayed.amax(q, x))
 
 
 def _real_operand(q, x, key, scale):
@@ -351,8 +350,13 @@ class _Narrow(NamedTuple):
         return (self.codes.astype(jnp.float32) * self.step).astype(self.proto.dtype)
 
 
+def _split(config: DotQuantConfig, key, n: int) -> tuple:
+    """``n`` keys from ``key``; a config that rounds nothing stochastically reads none, so it splits nothing."""
+    return tuple(jax.random.split(key, n)) if config.stochastic else (key,) * n
+
+
 def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
-    k_lhs, k_rhs, k_bwd = jax.random.split(key, 3)
+    k_lhs, k_rhs, k_bwd = _split(config, key, 3)
     s_lhs, h_lhs = _delayed_operand(config.lhs, lhs, hists[0], scales[0])
     s_rhs, h_rhs = _delayed_operand(config.rhs, rhs, hists[1], scales[1])
     scales = (s_lhs, s_rhs)
@@ -371,11 +375,11 @@ def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
 def _qprod_bwd(product, config, real, res, g):
     lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res[:4])
     h_lhs, h_rhs, h_grad = res[4]
-    k1, k2, k3, k4 = jax.random.split(key, 4)
+    k1, k2, k3, k4 = _split(config, key, 4)
     new_gs = gs
     if h_grad is not None:  # delayed gradient scaling: one history for g, each quantizer its own reduction
         current = delayed.amax(config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad, g)
-        g_dlhs, g_drhs = (_fq(q, g, k, scale=delayed.step(q, h_grad, current) if _delayed(q) else None)
+        g_dlhs, g_drhs = (_fq(q, g, k, scale=delayed.step(q, h_grad) if _delayed(q) else None)
                           for q, k in ((config.dlhs_grad, k1), (config.drhs_grad, k2)))
         h_grad = delayed.update(h_grad, current)
     elif config.grad_scale:
