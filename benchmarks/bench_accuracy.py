@@ -173,6 +173,26 @@ def plot(summary: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Test accuracy after every epoch, mean over seeds, one line per recipe, one panel per dataset."""
+    from matplotlib.figure import Figure
+
+    by: dict[str, dict[str, list[list[float]]]] = {}
+    for r in records:
+        by.setdefault(r["dataset"], {}).setdefault(r["recipe"], []).append(r["test_accuracy_per_epoch"])
+    fig = Figure(figsize=(6 * len(by), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(by), squeeze=False)[0]
+    order = {name: i for i, name in enumerate(_recipe_order())}
+    for ax, (ds, per_recipe) in zip(axes, by.items()):
+        for name in sorted(per_recipe, key=lambda n: order.get(n, len(order))):
+            curves = per_recipe[name]
+            mean = [100 * statistics.fmean(c[e] for c in curves) for e in range(min(map(len, curves)))]
+            ax.plot(range(1, len(mean) + 1), mean, marker=".", label=f"{name} ({len(curves)})")
+        ax.set(title=f"{ds}: test accuracy per epoch (mean over seeds)", xlabel="epoch", ylabel="%")
+        ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=100)
+
+
 def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict,
                  before: list[dict] = ()) -> None:
     summary = summarise(records, before)
@@ -187,8 +207,12 @@ def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], co
              f"warmup {TRAIN['warmup']} epochs, cosine decay. Gap = mean(recipe) − mean(fp32).", ""]
     for ds, rows in summary.items():
         parts += [table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])), ""]
-    stem.with_suffix(".md").write_text("\n".join(parts))
+    curves = stem.with_name(stem.name + "_curves.png")
+    parts.append(f"Curves (test accuracy after each epoch, mean over seeds; seeds per recipe in brackets): "
+                 f"`{curves.name}`.")
+    stem.with_suffix(".md").write_text("\n".join(parts) + "\n")
     plot(summary, stem.with_suffix(".png"))
+    plot_curves(records, curves)
 
 
 def main(argv=None) -> None:

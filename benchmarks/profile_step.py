@@ -51,15 +51,15 @@ SOURCES = (
     ("gradient scale / amax history", "/lowbit/training/gradscale.py"),
     ("gradient scale / amax history", "/lowbit/training/delayed.py"),
     ("learned quantizers (LSQ/PACT/SAWB)", "/lowbit/training/ste.py"),
-    ("op state (keys, rescale, residuals)", "/lowbit/training/qdot.py"),
-    ("op state (keys, rescale, residuals)", "/lowbit/recipes/"),
+    ("product glue (rescale, residuals, keys)", "/lowbit/training/qdot.py"),
+    ("product glue (rescale, residuals, keys)", "/lowbit/recipes/"),
     ("optimizer", "/optax/"),
     ("step (loss, NaN skip, loss scale)", "/lowbit/trainer/"),
     ("step (loss, NaN skip, loss scale)", "/lowbit/training/loss_scale.py"),
     ("model (float ops)", "/flax/"), ("model (float ops)", "/lowbit/nn/"),
 )
 DOTS = "dots and convolutions"
-OTHER = "other"
+OTHER = "library code without source frames (optax, flax, qwix)"
 CATEGORIES = [DOTS, *dict.fromkeys(c for c, _ in SOURCES), OTHER]
 
 _FILE = re.compile(r'^(\d+) "(.*)"$')

@@ -363,7 +363,9 @@ def test_grad_and_jit_grad_agree(name):
     jitted = jax.jit(jax.grad(loss, argnums))(x, *params)
     for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(jax.jit(fn)(x, *params), fn(x, *params))
+    # Not bit for bit: SAWB's scale is a reduction, which XLA may compute in another order
+    # op by op than fused (seen at LLVM -O0: 1 ulp).
+    np.testing.assert_allclose(jax.jit(fn)(x, *params), fn(x, *params), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", RULES)

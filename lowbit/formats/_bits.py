@@ -46,22 +46,33 @@ def exponent(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(field == 0, -118 - lax.clz(b).astype(jnp.int32), field - 127)
 
 
+def _triple32(h: jnp.ndarray) -> jnp.ndarray:
+    """Wellons' ``triple32`` integer hash of uint32 words (a bijection with full avalanche)."""
+    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        h = (h ^ lax.shift_right_logical(h, u32(shift))) * u32(mult)
+    return h ^ lax.shift_right_logical(h, u32(14))
+
+
 def random_bits(key, shape) -> jnp.ndarray:
     """Uniform uint32 words of ``shape`` for stochastic rounding, reproducible for ``key``.
 
     ``jax.random.bits`` spends about 20 Threefry rounds per word, several times the
-    cost of the rounding it feeds. Rounding needs each element's word uniform and
-    unrelated to its neighbours', so the words are an integer hash (Wellons'
-    ``triple32``, a bijection) of the element's flat index under an affine map
-    drawn from ``key``; for any fixed element the word is then exactly uniform over
-    keys, which keeps stochastic rounding unbiased. The index is built from
-    per-axis iotas so the words stay the same under sharding.
+    cost of the rounding it feeds, and on XLA:CPU even a 2-word draw runs as a
+    rolled loop of ~10 kernels. Rounding needs each element's word uniform and
+    unrelated to its neighbours', so the words are an integer hash (``triple32``,
+    a bijection) of the element's flat index under an affine map ``i -> a i + b``
+    taken from the key's own two data words (hashed, so that ``key(0)``,
+    ``key(1)``... do not give shifted copies of one stream): no Threefry here at
+    all. Keys from ``jax.random.split`` have uniform data words, so for any fixed
+    element the word is uniform over keys, which keeps stochastic rounding
+    unbiased. The index is built from per-axis iotas so the words stay the same
+    under sharding.
     """
-    draw = jax.random.bits(key, (2,), jnp.uint32)
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    data = data.reshape(-1).astype(jnp.uint32)
+    b = _triple32(data[1] ^ u32(0x9E3779B9))
+    a = _triple32(data[0] ^ b) | u32(1)  # odd: the map is a bijection of the indices
     h = jnp.zeros(shape, jnp.uint32)
     for axis, n in enumerate(shape):
         h = h * u32(n) + lax.broadcasted_iota(jnp.uint32, shape, axis)
-    h = h * (draw[0] | u32(1)) + draw[1]
-    for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
-        h = (h ^ lax.shift_right_logical(h, u32(shift))) * u32(mult)
-    return h ^ lax.shift_right_logical(h, u32(14))
+    return _triple32(h * a + b)

@@ -7,7 +7,6 @@ speed.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -50,8 +49,8 @@ def pow2(k):
 
 
 def random_bits(key, shape):
-    """uint32 random bits for stochastic rounding (None without a key)."""
-    return None if key is None else jax.random.bits(key, shape, jnp.uint32)
+    """uint32 random bits for stochastic rounding (None without a key): the formats' one random source."""
+    return None if key is None else _bits.random_bits(key, shape)
 
 
 def round_int(t, rounding: str, rbits):

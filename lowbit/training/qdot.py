@@ -356,7 +356,8 @@ def _split(config: DotQuantConfig, key, n: int) -> tuple:
 
 
 def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
-    k_lhs, k_rhs, k_bwd = _split(config, key, 3)
+    # One split for the forward's and the backward's sites: on XLA:CPU each Threefry call is a rolled loop.
+    k_lhs, k_rhs, *k_bwd = _split(config, key, 6)
     s_lhs, h_lhs = _delayed_operand(config.lhs, lhs, hists[0], scales[0])
     s_rhs, h_rhs = _delayed_operand(config.rhs, rhs, hists[1], scales[1])
     scales = (s_lhs, s_rhs)
@@ -369,13 +370,12 @@ def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
     # Only what the backward pass reads is saved: the quantized operands when reused.
     res_lhs = lhs_q if config.reuse_fwd and config.drhs_lhs is None else lhs
     res_rhs = rhs_q if config.reuse_fwd and config.dlhs_rhs is None else rhs
-    return out, (res_lhs, res_rhs, k_bwd, gs, (h_lhs, h_rhs, hists[2]))
+    return out, (res_lhs, res_rhs, tuple(k_bwd), gs, (h_lhs, h_rhs, hists[2]))
 
 
 def _qprod_bwd(product, config, real, res, g):
-    lhs, rhs, key, gs = (r.value() if isinstance(r, _Narrow) else r for r in res[:4])
-    h_lhs, h_rhs, h_grad = res[4]
-    k1, k2, k3, k4 = _split(config, key, 4)
+    lhs, rhs = (r.value() if isinstance(r, _Narrow) else r for r in res[:2])
+    (k1, k2, k3, k4), gs, (h_lhs, h_rhs, h_grad) = res[2:]
     new_gs = gs
     if h_grad is not None:  # delayed gradient scaling: one history for g, each quantizer its own reduction
         current = delayed.amax(config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad, g)
