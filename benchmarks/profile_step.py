@@ -17,7 +17,7 @@ the same train step as ``bench_train.py`` (stock ViT, fixed digits-shaped batch,
   computations: fusions, reductions, conditionals, dots by operand dtype, and
   XLA's ``cost_analysis`` flops and bytes accessed per step.
 
-Profiles vary by ±10 % between runs on a shared 2-core machine; the counts
+Thunk times vary by up to ±20 % between runs on a shared 2-core machine; the counts
 are exact. Usage: ``python benchmarks/profile_step.py [--widths 64,256]
 [--recipes fp32,int8,fp8] [--peers]``; writes ``results/profile_step.{json,md}``.
 """
@@ -204,7 +204,11 @@ def markdown(result: dict) -> str:
              f"{mi['date']}, `{result['command']}`; {mi['cpu']}, {mi['cores']} cores, jax {mi['jax']}. "
              "Per-op profile of the compiled train step (`jax.profiler` thunk events, summed over threads, "
              "per step), each HLO instruction attributed to the source that emitted it; ms and thunks per step. "
-             "Profiles vary by about ±10 % run to run; the HLO counts are exact.", ""]
+             "Thunk times vary by up to ±20 % run to run (one traced run of a few steps); thunk and HLO counts are exact. "
+             "Library frames (flax, optax, qwix) are left out of the HLO's source information, so an op emitted "
+             "by qwix inside a model's `__call__` counts as the model's: qwix's quantizers are in *model (float ops)*. "
+             "*Product glue* holds all of `quantized_dot_general` except the dots, including the transposes around "
+             "the backward dots that fp32 counts under *model*.", ""]
     for w in result["widths"]:
         rows = w["rows"]
         names = list(rows)
