@@ -198,7 +198,7 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
       dimension_numbers: as ``lax.dot_general`` (batch dims supported, so
         attention's QK and AV products work).
       config: the quantizers (a frozen ``DotQuantConfig``).
-      key: ``jax.random`` key for stochastic rounding (split between the four
+      key: ``jax.random`` key for stochastic rounding (split once between the six
         quantizer sites); required when any quantizer rounds stochastically.
       grad_scale: float32 scalar GradScale state, required iff ``config.grad_scale``.
       amax_history: ``{site: float32 (L,) history}`` for the delayed sites of
