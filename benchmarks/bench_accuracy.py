@@ -184,10 +184,12 @@ def plot_curves(records: list[dict], path: Path) -> None:
     axes = fig.subplots(1, len(by), squeeze=False)[0]
     order = {name: i for i, name in enumerate(_recipe_order())}
     for ax, (ds, per_recipe) in zip(axes, by.items()):
-        for name in sorted(per_recipe, key=lambda n: order.get(n, len(order))):
+        for i, name in enumerate(sorted(per_recipe, key=lambda n: order.get(n, len(order)))):
             curves = per_recipe[name]
             mean = [100 * statistics.fmean(c[e] for c in curves) for e in range(min(map(len, curves)))]
-            ax.plot(range(1, len(mean) + 1), mean, marker=".", label=f"{name} ({len(curves)})")
+            # The colour cycle has 10 entries: a line style per cycle keeps 15 recipes apart.
+            ax.plot(range(1, len(mean) + 1), mean, marker=".", ls=("-", "--", ":")[i // 10 % 3],
+                    label=f"{name} ({len(curves)})")
         ax.set(title=f"{ds}: test accuracy per epoch (mean over seeds)", xlabel="epoch", ylabel="%")
         ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=100)
