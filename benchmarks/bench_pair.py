@@ -31,8 +31,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _spread(values: list[float]) -> dict:
-    q1, med, q3 = statistics.quantiles(values, n=4)
-    return dict(median=statistics.median(values), q1=q1, q3=q3)
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return dict(median=median, q1=q1, q3=q3)
 
 
 def pair(dim: int, a: str, b: str, rounds: int) -> dict:
@@ -52,7 +52,7 @@ def pair(dim: int, a: str, b: str, rounds: int) -> dict:
     return dict(dim=dim, rounds=rounds, steps_per_sample=fp32.steps,
                 fp32_cpu_ms=1e3 * statistics.median(cpu["fp32"]) / fp32.steps,
                 ratios={k: _spread(v) for k, v in ratios.items()}, load_average=_timing.load_average(),
-                date=_timing.machine_info()["date"], command=" ".join(sys.argv))
+                machine=_timing.machine_info())
 
 
 def main(argv=None) -> None:
