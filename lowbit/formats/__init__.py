@@ -1,5 +1,6 @@
 """Element formats as frozen dataclasses and pure, jit-able functions."""
 
+from lowbit.formats._bits import random_bits, split_key
 from lowbit.formats.adaptive import AdaptiveFloat, choose_bias
 from lowbit.formats.api import decode, encode, quantize, values
 from lowbit.formats.block import MX_FORMATS, NVFP4, BlockFormat
@@ -15,6 +16,6 @@ from lowbit.formats._checks import ROUNDINGS
 __all__ = [
     "AdaptiveFloat", "BinaryFormat", "FloatFormat", "IntFormat", "ROUNDINGS", "SPECIALS",
     "binary_scale", "choose_bias", "decode", "encode", "get", "names", "p3109", "quantize",
-    "register", "ternarize", "ternary_threshold", "two_phase", "values",
+    "random_bits", "register", "split_key", "ternarize", "ternary_threshold", "two_phase", "values",
     "BlockFormat", "MX_FORMATS", "NVFP4", "CodebookFormat", "Format",
 ]

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit.formats._checks import check_int, check_key
+
 SIGN = 0x80000000
 ABS = 0x7FFFFFFF
 INF_BITS = 0x7F800000
@@ -63,11 +65,23 @@ def random_bits(key, shape) -> jnp.ndarray:
     a bijection) of the element's flat index under an affine map ``i -> a i + b``
     taken from the key's own two data words (hashed, so that ``key(0)``,
     ``key(1)``... do not give shifted copies of one stream): no Threefry here at
-    all. Keys from ``jax.random.split`` have uniform data words, so for any fixed
+    all. Keys from ``jax.random.split`` or ``split_key`` have uniform data words, so for any fixed
     element the word is uniform over keys, which keeps stochastic rounding
     unbiased. The index is built from per-axis iotas so the words stay the same
     under sharding.
+
+    Args:
+      key: one typed ``jax.random`` key or one legacy uint32[2] key.
+      shape: the words' shape (a tuple of non-negative ints).
+
+    Returns:
+      uint32 array of ``shape``.
     """
+    check_key(key)
+    if not isinstance(shape, tuple):
+        raise TypeError(f"random_bits: shape={shape!r} is invalid; allowed: a tuple of non-negative ints")
+    for i, n in enumerate(shape):
+        check_int("random_bits", f"shape[{i}]", n, 0)
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     data = data.reshape(-1).astype(jnp.uint32)
     b = _triple32(data[1] ^ u32(0x9E3779B9))
@@ -76,3 +90,35 @@ def random_bits(key, shape) -> jnp.ndarray:
     for axis, n in enumerate(shape):
         h = h * u32(n) + lax.broadcasted_iota(jnp.uint32, shape, axis)
     return _triple32(h * a + b)
+
+
+def split_key(key, n: int) -> tuple:
+    """``n`` keys derived from ``key`` for stochastic rounding, by hashing its data words.
+
+    ``jax.random.split`` runs Threefry, which XLA:CPU lowers as a rolled loop of
+    about ten kernels per call; a quantized training step splits every
+    stochastic op's key, so those loops were a large part of its kernel count.
+    Here child ``i``'s words are ``triple32`` of a seed that folds every parent
+    word with ``i``: one small fused kernel, uniform words (``random_bits``
+    relies on that), distinct children for distinct ``i``.
+
+    Args:
+      key: one typed ``jax.random`` key or one legacy uint32[2] key.
+      n: how many keys (an int >= 1).
+
+    Returns:
+      A tuple of ``n`` keys of ``key``'s kind (typed keys keep their impl).
+    """
+    check_key(key)
+    check_int("split_key", "n", n, 1)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    words = data.reshape(-1).astype(jnp.uint32)
+    seed = _triple32(jnp.arange(1, n + 1, dtype=jnp.uint32) * u32(0x9E3779B9))
+    for w in range(words.shape[0]):
+        seed = _triple32(seed ^ words[w])
+    salt = (jnp.arange(1, words.shape[0] + 1, dtype=jnp.uint32) * u32(0x85EBCA6B))
+    children = _triple32(seed[:, None] ^ salt[None, :]).reshape((n,) + data.shape).astype(data.dtype)
+    if typed:
+        children = jax.random.wrap_key_data(children, impl=jax.random.key_impl(key))
+    return tuple(children[i] for i in range(n))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lowbit.formats._bits import split_key
 from lowbit.formats._checks import check_float_input, check_rounding
 from lowbit.formats.api import quantize
 from lowbit.formats.registry import get
@@ -26,7 +27,7 @@ def two_phase(x, *, rounding: str = "nearest", key: jax.Array | None = None):
     check_rounding(rounding, key)
     fmt = get("fp4_radix4")
     two = jnp.asarray(2, x.dtype)
-    k_even, k_odd = (None, None) if key is None else tuple(jax.random.split(key))
+    k_even, k_odd = (None, None) if key is None else split_key(key, 2)
     even = quantize(fmt, x, rounding=rounding, key=k_even)
     odd = quantize(fmt, x / two, rounding=rounding, key=k_odd) * two
     return even, odd

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lowbit import formats
 from lowbit.formats import IntFormat
 from lowbit.quant import Quantizer
 from lowbit.quant.quantizer import is_block
@@ -135,7 +136,7 @@ def state_init(rule: Rule, call: OpCall, rhs: jax.Array, key: jax.Array) -> dict
 
 def next_key(key_data: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(key for this call, key data for the next)`` from an op's ``sr_key`` state."""
-    this, nxt = jax.random.split(jax.random.wrap_key_data(key_data))
+    this, nxt = formats.split_key(jax.random.wrap_key_data(key_data), 2)
     return this, jax.random.key_data(nxt)
 
 

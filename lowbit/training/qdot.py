@@ -352,11 +352,11 @@ class _Narrow(NamedTuple):
 
 def _split(config: DotQuantConfig, key, n: int) -> tuple:
     """``n`` keys from ``key``; a config that rounds nothing stochastically reads none, so it splits nothing."""
-    return tuple(jax.random.split(key, n)) if config.stochastic else (key,) * n
+    return formats.split_key(key, n) if config.stochastic else (key,) * n
 
 
 def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
-    # One split for the forward's and the backward's sites: on XLA:CPU each Threefry call is a rolled loop.
+    # One split for the forward's and the backward's sites (a hash, not Threefry: see split_key).
     k_lhs, k_rhs, *k_bwd = _split(config, key, 6)
     s_lhs, h_lhs = _delayed_operand(config.lhs, lhs, hists[0], scales[0])
     s_rhs, h_rhs = _delayed_operand(config.rhs, rhs, hists[1], scales[1])
