@@ -8,6 +8,9 @@ interquartile range over rounds: a B/A ratio whose range straddles 1 is no
 evidence either way. Same model, batch and step as ``bench_train.py``
 (stock ViT, depth 2, batch 64, process CPU time).
 
+Either side may be a qwix configuration (``qwix_int8``, ``qwix_fp8``; needs the
+``[peers]`` extra), timed on the same model in the same process.
+
 Usage: ``python benchmarks/bench_pair.py fp8 fp8_delayed [--widths 64,256,512] [--rounds 15]``;
 appends one JSON line per width to ``results/bench_pair.jsonl`` and prints it.
 """
@@ -35,13 +38,20 @@ def _spread(values: list[float]) -> dict:
     return dict(median=median, q1=q1, q3=q3)
 
 
+def _stepper(model, name: str, x, y):
+    """A lowbit recipe's step, or a qwix configuration's (``bench_train.PEERS``) on the same model."""
+    if name in bench_train.PEERS:
+        return bench_train.Stepper.qwix(model, bench_train.PEERS[name][1], x, y)
+    return bench_train.Stepper.lowbit(model, recipes.get(name), x, y)
+
+
 def pair(dim: int, a: str, b: str, rounds: int) -> dict:
     """CPU-time ratios A/fp32, B/fp32 and B/A per round at width ``dim``: medians and quartiles."""
     x, y = bench_train.batch()
     model = bench_train.vit(dim)
     fp32 = bench_train.Stepper.lowbit(model, recipes.get("fp32"), x, y)
     fp32.steps = bench_train.calibrate(fp32)
-    sa, sb = (bench_train.Stepper.lowbit(model, recipes.get(n), x, y) for n in (a, b))
+    sa, sb = (_stepper(model, n, x, y) for n in (a, b))
     sa.steps = sb.steps = fp32.steps
     cpu: dict[str, list[float]] = {}
     _timing.alternate({"fp32": fp32, "a": sa, "b": sb}, {"fp32": (), "a": (), "b": ()}, repeats=rounds,
@@ -57,13 +67,17 @@ def pair(dim: int, a: str, b: str, rounds: int) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", help="first recipe")
-    ap.add_argument("b", help="second recipe")
+    peers = ", ".join(bench_train.PEERS)
+    ap.add_argument("a", help=f"first recipe (or a qwix configuration: {peers})")
+    ap.add_argument("b", help=f"second recipe (or a qwix configuration: {peers})")
     ap.add_argument("--widths", default="64,256,512", help="comma-separated ViT widths (default: 64,256,512)")
     ap.add_argument("--rounds", type=int, default=15, help=f"alternating rounds (>= {_timing.MIN_REPEATS})")
     args = ap.parse_args(argv)
     for name in (args.a, args.b):
-        recipes.get(name)  # an unknown name fails before anything compiles
+        if name in bench_train.PEERS:
+            import qwix  # noqa: F401  (the optional [peers] extra: fail before anything compiles)
+        else:
+            recipes.get(name)  # an unknown name fails before anything compiles
     if args.rounds < _timing.MIN_REPEATS:
         ap.error(f"--rounds={args.rounds} must be >= {_timing.MIN_REPEATS}")
     RESULTS.mkdir(exist_ok=True)
