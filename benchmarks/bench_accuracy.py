@@ -81,7 +81,8 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | None) -> dict:
+def run_one(dataset, recipe, seed: int, epochs: int, ckpt_dir: Path | None) -> dict:
+    """Train the dataset's ViT in ``recipe`` (a registered name or a ``Recipe``); ``train``'s metrics."""
     import jax
     from flax import nnx
 
@@ -90,7 +91,7 @@ def run_one(dataset, recipe_name: str, seed: int, epochs: int, ckpt_dir: Path | 
     from lowbit.nn.vit import ViT
     from lowbit.trainer.loop import train
 
-    recipe = recipes.get(recipe_name)
+    recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
     model = lowbit.quantize(ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes,
                                 rngs=nnx.Rngs(seed), **DATASETS[dataset.name]["model"]), recipe, seed=seed)
     # Fashion-MNIST runs take many minutes: per-epoch checkpoints let a killed

@@ -1,0 +1,80 @@
+"""Where fp4's Fashion-MNIST gap comes from: its forward quantizers and its gradient quantizers, one at a time.
+
+``fp4`` (Sun et al. 2020) quantizes three things: 4-bit SAWB weights and PACT
+activations (8-bit on the first and last layer, int8 attention products) and
+radix-4 FP4 gradients with GradScale and two-phase rounding (e5m2 on the edges).
+This trains the same patch-7 ViT as ``bench_accuracy.py --datasets
+fashion-mnist`` (same epochs, optimizer and seed) in two variants of the recipe:
+
+* ``fp4 forward only``: the rules' gradient quantizers removed (float gradients);
+* ``fp4 gradients only``: the rules' forward quantizers removed (float weights
+  and activations).
+
+Usage: ``python benchmarks/ablate_fp4.py [--seeds 0]``; appends one JSON line per
+run to ``results/ablate_fp4.jsonl`` (compare with fp32 and fp4 in
+``results/bench_accuracy.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+import bench_accuracy  # noqa: E402
+
+from lowbit import recipes  # noqa: E402
+from lowbit.training import DotQuantConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATASET = "fashion-mnist"
+
+
+def _forward_only(rule):
+    return dataclasses.replace(rule, dot=dataclasses.replace(
+        rule.dot, dlhs_grad=None, drhs_grad=None, grad_scale=False, tpr=False))
+
+
+def _gradients_only(rule):
+    d = rule.dot
+    return dataclasses.replace(rule, weight="none", act="none", dot=DotQuantConfig(
+        dlhs_grad=d.dlhs_grad, drhs_grad=d.drhs_grad, grad_scale=d.grad_scale, tpr=d.tpr))
+
+
+VARIANTS = {"fp4 forward only": _forward_only, "fp4 gradients only": _gradients_only}
+
+
+def variant(name: str) -> recipes.Recipe:
+    """The ``fp4`` recipe with every rule passed through ``VARIANTS[name]``."""
+    base = recipes.get("fp4")
+    return dataclasses.replace(base, name=name.replace(" ", "_"),
+                               rules=tuple(VARIANTS[name](r) for r in base.rules))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    from lowbit import data
+
+    dataset = data.load(DATASET)
+    epochs = bench_accuracy.DATASETS[DATASET]["epochs"]
+    RESULTS.mkdir(exist_ok=True)
+    for seed in seeds:
+        for name in VARIANTS:
+            m = bench_accuracy.run_one(dataset, variant(name), seed, epochs, None)
+            row = dict(dataset=DATASET, variant=name, seed=seed, epochs=epochs, test_accuracy=m["test_accuracy"],
+                       load_average=_timing.load_average(), code=bench_accuracy.lowbit_commit())
+            print(json.dumps(row), flush=True)
+            with (RESULTS / "ablate_fp4.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
