@@ -10,9 +10,10 @@ fashion-mnist`` (same epochs, optimizer and seed) in two variants of the recipe:
 * ``fp4 gradients only``: the rules' forward quantizers removed (float weights
   and activations).
 
-Usage: ``python benchmarks/ablate_fp4.py [--seeds 0]``; appends one JSON line per
-run to ``results/ablate_fp4.jsonl`` (compare with fp32 and fp4 in
-``results/bench_accuracy.jsonl``).
+Usage: ``python benchmarks/ablate_fp4.py [--seeds 0] [--report]``; appends one JSON
+line per run to ``results/ablate_fp4.jsonl`` and writes ``results/ablate_fp4.md``:
+each variant next to fp32 and fp4 from ``results/bench_accuracy.jsonl`` on the
+same seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,10 +58,43 @@ def variant(name: str) -> recipes.Recipe:
                                rules=tuple(VARIANTS[name](r) for r in base.rules))
 
 
+def report() -> str:
+    """Markdown: fp32, each variant and fp4 on the seeds the variants ran, mean ± std and gap to fp32."""
+    runs = bench_accuracy.read_records(RESULTS / "ablate_fp4.jsonl")
+    seeds = sorted({r["seed"] for r in runs})
+    accs = {name: {} for name in ["fp32", *VARIANTS, "fp4"]}
+    for r in runs:
+        accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
+    for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
+        if (r["dataset"] == DATASET and r["recipe"] in ("fp32", "fp4") and r["seed"] in seeds
+                and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])):
+            accs[r["recipe"]][r["seed"]] = 100 * r["test_accuracy"]
+    lines = ["# ablate_fp4: where fp4's Fashion-MNIST gap comes from", "",
+             f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
+             "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
+             "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
+             "two-phase rounding, e5m2 on the edges; float forward). Seeds: "
+             + ", ".join(map(str, seeds)) + ".", "",
+             "| recipe | seeds | test accuracy (%) | gap to fp32 (points) |", "|---|---|---:|---:|"]
+    base = statistics.fmean(accs["fp32"].values()) if accs["fp32"] else None
+    for name, by_seed in accs.items():
+        if not by_seed:
+            continue
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        gap = "" if base is None else f"{mean - base:+.2f}"
+        lines.append(f"| {name} | {','.join(map(str, sorted(by_seed)))} | {mean:.2f} ± {std:.2f} | {gap} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
+    ap.add_argument("--report", action="store_true", help="only rewrite results/ablate_fp4.md from the records")
     args = ap.parse_args(argv)
+    if args.report:
+        (RESULTS / "ablate_fp4.md").write_text(report() + "\n")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     from lowbit import data
 
@@ -74,6 +109,7 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
             with (RESULTS / "ablate_fp4.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            (RESULTS / "ablate_fp4.md").write_text(report() + "\n")
 
 
 if __name__ == "__main__":
