@@ -21,6 +21,7 @@ def test_too_few_rounds_is_refused():
         bench_pair.main(["int8", "fp8", "--rounds", "1"])
 
 
+@pytest.mark.slow  # compiles a qwix train step (about a minute on 2 cores); qwix is the optional [peers] extra
 def test_a_qwix_configuration_steps_the_same_model():
     pytest.importorskip("qwix")
     x, y = bench_train.batch()
