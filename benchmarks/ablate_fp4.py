@@ -81,7 +81,7 @@ def report() -> str:
         if not by_seed:
             continue
         vals = [by_seed[s] for s in sorted(by_seed)]
-        mean, std = statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+        mean, std = bench_accuracy.mean_std(vals)
         gap = "" if base is None else f"{mean - base:+.2f}"
         lines.append(f"| {name} | {','.join(map(str, sorted(by_seed)))} | {mean:.2f} ± {std:.2f} | {gap} |")
     return "\n".join(lines)

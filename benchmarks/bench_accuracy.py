@@ -102,6 +102,11 @@ def run_one(dataset, recipe, seed: int, epochs: int, ckpt_dir: Path | None) -> d
     return metrics
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[dict]]:
     """dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...).
 
@@ -114,16 +119,15 @@ def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[di
     for ds, per_recipe in by.items():
         rows = []
         for name, runs in per_recipe.items():
-            accs = [100 * r["test_accuracy"] for r in runs]
-            rows.append(dict(recipe=name, seeds=sorted(r["seed"] for r in runs), n=len(runs),
-                             mean=statistics.fmean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            mean, std = mean_std([100 * r["test_accuracy"] for r in runs])
+            rows.append(dict(recipe=name, seeds=sorted(r["seed"] for r in runs), n=len(runs), mean=mean, std=std,
                              step_time_ms=statistics.median(r["step_time_ms"] for r in runs),
                              train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
                              skipped_steps=sum(r["skipped_steps"] for r in runs)))
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
         for row in rows:
             old = [100 * r["test_accuracy"] for r in before if r["dataset"] == ds and r["recipe"] == row["recipe"]]
-            row["before"] = (statistics.fmean(old), statistics.stdev(old) if len(old) > 1 else 0.0) if old else None
+            row["before"] = mean_std(old) if old else None
             row["gap"] = row["mean"] - base["mean"] if base else None
             target = TARGETS.get((ds, row["recipe"]))
             row["target"] = target

@@ -55,6 +55,12 @@ def _triple32(h: jnp.ndarray) -> jnp.ndarray:
     return h ^ lax.shift_right_logical(h, u32(14))
 
 
+def _key_words(key) -> jnp.ndarray:
+    """A key's data as a flat uint32 vector (typed keys and legacy uint32 keys alike)."""
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return data.reshape(-1).astype(jnp.uint32)
+
+
 def random_bits(key, shape) -> jnp.ndarray:
     """Uniform uint32 words of ``shape`` for stochastic rounding, reproducible for ``key``.
 
@@ -82,8 +88,7 @@ def random_bits(key, shape) -> jnp.ndarray:
         raise TypeError(f"random_bits: shape={shape!r} is invalid; allowed: a tuple of non-negative ints")
     for i, n in enumerate(shape):
         check_int("random_bits", f"shape[{i}]", n, 0)
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    data = data.reshape(-1).astype(jnp.uint32)
+    data = _key_words(key)
     b = _triple32(data[1] ^ u32(0x9E3779B9))
     a = _triple32(data[0] ^ b) | u32(1)  # odd: the map is a bijection of the indices
     h = jnp.zeros(shape, jnp.uint32)
@@ -113,7 +118,7 @@ def split_key(key, n: int) -> tuple:
     check_int("split_key", "n", n, 1)
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     data = jax.random.key_data(key) if typed else key
-    words = data.reshape(-1).astype(jnp.uint32)
+    words = _key_words(key)
     seed = _triple32(jnp.arange(1, n + 1, dtype=jnp.uint32) * u32(0x9E3779B9))
     for w in range(words.shape[0]):
         seed = _triple32(seed ^ words[w])
