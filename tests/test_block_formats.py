@@ -49,19 +49,25 @@ def blocked(x, bs):
 
 def ref_mx(name, x):
     """OCP MX v1.0 conversion of finite float32 ``x``: (dequantized values, E8M0 scale codes)."""
-    cast, emax, vmax = MX_SPEC[name]
-    n = x.shape[-1]
-    xb = blocked(x, 32)
-    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    emax = MX_SPEC[name][1]
+    amax = np.abs(blocked(x, 32)).max(axis=-1)
     _, e = np.frexp(amax)  # amax = m * 2^e with m in [0.5, 1): floor(log2 amax) = e - 1
     shared = np.clip(np.where(amax > 0, e - 1 - emax, -127), -127, 127)
+    return ref_mx_elements(name, x, shared), (shared + 127).astype(np.uint8)
+
+
+def ref_mx_elements(name, x, shared):
+    """MX elements of finite float32 ``x`` under the shared exponents ``shared`` (one per block), dequantized."""
+    cast, _, vmax = MX_SPEC[name]
+    n = x.shape[-1]
+    xb = blocked(x, 32)
+    shared = np.asarray(shared, np.float64)[..., None]
     y = np.clip(xb.astype(np.float64) / np.exp2(shared), -vmax, vmax)
     if cast is None:
         q = np.rint(y * 64) / 64  # int8 with implicit scale 2^-6, saturated to +-127/64
     else:
         q = y.astype(np.float32).astype(cast).astype(np.float64)
-    out = (q * np.exp2(shared)).astype(np.float32).reshape(*x.shape[:-1], -1)[..., :n]
-    return out, (shared[..., 0] + 127).astype(np.uint8)
+    return (q * np.exp2(shared)).astype(np.float32).reshape(*x.shape[:-1], -1)[..., :n]
 
 
 def ref_nvfp4(x):

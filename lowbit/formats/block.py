@@ -5,11 +5,48 @@ elements that share one scale. A last axis that is not a multiple of the block
 size is padded with zeros internally (zeros change no block maximum) and the pad
 is cut from every output, so no element is ever grouped with the wrong block.
 
-MX (``kind="mx"``): the shared scale is the E8M0 power of two
-``X = 2^(floor(log2 amax) - emax_elem)``, clamped to E8M0's ``[2^-127, 2^127]``,
-where ``amax`` is the block's largest magnitude and ``emax_elem`` the exponent of
-the element format's largest value. Elements are ``x / X`` rounded onto the
-element grid and saturated. A zero block gets the smallest scale, 2^-127.
+MX (``kind="mx"``): the shared scale is an E8M0 power of two ``X = 2^k``, ``k``
+clamped to E8M0's ``[-127, 127]``, where ``amax`` is the block's largest finite
+magnitude, ``max_elem`` the element format's largest value and ``emax_elem =
+floor(log2 max_elem)`` (OCP's ``emax_elem``). ``scale_mode`` picks ``k``:
+
+* ``floor`` (the default; OCP MX v1.0, section 6.3):
+  ``k = floor(log2 amax) - emax_elem``. Blocks whose largest elements round
+  above ``max_elem`` saturate them.
+* ``rceil`` (cuBLAS's "computing scaling and conversion factors for FP8 with
+  UE8M0 scaling", TransformerEngine's MXFP8, JAX's ``jax.nn.scaled_dot_general``
+  through ``jax._src.cudnn.scaled_matmul_stablehlo.quantize``, torchao's
+  ``ScaleCalculationMode.RCEIL``): ``k = ceil(log2(amax / max_elem))``, the
+  smallest scale with ``amax / X <= max_elem``, so no element saturates.
+* ``ceil`` (torchao ``ScaleCalculationMode.CEIL``):
+  ``k = ceil(log2 amax) - emax_elem``.
+* ``even`` (torchao ``ScaleCalculationMode.EVEN``):
+  ``k = floor(log2 r) - emax_elem`` with ``r`` = ``amax`` rounded to the
+  element's fraction width ``mbits`` (integer elements: ``bits - 2``), ties away
+  from zero; so ``k`` is ``floor``'s plus one exactly when amax's significand is
+  at least ``2 - 2^-(mbits+1)``.
+
+Elements are ``x / X`` rounded onto the element grid and saturated. A zero
+block gets the smallest scale, 2^-127, in every mode. Where the modes differ
+from the reference code:
+
+* ``rceil``: the references round the float32 quotient up to E8M0 from its bits
+  (JAX divides ``amax / max_elem``; TransformerEngine and torchao multiply by the
+  float32 ``1 / max_elem``). The exact ``ceil`` above equals JAX's whenever the
+  quotient is a float32 normal: a quotient of two floats rounds onto a power of
+  two only when it is one. It equals the reciprocal product for every FP element
+  format; for MXINT8 the product rounds amax = (127/64 + 2^-23) * 2^e down to a
+  power of two, one binade too low. A quotient below 2^-126 (amax under
+  max_elem * 2^-126) can round a binade lower in the references, and XLA:CPU
+  flushes it to zero (code 0, saturating the block); lowbit keeps
+  ``amax / X <= max_elem`` there too.
+* ``ceil``, ``even``: torchao reads a float32 subnormal amax's bits as they
+  are; lowbit normalises it first. Both give code 0 for every element format
+  with ``emax_elem >= 1`` (all but MXINT8, which torchao lacks). torchao's
+  ``even`` rounds an amax at or above ``(2 - 2^-(mbits+1)) * 2^127`` to float32
+  inf and gives that block a NaN scale; here it is ``2^128``, so
+  ``k = 128 - emax_elem``.
+
 MXINT8's elements are 8-bit two's complement integers with an implicit scale
 2^-6 (values k/64); like the OCP reference code (microsoft/microxcaling) the
 conversion saturates symmetrically to +-127/64, so the element format is
@@ -72,6 +109,7 @@ from lowbit.formats.protocol import BuiltinFormat
 from lowbit.formats.registry import get, register
 
 KINDS = ("mx", "nvfp4")
+SCALE_MODES = ("floor", "rceil", "ceil", "even")
 E8M0 = get("float8_e8m0fnu")
 E4M3 = get("float8_e4m3fn")
 _E8M0_NAN = 0xFF
@@ -91,13 +129,19 @@ class BlockFormat(BuiltinFormat):
         radix-2 ``FloatFormat`` (E4M3 for NVFP4) for ``nvfp4``.
       kind: ``mx`` (power-of-two shared scale) or ``nvfp4`` (block scale in
         ``scale`` under an FP32 per-tensor scale).
-      name: display name; not part of equality.
+      scale_mode: how ``mx`` rounds its E8M0 scale, one of ``SCALE_MODES``
+        (``floor``, ``rceil``, ``ceil``, ``even``; the module docstring defines
+        them); None means ``floor`` for ``mx``. ``nvfp4`` takes only None: its
+        E4M3 block scale rounds to nearest.
+      name: display name; not part of equality. Left empty, it is derived from
+        the fields (with a ``_{scale_mode}`` suffix unless the mode is floor).
     """
 
     element: FloatFormat | IntFormat
     block_size: int = 32
     scale: FloatFormat = E8M0
     kind: str = "mx"
+    scale_mode: str | None = None
     name: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
@@ -112,12 +156,19 @@ class BlockFormat(BuiltinFormat):
                 "a signed radix-2 FloatFormat with a zero, or a signed IntFormat (kind='mx')")
         if self.kind == "mx":
             require(self.scale == E8M0, own, "scale", self.scale, "float8_e8m0fnu for kind='mx'")
+            if self.scale_mode is None:  # one spelling of the default, so equal formats compare and hash equal
+                object.__setattr__(self, "scale_mode", "floor")
+            require(isinstance(self.scale_mode, str) and self.scale_mode in SCALE_MODES, own, "scale_mode",
+                    self.scale_mode, f"{', '.join(SCALE_MODES)} (or None: floor) for kind='mx'")
         else:
+            require(self.scale_mode is None, own, "scale_mode", self.scale_mode,
+                    "None for kind='nvfp4' (its E4M3 block scale rounds to nearest; scale modes round E8M0 scales)")
             require(isinstance(self.scale, FloatFormat) and self.scale.radix == 2 and self.scale.zero
                     and self.scale.has_nan, own, "scale", self.scale,
                     "a radix-2 FloatFormat with a zero and a NaN code for kind='nvfp4'")
         if not self.name:
-            object.__setattr__(self, "name", f"{self.kind}_{self.element.name}_b{self.block_size}")
+            suffix = "" if self.scale_mode in (None, "floor") else f"_{self.scale_mode}"
+            object.__setattr__(self, "name", f"{self.kind}_{self.element.name}_b{self.block_size}{suffix}")
 
     @property
     def bits(self) -> int:
@@ -211,16 +262,39 @@ class BlockFormat(BuiltinFormat):
         return (self.element._values() * np.float32(2.0**self.element_exp)).astype(np.float32)
 
     # ----- MX ---------------------------------------------------------------------
+    @property
+    def _scale_carry(self) -> int:
+        """What ``_mx_scale`` adds to amax's 23-bit fraction ``f``: a carry out of it rounds ``k`` up.
+
+        floor never carries; ceil carries any ``f > 0``; rceil carries ``f``
+        above max_elem's fraction (there ``amax / 2^(floor(log2 amax) - emax)``
+        exceeds max_elem); even adds half an ulp of an ``mbits`` fraction, so
+        it carries from ``2 - 2^-(mbits+1)`` up, ties away from zero (torchao's
+        own bit trick).
+        """
+        full = (1 << _bits.MANT) - 1
+        max_fraction = int(np.float32(self.element_max).view(np.uint32)) & full
+        mbits = self.element.mbits if isinstance(self.element, FloatFormat) else -self.element_exp
+        return {"floor": 0, "ceil": full, "rceil": full - max_fraction,
+                "even": 1 << (_bits.MANT - 1 - mbits)}[self.scale_mode]
+
     def _mx_scale(self, xb):
         """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.
 
-        ``floor(log2 amax) - emax + 127`` is the exponent field of ``amax``
-        minus ``emax``; a zero or subnormal ``amax`` (field 0) lands at or below
-        code 0 and is clamped there, as OCP clamps at 2^-127.
+        With ``amax = (1 + f / 2^23) * 2^e``, every mode is ``k = e - emax``
+        plus one where ``f + _scale_carry`` carries into the exponent field, so
+        the code is that field minus ``emax`` (the 127 biases cancel). A
+        subnormal ``amax`` is first shifted up to a leading 1 (the shift comes
+        off its exponent), so ``e`` and ``f`` are exact for it too. Codes clamp
+        to E8M0's [0, 254] (2^-127 .. 2^127); a zero block gets 0.
         """
         amax_bits, has_nan = _amax_bits(xb)
-        field = lax.shift_right_logical(amax_bits, u32(_bits.MANT)).astype(jnp.int32)
-        return jnp.maximum(field - self.emax, 0), has_nan
+        shift = jnp.maximum(lax.clz(amax_bits).astype(jnp.int32) - (31 - _bits.MANT), 0)
+        normal = lax.shift_left(amax_bits, shift.astype(jnp.uint32))
+        field = lax.shift_right_logical(normal + u32(self._scale_carry), u32(_bits.MANT)).astype(jnp.int32)
+        code = jnp.clip(field - shift - self.emax, 0, 254)
+        # Zero has no exponent; the clip alone would lift it for elements with emax < -24.
+        return jnp.where(amax_bits == 0, 0, code), has_nan
 
     def _mx_in(self, xb, code, saturate):
         """Element inputs ``x / X`` (integer elements: on their integer grid)."""
@@ -313,6 +387,36 @@ def _div(a, b):
     NaN either way) is neither, so the true division stays.
     """
     return a / jnp.where(jnp.isnan(a), jnp.ones_like(b), b)
+
+
+def with_scale_mode(fmt: BlockFormat | str, scale_mode: str) -> BlockFormat:
+    """An MX format with another E8M0 scale mode, named after it.
+
+    Example: ``with_scale_mode("mxfp8_e4m3", "rceil")`` is MXFP8 E4M3 with
+    cuBLAS / TransformerEngine / JAX scales, named ``mxfp8_e4m3_rceil``.
+    ``BlockFormat(..., scale_mode=...)`` and ``dataclasses.replace`` build the
+    same format (``replace`` keeps the old display name).
+
+    Args:
+      fmt: an MX ``BlockFormat`` or the registered name of one.
+      scale_mode: one of ``SCALE_MODES``.
+
+    Returns:
+      ``fmt`` with ``scale_mode``, named ``{base}_{scale_mode}`` (``{base}``
+      for floor), where ``{base}`` is ``fmt``'s name without its own mode suffix.
+
+    Raises:
+      TypeError: ``fmt`` is not a block format.
+      ValueError: an unknown name, or ``scale_mode`` is not one of
+        ``SCALE_MODES`` or ``fmt`` is not an MX format (naming the field).
+    """
+    fmt = get(fmt) if isinstance(fmt, str) else fmt
+    if not isinstance(fmt, BlockFormat):
+        raise TypeError(f"with_scale_mode fmt={fmt!r} is invalid; allowed: an MX BlockFormat or its name")
+    suffix = f"_{fmt.scale_mode}"
+    base = fmt.name[:-len(suffix)] if fmt.scale_mode != "floor" and fmt.name.endswith(suffix) else fmt.name
+    fmt = dataclasses.replace(fmt, scale_mode=scale_mode)  # validates scale_mode (None reads as floor)
+    return dataclasses.replace(fmt, name=base if fmt.scale_mode == "floor" else f"{base}_{fmt.scale_mode}")
 
 
 def _mx(name: str, element: FloatFormat | IntFormat) -> BlockFormat:
