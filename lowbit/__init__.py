@@ -9,8 +9,9 @@ built-in models) ← ``trainer`` (the train step, loop, checkpoints) ← ``ptq``
 sit beside them.
 
 The everyday names are here: ``lowbit.quantize``, ``lowbit.describe``,
-``lowbit.train``, ``lowbit.Rule``, ``lowbit.Recipe`` (imported on first use, so
-``import lowbit`` stays light).
+``lowbit.train``, ``lowbit.optimizer``, ``lowbit.Rule``, ``lowbit.Recipe``,
+``lowbit.NotQuantizedError``
+(imported on first use, so ``import lowbit`` stays light).
 """
 
 import importlib
@@ -21,9 +22,9 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; loaded on first access (PEP 562).
 _LAZY = {"quantize": "lowbit.nn", "describe": "lowbit.nn", "train": "lowbit.trainer", "Rule": "lowbit.recipes",
-         "Recipe": "lowbit.recipes"}
+         "Recipe": "lowbit.recipes", "optimizer": "lowbit.nn.optimizer", "NotQuantizedError": "lowbit.nn"}
 
-__all__ = ["Recipe", "Rule", "describe", "formats", "quantize", "train", "__version__"]
+__all__ = ["NotQuantizedError", "Recipe", "Rule", "describe", "formats", "optimizer", "quantize", "train", "__version__"]
 
 
 def __getattr__(name):

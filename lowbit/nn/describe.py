@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 
+import jax
 from flax import nnx
 
 from lowbit.nn import quantize as q
@@ -75,15 +76,53 @@ class Description:
                       "float" if d.rule is None else f"{d.rule} {d.selector}")
         return t
 
+    def summary(self, width: int = 100) -> str:
+        """One short block per rule (the ops it quantizes and their quantizers), lines at most ``width`` wide."""
+        ordered = sorted(self.quantized + self.unmatched, key=lambda d: _order(self, d))
+        lines = [f"lowbit.quantize: recipe {self.recipe!r}: {len(self.quantized)} ops quantized, "
+                 f"{len(self.unmatched)} float (.table() lists every op)"]
+        rules = sorted({d.rule for d in self.quantized})
+        for rule in rules:
+            ops = [d for d in ordered if d.rule == rule]
+            first = ops[0]
+            lines.append(f"  rule {rule} {first.selector}: {len(ops)} op{'s' * (len(ops) != 1)}")
+            for site in ("lhs", "rhs", "dlhs", "drhs"):
+                lines.append(_clip(f"    {site:<5}{getattr(first, site)}", width))
+            lines.append(_names("    ops  ", ops, width))
+        floats = [d for d in ordered if d.rule is None]
+        if floats:
+            lines.append(_names("  float: ", floats, width))
+        return "\n".join(lines)
+
     def __rich__(self):
-        return self.table()
+        return self.summary()
 
     def __str__(self):
+        return self.summary()
+
+    def full(self) -> str:
+        """The full table as text (160 columns)."""
         from rich.console import Console
 
         console = Console(width=160, file=io.StringIO())
         console.print(self.table())
         return console.file.getvalue()
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def _names(prefix: str, ops, width: int) -> str:
+    """``prefix`` and op names, as many as fit in ``width``, then how many more."""
+    names = [f"{d.path or '<root>'}:{d.key}" for d in ops]
+    line = prefix
+    for i, name in enumerate(names):
+        more = f" (+{len(names) - i} more)"
+        if len(line) + len(name) + 2 + len(more) > width and i:
+            return line + more
+        line += ("" if i == 0 else ", ") + name
+    return line
 
 
 def _order(desc: Description, d: OpDescription) -> int:
@@ -133,8 +172,10 @@ def describe(model, *example_args, **example_kwargs) -> Description:
         quantizer state is created now.
 
     Returns:
-      A ``Description``: ``quantized`` ops (path, kind, lhs/rhs/dlhs/drhs
-      quantizers, the rule), ``unmatched`` float ops, and ``table()`` (rich).
+      A ``Description`` of the ops that ran (an abstract pass checks that each
+      planned op ran through its quantizer): ``quantized`` ops (path, kind,
+      lhs/rhs/dlhs/drhs quantizers, the rule), ``unmatched`` float ops; printed,
+      a short summary per rule; ``table()`` (rich) and ``full()`` list every op.
 
     Raises:
       TypeError: ``model`` did not come from ``lowbit.quantize``.
@@ -143,9 +184,17 @@ def describe(model, *example_args, **example_kwargs) -> Description:
         raise TypeError(f"model={type(model).__name__} is invalid; allowed: a model from lowbit.quantize")
     recipe = model._lowbit_recipe
     if isinstance(model, nnx.Module):
-        if not q.ops(model):
-            q.discover(model, *example_args, **example_kwargs)
-        ops = q.ops(model)
+        call = type(model).__mro__[1].__call__
+        planned = dict(q._planned(model, call, example_args, example_kwargs))
+        graphdef, state = nnx.split(model)
+        arrays, treedef, static = q._partition(example_args, example_kwargs)
+
+        def checked_pass(state, arrays):  # abstract: raises if a planned op did not run through its quantizer
+            args, kwargs = q._unpartition(arrays, treedef, static)
+            return nnx.merge(graphdef, state)(*args, **kwargs)
+
+        jax.eval_shape(checked_pass, state, arrays)
+        ops = [op for op in q.ops(model) if q.op_name(op.path, op.key) in planned]
     else:
         ops = q.linen_ops(model, example_args, example_kwargs)
     entries = [_entry(recipe, op) for op in ops]

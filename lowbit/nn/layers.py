@@ -90,7 +90,7 @@ class QLinear(_Quantized):
     def __init__(self, in_features: int, out_features: int, *, rule: Rule, rngs: nnx.Rngs, use_bias: bool = True,
                  param_dtype=jnp.float32, compute_dtype=jnp.float32):
         kernel = nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features), param_dtype)
-        super().__init__(rule, oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ()))), kernel,
+        super().__init__(rule, oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())), weighted=True), kernel,
                          compute_dtype, rngs)
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
@@ -132,7 +132,7 @@ class QConv(_Quantized):
                  compute_dtype=jnp.float32):
         kernel = nnx.initializers.lecun_normal()(rngs.params(), (*kernel_size, in_features, out_features), param_dtype)
         call = oprule.OpCall(kind="conv", conv=conv_key(dict(
-            window_strides=tuple(strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+            window_strides=tuple(strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), weighted=True)
         super().__init__(rule, call, kernel, compute_dtype, rngs)
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None

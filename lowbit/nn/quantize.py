@@ -21,14 +21,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import zlib
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import linen, nnx
 
 from lowbit.nn import intercept
-from lowbit.nn.variables import OpState
+from lowbit.nn.variables import OpState, QuantKey
 from lowbit.recipes import op as oprule
 from lowbit.recipes import resolve
 from lowbit.recipes.rules import Recipe
@@ -41,13 +45,16 @@ LINEN_COLLECTIONS = {"param": "lowbit_params", "overwrite": "lowbit_overwrite", 
 _STATE_PREFIX = "lowbit_"
 
 
-def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude: str | None = None, seed: int = 0,
-             plan: Mapping[str, int] | None = None):
+def quantize(model, recipe: Recipe | str, *example_args, include: str | None = None, exclude: str | None = None,
+             seed: int = 0, plan: Mapping[str, int] | None = None, strict: bool = True):
     """A quantized version of ``model``: its matmuls and convolutions run through ``recipe``.
 
     Args:
       model: a ``flax.nnx.Module`` or a ``flax.linen.Module``, written without lowbit.
       recipe: a ``lowbit.recipes.Recipe`` or a registered name (``lowbit.recipes.names()``).
+      *example_args: optional inputs of one forward pass (a small batch): the
+        ops are discovered now, by an abstract trace (nothing is computed),
+        instead of on the first call.
       include, exclude: regexes searched in op paths (``blocks/0/attn``) that
         narrow the recipe: only ops whose path matches ``include`` and not
         ``exclude`` are quantized (``exclude="head"`` keeps the head in float).
@@ -58,6 +65,11 @@ def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude
         recipe with one calibrated rule per op (``lowbit.ptq``), where two ops
         of one module (attention's two einsums) must differ. A name the forward
         pass does not run is a ``ValueError`` when the ops are discovered.
+      strict: a forward pass in which an op the recipe quantizes did not run
+        through its quantizer (or a product a rule wants could not be
+        intercepted: a ``pure_callback``, a user ``custom_vjp``) raises
+        ``lowbit.nn.intercept.NotQuantizedError`` naming the op and the reason;
+        ``False`` warns instead.
 
     Returns:
       NNX: a new model (``model`` is untouched) with the same parameters; the
@@ -76,15 +88,21 @@ def quantize(model, recipe: Recipe | str, *, include: str | None = None, exclude
         raise ValueError(f"model is already quantized (recipe {model._lowbit_recipe.name!r}); quantize the float model")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r} is invalid; allowed: an integer")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict={strict!r} is invalid; allowed: True or False")
     recipe = resolve(recipe).narrowed(include, exclude)
     narrowed = include is not None or exclude is not None
     fixed = _check_plan(recipe, plan)
     if isinstance(model, nnx.Module):
-        qmodel = _quantize_nnx(model, recipe, narrowed, seed)
+        qmodel = _quantize_nnx(model, recipe, narrowed, seed, strict)
         qmodel._lowbit_fixed_plan = fixed
+        if example_args:
+            discover(qmodel, *example_args)
         return qmodel
-    qmodel = _quantize_linen(model, recipe, narrowed, seed)
+    qmodel = _quantize_linen(model, recipe, narrowed, seed, strict)
     object.__setattr__(qmodel, "_lowbit_fixed_plan", fixed)
+    if example_args:
+        linen_ops(qmodel, example_args, {})
     return qmodel
 
 
@@ -137,7 +155,7 @@ def is_quantized(model) -> bool:
 # ----- NNX ---------------------------------------------------------------------------------
 
 
-def _quantize_nnx(model: nnx.Module, recipe: Recipe, narrowed: bool, seed: int) -> nnx.Module:
+def _quantize_nnx(model: nnx.Module, recipe: Recipe, narrowed: bool, seed: int, strict: bool) -> nnx.Module:
     qmodel = nnx.clone(model)
     for path, module in nnx.iter_modules(qmodel):
         module._lowbit_path = "/".join(map(str, path))
@@ -146,7 +164,9 @@ def _quantize_nnx(model: nnx.Module, recipe: Recipe, narrowed: bool, seed: int) 
     qmodel._lowbit_recipe = recipe
     qmodel._lowbit_narrowed = narrowed
     qmodel._lowbit_seed = seed
-    qmodel._lowbit_ops = None  # set by discover
+    qmodel._lowbit_ops = ()  # set by discover
+    qmodel._lowbit_calls = ()  # ((call signature, ((op name, rule), ...)), ...): set by discover
+    qmodel._lowbit_strict = strict
     return qmodel
 
 
@@ -175,22 +195,104 @@ def _intercepted_method(method):
     def run(self, *args, **kwargs):
         if intercept.active() is not None:  # an inner call of the same forward pass
             return method(self, *args, **kwargs)
-        if self._lowbit_ops is None:
-            discover(self, *args, method=method, **kwargs)
-        with intercept.patched(self._lowbit_recipe, "run", _run_nnx_op, _nnx_lookup):
-            return method(self, *args, **kwargs)
+        planned = _planned(self, method, args, kwargs)
+        if not intercept.staged():
+            return _compiled(self, method, planned, args, kwargs)
+        return _run_pass(self, method, planned, args, kwargs)
 
     return run
 
 
+def _run_pass(qmodel, method, planned, args, kwargs):
+    """One forward pass under interception, checked: every planned op ran through its quantizer."""
+    with intercept.patched(qmodel._lowbit_recipe, "run", _run_nnx_op, _nnx_lookup) as frame:
+        out = method(qmodel, *args, **kwargs)
+    intercept.never_silent(frame, dict(planned), strict=qmodel._lowbit_strict)
+    _advance_keys(qmodel, frame)
+    return out
+
+
+def _advance_keys(qmodel, frame) -> None:
+    """Advance the stochastic-rounding key of every op that ran, once per pass, at the model's own level.
+
+    Inside the pass an op only reads its key: an op inside ``lax.scan``,
+    ``jax.checkpoint``, ``cond`` or ``jax.vmap`` runs in a nested trace, and
+    writing that trace's value into the model would leak it. Stacked states
+    (``nnx.vmap``/``nnx.scan`` layers) advance every layer's key.
+    """
+    for path, module in nnx.iter_modules(qmodel):
+        if not isinstance(module, OpState) or not isinstance(getattr(module, "sr_key", None), QuantKey):
+            continue
+        name = op_name("/".join(map(str, path[:-1])), str(path[-1])[len(_STATE_PREFIX):])
+        if frame.seen.get(name) != "quantized":
+            continue
+        data = module.sr_key[...]
+        flat = data.reshape(-1, data.shape[-1])
+        module.sr_key[...] = jax.vmap(lambda d: oprule.next_key(d)[1])(flat).reshape(data.shape)
+
+
+def _partition(args, kwargs) -> tuple[list, Any, tuple]:
+    """``(arrays, treedef, static)``: array leaves traced, every other leaf (flags, sizes) static."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    arrays = [x if isinstance(x, (jax.Array, np.ndarray, np.generic)) else None for x in leaves]
+    static = tuple(None if a is not None else x for a, x in zip(arrays, leaves))
+    return arrays, treedef, static
+
+
+def _unpartition(arrays, treedef, static):
+    return jax.tree.unflatten(treedef, [a if a is not None else s for a, s in zip(arrays, static)])
+
+
+@functools.partial(nnx.jit, static_argnames=("method", "planned", "treedef", "static"))
+def _jitted(qmodel, arrays, *, method, planned, treedef, static):
+    args, kwargs = _unpartition(arrays, treedef, static)
+    return _run_pass(qmodel, method, planned, args, kwargs)
+
+
+def _compiled(qmodel, method, planned, args, kwargs):
+    """An eager call, compiled: every pass is traced, so nothing reaches a quantizer from a stale trace.
+
+    Arguments that are not arrays (flags, sizes) are static; an unhashable one
+    runs the pass eagerly instead.
+    """
+    arrays, treedef, static = _partition(args, kwargs)
+    try:
+        hash(static)
+    except TypeError:
+        return _run_pass(qmodel, method, planned, args, kwargs)
+    return _jitted(qmodel, arrays, method=method, planned=planned, treedef=treedef, static=static)
+
+
+def _signature(method, args, kwargs):
+    """What selects a plan: the method, the arguments' structure and their non-array values."""
+    _, treedef, static = _partition(args, kwargs)
+    try:
+        hash(static)
+    except TypeError:
+        static = None
+    return (method.__name__, treedef, static)
+
+
+def _planned(qmodel, method, args, kwargs) -> tuple:
+    """``((op name, rule), ...)`` of one call's ops, discovering them the first time such a call runs."""
+    sig = _signature(method, args, kwargs)
+    for known, planned in qmodel._lowbit_calls:
+        if known == sig:
+            return planned
+    discover(qmodel, *args, method=method, **kwargs)
+    return qmodel._lowbit_calls[-1][1]
+
+
 def _nnx_lookup(module, key: str):
-    return dict(getattr(module, "_lowbit_plan", ())).get(key)
+    return dict(getattr(module, "_lowbit_plan", ())).get(key, intercept.UNKNOWN)
 
 
 def _run_nnx_op(module, key, rule, call, lhs, rhs):
     state: OpState = getattr(module, _STATE_PREFIX + key)
     compute = intercept.active().recipe.policy.compute_dtype
-    return oprule.run(rule, call, lhs, rhs, state.values(), state.next_key(), compute)
+    sr = getattr(state, "sr_key", None)
+    this = oprule.next_key(sr[...])[0] if isinstance(sr, QuantKey) else None  # advanced after the pass
+    return oprule.run(rule, call, lhs, rhs, state.values(), this, compute, name=op_name(module._lowbit_path, key))
 
 
 def _op_key(seed: int, path: str, key: str) -> jax.Array:
@@ -198,15 +300,94 @@ def _op_key(seed: int, path: str, key: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(f"{path}:{key}".encode()))
 
 
+def _root_params(qmodel: nnx.Module) -> dict:
+    """``{(module path, variable path in it): value}`` of every parameter, as the model holds it."""
+    found = {}
+    for path, module in nnx.iter_modules(qmodel):
+        prefix = "/".join(map(str, path))
+        for sub, v in nnx.iter_graph(module):
+            if isinstance(v, nnx.Param):
+                found[(prefix, "/".join(map(str, sub)))] = v.get_value()
+    return found
+
+
+def _record(qmodel: nnx.Module, method, args, kwargs) -> list[intercept.Recorded]:
+    """The ops of one forward pass, found by an abstract trace (``jax.eval_shape``: nothing is computed)."""
+    graphdef, state = nnx.split(qmodel)
+    root = _root_params(qmodel)
+    arrays, treedef, static = _partition(args, kwargs)
+    found: list[intercept.Recorded] = []
+
+    def trace(state, arrays):
+        model = nnx.merge(graphdef, state)
+        a, k = _unpartition(arrays, treedef, static)
+        with intercept.patched(qmodel._lowbit_recipe, "record") as frame:
+            frame.root_params = root
+            method(model, *a, **k)
+        found.extend(frame.recorded)
+        return 0
+
+    try:
+        jax.eval_shape(trace, state, arrays)
+    except Exception as e:
+        raise _prefixed(e, f"lowbit.quantize: while discovering the ops of {type(qmodel).__name__}."
+                           f"{method.__name__} (an abstract forward pass)") from e
+    return found
+
+
+def _prefixed(error: Exception, doing: str) -> Exception:
+    """``error`` of the same type, its message prefixed with what lowbit was doing."""
+    try:
+        return type(error)(f"{doing}: {error}")
+    except Exception:  # an exception type whose constructor takes other arguments
+        return RuntimeError(f"{doing}: {type(error).__name__}: {error}")
+
+
+def _new_state(qmodel, rec: intercept.Recorded, rule_index: int, root: dict) -> OpState:
+    """An op's quantizer state: one per stacked layer when its module runs under ``nnx.vmap``/``nnx.scan``."""
+    rule = qmodel._lowbit_recipe.rules[rule_index]
+    key = _op_key(qmodel._lowbit_seed, rec.path, rec.key)
+    weight = root.get(rec.weight) if rec.weight is not None else None
+    if weight is None:
+        weight = jnp.zeros((*rec.stack, *rec.shapes[1]), jnp.float32)
+    if not rec.stack:
+        return OpState(oprule.state_init(rule, rec.call, weight, key))
+    n = math.prod(rec.stack)
+    layers = weight.reshape(n, *weight.shape[len(rec.stack):])
+    spec = oprule.state_init(rule, rec.call, layers[0], key)  # names and categories
+    # Layer i's key is the one the same op of an unrolled copy (``blocks/i/...``) would get.
+    prefix = _stack_root(qmodel, rec.path, rec.stack)
+    rest = rec.path[len(prefix):]
+    keys = jnp.stack([_op_key(qmodel._lowbit_seed, f"{prefix}/{i}{rest}".lstrip("/"), rec.key) for i in range(n)])
+    values = jax.vmap(lambda w, k: {name: v for name, (_, v) in oprule.state_init(rule, rec.call, w, k).items()})(
+        layers, keys)
+    return OpState({name: (category, values[name].reshape(*rec.stack, *values[name].shape[1:]))
+                    for name, (category, _) in spec.items()})
+
+
+def _stack_root(qmodel, path: str, stack: tuple) -> str:
+    """The outermost module on ``path`` whose parameters all carry the layer axes ``stack`` (the stacked layers)."""
+    parts = path.split("/") if path else []
+    modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(qmodel)}
+    for i in range(len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        leaves = [v.get_value() for _, v in nnx.iter_graph(modules[prefix]) if isinstance(v, nnx.Param)]
+        if leaves and all(x.shape[:len(stack)] == stack for x in leaves):
+            return prefix
+    return path
+
+
 def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept.Recorded]:
     """Find the ops of one forward pass, match them to the recipe and create their state.
 
-    Runs the model once in float on a copy (the model's own state, e.g. dropout
-    RNG counters or batch statistics, does not move); every op is recorded in
-    forward order, matched against the recipe, and each matched op gets an
-    ``OpState`` child named ``lowbit_<kind><n>`` on the module that runs it.
-    The model's first call does this by itself; call it (or ``lowbit.describe``)
-    before ``nnx.split`` so the state exists outside any trace.
+    An abstract trace of the method (``jax.eval_shape``: nothing is computed and
+    the model's own state does not move) records every op in forward order; each
+    is matched against the recipe and each matched op gets an ``OpState`` child
+    named ``lowbit_<kind><n>`` on the module that runs it (stacked along the
+    layer axes for modules run by ``nnx.vmap``/``nnx.scan``). The model's first
+    call does this by itself (and every call with new non-array arguments);
+    call it (or ``lowbit.describe``) before ``nnx.split`` so the state exists
+    outside any trace.
 
     Args:
       qmodel: a model from ``lowbit.quantize``.
@@ -214,29 +395,38 @@ def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept
       method: the unbound method to run (default the model's ``__call__``).
 
     Returns:
-      The recorded ops in forward order.
+      The recorded ops in forward order (operands are abstract).
+
+    Raises:
+      ValueError: new ops need quantizer state while the model is being traced
+        (call the model once outside ``jit`` with such arguments first).
     """
     if not is_quantized(qmodel) or not isinstance(qmodel, nnx.Module):
         raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: an NNX model from lowbit.quantize")
-    recipe = qmodel._lowbit_recipe
-    shadow = nnx.clone(qmodel)
     method = getattr(method, "__wrapped__", method) or type(qmodel).__mro__[1].__call__
-    with intercept.patched(recipe, "record") as frame:
-        method(shadow, *args, **kwargs)
-    chosen = _choose(qmodel, frame.recorded)
-    modules = {m._lowbit_path: m for _, m in nnx.iter_modules(qmodel)}
-    plans: dict[str, list] = {}
-    for rec, index in zip(frame.recorded, chosen):
-        module = modules[rec.path]
-        plans.setdefault(rec.path, []).append((rec.key, index))
-        if index is not None and not hasattr(module, _STATE_PREFIX + rec.key):
-            state = oprule.state_init(recipe.rules[index], rec.call, rec.rhs,
-                                      _op_key(qmodel._lowbit_seed, rec.path, rec.key))
-            setattr(module, _STATE_PREFIX + rec.key, OpState(state))
+    recorded = _record(qmodel, method, args, kwargs)
+    chosen = _choose(qmodel, recorded)
+    modules = {m._lowbit_path: m for _, m in nnx.iter_modules(qmodel) if not isinstance(m, OpState)}
+    root = _root_params(qmodel)
+    plans = {path: dict(getattr(m, "_lowbit_plan", ())) for path, m in modules.items()}
+    new = [(rec, index) for rec, index in zip(recorded, chosen)
+           if index is not None and not hasattr(modules[rec.path], _STATE_PREFIX + rec.key)]
+    if new and intercept.staged():
+        raise ValueError(f"lowbit: {', '.join(op_name(r.path, r.key) for r, _ in new)} need quantizer state that "
+                         "cannot be created inside a trace; call the model once outside jit with such arguments "
+                         "(or lowbit.describe(model, *example_args)) first")
+    for rec, index in new:
+        setattr(modules[rec.path], _STATE_PREFIX + rec.key, _new_state(qmodel, rec, index, root))
+    for rec, index in zip(recorded, chosen):
+        plans[rec.path][rec.key] = index
     for path, module in modules.items():
-        module._lowbit_plan = tuple(plans.get(path, ()))
-    qmodel._lowbit_ops = tuple(Op.of(rec, index) for rec, index in zip(frame.recorded, chosen))
-    return frame.recorded
+        module._lowbit_plan = tuple(plans[path].items())
+    known = {(op.path, op.key) for op in ops(qmodel)}
+    qmodel._lowbit_ops = ops(qmodel) + tuple(Op.of(rec, index) for rec, index in zip(recorded, chosen)
+                                             if (rec.path, rec.key) not in known)
+    planned = tuple((op_name(rec.path, rec.key), index) for rec, index in zip(recorded, chosen))
+    qmodel._lowbit_calls = qmodel._lowbit_calls + ((_signature(method, args, kwargs), planned),)
+    return recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,13 +489,14 @@ def intercepting(qmodel: nnx.Module, *, capture: bool = False, wrap: Callable | 
                         op_name(module._lowbit_path, key), state, call, lhs, rhs)
     with intercept.patched(qmodel._lowbit_recipe, "capture" if capture else "run", runner, _nnx_lookup) as frame:
         yield frame.recorded
+    _advance_keys(qmodel, frame)
 
 
 # ----- linen -------------------------------------------------------------------------------
 
 
-def _quantize_linen(model: linen.Module, recipe: Recipe, narrowed: bool, seed: int) -> linen.Module:
-    cls = _linen_class(type(model), recipe, narrowed, seed)
+def _quantize_linen(model: linen.Module, recipe: Recipe, narrowed: bool, seed: int, strict: bool) -> linen.Module:
+    cls = _linen_class(type(model), recipe, narrowed, seed, strict)
     return cls(**_linen_fields(model))
 
 
@@ -315,7 +506,7 @@ def _linen_fields(module: linen.Module) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int) -> type:
+def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int, strict: bool) -> type:
     """A subclass of linen module ``cls`` whose root ``__call__`` runs under interception.
 
     The recipe lives on the class: linen clones module instances on every ``init``/``apply``.
@@ -329,7 +520,7 @@ def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int) -> type:
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                        "__qualname__": f"lowbit.quantize({cls.__qualname__})",
                                        "_lowbit_recipe": recipe, "_lowbit_narrowed": narrowed,
-                                       "_lowbit_seed": seed})
+                                       "_lowbit_seed": seed, "_lowbit_strict": strict})
 
 
 def _track(next_fun, args, kwargs, context):
@@ -372,10 +563,12 @@ def _linen_forward(root, cls, args, kwargs):
     def runner(module, key, rule, call, lhs, rhs):
         return _run_linen_op(module, key, rule, call, lhs, rhs, recipe, root._lowbit_seed)
 
-    with intercept.patched(recipe, "run", runner, lambda m, k: plan.get((m._lowbit_path, k))), \
-            linen.intercept_methods(_track):
+    with intercept.patched(recipe, "run", runner, lambda m, k: plan.get((m._lowbit_path, k), intercept.UNKNOWN)) \
+            as frame, linen.intercept_methods(_track):
         object.__setattr__(root, "_lowbit_path", "")
-        return cls.__call__(root, *args, **kwargs)
+        out = cls.__call__(root, *args, **kwargs)
+    intercept.never_silent(frame, {op_name(*k): v for k, v in plan.items()}, strict=root._lowbit_strict)
+    return out
 
 
 def _run_linen_op(module, key, rule, call, lhs, rhs, recipe: Recipe, seed: int):
@@ -390,4 +583,5 @@ def _run_linen_op(module, key, rule, call, lhs, rhs, recipe: Recipe, seed: int):
                 var.value = nxt
         else:
             values[name] = var.value
-    return oprule.run(rule, call, lhs, rhs, values, sr, recipe.policy.compute_dtype)
+    return oprule.run(rule, call, lhs, rhs, values, sr, recipe.policy.compute_dtype,
+                      name=op_name(module._lowbit_path, key))

@@ -5,12 +5,17 @@ from flax import nnx
 from lowbit.recipes.op import next_key
 
 
-class OverwriteWithGradient(nnx.Variable):
-    """State whose new value arrives as its gradient (GradScale).
+class OverwriteWithGradient(nnx.Param):
+    """State whose new value arrives as its gradient (GradScale, amax histories).
 
-    A train step differentiates with respect to these variables too and then
-    replaces each value by its gradient instead of handing it to the optimizer;
-    ``quantized_dot_general`` returns the updated GradScale as that gradient.
+    ``quantized_dot_general`` returns the updated state as its gradient, so a
+    train step must differentiate it and then replace each value by its
+    gradient instead of stepping it like a weight. It is an ``nnx.Param`` so that
+    any loop differentiates it (``nnx.grad`` and ``nnx.Optimizer(...,
+    wrt=nnx.Param)`` select Params); ``lowbit.optimizer(tx)`` then does the
+    replacing, and lowbit's own step splits it off first (a filter list that
+    names ``OverwriteWithGradient`` must name it before ``nnx.Param``: the first
+    matching filter wins).
     """
 
 

@@ -32,6 +32,7 @@ from lowbit import formats
 from lowbit.formats import IntFormat
 from lowbit.quant import Quantizer
 from lowbit.quant.quantizer import is_block
+from lowbit.recipes import carried as carried_checks
 from lowbit.recipes.rules import Rule
 from lowbit.training import delayed
 from lowbit.training.gradscale import gradscale_init
@@ -53,6 +54,8 @@ class OpCall:
       perm: output permutation after the dot (einsum), or ``None``.
       conv: ``lax.conv_general_dilated`` keyword arguments as sorted ``(name, value)`` pairs.
       precision, preferred_element_type: passed through to the product.
+      weighted: the rhs is a weight: a parameter of the model (or a reshaped,
+        transposed or cast view of one), not an activation.
     """
 
     kind: str
@@ -61,11 +64,7 @@ class OpCall:
     conv: tuple = ()
     precision: Any = None
     preferred_element_type: Any = None
-
-    @property
-    def weighted(self) -> bool:
-        """The rhs is a weight: a convolution kernel, or a dot rhs without batch dimensions."""
-        return self.kind == "conv" or not self.dn[1][1]
+    weighted: bool = False
 
     def axes(self, lhs_ndim: int, rhs_ndim: int) -> dict[str, tuple[int, int]]:
         """Per operand ``(contracting axis, channel axis)``: where blocks and channel scales run.
@@ -85,19 +84,31 @@ class OpCall:
 
 @functools.lru_cache(maxsize=None)
 def _retarget(q: Quantizer | None, contract: int, channel: int) -> Quantizer | None:
-    """``q`` with its axis on the operand's contracting (blocks, groups) or channel axis."""
-    if q is None or (q.granularity == "tensor" and not is_block(q.format)):
+    """``q`` with its axis on the operand's contracting (blocks, groups) or channel axis.
+
+    Per-tensor scales and 2-D blocks (tiles of the last two axes) have no axis to set.
+    """
+    if q is None or q.granularity == "block" or (q.granularity == "tensor" and not is_block(q.format)):
         return q
     axis = channel if q.granularity == "channel" else contract
     return q if q.axis == axis else dataclasses.replace(q, axis=axis)
 
 
 def retarget(config: DotQuantConfig, call: OpCall, lhs_ndim: int, rhs_ndim: int) -> DotQuantConfig:
-    """``config`` with its forward and operand-side backward quantizers on this op's axes."""
+    """``config`` with its forward quantizers on this op's forward axes (``OpCall.axes``).
+
+    What code that quantizes an operand outside the product reads (``describe``,
+    calibration, PTQ); the product itself places every quantizer on each of its
+    three GEMMs' axes (``DotQuantConfig.placement="gemm"``). With
+    ``placement="quantizer"`` the backward's operand quantizers (``drhs_lhs``,
+    ``dlhs_rhs``) go on the forward axes too: the numerics before per-GEMM placement.
+    """
     ax = call.axes(lhs_ndim, rhs_ndim)
-    return dataclasses.replace(
-        config, lhs=_retarget(config.lhs, *ax["lhs"]), rhs=_retarget(config.rhs, *ax["rhs"]),
-        drhs_lhs=_retarget(config.drhs_lhs, *ax["lhs"]), dlhs_rhs=_retarget(config.dlhs_rhs, *ax["rhs"]))
+    config = dataclasses.replace(config, lhs=_retarget(config.lhs, *ax["lhs"]), rhs=_retarget(config.rhs, *ax["rhs"]))
+    if config.placement == "gemm":
+        return config
+    return dataclasses.replace(config, drhs_lhs=_retarget(config.drhs_lhs, *ax["lhs"]),
+                               dlhs_rhs=_retarget(config.dlhs_rhs, *ax["rhs"]))
 
 
 def _learned(rule: Rule, call: OpCall) -> bool:
@@ -188,7 +199,7 @@ def _real_lsq(rule: Rule, cfg: DotQuantConfig, state):
 
 
 def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[str, jax.Array],
-        key: jax.Array | None, compute_dtype) -> jax.Array:
+        key: jax.Array | None, compute_dtype, *, name: str = "") -> jax.Array:
     """The op's product under ``rule``.
 
     Args:
@@ -200,6 +211,8 @@ def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[st
       key: stochastic-rounding key of this call (``None`` when nothing rounds stochastically).
       compute_dtype: the operands are cast to it (the recipe's policy); the result
         comes back in the dtype the float op would have returned.
+      name: the op's name (``lowbit.nn.op_name``), for the warnings of
+        ``lowbit.recipes.carried`` about its GradScale / amax histories.
 
     Returns:
       The product, as the float op would return it (shape, and dtype).
@@ -213,6 +226,7 @@ def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[st
     cfg, scales = _real_lsq(rule, retarget(rule.dot, call, lhs.ndim, rhs.ndim), state)
     gs = state.get("grad_scale")
     hists = {site: state[f"amax_{site}"] for site in cfg.amax_histories} or None
+    carried = ({"grad_scale": gs} if gs is not None else {}) | {f"amax_{s}": h for s, h in (hists or {}).items()}
     if call.kind == "conv":
         out = quantized_conv(lhs, rhs, cfg, key=key, grad_scale=gs, amax_history=hists, **dict(call.conv))
     else:
@@ -221,4 +235,6 @@ def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[st
                                     preferred_element_type=call.preferred_element_type, **scales)
         if call.perm is not None:
             out = jnp.transpose(out, call.perm)
+    if carried:
+        out = carried_checks.watch(name, out, carried)
     return out.astype(out_dtype)

@@ -14,8 +14,9 @@ The model is handled functionally: it is split into three states,
 
 * ``params``: ``nnx.Param`` (weights and learned quantizer parameters such as LSQ
   steps and PACT clips), updated by the optimizer;
-* ``overwrite``: ``OverwriteWithGradient`` variables (GradScale), whose
-  "gradient" is their new value, computed by the quantized backward pass;
+* ``overwrite``: ``OverwriteWithGradient`` variables (GradScale, amax histories;
+  Params too, split off first), whose "gradient" is their new value, computed by
+  the quantized backward pass;
 * ``rest``: everything else (RNG streams for dropout and stochastic rounding),
   carried from step to step.
 
@@ -36,6 +37,7 @@ import optax
 from flax import nnx
 
 from lowbit.nn.variables import OverwriteWithGradient
+from lowbit.recipes import carried
 from lowbit.training.loss_scale import all_finite, skip_nonfinite
 from lowbit.training.policy import Policy
 
@@ -48,7 +50,7 @@ class TrainState:
     """Everything that changes during training; a pytree, checkpointed whole.
 
     Attributes:
-      params: The ``nnx.Param`` state.
+      params: The ``nnx.Param`` state, ``OverwriteWithGradient`` excluded.
       overwrite: The ``OverwriteWithGradient`` state.
       rest: All other model state (RNG streams...).
       opt_state: Optimizer state (for :func:`make_optimizer`, an
@@ -106,9 +108,14 @@ def init_state(
       and :func:`make_eval_step`, and its state.
     """
     model.train()
-    graphdef, params, overwrite, rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)
+    graphdef, overwrite, params, rest = _split(model)
     params = policy.cast_to_param(params)
     return graphdef, TrainState(params, overwrite, rest, tx.init(params), loss_scale)
+
+
+def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """``(graphdef, overwrite, params, rest)``; ``OverwriteWithGradient`` is an ``nnx.Param``: split off first."""
+    return nnx.split(model, OverwriteWithGradient, nnx.Param, ...)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -139,9 +146,10 @@ def make_train_step(
         def loss_fn(diff):
             params, overwrite = diff
             model = nnx.merge(graphdef, params, overwrite, state.rest, copy=True)
-            logits = model(policy.cast_to_compute(x))
+            with carried.managed():  # this step overwrites the state itself: no misuse check in its program
+                logits = model(policy.cast_to_compute(x))
             loss = _cross_entropy(logits, y)
-            rest = nnx.split(model, nnx.Param, OverwriteWithGradient, ...)[3]
+            rest = _split(model)[3]
             return state.loss_scale.scale(loss), (loss, logits, rest)
 
         (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(
