@@ -54,6 +54,13 @@ def _mse(a, b):
     (dict(format="uint4", kind="twin_uniform", twin_split="sign"), "format"),
     (dict(format="int8", kind="ptf"), "granularity"),
     (dict(format="int8", kind="ptf", granularity="channel", scale="mse"), "scale"),
+    (dict(format="int8", granularity="block"), "block_shape"),
+    (dict(format="int8", granularity="block", block_shape=(16,)), "block_shape"),
+    (dict(format="int8", granularity="block", block_shape=[16, 16]), "block_shape"),
+    (dict(format="int8", granularity="block", block_shape=(0, 16)), "block_shape"),
+    (dict(format="int8", block_shape=(16, 16)), "block_shape"),
+    (dict(format="int8", granularity="block", block_shape=(16, 16), axis=0), "axis"),
+    (dict(format="nvfp4", granularity="channel"), "granularity"),
 ])
 def test_invalid_quantizer_names_field_and_allowed(kw, field):
     with pytest.raises(ValueError, match=rf"Quantizer\.{field}=.*allowed"):
@@ -270,6 +277,44 @@ def test_block_formats_delegate_along_axis():
     qt = quant.quantize(Quantizer(format=fmt, axis=0), x)
     np.testing.assert_array_equal(_bits(quant.dequantize(qt)), _bits(y))
     assert qt.nbytes == x.size // 2 + x.size // 32  # 4-bit codes + one E8M0 byte per 32
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+def test_2d_blocks_scale_each_tile_on_its_own(fmt):
+    """One scale per (4, 8) tile of the last two axes: each tile quantizes as a tensor of its own."""
+    x = _x(7, shape=(2, 8, 32))
+    q = Quantizer(format=fmt, granularity="block", block_shape=(4, 8))
+    y = np.asarray(quant.fake_quant(q, x))
+    per_tensor = jax.jit(lambda t: quant.fake_quant(Quantizer(format=fmt), t))
+    for b, i, j in np.ndindex(2, 2, 4):
+        tile = np.s_[b, 4 * i:4 * i + 4, 8 * j:8 * j + 8]
+        np.testing.assert_array_equal(y[tile], per_tensor(x[tile]))
+    assert quant.qparams(q, x).scale.shape == (2, 2, 1, 4, 1)
+    np.testing.assert_array_equal(_bits(quant.dequantize(quant.quantize(q, x))), _bits(y))
+
+
+@pytest.mark.skipif("nvfp4" not in formats.names(), reason="block formats not registered")
+@pytest.mark.parametrize("name", ["mxfp8_e4m3", "nvfp4"])
+def test_2d_blocks_of_a_block_format_make_one_block_per_tile(name):
+    """A block format's 2-D tile is one block of rows * cols elements: one E8M0 / E4M3 scale per tile."""
+    fmt = formats.get(name)
+    x = _x(8, shape=(32, 48))
+    q = Quantizer(format=fmt, granularity="block", block_shape=(16, 16))
+    tiles = x.reshape(2, 16, 3, 16).transpose(0, 2, 1, 3).reshape(2, 3, 256)
+    tile_fmt = formats.BlockFormat(element=fmt.element, block_size=256, scale=fmt.scale, kind=fmt.kind)
+    ref = jax.jit(lambda t: formats.quantize(tile_fmt, t))(tiles).reshape(2, 3, 16, 16).transpose(0, 2, 1, 3)
+    y = quant.fake_quant(q, x)
+    np.testing.assert_array_equal(y, ref.reshape(32, 48))
+    qt = quant.quantize(q, x)
+    assert qt.scale.shape == (2, 3, 1)
+    np.testing.assert_array_equal(_bits(quant.dequantize(qt)), _bits(y))
+
+
+def test_2d_blocks_must_tile_the_array():
+    q = Quantizer(format="int8", granularity="block", block_shape=(4, 8))
+    for shape in [(32,), (6, 32), (8, 12)]:
+        with pytest.raises(ValueError, match=r"block_shape=\(4, 8\) does not tile"):
+            quant.fake_quant(q, jnp.ones(shape, jnp.float32))
 
 
 # ----- ViT kinds -----------------------------------------------------------------------------

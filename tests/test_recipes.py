@@ -164,3 +164,45 @@ def test_state_init_allocates_histories_per_delayed_site():
     state = oprule.state_init(rule, call, jnp.ones((4, 3)), jax.random.key(0))
     assert {k: (c, v.shape) for k, (c, v) in state.items()} == {
         "amax_lhs": ("overwrite", (16,)), "amax_grad": ("overwrite", (16,))}
+
+
+@pytest.mark.parametrize("name,fmt,grad_rounding", [("mxfp8", "mxfp8_e4m3_rceil", "nearest"),
+                                                    ("mxfp4", "mxfp4_e2m1_rceil", "stochastic"),
+                                                    ("nvfp4", "nvfp4", "stochastic")])
+def test_block_recipes_quantize_every_gemm_along_its_own_contraction(name, fmt, grad_rounding):
+    """The block format on all four sites of the catch-all rule, placed per GEMM by the product."""
+    rule = recipes.get(name).rules[-1]
+    assert (rule.path, rule.kinds, rule.operands, rule.position) == (".*", None, "any", "any")
+    d = rule.dot
+    assert d.placement == "gemm" and d.reuse_fwd and d.dlhs_rhs is None and d.drhs_lhs is None
+    assert {q.format.name for q in (d.lhs, d.rhs, d.dlhs_grad, d.drhs_grad)} == {fmt}
+    assert (d.lhs.rounding, d.dlhs_grad.rounding, d.drhs_grad.rounding) == ("nearest", grad_rounding, grad_rounding)
+    old = recipes.get("nvfp4_v0").rules[0].dot
+    assert old.placement == "quantizer" and old.lhs == recipes.get("nvfp4").rules[-1].dot.lhs
+
+
+def test_mxfp8_linear_op_against_hand_quantized_gemms():
+    """The recipe's op: x and W along K; g and W along N; x and g along the tokens M (bit for bit)."""
+    from lowbit import formats
+
+    fmt = formats.with_scale_mode("mxfp8_e4m3", "rceil")  # TransformerEngine's MXFP8BlockScaling
+    rng = np.random.default_rng(0)
+    x, w, g = (jnp.asarray(rng.standard_normal(s, np.float32)) for s in ((64, 32), (32, 96), (64, 96)))
+    call = oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())))
+    rule = recipes.get("mxfp8").rules[0]
+    dot = lambda a, b: jax.lax.dot_general(a, b, call.dn)
+    q_rows, q_cols = (lambda v: formats.quantize(fmt, v.T).T), (lambda v: formats.quantize(fmt, v))
+
+    @jax.jit
+    def ours(x, w, g):
+        out, vjp = jax.vjp(lambda a, b: oprule.run(rule, call, a, b, {}, None, jnp.float32), x, w)
+        return (out, *vjp(g))
+
+    @jax.jit
+    def reference(x, w, g):
+        _, vjp_x = jax.vjp(lambda a: dot(a, q_cols(w)), x)
+        _, vjp_w = jax.vjp(lambda b: dot(q_rows(x), b), w)
+        return dot(q_cols(x), q_rows(w)), vjp_x(q_cols(g))[0], vjp_w(q_rows(g))[0]
+
+    for name, a, b in zip(("forward", "dx", "dw"), ours(x, w, g), reference(x, w, g)):
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -7,6 +7,7 @@ same way and run the same float32 operations on them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -18,7 +19,7 @@ from lowbit import formats
 from lowbit.formats._checks import check_float_input, check_rounding
 from lowbit.quant import kernels, scales
 from lowbit.quant.calibrate import params_from_state
-from lowbit.quant.layout import layout, normalize_axis
+from lowbit.quant.layout import from_tiles, layout, normalize_axis, to_tiles
 from lowbit.quant.params import QParams, from_step
 from lowbit.quant.qtensor import QTensor, load, pack_codes, store, unpack_codes
 from lowbit.quant.quantizer import Quantizer, is_block
@@ -64,12 +65,33 @@ def _prepare(q, x, scale, state):
     return lay, xw, _params(q, lay, xw, scale, state)
 
 
+def _block_format(q):
+    """The block format as it runs: with 2-D blocks, one block of ``rows * cols`` elements per tile."""
+    if q.granularity != "block":
+        return q.format
+    bm, bn = q.block_shape
+    return dataclasses.replace(q.format, block_size=bm * bn, name=f"{q.format.name}_{bm}x{bn}")
+
+
+def _to_blocks(q, x):
+    """``x`` with each block on the last axis (where block formats run): ``axis`` moved last, or 2-D tiles."""
+    if q.granularity == "block":
+        return to_tiles(x, q.block_shape)
+    return jnp.moveaxis(x, normalize_axis(q.axis, x.ndim), -1)
+
+
+def _from_blocks(q, y, shape):
+    """Inverse of ``_to_blocks`` for an array of logical ``shape``."""
+    if q.granularity == "block":
+        return from_tiles(y, shape, q.block_shape)
+    return jnp.moveaxis(y, -1, normalize_axis(q.axis, len(shape)))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _fake(q, x, key, scale, state):
     if is_block(q.format):
-        a = normalize_axis(q.axis, x.ndim)
-        y = formats.quantize(q.format, jnp.moveaxis(x, a, -1), saturate=q.saturate, rounding=q.rounding, key=key)
-        return jnp.moveaxis(y, -1, a)
+        y = formats.quantize(_block_format(q), _to_blocks(q, x), saturate=q.saturate, rounding=q.rounding, key=key)
+        return _from_blocks(q, y, x.shape)
     _, xw, p = _prepare(q, x, scale, state)
     return kernels.fake(q, xw, p, q.rounding, key).reshape(x.shape).astype(x.dtype)
 
@@ -127,8 +149,7 @@ def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize(q, x, key, scale, state):
     if is_block(q.format):
-        a = normalize_axis(q.axis, x.ndim)
-        codes, *scales_ = formats.encode(q.format, jnp.moveaxis(x, a, -1), saturate=q.saturate,
+        codes, *scales_ = formats.encode(_block_format(q), _to_blocks(q, x), saturate=q.saturate,
                                          rounding=q.rounding, key=key)
         ts = scales_[1] if len(scales_) > 1 else None
         return QTensor(pack_codes(q, codes), scales_[0], None, ts, None, q, x.shape, x.dtype)
@@ -160,11 +181,10 @@ def _dequantize(qt: QTensor):
     q = qt.quantizer
     n = math.prod(qt.shape)
     if is_block(q.format):
-        a = normalize_axis(q.axis, len(qt.shape))
-        moved = qt.shape[:a] + qt.shape[a + 1:] + (qt.shape[a],)
+        moved = jax.eval_shape(functools.partial(_to_blocks, q), jax.ShapeDtypeStruct(qt.shape, qt.dtype)).shape
         codes = unpack_codes(q, qt.codes, n).reshape(moved)
         parts = (codes, qt.scale) if qt.tensor_scale is None else (codes, qt.scale, qt.tensor_scale)
-        return jnp.moveaxis(formats.decode(q.format, parts, dtype=qt.dtype), -1, a)
+        return _from_blocks(q, formats.decode(_block_format(q), parts, dtype=qt.dtype), qt.shape)
     lay = layout(q, qt.shape)
     codes = unpack_codes(q, qt.codes, n).reshape(lay.work)
     return kernels.decode(q, codes, load(qt)).reshape(qt.shape).astype(qt.dtype)

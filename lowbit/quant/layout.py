@@ -13,9 +13,11 @@ class Layout:
     Attributes:
       shape: the logical shape of ``x``.
       work: the shape the kernels see; ``shape`` itself, except that per-group
-        quantization splits ``axis`` into ``(groups, group_size)``.
+        quantization splits ``axis`` into ``(groups, group_size)`` and 2-D
+        blocks split each of the last two axes into ``(tiles, tile side)``.
       reduce: axes of ``work`` that share one scale.
-      axis: the channel axis (or the groups' axis) in ``work``; None per tensor.
+      axis: the channel axis (or the groups' axis) in ``work``; None per tensor
+        and for 2-D blocks.
     """
 
     shape: tuple[int, ...]
@@ -45,13 +47,16 @@ def layout(q, shape) -> Layout:
     """The layout of quantizer ``q`` on ``shape``.
 
     Raises:
-      ValueError: ``q.axis`` out of range, or a group size that does not divide
-        the axis.
+      ValueError: ``q.axis`` out of range, a group size that does not divide
+        the axis, or a ``block_shape`` that does not divide the last two axes.
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
     if q.granularity == "tensor":
         return Layout(shape, shape, tuple(range(ndim)), None)
+    if q.granularity == "block":
+        work = tiled_shape(shape, q.block_shape)
+        return Layout(shape, work, (ndim - 1, ndim + 1), None)
     a = normalize_axis(q.axis, ndim)
     if q.granularity == "channel":
         return Layout(shape, shape, tuple(i for i in range(ndim) if i != a), a)
@@ -61,3 +66,35 @@ def layout(q, shape) -> Layout:
                          f"allowed: a divisor of {n}")
     work = shape[:a] + (n // g, g) + shape[a + 1:]
     return Layout(shape, work, (a + 1,), a)
+
+
+def tiled_shape(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[int, ...]:
+    """``(..., M, N)`` as ``(..., M // bm, bm, N // bn, bn)`` for ``block_shape = (bm, bn)``.
+
+    Raises:
+      ValueError: fewer than two axes, or a tile side that does not divide its axis.
+    """
+    (bm, bn), lead = block_shape, tuple(shape[:-2])
+    if len(shape) < 2 or shape[-2] % bm or shape[-1] % bn:
+        raise ValueError(f"Quantizer.block_shape={block_shape} does not tile an array of shape {tuple(shape)}; "
+                         "allowed: at least two axes, the last two multiples of the tile's rows and columns")
+    return lead + (shape[-2] // bm, bm, shape[-1] // bn, bn)
+
+
+def to_tiles(x, block_shape: tuple[int, int]):
+    """``x`` of shape ``(..., M, N)`` as ``(..., M // bm, N // bn, bm * bn)``: each tile on the last axis.
+
+    This is how a block format (which blocks along the last axis) scales 2-D
+    tiles: one block of ``bm * bn`` elements per tile.
+    """
+    w = x.reshape(tiled_shape(x.shape, block_shape))
+    n = w.ndim
+    return w.transpose(*range(n - 4), n - 4, n - 2, n - 3, n - 1).reshape(*w.shape[:-4], w.shape[-4], w.shape[-2], -1)
+
+
+def from_tiles(t, shape: tuple[int, ...], block_shape: tuple[int, int]):
+    """Inverse of ``to_tiles``: ``(..., M // bm, N // bn, bm * bn)`` back to ``shape``."""
+    bm, bn = block_shape
+    w = t.reshape(*t.shape[:-1], bm, bn)  # (..., M // bm, N // bn, bm, bn)
+    n = w.ndim
+    return w.transpose(*range(n - 4), n - 4, n - 2, n - 3, n - 1).reshape(shape)

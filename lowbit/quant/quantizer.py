@@ -11,7 +11,7 @@ import numpy as np
 from lowbit import formats
 from lowbit.formats._checks import ROUNDINGS, check_bool, check_int, require
 
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "block")
 SCALES = ("absmax", "percentile", "mse", "kl", "fixed", "learned", "delayed", "none")
 DATA_SCALES = ("absmax", "percentile", "mse", "kl")  # the sources a static quantizer calibrates
 AMAX_REDUCTIONS = ("max", "most_recent")  # how scale="delayed" reads its amax history
@@ -53,13 +53,22 @@ class Quantizer:
         ``lowbit.formats.Format``, a user's included); stored resolved.
         Block formats (``mxfp4_e2m1``, ``nvfp4``, ...) bring their own block
         scales: the quantizer then only moves ``axis`` to the last axis (where
-        the blocks run) and the scale fields must keep their defaults.
-      granularity: ``tensor`` (one scale), ``channel`` (one per index of
-        ``axis``) or ``group`` (one per ``group_size`` consecutive elements
-        along ``axis``, for every index of the other axes).
+        the blocks run), or with ``granularity="block"`` gathers each 2-D tile
+        into one block; the scale fields must keep their defaults.
+      granularity: ``tensor`` (one scale; a block format's 1-D blocks along
+        ``axis``), ``channel`` (one per index of ``axis``), ``group`` (one per
+        ``group_size`` consecutive elements along ``axis``, for every index of
+        the other axes) or ``block`` (one per ``block_shape`` tile of the last
+        two axes, for every index of the others: 2-D block scaling, e.g.
+        NVFP4's 16x16 or DeepSeek-V3's 128x128 weight blocks; a block format's
+        tile replaces its 1-D block, so one E8M0/E4M3 scale covers the tile).
       axis: the channel axis, or the axis the groups run along; negative counts
-        from the end. Checked against the array's rank at call time.
+        from the end. Checked against the array's rank at call time. Must stay
+        -1 with ``granularity="block"`` (tiles span the last two axes, where a
+        weight keeps both of its GEMM axes: in and out features).
       group_size: elements per group (``granularity="group"`` only), >= 1.
+      block_shape: ``(rows, cols)`` of a 2-D tile over the last two axes
+        (``granularity="block"`` only), each >= 1 and dividing its axis.
       scale: where the clip comes from: ``absmax``; ``percentile`` (of ``|x|``
         per scale group, or of ``x`` at ``100 - q`` and ``q`` when asymmetric);
         ``mse`` (the clip ratio in [0.3, 1] of absmax with the least
@@ -108,6 +117,7 @@ class Quantizer:
     granularity: str = "tensor"
     axis: int = -1
     group_size: int | None = None
+    block_shape: tuple[int, int] | None = None
     scale: str = "absmax"
     percentile: float = 99.99
     scale_format: str = "float32"
@@ -139,6 +149,7 @@ class Quantizer:
         else:
             require(self.group_size is None, _OWN, "group_size", self.group_size,
                     "None unless granularity='group'")
+        self._check_block_shape()
         require(self.scale in SCALES, _OWN, "scale", self.scale, ", ".join(SCALES))
         p = self.percentile
         require(isinstance(p, (int, float, np.floating, np.integer)) and not isinstance(p, bool)
@@ -177,6 +188,18 @@ class Quantizer:
             require(getattr(self, field) == want, _OWN, field, getattr(self, field),
                     f"{want!r} with scale='delayed' (the amax history holds one magnitude per tensor)")
 
+    def _check_block_shape(self):
+        bs = self.block_shape
+        if self.granularity != "block":
+            require(bs is None, _OWN, "block_shape", bs, "None unless granularity='block'")
+            return
+        ok = (isinstance(bs, tuple) and len(bs) == 2
+              and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= 1 << 16 for n in bs))
+        require(ok, _OWN, "block_shape", bs, "a tuple (rows, cols) of two integers in [1, 65536] with "
+                "granularity='block' (1-D blocks are granularity='group')")
+        require(self.axis == -1, _OWN, "axis", self.axis,
+                "-1 with granularity='block' (the tiles span the last two axes: move other axes there)")
+
     def _check_fixed_scale(self):
         s = self.fixed_scale
         if self.scale != "fixed":
@@ -189,7 +212,9 @@ class Quantizer:
     def _check_combinations(self, fmt):
         integer = isinstance(fmt, formats.IntFormat)
         if is_block(fmt):
-            for field, default in (("granularity", "tensor"), ("scale", "absmax"), ("scale_format", "float32"),
+            require(self.granularity in ("tensor", "block"), _OWN, "granularity", self.granularity,
+                    f"'tensor' (1-D blocks along axis) or 'block' (2-D tiles) with block format {fmt.name}")
+            for field, default in (("scale", "absmax"), ("scale_format", "float32"),
                                    ("symmetric", True), ("static", False), ("kind", "uniform")):
                 require(getattr(self, field) == default, _OWN, field, getattr(self, field),
                         f"{default!r} with block format {fmt.name} (its blocks carry their own scales)")

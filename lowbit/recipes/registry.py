@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from lowbit import formats
+from lowbit.formats import FloatFormat
 from lowbit.quant import Quantizer
 from lowbit.quant.quantizer import DEFAULT_AMAX_HISTORY
 from lowbit.recipes.rules import Recipe, Rule
+from lowbit.training.hadamard import RHT
 from lowbit.training.policy import get_policy
 from lowbit.training.qdot import DotQuantConfig
 
@@ -63,10 +66,40 @@ def _absmax_int(weight_bits: int) -> Recipe:
     )
 
 
-def _block(name, fmt, summary) -> Recipe:
-    """MX / NVFP4: blocks along each operand's contracting axis, stochastic rounding on gradients."""
-    fwd, grad = _q(fmt), _q(fmt, rounding="stochastic")
-    return Recipe(name=name, rules=(Rule(dot=_dot(fwd, grad)),), summary=summary)
+def _bf16() -> DotQuantConfig:
+    """BF16 GEMMs: every operand of the three products rounded to bfloat16, float32 sums."""
+    q = _q(FloatFormat(name="bfloat16", ebits=8, mbits=7), scale="none")
+    return DotQuantConfig(lhs=q, rhs=q, dlhs_grad=q, drhs_grad=q)
+
+
+def _block(name, fmt, summary, *, grad_rounding="stochastic", placement="gemm", weight_tile=None, rht_block=None,
+           bf16_last=False) -> Recipe:
+    """MX / NVFP4 on both operands of every GEMM (forward, input gradient, weight gradient) of every op.
+
+    With ``placement="gemm"`` each GEMM blocks both of its operands along its own
+    contraction, from the unquantized tensors (see ``lowbit.training.qdot``);
+    ``"quantizer"`` is lowbit's earlier numerics (the backward reusing the
+    forward's copies, gradient blocks along the last axis).
+
+    Args:
+      weight_tile: ``(rows, cols)`` 2-D blocks for weights (one quantized weight
+        in the forward and the input gradient), else 1-D blocks like the rest.
+      rht_block: a random Hadamard transform of this size on the weight-gradient
+        GEMM's inputs of dot products with a weight. Not on convolutions: their
+        weight gradient pairs shifted windows, where no rotation cancels.
+      bf16_last: the last weighted op (``position="last"``) and the products
+        of two activations (attention) run as BF16 GEMMs.
+    """
+    fwd, grad = _q(fmt), _q(fmt, rounding=grad_rounding)
+    weight = fwd if weight_tile is None else _q(fmt, granularity="block", block_shape=weight_tile)
+    dot = DotQuantConfig(lhs=fwd, rhs=weight, dlhs_grad=grad, drhs_grad=grad, placement=placement)
+    rules = (Rule(dot=dot),)
+    if rht_block is not None:
+        rotated = dataclasses.replace(dot, rht=RHT(products=("drhs",), block=rht_block))
+        rules = (Rule(kinds=("dot_general", "einsum"), operands="weight", dot=rotated),) + rules
+    if bf16_last:
+        rules = (Rule(operands="weight", position="last", dot=_bf16()), Rule(**ACTIVATIONS, dot=_bf16())) + rules
+    return Recipe(name=name, rules=rules, summary=summary)
 
 
 def _fp4() -> Recipe:
@@ -135,10 +168,32 @@ def _registry() -> dict[str, Recipe]:
                    (("weights", "e2m3, per-channel"), ("activations", "e2m3, per-tensor"),
                     ("gradients", "e3m2, per-tensor"))),
         "fp4": _fp4(),
-        "mxfp4": _block("mxfp4", "mxfp4_e2m1", (("weights, activations", "MXFP4 (E2M1, 32-blocks, E8M0 scale)"),
-                                                ("gradients", "MXFP4, stochastic rounding"))),
-        "nvfp4": _block("nvfp4", "nvfp4", (("weights, activations", "NVFP4 (E2M1, 16-blocks, E4M3 + FP32 scale)"),
-                                           ("gradients", "NVFP4, stochastic rounding"))),
+        # TransformerEngine's MXFP8BlockScaling: E4M3 everywhere, scales amax/448 rounded up (cuBLAS, JAX).
+        "mxfp8": _block("mxfp8", formats.with_scale_mode("mxfp8_e4m3", "rceil"), (
+            ("weights, activations, gradients",
+             "MXFP8 (E4M3, 32-blocks, E8M0 scale rounded up: rceil), round to nearest"),
+            ("GEMMs", "all three of every op, each blocked along its own contraction")), grad_rounding="nearest"),
+        # Tseng et al. 2025 (MXFP4 training): stochastic rounding and an RHT in the backward pass.
+        "mxfp4": _block("mxfp4", formats.with_scale_mode("mxfp4_e2m1", "rceil"), (
+            ("weights, activations", "MXFP4 (E2M1, 32-blocks, E8M0 scale rounded up: rceil)"),
+            ("gradients", "MXFP4, stochastic rounding"),
+            ("GEMMs", "each blocked along its own contraction; weight gradient of dot products: 32-point random "
+                      "Hadamard transform on both inputs")), rht_block=32),
+        # NVIDIA's NVFP4 pretraining recipe (2025): linear layers in NVFP4, attention and the final ~15% of the
+        # linear layers in BF16 (on lowbit's positions, which know no blocks: the last weighted op).
+        "nvfp4": _block("nvfp4", "nvfp4", (
+            ("activations", "NVFP4 (E2M1, 1x16 blocks, E4M3 + FP32 scale)"),
+            ("weights", "NVFP4 in 16x16 blocks (one quantized weight in forward and input gradient)"),
+            ("gradients", "NVFP4 1x16, stochastic rounding"),
+            ("GEMMs", "each blocked along its own contraction; weight gradient of dot products: 16-point random "
+                      "Hadamard transform on both inputs"),
+            ("last layer, activation products (attention)", "BF16")),
+            weight_tile=(16, 16), rht_block=16, bf16_last=True),
+        "nvfp4_v0": _block("nvfp4_v0", "nvfp4", (
+            ("weights, activations", "NVFP4 (E2M1, 16-blocks, E4M3 + FP32 scale)"),
+            ("gradients", "NVFP4, stochastic rounding, blocks along the last axis"),
+            ("GEMMs", "backward reuses the forward's quantized operands (lowbit before issue 19)")),
+            placement="quantizer"),
         "int8": _absmax_int(8),
         "int4": _absmax_int(4),
         "int8_lsq": _lsq(8),
