@@ -177,16 +177,16 @@ def _registry() -> dict[str, Recipe]:
         "mxfp4": _block("mxfp4", formats.with_scale_mode("mxfp4_e2m1", "rceil"), (
             ("weights, activations", "MXFP4 (E2M1, 32-blocks, E8M0 scale rounded up: rceil)"),
             ("gradients", "MXFP4, stochastic rounding"),
-            ("GEMMs", "each blocked along its own contraction; weight gradient of dot products: 32-point random "
-                      "Hadamard transform on both inputs")), rht_block=32),
+            ("GEMMs", ("each blocked along its own contraction; weight gradient of dot products: 32-point random "
+                       "Hadamard transform on both inputs"))), rht_block=32),
         # NVIDIA's NVFP4 pretraining recipe (2025): linear layers in NVFP4, attention and the final ~15% of the
         # linear layers in BF16 (on lowbit's positions, which know no blocks: the last weighted op).
         "nvfp4": _block("nvfp4", "nvfp4", (
             ("activations", "NVFP4 (E2M1, 1x16 blocks, E4M3 + FP32 scale)"),
             ("weights", "NVFP4 in 16x16 blocks (one quantized weight in forward and input gradient)"),
             ("gradients", "NVFP4 1x16, stochastic rounding"),
-            ("GEMMs", "each blocked along its own contraction; weight gradient of dot products: 16-point random "
-                      "Hadamard transform on both inputs"),
+            ("GEMMs", ("each blocked along its own contraction; weight gradient of dot products: 16-point random "
+                       "Hadamard transform on both inputs")),
             ("last layer, activation products (attention)", "BF16")),
             weight_tile=(16, 16), rht_block=16, bf16_last=True),
         "nvfp4_v0": _block("nvfp4_v0", "nvfp4", (

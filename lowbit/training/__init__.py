@@ -3,7 +3,7 @@ narrow accumulators and the random Hadamard transform."""
 
 from lowbit.training.accumulate import Accumulator, accumulated_dot_general
 from lowbit.training.gradscale import gradscale_init, gradscale_update
-from lowbit.training.hadamard import rht, rht_dot_operands, rht_inverse, rht_signs
+from lowbit.training.hadamard import RHT, rht, rht_dot_operands, rht_inverse, rht_signs
 from lowbit.training.loss_scale import (
     DynamicLossScale,
     LossScale,
@@ -27,7 +27,7 @@ from lowbit.training.ste import (
 )
 
 __all__ = [
-    "Accumulator", "DotQuantConfig", "DynamicLossScale", "LossScale", "NoOpLossScale", "Policy",
+    "RHT", "Accumulator", "DotQuantConfig", "DynamicLossScale", "LossScale", "NoOpLossScale", "Policy",
     "StaticLossScale", "accumulated_dot_general", "all_finite", "binary_weight", "clipped_ste", "get_policy",
     "gradscale_init", "gradscale_update", "lsq", "lsq_init_step", "pact", "quantized_dot_general", "rht",
     "rht_dot_operands", "rht_inverse", "rht_signs", "sawb_clip", "sawb_quantize", "skip_nonfinite", "ste",

@@ -25,6 +25,7 @@ Signs come from ``lowbit.formats.random_bits``, the library's one random source.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -36,7 +37,9 @@ from jax import lax
 from lowbit.formats import random_bits
 from lowbit.formats._checks import check_int, require
 
-__all__ = ["rht", "rht_dot_operands", "rht_inverse", "rht_signs"]
+__all__ = ["RHT", "rht", "rht_dot_operands", "rht_inverse", "rht_signs"]
+
+PRODUCTS = ("fwd", "dlhs", "drhs")  # a quantized matmul's forward, input-gradient and weight-gradient products
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,6 +71,32 @@ def rht_signs(key, block: int = 16) -> jax.Array:
     # Each word is a hash of its index under the key (uniform bits): its top bit is a fair coin.
     negative = lax.shift_right_logical(random_bits(key, (block,)), jnp.uint32(31)) == 1
     return jnp.where(negative, jnp.float32(-1), jnp.float32(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RHT:
+    """Which products of a quantized matmul rotate their operands (``DotQuantConfig.rht``).
+
+    A rotated product transforms both of its operands by one RHT in blocks
+    along its contraction (several contracted dims flattened, as its block
+    quantizers see them) before their quantizers, with the signs of its own key
+    (see ``lowbit.training.qdot``). The rotation cancels in the product.
+
+    Attributes:
+      products: a non-empty tuple of ``fwd`` (forward), ``dlhs`` (input
+        gradient), ``drhs`` (weight gradient: NVIDIA's NVFP4 recipe, the default).
+      block: the transform size, a power of two >= 2 (16 for NVFP4, 32 for MXFP4).
+    """
+
+    products: tuple[str, ...] = ("drhs",)
+    block: int = 16
+
+    def __post_init__(self):
+        ok = (isinstance(self.products, tuple) and len(self.products) > 0
+              and all(isinstance(p, str) and p in PRODUCTS for p in self.products)
+              and len(set(self.products)) == len(self.products))
+        require(ok, "RHT", "products", self.products, f"a non-empty tuple of distinct names in {', '.join(PRODUCTS)}")
+        _check_block("RHT", self.block)
 
 
 def _apply(owner: str, x, axis, key, block, inverse: bool) -> jax.Array:

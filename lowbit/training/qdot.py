@@ -95,8 +95,8 @@ from lowbit import formats, quant
 from lowbit.quant.quantizer import is_block
 from lowbit.training import delayed
 from lowbit.training.accumulate import Accumulator, accumulated_dot_general
-from lowbit.training.hadamard import RHT, rht
 from lowbit.training.gradscale import gradscale_update
+from lowbit.training.hadamard import RHT, rht
 
 Quantizer = Any  # lowbit.quant.Quantizer or None (identity)
 MATMULS = ("fake", "real", "auto")
@@ -123,7 +123,7 @@ def real_ok(q) -> bool:
 _KERNEL_MXFP8 = quant.Quantizer(format=formats.with_scale_mode("mxfp8_e4m3", "rceil"))
 
 
-def uses_block_kernel(config: "DotQuantConfig", lhs_shape: tuple[int, ...], dimension_numbers) -> bool:
+def uses_block_kernel(config: DotQuantConfig, lhs_shape: tuple[int, ...], dimension_numbers) -> bool:
     """Whether the forward product runs as ``jax.nn.scaled_dot_general``'s MXFP8 GEMM instead of emulation.
 
     Off-CPU only (it has no CPU lowering), with ``matmul`` not ``fake``, per-GEMM
@@ -137,7 +137,7 @@ def uses_block_kernel(config: "DotQuantConfig", lhs_shape: tuple[int, ...], dime
       lhs_shape: the forward lhs operand's shape.
       dimension_numbers: the forward product's, as ``lax.dot_general`` takes them.
     """
-    (lc, rc), _ = dimension_numbers
+    (lc, _), _ = dimension_numbers
     mx = all(q is not None and dataclasses.replace(q, axis=-1) == _KERNEL_MXFP8 for q in (config.lhs, config.rhs))
     return (jax.default_backend() != "cpu" and config.matmul != "fake" and config.placement == "gemm"
             and config.accumulator is None and not _rotates(config, "fwd") and mx
@@ -569,7 +569,7 @@ def _real_dot(product, q_lhs, q_rhs, lhs, rhs, k_lhs, k_rhs, scales):
     return out.astype(pet or jnp.result_type(lhs.dtype, rhs.dtype)), _Narrow(cl, sl, jnp.zeros((), lhs.dtype)), _Narrow(cr, sr, jnp.zeros((), rhs.dtype))
 
 
-def _block_kernel(product: "_Dot", lhs, rhs):
+def _block_kernel(product: _Dot, lhs, rhs):
     """The forward product as ``jax.nn.scaled_dot_general``'s MXFP8 GEMM (quantizing both operands itself)."""
     mx = jax.nn.get_scaled_dot_general_config("mxfp8")
     pet = product.pet or jnp.result_type(lhs.dtype, rhs.dtype)
