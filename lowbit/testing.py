@@ -1,4 +1,4 @@
-"""Hypothesis strategies and a reusable property suite for element formats.
+"""Hypothesis strategies and reusable property suites for element formats and scaled quantizers.
 
 Use it to property-test a format you define, lowbit's or any object
 implementing ``lowbit.formats.Format``::
@@ -27,6 +27,16 @@ Every expectation is computed independently, in float64, from ``values(fmt)``
 and the format's flags. Each format compiles one jitted kernel (cached per
 format) and every array is checked in chunks of one fixed shape, so a format
 costs one compilation however many examples run.
+
+:func:`check_quantizer` checks what every scaled ``lowbit.quant.Quantizer``
+must satisfy (idempotence, invariance under powers of two, padding of a last
+partial block, independent scale groups, unbiased stochastic rounding through a
+GEMM, equality with a user's reference)::
+
+    testing.check_quantizer(quant.Quantizer(format="mxfp8_e4m3"))
+
+Both suites raise inside ``@given``, so Hypothesis shrinks each counterexample
+and replays it first next time from its example database.
 """
 
 from __future__ import annotations
@@ -41,12 +51,21 @@ import numpy as np
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
-from lowbit import formats
-from lowbit.formats import AdaptiveFloat, BinaryFormat, BlockFormat, CodebookFormat, FloatFormat, IntFormat
+from lowbit import formats, quant
+from lowbit.formats import (
+    AdaptiveFloat,
+    BinaryFormat,
+    BlockFormat,
+    CodebookFormat,
+    FloatFormat,
+    IntFormat,
+)
+from lowbit.quant.quantizer import DATA_SCALES, is_block
 
 __all__ = [
-    "CHUNK", "FormatProperties", "check_array", "check_format", "check_grid", "float_formats",
-    "format_test", "formats_any", "hard_arrays", "hard_floats", "hard_values", "int_formats",
+    "CHUNK", "QUANTIZER_CHECKS", "FormatProperties", "QuantizerViolation", "check_array", "check_format",
+    "check_grid", "check_quantizer", "float_formats", "format_test", "formats_any", "hard_arrays", "hard_floats",
+    "hard_values", "int_formats", "quantizer_arrays",
 ]
 
 CHUNK = 1024  # the one array length every kernel is compiled for
@@ -716,12 +735,43 @@ def _resolve(fmt):
     return _element(formats.get(fmt) if isinstance(fmt, str) else fmt)
 
 
+def _new_violations_test(fmt, known: frozenset, examples: int, seed: int, reference):
+    """A Hypothesis test that raises ``_NewViolations`` on an input violating a property not in ``known``."""
+
+    @settings(max_examples=examples, deadline=None, report_multiple_bugs=False,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(hard_arrays(fmt))
+    def run(x):
+        found = _Report(fmt)
+        _check_array(fmt, x, found, seed, reference)
+        new = {p: line for p, line in found.found.items() if p not in known}
+        if new:
+            raise _NewViolations(new)
+
+    # Keyed by format and by what is already known, so each run replays its own counterexample.
+    run._hypothesis_internal_database_key = f"lowbit.check_format:{fmt!r}:{seed}:{sorted(known)}".encode()
+    return run
+
+
+class _NewViolations(AssertionError):
+    """Raised inside ``check_format``'s ``@given`` test: the properties an input violates, with their lines."""
+
+    def __init__(self, found: dict):
+        super().__init__("\n".join(found.values()))
+        self.found = found
+
+
 def check_format(fmt, *, examples: int = 100, seed: int = 0, reference=None) -> None:
     """Run the whole property suite on ``fmt`` and report every violated property at once.
 
     Runs the deterministic checks of :func:`check_grid` (every code and every
     hard input), then :func:`check_array` on ``examples`` Hypothesis-drawn
-    :func:`hard_arrays`, collecting violations instead of stopping at the first.
+    :func:`hard_arrays`. The Hypothesis test raises inside ``@given`` on the
+    first input that violates a property not yet reported, so Hypothesis
+    shrinks that input and saves it to its example database; the properties the
+    shrunk input violates are reported with it, and the test runs again for the
+    others until no new property fails. The one ``AssertionError`` at the end
+    lists every violated property, each with its (shrunk) counterexample.
 
     Args:
       fmt: a registered name or any element format (``lowbit.formats.Format``:
@@ -745,14 +795,17 @@ def check_format(fmt, *, examples: int = 100, seed: int = 0, reference=None) -> 
         raise TypeError(f"reference={reference!r} is invalid; allowed: None or a callable (x: ndarray) -> ndarray")
     r = _Report(fmt)
     _check_grid(fmt, r, reference)
-
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(hard_arrays(fmt))
-    def run(x):
-        _check_array(fmt, x, r, seed, reference)  # records, never raises: every property gets reported
-
-    run()
+    # One Hypothesis run per newly failing property set: each run raises inside @given as
+    # soon as an input violates a property not yet reported, so Hypothesis shrinks that
+    # input (and saves it to its database); the shrunk input's new violations are then
+    # reported with it, and the next run looks for the remaining properties.
+    while True:
+        try:
+            _new_violations_test(fmt, frozenset(r.found), examples, seed, reference)()
+        except _NewViolations as err:
+            r.found.update(err.found)
+            continue
+        break
     r.raise_if_any()
 
 
@@ -793,3 +846,467 @@ class FormatProperties:
     @given(data=st.data())
     def test_properties(self, data):
         check_array(self.fmt, data.draw(hard_arrays(self.fmt), label="x"))
+
+
+# ----- the property kit for scaled quantizers ----------------------------------------------
+
+QUANTIZER_CHECKS = ("idempotent", "pow2_invariant", "padding", "independent", "unbiased", "reference")
+"""The checks of :func:`check_quantizer`, in the order it runs them."""
+
+_POW2_MAX = 16  # |k| of the powers of two 2^k that pow2_invariant multiplies by
+# Drawn magnitudes are 0 or within [2^-100, 2^12]: times 2^+-16 they stay float32
+# normals, far from E8M0's and NVFP4's scale clamps, so no check meets under/overflow.
+_TINY, _HUGE = 2.0**-100, 2.0**12
+_CLIPPING_SCALES = ("percentile", "mse", "kl")  # clips below the absmax, chosen from the data
+_SR_DRAWS = 1024  # stochastic roundings per set (two sets: see _check_unbiased)
+_SR_DELTA = 1e-12  # Hoeffding false-alarm probability per GEMM output
+_SR_COLUMNS = 4  # columns of the fixed matrix w of the GEMM
+# Re-quantizing recomputes a float32 (or E4M3, NVFP4) step from the quantized amax, which
+# is the step times the top level rounded to float32: the step may move by a few ulps.
+# 2^-20 (8 ulps) allows that and is far below one grid level (>= 2^-11 relative for
+# element formats of up to 10 fraction bits).
+_IDEMPOTENT_RTOL = 2.0**-20
+
+
+class QuantizerViolation(AssertionError):
+    """A check of :func:`check_quantizer` failed on one input (Hypothesis shrinks that input).
+
+    Attributes:
+      check: the check's name (one of ``QUANTIZER_CHECKS``).
+      x: the float32 input the check failed on (the shrunk counterexample once
+        Hypothesis has finished).
+    """
+
+    def __init__(self, check: str, x: np.ndarray, message: str):
+        nz = np.flatnonzero(x)
+        shown = ", ".join(f"[{', '.join(map(str, np.unravel_index(i, x.shape)))}]={_show(x.flat[i])}"
+                          for i in nz[:6])
+        super().__init__(f"{check}: {message}\n    on x of shape {x.shape} with {nz.size} nonzero element(s)"
+                         + (f": {shown}" + (" ..." if nz.size > 6 else "") if nz.size else ""))
+        self.check, self.x = check, x
+
+
+def _describe(q) -> str:
+    """``q`` as its format's name and the fields that differ from their defaults."""
+    fields = [f"format={getattr(q.format, 'name', q.format)!r}"]
+    fields += [f"{f.name}={getattr(q, f.name)!r}" for f in dataclasses.fields(q)
+               if f.name != "format" and getattr(q, f.name) != f.default]
+    return f"Quantizer({', '.join(fields)})"
+
+
+def _two_level(q) -> bool:
+    """Whether a tensor-wide statistic sets one scale level of every group (NVFP4, ``e4m3`` steps, PTF)."""
+    return getattr(q.format, "kind", None) == "nvfp4" or q.scale_format == "e4m3" or q.kind == "ptf"
+
+
+def _group_extent(q) -> int | None:
+    """Elements per scale group along ``q.axis`` for 1-D blocks and groups, else None."""
+    if q.granularity == "group":
+        return q.group_size
+    if q.granularity == "tensor" and is_block(q.format):
+        return q.format.block_size
+    return None
+
+
+def _shape(q, ragged: bool = False) -> tuple[int, ...]:
+    """The fixed input shape of ``q``'s checks: two scale groups along each quantized axis.
+
+    With ``ragged`` (1-D block formats), the axis ends in a partial block instead,
+    and the other axes have length 1: the check is about one row's last block.
+    """
+    if q.granularity == "block":
+        bm, bn = q.block_shape
+        return (2 * bm, 2 * bn)
+    ndim = max(2, q.axis + 1 if q.axis >= 0 else -q.axis)
+    a = q.axis % ndim
+    extent = _group_extent(q)
+    if extent is not None:
+        n = extent + extent // 2 + 1 if ragged else 2 * extent
+    else:
+        n = 4 if q.granularity == "channel" else 16
+    return tuple(n if i == a else 1 if ragged else 3 for i in range(ndim))
+
+
+def _group_ids(q, shape) -> np.ndarray:
+    """The scale group of every element of an array of ``shape``, as integer labels."""
+    idx = np.indices(shape)
+    if q.granularity == "block":
+        bm, bn = q.block_shape
+        parts = [*idx[:-2], idx[-2] // bm, idx[-1] // bn]
+    else:
+        a = q.axis % len(shape)
+        extent = _group_extent(q)
+        if extent is not None:
+            parts = [*(idx[i] for i in range(len(shape)) if i != a), idx[a] // extent]
+        else:
+            parts = [idx[a]] if q.granularity == "channel" else [np.zeros(shape, int)]
+    rows = np.stack([p.ravel() for p in parts], axis=1)
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(shape)
+
+
+def _applies(q, check: str, reference) -> str | None:
+    """Why ``check`` does not apply to ``q`` (None when it does)."""
+    if check == "idempotent" and q.scale in _CLIPPING_SCALES:
+        return (f"scale={q.scale!r} clips at a statistic of x that quantizing x changes, so q(q(x)) may clip "
+                "elsewhere (idempotence holds for absmax, fixed and none scales and block formats)")
+    if check == "idempotent" and q.rounding == "stochastic" and not _pow2_steps(q):
+        return ("stochastic rounding may move a group's largest element down a level, and the step recomputed "
+                "from it is not a power of two, so the grid itself moves (idempotence holds for deterministic "
+                "rounding, and for stochastic rounding with power-of-two or fixed steps)")
+    if check == "pow2_invariant" and not (is_block(q.format) or q.scale in DATA_SCALES):
+        return (f"scale={q.scale!r} does not come from x, so q(x * 2^k) = q(x) * 2^k is not promised "
+                "(it holds for scales computed from x: absmax, percentile, mse, kl and block formats)")
+    if check == "padding" and (_group_extent(q) is None or not is_block(q.format) or q.format.block_size == 1):
+        return ("only block formats with 1-D blocks of more than one element pad a last partial block "
+                "(groups and 2-D blocks must divide their axes)")
+    if check == "independent" and _group_ids(q, _shape(q)).max() == 0:
+        return "a single scale for the whole tensor has no other group to leak into"
+    if check == "unbiased" and q.rounding != "stochastic":
+        return f"rounding={q.rounding!r} is deterministic (this checks rounding='stochastic')"
+    if check == "reference" and reference is None:
+        return "no reference= was given"
+    return None
+
+
+def _fq(q, x, key=None) -> np.ndarray:
+    return np.asarray(quant.fake_quant(q, jnp.asarray(x), key))
+
+
+def _bits_equal(a, b) -> np.ndarray:
+    """Elementwise bit equality of float32 arrays, any NaN equal to any NaN."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
+
+
+def _raise_unequal(check, x, got, want, what: str, mask=None):
+    """Raise a QuantizerViolation naming the first elements (in ``mask``) where ``got`` differs from ``want``."""
+    bad = ~_bits_equal(got, want) if mask is None else ~_bits_equal(got, want) & mask
+    if bad.any():
+        where = np.argwhere(bad)[:3]
+        detail = "; ".join(f"at {tuple(int(i) for i in w)}: got {_show(got[tuple(w)])}, expected "
+                           f"{_show(want[tuple(w)])}" for w in where)
+        raise QuantizerViolation(check, x, f"{what}: {int(bad.sum())} element(s) differ; {detail}")
+
+
+def quantizer_arrays(q, *, ragged: bool = False):
+    """Float32 input arrays for ``q``'s checks, at the fixed shape the checks use.
+
+    Either one background value with up to 8 drawn elements, or a seeded dense
+    array (normal values, each row at its own magnitude) of which only a drawn
+    window of elements (in flat order, wrapping around) is kept. Hypothesis
+    shrinks a failure to few drawn elements, or to a short window. Magnitudes
+    are 0 or within [2^-100, 2^12], so every check may scale them by 2^+-16.
+
+    Args:
+      q: the ``lowbit.quant.Quantizer``.
+      ragged: the shape whose quantized axis ends in a partial block (1-D block formats).
+    """
+    shape = _shape(q, ragged)
+    size = math.prod(shape)
+    elements = st.floats(-_HUGE, _HUGE, width=32, allow_subnormal=False).map(
+        lambda v: np.float32(v if abs(v) >= _TINY else 0.0))
+
+    def sparse(background, entries):
+        x = np.full(size, background, np.float32)
+        for i, v in entries:
+            x[i] = v
+        return x.reshape(shape)
+
+    def dense(seed, kept, start):
+        rng = np.random.default_rng(seed)
+        mags = rng.standard_normal(shape) * np.exp2(rng.uniform(-8, 8, shape[:1] + (1,) * (len(shape) - 1)))
+        outside = (np.arange(size) - start) % size >= kept
+        return np.where(outside, np.float32(0), mags.astype(np.float32).reshape(-1)).reshape(shape)
+
+    entries = st.lists(st.tuples(st.integers(0, size - 1), elements), max_size=8)
+    return st.one_of(st.builds(sparse, elements, entries),
+                     st.builds(dense, st.integers(0, 2**32 - 1), st.integers(0, size), st.integers(0, size - 1)))
+
+
+def _pow2_steps(q) -> bool:
+    """Whether ``q``'s steps are powers of two or fixed, so re-quantizing recomputes them exactly."""
+    if is_block(q.format):
+        return q.format.kind == "mx"
+    return q.pow2_step or q.scale == "fixed"
+
+
+def _check_idempotent(q, x, key):
+    """q(q(x)) == q(x): bit for bit, or on the same grid levels (see check_quantizer)."""
+    k1, k2 = (None, None) if key is None else jax.random.split(key)
+    y = _fq(q, x, k1)
+    yy = _fq(q, y, k2)
+    if _pow2_steps(q):
+        _raise_unequal("idempotent", x, yy, y, "q(q(x)) != q(x)")
+        return
+    with np.errstate(invalid="ignore"):
+        beyond = ~(np.abs(yy.astype(np.float64) - y) <= _IDEMPOTENT_RTOL * np.abs(y.astype(np.float64)))
+    _raise_unequal("idempotent", x, yy, y, f"q(q(x)) is not within {_IDEMPOTENT_RTOL:g} of q(x) (relative)", beyond)
+
+
+def _check_pow2(q, x, key, k: int):
+    """q(x * 2^k) == q(x) * 2^k bit for bit (one key for both: the same bits at every position)."""
+    f = np.float32(2.0**k)
+    _raise_unequal("pow2_invariant", x, _fq(q, x * f, key), _fq(q, x, key) * f, f"q(x * 2^{k}) != q(x) * 2^{k}")
+
+
+def _check_padding(q, x):
+    """q(x) equals q(x zero-padded to whole blocks along the axis), cut back to x's length."""
+    qn = q if q.rounding != "stochastic" else dataclasses.replace(q, rounding="nearest")
+    a = q.axis % x.ndim
+    n, b = x.shape[a], q.format.block_size
+    widths = [(0, 0)] * x.ndim
+    widths[a] = (0, -n % b)
+    padded = np.take(_fq(qn, np.pad(x, widths)), np.arange(n), axis=a)
+    _raise_unequal("padding", x, padded, _fq(qn, x), "q(pad(x)) cut back to x's length != q(x)")
+
+
+def _check_independent(q, x, key, group: int, other: np.ndarray):
+    """Replacing scale group ``group`` of ``x`` by ``other``'s values changes no other group's output.
+
+    Where a tensor-wide statistic sets a scale level (see ``_two_level``), the
+    changed group's values (old and new) are first clipped into the range of
+    the other groups, so that statistic is the same for both inputs.
+    """
+    ids = _group_ids(q, x.shape)
+    mine = ids == group
+    if _two_level(q):
+        rest = x[~mine]
+        lo, hi = min(rest.min(), 0), max(rest.max(), 0)
+        x = np.where(mine, np.clip(x, lo, hi), x)
+        other = np.clip(other, lo, hi)
+    changed = np.where(mine, other, x).astype(np.float32)
+    _raise_unequal("independent", x, _fq(q, changed, key), _fq(q, x, key),
+                   f"changing scale group {group} changed another group's output", ~mine)
+
+
+@functools.lru_cache(maxsize=16)
+def _draws_fn(q):
+    """Jitted: ``q``'s stochastic roundings of one ``x`` under each key of a batch."""
+    return jax.jit(jax.vmap(lambda x, k: quant.fake_quant(q, x, k), in_axes=(None, 0)))
+
+
+def _widest_gap(q) -> float | None:
+    """The largest gap above a positive grid value, relative to it (1 for E2M1 and integers).
+
+    None where the grid is not the element format's values times a scale (the
+    non-uniform kinds) or has fewer than two positive values.
+    """
+    if not is_block(q.format) and q.kind != "uniform":
+        return None
+    v = formats.values(q.format).astype(np.float64)
+    pos = v[v > 0]
+    return float(np.max(pos[1:] / pos[:-1]) - 1) if pos.size > 1 else None
+
+
+def _check_unbiased(q, x, seed: int):
+    """E[q(x) @ w] == x @ w for stochastic rounding, through a Hoeffding bound (see check_quantizer)."""
+    xf = x.astype(np.float64)
+    n = max(64, min(_SR_DRAWS, 2**20 // x.size))
+    draws = np.asarray(_draws_fn(q)(jnp.asarray(x), jax.random.split(jax.random.key(seed), 2 * n)), np.float64)
+    learn, test = draws[:n], draws[n:]
+    tz = _fq(dataclasses.replace(q, rounding="toward_zero"), x).astype(np.float64)
+    near = _fq(dataclasses.replace(q, rounding="nearest"), x).astype(np.float64)
+    # The candidates of each element: toward zero, and the other neighbour where the
+    # nearest result or the first draw set shows it. The statistic uses the second set
+    # only, so which elements it covers does not depend on the draws it averages.
+    moved = learn != tz
+    first = np.take_along_axis(learn, np.argmax(moved, 0)[None], 0)[0]
+    other = np.where(near != tz, near, np.where(moved.any(0), first, np.nan))
+    # Every draw is one of two values, toward zero or (if they differ) the nearest result.
+    lo, hi = draws.min(0), draws.max(0)
+    away = np.where(near != tz, near, np.where(lo == tz, hi, lo))
+    off = ((draws != tz) & (draws != away)).any(0)
+    if off.any():
+        i = tuple(np.argwhere(off)[0])
+        raise QuantizerViolation("unbiased", x, f"stochastic rounding of x{list(map(int, i))}={_show(x[i])} gave "
+                                 f"{sorted(set(draws[(slice(None), *i)].tolist()))}, not two neighbours: "
+                                 f"toward zero {tz[i]!r} and the nearest {near[i]!r} or one other")
+    ratio = _widest_gap(q)
+    if ratio is not None:
+        # An element whose 2n draws all gave one nonzero v with x beyond it (away from zero):
+        # were v not the end of the grid, the next value would lie within ratio * |v| beyond
+        # it and each draw would reach it with probability >= |x - v| / (ratio |v|).
+        v = lo.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_miss = -2 * n * np.abs(xf - v) / (ratio * np.abs(v))
+        clipped = (lo == hi) & (v != 0) & (np.abs(xf) > np.abs(v)) & (np.sign(xf) == np.sign(v)) & (
+            log_miss < math.log(_SR_DELTA))
+        if clipped.any():
+            i = tuple(np.argwhere(clipped)[0])
+            raise QuantizerViolation("unbiased", x, f"all {2 * n} stochastic roundings of x{list(map(int, i))}="
+                                     f"{_show(x[i])} gave {_show(v[i])}, never the value beyond it, which an "
+                                     f"unbiased rounding reaches with probability >= {-log_miss[i] / (2 * n):.3g} "
+                                     "per draw: clipped (a scale that saturates the largest elements) or not "
+                                     "stochastic")
+    known = ~np.isnan(other) | (tz == xf)
+    gap = np.where(np.isnan(other), 0.0, np.abs(other - tz))
+    w = np.random.default_rng(seed).standard_normal((x.shape[-1], _SR_COLUMNS))
+    dev = np.where(known, test.mean(0) - xf, 0.0) @ w
+    bound = math.sqrt(math.log(2 / _SR_DELTA) / (2 * n)) * np.sqrt((gap**2 * known) @ w**2)
+    bound += 1e-12 * (np.abs(xf) @ np.abs(w))  # float64 rounding of the sums
+    bad = np.abs(dev) > bound
+    if bad.any():
+        i = tuple(np.argwhere(bad)[0])
+        raise QuantizerViolation("unbiased", x, f"mean over {n} keys of (q(x) @ w){list(i)} - (x @ w){list(i)} = "
+                                 f"{dev[i]:.6g}, beyond the Hoeffding bound {bound[i]:.6g} "
+                                 f"(false-alarm probability {_SR_DELTA:g})")
+
+
+def _check_quantizer_reference(q, x, key, reference):
+    """q(x) (and the stored scales, when the reference returns them) equal ``reference(x)`` bit for bit."""
+    ref = reference(x.copy())
+    want, scales = ref if isinstance(ref, tuple) else (ref, None)
+    want = np.asarray(want)
+    if want.shape != x.shape:
+        raise QuantizerViolation("reference", x, f"reference(x) has shape {want.shape}; expected {x.shape}")
+    _raise_unequal("reference", x, _fq(q, x, key), want.astype(np.float32), "q(x) != reference(x)")
+    if scales is not None:
+        got = np.asarray(quant.quantize(q, jnp.asarray(x), key).scale)
+        scales = np.asarray(scales)
+        if got.shape != scales.shape or got.dtype != scales.dtype or got.tobytes() != scales.tobytes():
+            raise QuantizerViolation("reference", x, f"stored scales {got.dtype}{list(got.shape)} {got.ravel()[:8]} "
+                                     f"!= reference's {scales.dtype}{list(scales.shape)} {scales.ravel()[:8]}")
+
+
+def _given_check(q, check: str, reference, seed: int):
+    """The Hypothesis test of one check: draws its inputs and raises QuantizerViolation inside ``@given``."""
+    key = jax.random.key(seed) if q.rounding == "stochastic" else None
+    if check == "idempotent":
+        return given(quantizer_arrays(q))(lambda x: _check_idempotent(q, x, key))
+    if check == "pow2_invariant":
+        return given(quantizer_arrays(q), st.integers(-_POW2_MAX, _POW2_MAX))(lambda x, k: _check_pow2(q, x, key, k))
+    if check == "padding":
+        return given(quantizer_arrays(q, ragged=True))(lambda x: _check_padding(q, x))
+    if check == "independent":
+        groups = int(_group_ids(q, _shape(q)).max()) + 1
+        return given(quantizer_arrays(q), quantizer_arrays(q), st.integers(0, groups - 1))(
+            lambda x, other, g: _check_independent(q, x, key, g, other))
+    if check == "unbiased":
+        return given(quantizer_arrays(q))(lambda x: _check_unbiased(q, x, seed))
+    return given(quantizer_arrays(q))(lambda x: _check_quantizer_reference(q, x, key, reference))
+
+
+def check_quantizer(q, *, checks=None, examples: int | None = None, seed: int = 0, reference=None) -> None:
+    """Property-test a scaled quantizer (``lowbit.quant.Quantizer``) with Hypothesis.
+
+    Each check is its own Hypothesis test that raises inside ``@given``, so a
+    failure is shrunk to a small input and replayed first next time (from
+    Hypothesis' example database). ``q`` runs through ``quant.fake_quant`` on
+    float32 arrays of one fixed shape per check (two scale groups along each
+    quantized axis), so each check compiles once. Let ``F(x)`` be
+    ``fake_quant(q, x, key)``; equal means bit for bit (NaN equals NaN):
+
+    * ``idempotent``: ``F(F(x)) == F(x)``. Bit for bit where the steps are
+      powers of two or fixed (MX blocks, ``e8m0``, ``fixed``, ``none``); with
+      stochastic rounding only there, the second call under another key (a
+      value on the grid must not move; with other steps, a largest element
+      rounded down a level moves the recomputed step and the whole grid).
+      Where a float32 or E4M3 step (or NVFP4's scales) is recomputed from the
+      quantized amax, that amax is the step times the top level rounded to
+      float32, so the step may move by a few ulps: there each element must be
+      within ``2^-20`` of ``F(x)`` relative (zeros stay zero), far below one
+      grid level. Not for ``percentile``/``mse``/``kl``
+      scales: their clip is a statistic of ``x`` that quantizing changes.
+    * ``pow2_invariant``: ``F(x * 2^k) == F(x) * 2^k`` for ``k`` in
+      [-16, 16], for scales computed from ``x`` (absmax, percentile, mse, kl,
+      block formats: E8M0 shifts its exponent, and float32/E4M3 steps and the
+      NVFP4 tensor scale commute with powers of two because float rounding
+      does). Inputs are 0 or of magnitude in [2^-100, 2^12], so no scaled
+      input, scale or output leaves the float32 normals.
+    * ``padding`` (1-D block formats): on an axis ending in a partial block,
+      ``F(x)`` equals ``F`` of ``x`` zero-padded to whole blocks, cut back.
+      Stochastic rounding draws its bits by position, so a stochastic ``q`` is
+      checked with nearest rounding here.
+    * ``independent``: replacing the values of one scale group (block, 2-D
+      block, group or channel) changes no other group's output. Where a
+      tensor-wide statistic sets one level of every scale (NVFP4's FP32 tensor
+      scale, ``scale_format="e4m3"``, PTF) the changed group stays within the
+      range of the others, so that statistic is unchanged.
+    * ``unbiased`` (``rounding="stochastic"``): the mean of ``F(x) @ w`` over
+      ``n`` keys (``n = 1024``, fewer for large shapes) is ``x @ w`` within a
+      Hoeffding bound, for a fixed Gaussian ``w`` with 4 columns. Each
+      element's two rounding candidates are its toward-zero rounding and the
+      other neighbour, known from its nearest rounding or from a first set of
+      ``n`` draws; every draw must be one of them. From a second, independent
+      set of ``n`` draws, with ``g_i`` the gap between element ``i``'s
+      candidates, ``|mean(F(x)) @ w - x @ w| <= sqrt(ln(2/d) / (2n)) *
+      sqrt(g^2 @ w^2)`` per output, ``d = 1e-12`` (Hoeffding over ``n`` keys
+      times independent elements; plus ``1e-12 * |x| @ |w|`` for float64
+      sums). Elements with an unseen second candidate (its probability below
+      about ``1/n``, or a saturated value) are left out of both sides. The
+      keys come from ``seed``: the verdict on an input never changes.
+    * ``reference``: ``F(x) == reference(x)``; when the reference returns
+      ``(values, scales)``, the scales also equal
+      ``quant.quantize(q, x).scale`` (dtype, shape and bytes: E8M0 or E4M3
+      codes of shape ``(..., blocks)`` for block formats, float32 steps in the
+      scales' kept-dims shape otherwise).
+
+    Args:
+      q: the ``lowbit.quant.Quantizer``; its scales must come from ``x``
+        (``scale="learned"``/``"delayed"`` and ``static=True`` take them from
+        outside ``fake_quant`` and are refused).
+      checks: names from ``QUANTIZER_CHECKS`` to run; None runs every check
+        that applies to ``q`` (and ``reference`` when given) and skips the
+        others. A named check that does not apply is a ValueError saying why.
+      examples: Hypothesis examples per check; None takes the active settings
+        profile's ``max_examples``.
+      seed: seeds the stochastic-rounding keys and the GEMM's ``w``.
+      reference: optional numpy callable ``(x: float32 ndarray) -> values`` or
+        ``-> (values, scales)``, what ``fake_quant(q, x)`` (and
+        ``quantize(q, x).scale``) should give.
+
+    Raises:
+      AssertionError: one message naming every failing check, each with its
+        shrunk counterexample; its ``failures`` attribute maps each failing
+        check to its ``QuantizerViolation`` (whose ``x`` is that input).
+      TypeError: ``q`` is not a ``Quantizer``, ``checks`` is not a sequence of
+        names, ``reference`` is not callable, or ``examples``/``seed`` are not
+        integers.
+      ValueError: an unknown or inapplicable check, a quantizer whose scales
+        do not come from ``x``, or ``examples`` below 1.
+    """
+    if not isinstance(q, quant.Quantizer):
+        raise TypeError(f"check_quantizer q has type {type(q).__name__}; allowed: a lowbit.quant.Quantizer")
+    if q.static or q.scale in ("learned", "delayed"):
+        raise ValueError(f"check_quantizer needs scales computed inside fake_quant; q has scale={q.scale!r}, "
+                         f"static={q.static}; allowed: a dynamic quantizer (absmax, percentile, mse, kl, fixed, "
+                         "none, or a block format)")
+    for name, v, lo in (("examples", examples, 1), ("seed", seed, 0)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
+            raise TypeError(f"check_quantizer {name}={v!r} is invalid; allowed: an integer >= {lo}")
+        if v is not None and v < lo:
+            raise ValueError(f"check_quantizer {name}={v!r} is invalid; allowed: an integer >= {lo}")
+    if reference is not None and not callable(reference):
+        raise TypeError(f"check_quantizer reference={reference!r} is invalid; allowed: None or a callable "
+                        "(x: float32 ndarray) -> values or (values, scales)")
+    if checks is None:
+        selected = [c for c in QUANTIZER_CHECKS if _applies(q, c, reference) is None]
+    else:
+        if isinstance(checks, str) or not all(isinstance(c, str) for c in checks):
+            raise TypeError(f"check_quantizer checks={checks!r} is invalid; allowed: None or a sequence of names "
+                            f"from {', '.join(QUANTIZER_CHECKS)}")
+        for c in checks:
+            if c not in QUANTIZER_CHECKS:
+                raise ValueError(f"check_quantizer: unknown check {c!r}; allowed: {', '.join(QUANTIZER_CHECKS)}")
+            why = _applies(q, c, reference)
+            if why is not None:
+                raise ValueError(f"check_quantizer: check {c!r} does not apply to {_describe(q)}: {why}")
+        selected = [c for c in QUANTIZER_CHECKS if c in checks]
+    failures = {}
+    for check in selected:
+        test = settings(max_examples=examples or settings.default.max_examples, deadline=None,
+                        report_multiple_bugs=False,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
+            _given_check(q, check, reference, seed))
+        # Keyed by quantizer and check, so Hypothesis replays a saved counterexample where it belongs.
+        test._hypothesis_internal_database_key = f"lowbit.check_quantizer:{q!r}:{check}:{seed}".encode()
+        with np.errstate(invalid="ignore", over="ignore"):
+            try:
+                test()
+            except QuantizerViolation as err:
+                failures[check] = err
+    if failures:
+        err = AssertionError(f"{_describe(q)} fails {len(failures)} check(s):\n"
+                             + "\n".join(f"  {e}" for e in failures.values()))
+        err.failures = failures
+        raise err

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import InMemoryExampleDatabase
 from jax import lax
 
 from lowbit import formats, quant, testing
@@ -273,6 +274,33 @@ def test_check_format_reports_every_failing_property_at_once():
     text = str(err.value)
     assert "keeps NaN" in text and "saturation" in text and "quantize == decode(encode)" in text
     assert text.count("\n  ") == int(text.split("violates ")[1].split(" ")[0])  # one line per property
+
+
+class _WrongBetween(FloatFormat):
+    """Rounds (1.13, 1.17) up to 1.25 instead of down to 1.125: between the hard values, so only drawn inputs
+    find it."""
+
+    def _quantize(self, x, saturate, rounding, key):
+        q = super()._quantize(x, saturate, rounding, key)
+        ax = jnp.abs(x)
+        return jnp.where((ax > 1.13) & (ax < 1.17), jnp.sign(x) * jnp.asarray(1.25, x.dtype), q)
+
+
+def test_check_format_raises_inside_given_so_hypothesis_shrinks_and_saves_the_input():
+    fmt = _WrongBetween(ebits=3, mbits=3, specials="fn")
+    testing.check_grid(fmt)  # every deterministic input passes: only a drawn one fails
+    db = InMemoryExampleDatabase()
+    settings.register_profile("_before_this_test", settings.default)
+    settings.register_profile("_with_db", settings.default, database=db)
+    settings.load_profile("_with_db")
+    try:
+        with pytest.raises(AssertionError, match="nearest rounding") as err:
+            testing.check_format(fmt, examples=20)
+    finally:
+        settings.load_profile("_before_this_test")
+    assert "x=1.1" in str(err.value) or "x=-1.1" in str(err.value)
+    # Hypothesis saved the failing input under check_format's key: it was raised inside @given.
+    assert any(k.startswith(b"lowbit.check_format") for k in db.data)
 
 
 def test_reference_must_be_callable_and_keep_the_shape():
