@@ -119,7 +119,9 @@ def main(argv=None) -> None:
     result["load_after"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_intercept.json").write_text(json.dumps(result, indent=1))
-    lines = [f"load average {load:.2f} before, {result['load_after']:.2f} after", "",
+    cmd = "python benchmarks/bench_intercept.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["## bench_intercept: op discovery per model, and the train step A/B against another checkout", "",
+             f"`{cmd.strip()}`; load average {load:.2f} before, {result['load_after']:.2f} after.", "",
              "| model | recipe | discovery (s) |", "|---|---|---:|"]
     lines += [f"| {r['model']} | {r['recipe']} | {r['discovery_s']:.2f} |" for r in result["discovery"]]
     if args.ab:

@@ -8,7 +8,7 @@ command); this script only stitches them after the hand-written summary in
 import pathlib
 
 HERE = pathlib.Path(__file__).resolve().parent
-ORDER = ["summary.md", "bench_formats.md", "bench_quant.md", "bench_block.md", "profile_step.md",
+ORDER = ["summary.md", "bench_intercept.md", "bench_formats.md", "bench_quant.md", "bench_block.md", "profile_step.md",
          "bench_train_1202b/bench_train.md", "bench_train_1202/bench_train.md", "bench_train.md",
          "bench_accuracy.md", "ablate_fp4.md", "bench_export.md", "ptq.md"]
 

@@ -169,7 +169,8 @@ def describe(model, *example_args, **example_kwargs) -> Description:
       model: a model from ``lowbit.quantize`` (NNX or linen).
       *example_args, **example_kwargs: inputs of one forward pass (a small batch).
         For NNX this is the model's first call if it has not run yet: the ops'
-        quantizer state is created now.
+        quantizer state is created now. Without inputs, an NNX model whose ops
+        were discovered is described as planned, without a checked pass.
 
     Returns:
       A ``Description`` of the ops that ran (an abstract pass checks that each
@@ -183,7 +184,9 @@ def describe(model, *example_args, **example_kwargs) -> Description:
     if not q.is_quantized(model):
         raise TypeError(f"model={type(model).__name__} is invalid; allowed: a model from lowbit.quantize")
     recipe = model._lowbit_recipe
-    if isinstance(model, nnx.Module):
+    if isinstance(model, nnx.Module) and not (example_args or example_kwargs) and q.ops(model):
+        ops = q.ops(model)  # no inputs: the ops discovered so far, as planned
+    elif isinstance(model, nnx.Module):
         call = type(model).__mro__[1].__call__
         planned = dict(q._planned(model, call, example_args, example_kwargs))
         graphdef, state = nnx.split(model)

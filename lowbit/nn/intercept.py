@@ -58,6 +58,7 @@ from jax._src.lax import lax as _lax
 from jax._src.lax.control_flow import loops as _loops
 
 from lowbit.nn.einsum import einsum_dimension_numbers
+from lowbit.nn.variables import OverwriteWithGradient, QuantParam
 from lowbit.recipes import op as oprule
 from lowbit.recipes.rules import OpInfo, Recipe
 from lowbit.training.qdot import conv_key
@@ -170,7 +171,7 @@ def _parameters(module) -> dict[int, Any]:
     if isinstance(module, nnx.Module):
         found = {}
         for _, v in nnx.iter_graph(module):
-            if isinstance(v, nnx.Param):
+            if isinstance(v, nnx.Param) and not isinstance(v, (QuantParam, OverwriteWithGradient)):
                 value = v.get_value()
                 found[id(value)] = v
         return found

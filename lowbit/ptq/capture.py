@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lowbit.nn.quantize import Op, discover, intercepting, is_quantized, op_name, ops, quantize, recipe_of
+from lowbit.nn.quantize import discover, intercepting, is_quantized, op_name, ops, quantize, recipe_of
 from lowbit.recipes.rules import Recipe
 
 __all__ = ["FLOAT", "Operands", "names", "probe", "record", "record_traced"]
