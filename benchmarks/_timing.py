@@ -50,9 +50,14 @@ def reference(x: jax.Array) -> Callable:
     return fn
 
 
-def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: int = 7,
-              warmup: int = 1, min_sample_s: float = 0.0,
-              cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+def alternate(
+    fns: Mapping[str, Callable],
+    args: Mapping[str, tuple],
+    repeats: int = 7,
+    warmup: int = 1,
+    min_sample_s: float = 0.0,
+    cpu_times: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Per-round wall times of every function, called in alternating order.
 
     Args:
@@ -76,8 +81,7 @@ def alternate(fns: Mapping[str, Callable], args: Mapping[str, tuple], repeats: i
     for _ in range(warmup):
         for n in names:
             _ready(fns[n](*args[n]))
-    number = {n: max(1, math.ceil(min_sample_s / time_call(fns[n], *args[n]))) if min_sample_s else 1
-              for n in names}
+    number = {n: max(1, math.ceil(min_sample_s / time_call(fns[n], *args[n]))) if min_sample_s else 1 for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     if cpu_times is not None:
         cpu_times.update({n: [] for n in names})
@@ -135,10 +139,9 @@ def machine_info() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "load_average": load_average(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), *sys.argv]),
     }
-
 
 
 def write_json(name: str, result: Mapping[str, Any]) -> str:

@@ -38,14 +38,19 @@ DATASET = "fashion-mnist"
 
 
 def _forward_only(rule):
-    return dataclasses.replace(rule, dot=dataclasses.replace(
-        rule.dot, dlhs_grad=None, drhs_grad=None, grad_scale=False, tpr=False))
+    return dataclasses.replace(
+        rule, dot=dataclasses.replace(rule.dot, dlhs_grad=None, drhs_grad=None, grad_scale=False, tpr=False)
+    )
 
 
 def _gradients_only(rule):
     d = rule.dot
-    return dataclasses.replace(rule, weight="none", act="none", dot=DotQuantConfig(
-        dlhs_grad=d.dlhs_grad, drhs_grad=d.drhs_grad, grad_scale=d.grad_scale, tpr=d.tpr))
+    return dataclasses.replace(
+        rule,
+        weight="none",
+        act="none",
+        dot=DotQuantConfig(dlhs_grad=d.dlhs_grad, drhs_grad=d.drhs_grad, grad_scale=d.grad_scale, tpr=d.tpr),
+    )
 
 
 VARIANTS = {"fp4 forward only": _forward_only, "fp4 gradients only": _gradients_only}
@@ -54,8 +59,7 @@ VARIANTS = {"fp4 forward only": _forward_only, "fp4 gradients only": _gradients_
 def variant(name: str) -> recipes.Recipe:
     """The ``fp4`` recipe with every rule passed through ``VARIANTS[name]``."""
     base = recipes.get("fp4")
-    return dataclasses.replace(base, name=name.replace(" ", "_"),
-                               rules=tuple(VARIANTS[name](r) for r in base.rules))
+    return dataclasses.replace(base, name=name.replace(" ", "_"), rules=tuple(VARIANTS[name](r) for r in base.rules))
 
 
 def report() -> str:
@@ -66,16 +70,24 @@ def report() -> str:
     for r in runs:
         accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
     for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
-        if (r["dataset"] == DATASET and r["recipe"] in ("fp32", "fp4") and r["seed"] in seeds
-                and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])):
+        if (
+            r["dataset"] == DATASET
+            and r["recipe"] in ("fp32", "fp4")
+            and r["seed"] in seeds
+            and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])
+        ):
             accs[r["recipe"]][r["seed"]] = 100 * r["test_accuracy"]
-    lines = ["# ablate_fp4: where fp4's Fashion-MNIST gap comes from", "",
-             f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
-             "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
-             "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
-             "two-phase rounding, e5m2 on the edges; float forward). Seeds: "
-             + ", ".join(map(str, seeds)) + ".", "",
-             "| recipe | seeds | test accuracy (%) | gap to fp32 (points) |", "|---|---|---:|---:|"]
+    lines = [
+        "# ablate_fp4: where fp4's Fashion-MNIST gap comes from",
+        "",
+        f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
+        "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
+        "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
+        "two-phase rounding, e5m2 on the edges; float forward). Seeds: " + ", ".join(map(str, seeds)) + ".",
+        "",
+        "| recipe | seeds | test accuracy (%) | gap to fp32 (points) |",
+        "|---|---|---:|---:|",
+    ]
     base = statistics.fmean(accs["fp32"].values()) if accs["fp32"] else None
     for name, by_seed in accs.items():
         if not by_seed:
@@ -104,8 +116,15 @@ def main(argv=None) -> None:
     for seed in seeds:
         for name in VARIANTS:
             m = bench_accuracy.run_one(dataset, variant(name), seed, epochs, None)
-            row = dict(dataset=DATASET, variant=name, seed=seed, epochs=epochs, test_accuracy=m["test_accuracy"],
-                       load_average=_timing.load_average(), code=bench_accuracy.lowbit_commit())
+            row = dict(
+                dataset=DATASET,
+                variant=name,
+                seed=seed,
+                epochs=epochs,
+                test_accuracy=m["test_accuracy"],
+                load_average=_timing.load_average(),
+                code=bench_accuracy.lowbit_commit(),
+            )
             print(json.dumps(row), flush=True)
             with (RESULTS / "ablate_fp4.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")

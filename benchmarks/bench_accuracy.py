@@ -38,14 +38,17 @@ import _timing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {
-    "digits": dict(model=dict(patch_size=None, dim=64, depth=2, heads=4, mlp_dim=128), epochs=30,
-                   recipes=None),  # None: every recipe
-    "fashion-mnist": dict(model=dict(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128), epochs=10,
-                          recipes=["fp32", "fp8", "fp8_delayed", "fp4", "nvfp4", "int8", "int4_lsq"]),
+    "digits": dict(
+        model=dict(patch_size=None, dim=64, depth=2, heads=4, mlp_dim=128), epochs=30, recipes=None
+    ),  # None: every recipe
+    "fashion-mnist": dict(
+        model=dict(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128),
+        epochs=10,
+        recipes=["fp32", "fp8", "fp8_delayed", "fp4", "nvfp4", "int8", "int4_lsq"],
+    ),
 }
 TRAIN = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.05, warmup=2.0)  # lowbit train's defaults
-TARGETS = {("digits", "fp8"): 0.5, ("digits", "fp4"): 1.5,
-           ("fashion-mnist", "fp8"): 0.3, ("fashion-mnist", "fp4"): 1.0}
+TARGETS = {("digits", "fp8"): 0.5, ("digits", "fp4"): 1.5, ("fashion-mnist", "fp8"): 0.3, ("fashion-mnist", "fp4"): 1.0}
 QUICK_RECIPES = ["fp32", "fp8", "fp4", "int8_lsq"]
 
 
@@ -92,12 +95,29 @@ def run_one(dataset, recipe, seed: int, epochs: int, ckpt_dir: Path | None) -> d
     from lowbit.trainer.loop import train
 
     recipe = recipes.get(recipe) if isinstance(recipe, str) else recipe
-    model = lowbit.quantize(ViT(image_shape=dataset.image_shape, num_classes=dataset.num_classes,
-                                rngs=nnx.Rngs(seed), **DATASETS[dataset.name]["model"]), recipe, seed=seed)
+    model = lowbit.quantize(
+        ViT(
+            image_shape=dataset.image_shape,
+            num_classes=dataset.num_classes,
+            rngs=nnx.Rngs(seed),
+            **DATASETS[dataset.name]["model"],
+        ),
+        recipe,
+        seed=seed,
+    )
     # Fashion-MNIST runs take many minutes: per-epoch checkpoints let a killed
     # sweep resume mid-run. Digits runs take under a minute, not worth the writes.
-    metrics = train(model, dataset, recipe=recipe, epochs=epochs, seed=seed, out_dir=ckpt_dir,
-                    resume=ckpt_dir is not None, progress=False, **TRAIN)
+    metrics = train(
+        model,
+        dataset,
+        recipe=recipe,
+        epochs=epochs,
+        seed=seed,
+        out_dir=ckpt_dir,
+        resume=ckpt_dir is not None,
+        progress=False,
+        **TRAIN,
+    )
     jax.clear_caches()  # one process trains dozens of models: drop their executables
     return metrics
 
@@ -120,10 +140,18 @@ def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[di
         rows = []
         for name, runs in per_recipe.items():
             mean, std = mean_std([100 * r["test_accuracy"] for r in runs])
-            rows.append(dict(recipe=name, seeds=sorted(r["seed"] for r in runs), n=len(runs), mean=mean, std=std,
-                             step_time_ms=statistics.median(r["step_time_ms"] for r in runs),
-                             train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
-                             skipped_steps=sum(r["skipped_steps"] for r in runs)))
+            rows.append(
+                dict(
+                    recipe=name,
+                    seeds=sorted(r["seed"] for r in runs),
+                    n=len(runs),
+                    mean=mean,
+                    std=std,
+                    step_time_ms=statistics.median(r["step_time_ms"] for r in runs),
+                    train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
+                    skipped_steps=sum(r["skipped_steps"] for r in runs),
+                )
+            )
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
         for row in rows:
             old = [100 * r["test_accuracy"] for r in before if r["dataset"] == ds and r["recipe"] == row["recipe"]]
@@ -144,16 +172,21 @@ def _recipe_order() -> list[str]:
 
 
 def table(ds: str, rows: list[dict], epochs: int) -> str:
-    lines = [f"### {ds} ({epochs} epochs, model {DATASETS[ds]['model']})", "",
-             "| recipe | seeds | test accuracy (%) | before (QLinear ViT) | gap to fp32 (points) | target | step (ms) "
-             "| train time (s) | skipped steps |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        f"### {ds} ({epochs} epochs, model {DATASETS[ds]['model']})",
+        "",
+        "| recipe | seeds | test accuracy (%) | before (QLinear ViT) | gap to fp32 (points) | target | step (ms) "
+        "| train time (s) | skipped steps |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
         gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
         target = "" if r["target"] is None else f"≥ −{r['target']} {'✓' if r['meets_target'] else '✗'}"
         before = "—" if not r.get("before") else f"{r['before'][0]:.2f} ± {r['before'][1]:.2f}"
-        lines.append(f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
-                     f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} |")
+        lines.append(
+            f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
+            f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -172,8 +205,11 @@ def plot(summary: dict[str, list[dict]], path: Path) -> None:
             if r["gap"] < floor:
                 ax.annotate(f"{r['gap']:.0f}", (i, floor), ha="center", va="bottom", color="w", fontsize=8)
         ax.axhline(0.0, color="k", lw=0.8)
-        ax.set(title=f"{ds} (fp32 {next((r['mean'] for r in rows if r['recipe'] == 'fp32'), float('nan')):.2f}%)",
-               ylabel="gap to fp32 (points, ± std)", ylim=(floor, 2.0))
+        ax.set(
+            title=f"{ds} (fp32 {next((r['mean'] for r in rows if r['recipe'] == 'fp32'), float('nan')):.2f}%)",
+            ylabel="gap to fp32 (points, ± std)",
+            ylim=(floor, 2.0),
+        )
         ax.tick_params(axis="x", rotation=45)
     fig.savefig(path, dpi=100)
 
@@ -193,30 +229,42 @@ def plot_curves(records: list[dict], path: Path) -> None:
             curves = per_recipe[name]
             mean = [100 * statistics.fmean(c[e] for c in curves) for e in range(min(map(len, curves)))]
             # The colour cycle has 10 entries: a line style per cycle keeps 15 recipes apart.
-            ax.plot(range(1, len(mean) + 1), mean, marker=".", ls=("-", "--", ":")[i // 10 % 3],
-                    label=f"{name} ({len(curves)})")
+            ax.plot(
+                range(1, len(mean) + 1),
+                mean,
+                marker=".",
+                ls=("-", "--", ":")[i // 10 % 3],
+                label=f"{name} ({len(curves)})",
+            )
         ax.set(title=f"{ds}: test accuracy per epoch (mean over seeds)", xlabel="epoch", ylabel="%")
         ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=100)
 
 
-def write_report(records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict,
-                 before: list[dict] = ()) -> None:
+def write_report(
+    records: list[dict], stem: Path, epochs_for: dict[str, int], command_info: dict, before: list[dict] = ()
+) -> None:
     summary = summarise(records, before)
     if not summary:
         return
-    parts = ["# bench_accuracy: recipes vs fp32 (mean ± std over seeds)", "",
-             f"Generated {command_info['date']} by `{command_info['command']}`; "
-             f"{len(records)} runs. Machine: {command_info['cpu']}, {command_info['cores']} cores, "
-             f"jax {command_info['jax']}, flax {command_info['flax']}. Load average when each run ended is in "
-             f"the JSONL records (step times are under that load; compare them only within a dataset).", "",
-             f"Training: AdamW lr {TRAIN['learning_rate']}, wd {TRAIN['weight_decay']}, batch {TRAIN['batch_size']}, "
-             f"warmup {TRAIN['warmup']} epochs, cosine decay. Gap = mean(recipe) − mean(fp32).", ""]
+    parts = [
+        "# bench_accuracy: recipes vs fp32 (mean ± std over seeds)",
+        "",
+        f"Generated {command_info['date']} by `{command_info['command']}`; "
+        f"{len(records)} runs. Machine: {command_info['cpu']}, {command_info['cores']} cores, "
+        f"jax {command_info['jax']}, flax {command_info['flax']}. Load average when each run ended is in "
+        f"the JSONL records (step times are under that load; compare them only within a dataset).",
+        "",
+        f"Training: AdamW lr {TRAIN['learning_rate']}, wd {TRAIN['weight_decay']}, batch {TRAIN['batch_size']}, "
+        f"warmup {TRAIN['warmup']} epochs, cosine decay. Gap = mean(recipe) − mean(fp32).",
+        "",
+    ]
     for ds, rows in summary.items():
         parts += [table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])), ""]
     curves = stem.with_name(stem.name + "_curves.png")
-    parts.append(f"Curves (test accuracy after each epoch, mean over seeds; seeds per recipe in brackets): "
-                 f"`{curves.name}`.")
+    parts.append(
+        f"Curves (test accuracy after each epoch, mean over seeds; seeds per recipe in brackets): `{curves.name}`."
+    )
     stem.with_suffix(".md").write_text("\n".join(parts) + "\n")
     plot(summary, stem.with_suffix(".png"))
     plot_curves(records, curves)
@@ -242,15 +290,19 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
-    epochs_for = {ds: (args.epochs if ds in datasets and args.epochs else cfg["epochs"])
-                  for ds, cfg in DATASETS.items()}
+    epochs_for = {
+        ds: (args.epochs if ds in datasets and args.epochs else cfg["epochs"]) for ds, cfg in DATASETS.items()
+    }
     info = machine_info()
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
 
     def current(records, api=API):
         """The records of this configuration (others, e.g. another --epochs, stay in the file)."""
-        return [r for r in records
-                if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]], api)]
+        return [
+            r
+            for r in records
+            if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]], api)
+        ]
 
     if not args.report:
         for ds_name in datasets:
@@ -268,18 +320,32 @@ def main(argv=None) -> None:
                 if m["stopped"]:  # a signal stopped it: not a result; its checkpoint resumes it next time
                     print(f"    stopped at {m['stopped_at']}; rerun the same command to resume", flush=True)
                     sys.exit(130)
-                record = dict(key=key, dataset=ds_name, recipe=name, seed=seed, epochs=epochs_for[ds_name],
-                              model=DATASETS[ds_name]["model"], **TRAIN, test_accuracy=m["test_accuracy"],
-                              final_loss=m["final_loss"], train_time_s=m["train_time_s"],
-                              step_time_ms=m["step_time_ms"], skipped_steps=m["skipped_steps"],
-                              test_accuracy_per_epoch=[h["test_accuracy"] for h in m["history"]],
-                              wall_s=time.perf_counter() - t0, load_average=_timing.load_average(),
-                              lowbit_commit=commit,
-                              date=_timing.machine_info()["date"])
+                record = dict(
+                    key=key,
+                    dataset=ds_name,
+                    recipe=name,
+                    seed=seed,
+                    epochs=epochs_for[ds_name],
+                    model=DATASETS[ds_name]["model"],
+                    **TRAIN,
+                    test_accuracy=m["test_accuracy"],
+                    final_loss=m["final_loss"],
+                    train_time_s=m["train_time_s"],
+                    step_time_ms=m["step_time_ms"],
+                    skipped_steps=m["skipped_steps"],
+                    test_accuracy_per_epoch=[h["test_accuracy"] for h in m["history"]],
+                    wall_s=time.perf_counter() - t0,
+                    load_average=_timing.load_average(),
+                    lowbit_commit=commit,
+                    date=_timing.machine_info()["date"],
+                )
                 with jsonl.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"    {100 * m['test_accuracy']:.2f}%  {m['step_time_ms']:.1f} ms/step  "
-                      f"{record['wall_s']:.0f} s  load {record['load_average']}", flush=True)
+                print(
+                    f"    {100 * m['test_accuracy']:.2f}%  {m['step_time_ms']:.1f} ms/step  "
+                    f"{record['wall_s']:.0f} s  load {record['load_average']}",
+                    flush=True,
+                )
                 write_report(current(read_records(jsonl)), stem, epochs_for, info, current(read_records(jsonl), None))
 
     records = current(read_records(jsonl))
@@ -287,10 +353,18 @@ def main(argv=None) -> None:
     write_report(records, stem, epochs_for, info, before)
     for ds, rows in summarise(records, before).items():
         print(table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(dict(
-        benchmark="bench_accuracy", training=TRAIN, datasets={ds: dict(DATASETS[ds], epochs=epochs_for[ds])
-                                                            for ds in DATASETS},
-        summary=summarise(records, before), machine=info), indent=2))
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            dict(
+                benchmark="bench_accuracy",
+                training=TRAIN,
+                datasets={ds: dict(DATASETS[ds], epochs=epochs_for[ds]) for ds in DATASETS},
+                summary=summarise(records, before),
+                machine=info,
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {stem}.md, .png, .json ({len(records)} runs in {jsonl})")
 
 

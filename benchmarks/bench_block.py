@@ -14,6 +14,7 @@ Writes ``benchmarks/results/bench_block.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -45,7 +46,7 @@ def main(argv=None) -> dict:
     x = jax.random.normal(jax.random.key(0), (args.size, args.size), jnp.float32)
     fns = {"x*2": _timing.reference(x)}
     for name in TARGETS:
-        fns[name] = jax.jit(lambda v, fmt=formats.get(name): formats.quantize(fmt, v))
+        fns[name] = jax.jit(functools.partial(formats.quantize, formats.get(name)))
     times = _timing.alternate(fns, {n: (x,) for n in fns}, repeats=args.repeats)
 
     ref = times["x*2"]
@@ -55,14 +56,24 @@ def main(argv=None) -> dict:
     print(f"| {'x*2':12s} | {1e3 * _timing.median(ref):8.2f} | {1.0:6.3f} | {'':6s} |")
     for name, target in TARGETS.items():
         r = _timing.ratio(ref, times[name])
-        rows[name] = {"ms": 1e3 * _timing.median(times[name]), "ratio": r, "target": target,
-                      "meets_target": None if target is None else r >= target}
+        rows[name] = {
+            "ms": 1e3 * _timing.median(times[name]),
+            "ratio": r,
+            "target": target,
+            "meets_target": None if target is None else r >= target,
+        }
         tgt = "" if target is None else f"{target:.2f}"
         print(f"| {name:12s} | {rows[name]['ms']:8.2f} | {r:6.3f} | {tgt:>6s} |")
 
-    result = {"benchmark": "bench_block", "shape": [args.size, args.size], "dtype": "float32",
-              "repeats": args.repeats, "reference_ms": 1e3 * _timing.median(ref), "cases": rows,
-              "machine": _timing.machine_info()}
+    result = {
+        "benchmark": "bench_block",
+        "shape": [args.size, args.size],
+        "dtype": "float32",
+        "repeats": args.repeats,
+        "reference_ms": 1e3 * _timing.median(ref),
+        "cases": rows,
+        "machine": _timing.machine_info(),
+    }
     _timing.write_json("bench_block", result)
     return result
 

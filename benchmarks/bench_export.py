@@ -37,18 +37,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit import data  # noqa: E402
+from lowbit import (
+    data,  # noqa: E402
+    recipes,  # noqa: E402
+)
 from lowbit.nn import export  # noqa: E402
+from lowbit.nn.variables import OverwriteWithGradient  # noqa: E402
 from lowbit.nn.vit import ViT  # noqa: E402
-from lowbit import recipes  # noqa: E402
 from lowbit.trainer import loop  # noqa: E402
 from lowbit.trainer.step import TrainState, make_eval_step  # noqa: E402
-from lowbit.nn.variables import OverwriteWithGradient  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # model recipe -> (export format, export format of the edge layers or None for the same)
-PLAN = {"fp32": [(f, None) for f in ("fp32", "fp8", "fp4", "int8", "int4")],
-        "ternary": [("ternary", None), ("ternary", "int8")], "binary": [("binary", None), ("binary", "int8")]}
+PLAN = {
+    "fp32": [(f, None) for f in ("fp32", "fp8", "fp4", "int8", "int4")],
+    "ternary": [("ternary", None), ("ternary", "int8")],
+    "binary": [("binary", None), ("binary", "int8")],
+}
 EDGES = ("patch_embed", "head")  # the ViT's first and last layers (recipes.EDGES roles)
 SEED = 0
 
@@ -125,36 +130,52 @@ def main(argv=None) -> dict:
             export.load(loaded, exported)
             diff = max(float(np.max(np.abs(a - kernels(fake)[p]))) for p, a in kernels(loaded).items())
             label = fmt if edge_fmt is None else f"{fmt} + {edge_fmt} edges"
-            row = dict(model=recipe_name, export=label, kernel_params=sum(k.size for k in kernels(model).values()),
-                       kernel_bytes_per_param=export.bytes_per_parameter(exported), kernel_bytes=kernel_bytes,
-                       model_bytes=fp32_model_bytes - float_kernel_bytes + kernel_bytes,
-                       fp32_model_bytes=fp32_model_bytes, acc_trained=trained,
-                       acc_fake_quant=accuracy(fake, dataset, recipe.policy),
-                       acc_exported=accuracy(loaded, dataset, recipe.policy), max_kernel_diff=diff)
+            row = dict(
+                model=recipe_name,
+                export=label,
+                kernel_params=sum(k.size for k in kernels(model).values()),
+                kernel_bytes_per_param=export.bytes_per_parameter(exported),
+                kernel_bytes=kernel_bytes,
+                model_bytes=fp32_model_bytes - float_kernel_bytes + kernel_bytes,
+                fp32_model_bytes=fp32_model_bytes,
+                acc_trained=trained,
+                acc_fake_quant=accuracy(fake, dataset, recipe.policy),
+                acc_exported=accuracy(loaded, dataset, recipe.policy),
+                max_kernel_diff=diff,
+            )
             row["exported_equals_fake_quant"] = row["acc_exported"] == row["acc_fake_quant"] and diff == 0.0
             rows.append(row)
-            print(f"  {recipe_name:8s} -> {label:20s} {row['kernel_bytes_per_param']:.3f} B/param  "
-                  f"model {row['model_bytes']:,} B  acc trained {100 * trained:.2f}  "
-                  f"fake {100 * row['acc_fake_quant']:.2f}  exported {100 * row['acc_exported']:.2f}", flush=True)
+            print(
+                f"  {recipe_name:8s} -> {label:20s} {row['kernel_bytes_per_param']:.3f} B/param  "
+                f"model {row['model_bytes']:,} B  acc trained {100 * trained:.2f}  "
+                f"fake {100 * row['acc_fake_quant']:.2f}  exported {100 * row['acc_exported']:.2f}",
+                flush=True,
+            )
 
     info = dict(_timing.machine_info(), flax=flax.__version__)
     result = dict(benchmark="bench_export", dataset="digits", epochs=args.epochs, seed=SEED, rows=rows, machine=info)
-    lines = ["# bench_export: exported size and accuracy (digits ViT, lowbit train defaults)", "",
-             f"{info['date']}, `{info['command']}`; {info['cpu']}, {info['cores']} cores, jax {info['jax']}, "
-             f"flax {info['flax']}, load average {info['load_average']}. {args.epochs} epochs, seed {SEED}.", "",
-             "Kernels: the weights of the quantized layers (exported packed: codes + scales). Model: exported "
-             "kernels + all other parameters at their stored dtype (float32). Trained: the model as trained "
-             "(its recipe's forward); fake-quant: `fake_quant_weights`; exported: packed kernels loaded back. "
-             "Accuracies in %.", "",
-             "| model | export | kernel B/param | kernel bytes | model bytes | × fp32 size | trained | fake-quant "
-             "| exported | exported = fake-quant |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "# bench_export: exported size and accuracy (digits ViT, lowbit train defaults)",
+        "",
+        f"{info['date']}, `{info['command']}`; {info['cpu']}, {info['cores']} cores, jax {info['jax']}, "
+        f"flax {info['flax']}, load average {info['load_average']}. {args.epochs} epochs, seed {SEED}.",
+        "",
+        "Kernels: the weights of the quantized layers (exported packed: codes + scales). Model: exported "
+        "kernels + all other parameters at their stored dtype (float32). Trained: the model as trained "
+        "(its recipe's forward); fake-quant: `fake_quant_weights`; exported: packed kernels loaded back. "
+        "Accuracies in %.",
+        "",
+        "| model | export | kernel B/param | kernel bytes | model bytes | × fp32 size | trained | fake-quant "
+        "| exported | exported = fake-quant |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['export']} | {r['kernel_bytes_per_param']:.3f} | {r['kernel_bytes']:,} "
             f"| {r['model_bytes']:,} | {r['model_bytes'] / r['fp32_model_bytes']:.3f} | {100 * r['acc_trained']:.2f} "
             f"| {100 * r['acc_fake_quant']:.2f} | {100 * r['acc_exported']:.2f} "
-            f"| {'yes' if r['exported_equals_fake_quant'] else 'NO (max |Δw| %.3g)' % r['max_kernel_diff']} |")
+            f"| {'yes' if r['exported_equals_fake_quant'] else 'NO (max |Δw| {:.3g})'.format(r['max_kernel_diff'])} |"
+        )
     md = "\n".join(lines) + "\n"
     stem = RESULTS / ("bench_export_quick" if args.quick else "bench_export")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -38,12 +38,12 @@ import importlib
 import json
 import pathlib
 
+import _timing
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-import _timing
 from lowbit import formats
 from lowbit.formats import BinaryFormat, FloatFormat, IntFormat
 
@@ -69,8 +69,7 @@ def _has_target(fmt) -> bool:
 
 
 def _element_formats():
-    return [(n, f) for n in formats.names()
-            if isinstance(f := formats.get(n), (FloatFormat, IntFormat, BinaryFormat))]
+    return [(n, f) for n in formats.names() if isinstance(f := formats.get(n), (FloatFormat, IntFormat, BinaryFormat))]
 
 
 def _block_formats():
@@ -131,8 +130,12 @@ def bench_format(name, fmt, x, x_np, key, repeats, block: bool):
     cpu = {}
     times = _timing.alternate(fns, args, repeats=repeats, min_sample_s=MIN_SAMPLE_S, cpu_times=cpu)
     ref = times["x2"]
-    row = {"name": name, "kind": "block" if block else "element", "bits": getattr(fmt, "bits", None),
-           "target": (not block) and _has_target(fmt)}
+    row = {
+        "name": name,
+        "kind": "block" if block else "element",
+        "bits": getattr(fmt, "bits", None),
+        "target": (not block) and _has_target(fmt),
+    }
     row["x2"] = {op: _timing.ratio(ref, times[op]) for op in OPS}
     row["x2_cpu"] = {op: _timing.ratio(cpu["x2"], cpu[op]) for op in OPS}
     row["ml_dtypes"] = {op: _timing.ratio(times[f"ml_dtypes_{op}"], times[op]) for op in baselines}
@@ -147,10 +150,16 @@ def misses(row) -> list[str]:
     if not row["target"]:
         return []
     # A miss needs both clocks: a loaded machine stretches wall time alone.
-    out = [f"{op} x2 {row['x2'][op]:.3f} (cpu {row['x2_cpu'][op]:.3f}) < {t}" for op, t in TARGET_X2.items()
-           if max(row["x2"][op], row["x2_cpu"][op]) < t]
-    out += [f"{op} ml_dtypes {row['ml_dtypes'][op]:.2f} < {t}" for op, t in TARGET_ML_DTYPES.items()
-            if op in row["ml_dtypes"] and row["ml_dtypes"][op] < t]
+    out = [
+        f"{op} x2 {row['x2'][op]:.3f} (cpu {row['x2_cpu'][op]:.3f}) < {t}"
+        for op, t in TARGET_X2.items()
+        if max(row["x2"][op], row["x2_cpu"][op]) < t
+    ]
+    out += [
+        f"{op} ml_dtypes {row['ml_dtypes'][op]:.2f} < {t}"
+        for op, t in TARGET_ML_DTYPES.items()
+        if op in row["ml_dtypes"] and row["ml_dtypes"][op] < t
+    ]
     return out
 
 
@@ -215,24 +224,37 @@ def markdown(result) -> str:
         "misses (below target in wall and CPU time alike) are listed per row.",
         "",
     ]
-    head = ["format", "bits", *(f"{op} ×x*2" for op in OPS), *(f"{op} ×x*2 cpu" for op in TARGET_X2),
-            *(f"{op} ×ml_dtypes" for op in ML_OPS)]
+    head = [
+        "format",
+        "bits",
+        *(f"{op} ×x*2" for op in OPS),
+        *(f"{op} ×x*2 cpu" for op in TARGET_X2),
+        *(f"{op} ×ml_dtypes" for op in ML_OPS),
+    ]
     if has_qwix:
         head.append("qwix ×x*2")
     head.append("misses")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["formats"]:
-        cells = [r["name"], _fmt(r["bits"], "d"), *(_fmt(r["x2"][op], ".2f") for op in OPS),
-                 *(_fmt(r["x2_cpu"][op], ".2f") for op in TARGET_X2),
-                 *(_fmt(r["ml_dtypes"].get(op), ".1f") for op in ML_OPS)]
+        cells = [
+            r["name"],
+            _fmt(r["bits"], "d"),
+            *(_fmt(r["x2"][op], ".2f") for op in OPS),
+            *(_fmt(r["x2_cpu"][op], ".2f") for op in TARGET_X2),
+            *(_fmt(r["ml_dtypes"].get(op), ".1f") for op in ML_OPS),
+        ]
         if has_qwix:
             cells.append(_fmt(r.get("qwix"), ".2f"))
         cells.append(", ".join(misses(r)) or ("" if r["target"] else "n/a"))
         lines.append("| " + " | ".join(cells) + " |")
     sw = result["size_sweep"]
-    lines += ["", "## Quantize throughput by size (Gelem/s)", "",
-              "| elements | " + " | ".join(sw["elements_per_s"]) + " |",
-              "|" + "---|" * (len(sw["elements_per_s"]) + 1)]
+    lines += [
+        "",
+        "## Quantize throughput by size (Gelem/s)",
+        "",
+        "| elements | " + " | ".join(sw["elements_per_s"]) + " |",
+        "|" + "---|" * (len(sw["elements_per_s"]) + 1),
+    ]
     for i, k in enumerate(sw["log2_sizes"]):
         cells = (f"{v[i] / 1e9:.2f}" for v in sw["elements_per_s"].values())
         lines.append(f"| 2^{k} | " + " | ".join(cells) + " |")
@@ -244,8 +266,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="2^20 elements, 5 rounds, 4 sweep sizes")
     p.add_argument("--log2-size", type=int, help="log2 of the element count (default 24, quick 20)")
-    p.add_argument("--repeats", type=int,
-                   help=f"alternating rounds, >= {_timing.MIN_REPEATS} (default 9, quick 5)")
+    p.add_argument("--repeats", type=int, help=f"alternating rounds, >= {_timing.MIN_REPEATS} (default 9, quick 5)")
     p.add_argument("--formats", help="comma-separated registry names to time (default: every one)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="output folder")
     args = p.parse_args(argv)
@@ -253,16 +274,28 @@ def main(argv=None):
     repeats = max(_timing.MIN_REPEATS, args.repeats or (5 if args.quick else 9))
     sweep_sizes = range(10, 23, 4) if args.quick else range(10, 27, 2)
 
-    result = {"machine": _timing.machine_info(),
-              "config": {"log2_size": log2_size, "repeats": repeats, "quick": args.quick,
-                         "block_row": BLOCK_ROW, "qwix": qwix is not None}}
+    result = {
+        "machine": _timing.machine_info(),
+        "config": {
+            "log2_size": log2_size,
+            "repeats": repeats,
+            "quick": args.quick,
+            "block_row": BLOCK_ROW,
+            "qwix": qwix is not None,
+        },
+    }
     x_np = np.random.default_rng(0).standard_normal(1 << log2_size, dtype=np.float32)
     x = jnp.asarray(x_np)
     xb = x.reshape(-1, BLOCK_ROW)
     key = jax.random.key(0)
     rows = []
-    print(f"{'format':22s} " + " ".join(f"{op + ' x2':>14s}" for op in OPS) + "  "
-          + " ".join(f"{op[:3] + ' ml':>7s}" for op in ML_OPS), flush=True)
+    print(
+        f"{'format':22s} "
+        + " ".join(f"{op + ' x2':>14s}" for op in OPS)
+        + "  "
+        + " ".join(f"{op[:3] + ' ml':>7s}" for op in ML_OPS),
+        flush=True,
+    )
     todo = [(n, f, False) for n, f in _element_formats()] + [(n, f, True) for n, f in _block_formats()]
     if args.formats:
         todo = [t for t in todo if t[0] in args.formats.split(",")]

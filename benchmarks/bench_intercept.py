@@ -76,8 +76,13 @@ def _run_side(path: str | None, recipe: str, dim: int, steps: int) -> float:
     env = dict(os.environ)
     if path is not None:
         env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(HERE), "--worker", recipe, "--dim", str(dim), "--steps", str(steps)],
-                         env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--worker", recipe, "--dim", str(dim), "--steps", str(steps)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])["cpu_s_per_step"]
 
 
@@ -93,8 +98,18 @@ def ab(path: str, names: list[str], dim: int, rounds: int, steps: int) -> list[d
             old.append(got[path])
             ratios.append(got[None] / got[path])
         q1, med, q3 = statistics.quantiles(ratios, n=4)
-        rows.append(dict(recipe=name, dim=dim, new_s=statistics.median(new), old_s=statistics.median(old),
-                         ratio=med, q1=q1, q3=q3, rounds=rounds))
+        rows.append(
+            dict(
+                recipe=name,
+                dim=dim,
+                new_s=statistics.median(new),
+                old_s=statistics.median(old),
+                ratio=med,
+                q1=q1,
+                q3=q3,
+                rounds=rounds,
+            )
+        )
     return rows
 
 
@@ -120,15 +135,26 @@ def main(argv=None) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_intercept.json").write_text(json.dumps(result, indent=1))
     cmd = "python benchmarks/bench_intercept.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = ["## bench_intercept: op discovery per model, and the train step A/B against another checkout", "",
-             f"`{cmd.strip()}`; load average {load:.2f} before, {result['load_after']:.2f} after.", "",
-             "| model | recipe | discovery (s) |", "|---|---|---:|"]
+    lines = [
+        "## bench_intercept: op discovery per model, and the train step A/B against another checkout",
+        "",
+        f"`{cmd.strip()}`; load average {load:.2f} before, {result['load_after']:.2f} after.",
+        "",
+        "| model | recipe | discovery (s) |",
+        "|---|---|---:|",
+    ]
     lines += [f"| {r['model']} | {r['recipe']} | {r['discovery_s']:.2f} |" for r in result["discovery"]]
     if args.ab:
-        lines += ["", f"| recipe | ViT d={args.dim} step, this (ms CPU) | other (ms CPU) | this/other | IQR |",
-                  "|---|---:|---:|---:|---|"]
-        lines += [f"| {r['recipe']} | {1e3 * r['new_s']:.1f} | {1e3 * r['old_s']:.1f} | {r['ratio']:.3f} | "
-                  f"{r['q1']:.3f}–{r['q3']:.3f} |" for r in result["ab"]]
+        lines += [
+            "",
+            f"| recipe | ViT d={args.dim} step, this (ms CPU) | other (ms CPU) | this/other | IQR |",
+            "|---|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {r['recipe']} | {1e3 * r['new_s']:.1f} | {1e3 * r['old_s']:.1f} | {r['ratio']:.3f} | "
+            f"{r['q1']:.3f}–{r['q3']:.3f} |"
+            for r in result["ab"]
+        ]
     text = "\n".join(lines) + "\n"
     (RESULTS / "bench_intercept.md").write_text(text)
     print(text)

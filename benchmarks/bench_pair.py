@@ -54,15 +54,21 @@ def pair(dim: int, a: str, b: str, rounds: int) -> dict:
     sa, sb = (_stepper(model, n, x, y) for n in (a, b))
     sa.steps = sb.steps = fp32.steps
     cpu: dict[str, list[float]] = {}
-    _timing.alternate({"fp32": fp32, "a": sa, "b": sb}, {"fp32": (), "a": (), "b": ()}, repeats=rounds,
-                      cpu_times=cpu)
-    ratios = {f"{a}/fp32": [p / q for p, q in zip(cpu["a"], cpu["fp32"])],
-              f"{b}/fp32": [p / q for p, q in zip(cpu["b"], cpu["fp32"])],
-              f"{b}/{a}": [p / q for p, q in zip(cpu["b"], cpu["a"])]}
-    return dict(dim=dim, rounds=rounds, steps_per_sample=fp32.steps,
-                fp32_cpu_ms=1e3 * statistics.median(cpu["fp32"]) / fp32.steps,
-                ratios={k: _spread(v) for k, v in ratios.items()}, load_average=_timing.load_average(),
-                machine=_timing.machine_info())
+    _timing.alternate({"fp32": fp32, "a": sa, "b": sb}, {"fp32": (), "a": (), "b": ()}, repeats=rounds, cpu_times=cpu)
+    ratios = {
+        f"{a}/fp32": [p / q for p, q in zip(cpu["a"], cpu["fp32"])],
+        f"{b}/fp32": [p / q for p, q in zip(cpu["b"], cpu["fp32"])],
+        f"{b}/{a}": [p / q for p, q in zip(cpu["b"], cpu["a"])],
+    }
+    return dict(
+        dim=dim,
+        rounds=rounds,
+        steps_per_sample=fp32.steps,
+        fp32_cpu_ms=1e3 * statistics.median(cpu["fp32"]) / fp32.steps,
+        ratios={k: _spread(v) for k, v in ratios.items()},
+        load_average=_timing.load_average(),
+        machine=_timing.machine_info(),
+    )
 
 
 def main(argv=None) -> None:
@@ -83,9 +89,12 @@ def main(argv=None) -> None:
     RESULTS.mkdir(exist_ok=True)
     for dim in (int(w) for w in args.widths.split(",")):
         row = pair(dim, args.a, args.b, args.rounds)
-        print("d={dim}: ".format(**row) + "  ".join(f"{k} {v['median']:.3f} (IQR {v['q1']:.2f}-{v['q3']:.2f})"
-                                                  for k, v in row["ratios"].items())
-              + f"  load {row['load_average']}", flush=True)
+        print(
+            "d={dim}: ".format(**row)
+            + "  ".join(f"{k} {v['median']:.3f} (IQR {v['q1']:.2f}-{v['q3']:.2f})" for k, v in row["ratios"].items())
+            + f"  load {row['load_average']}",
+            flush=True,
+        )
         with (RESULTS / "bench_pair.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -73,33 +73,58 @@ def _vit_stage(model, dataset, base, float_acc):
         for name, extra in VIT_OPTIONS.items():
             cfg = dataclasses.replace(base, **W4A4, calibration=calibration, **extra)
             _, m = ptq(model, dataset, cfg, float_accuracy=float_acc)
-            rows.append(dict(option=name, calibration=calibration, test_accuracy=m["test_accuracy"],
-                             min_sqnr_db=min(r["sqnr_db"] for r in m["ops"])))
+            rows.append(
+                dict(
+                    option=name,
+                    calibration=calibration,
+                    test_accuracy=m["test_accuracy"],
+                    min_sqnr_db=min(r["sqnr_db"] for r in m["ops"]),
+                )
+            )
             _log(f"vit {name} {calibration}: {100 * m['test_accuracy']:.2f}%")
     return dict(float_accuracy=float_acc, rows=rows)
 
 
 def _finetune_stage(model, dataset, base, float_acc, work, epochs, lr):
     probe = dataset.x_test[:256]
-    baseline = {c: ptq(model, dataset, dataclasses.replace(base, **W4A4, calibration=c),
-                       float_accuracy=float_acc)[1]["test_accuracy"] for c in PTQ_AFTER_FINETUNE}
-    rows = [dict(method="none", float_accuracy=float_acc, range_ratio=operand_range_ratio(model, probe),
-                 ptq=baseline)]
+    baseline = {
+        c: ptq(model, dataset, dataclasses.replace(base, **W4A4, calibration=c), float_accuracy=float_acc)[1][
+            "test_accuracy"
+        ]
+        for c in PTQ_AFTER_FINETUNE
+    }
+    rows = [dict(method="none", float_accuracy=float_acc, range_ratio=operand_range_ratio(model, probe), ptq=baseline)]
     for method in METHODS:
         out = work / f"finetune-{method}"
         cfg = FinetuneConfig(method=method, target_format="int4", epochs=epochs, learning_rate=lr)
         tuned = nnx.clone(model)
         stats = finetune(tuned, dataset, cfg)
         save_model(tuned, out, epochs, dict(dataset=dataset.name, finetune=stats["config"]))
-        after = {c: ptq(tuned, dataset, dataclasses.replace(base, **W4A4, calibration=c),
-                        float_accuracy=stats["float_accuracy"])[1]["test_accuracy"] for c in PTQ_AFTER_FINETUNE}
-        recovered = {c: (after[c] - baseline[c]) / (float_acc - baseline[c]) if float_acc > baseline[c] else None
-                     for c in PTQ_AFTER_FINETUNE}
-        rows.append(dict(method=method, float_accuracy=stats["float_accuracy"],
-                         range_ratio=operand_range_ratio(tuned, probe), ptq=after, recovered=recovered,
-                         train_time_s=stats["train_time_s"], config=stats["config"]))
-        _log(f"finetune {method}: float {100 * stats['float_accuracy']:.2f}%, W4A4 "
-             + ", ".join(f"{c} {100 * a:.2f}%" for c, a in after.items()))
+        after = {
+            c: ptq(
+                tuned, dataset, dataclasses.replace(base, **W4A4, calibration=c), float_accuracy=stats["float_accuracy"]
+            )[1]["test_accuracy"]
+            for c in PTQ_AFTER_FINETUNE
+        }
+        recovered = {
+            c: (after[c] - baseline[c]) / (float_acc - baseline[c]) if float_acc > baseline[c] else None
+            for c in PTQ_AFTER_FINETUNE
+        }
+        rows.append(
+            dict(
+                method=method,
+                float_accuracy=stats["float_accuracy"],
+                range_ratio=operand_range_ratio(tuned, probe),
+                ptq=after,
+                recovered=recovered,
+                train_time_s=stats["train_time_s"],
+                config=stats["config"],
+            )
+        )
+        _log(
+            f"finetune {method}: float {100 * stats['float_accuracy']:.2f}%, W4A4 "
+            + ", ".join(f"{c} {100 * a:.2f}%" for c, a in after.items())
+        )
     return dict(float_accuracy=float_acc, setting="W4A4 int4/int4", epochs=epochs, learning_rate=lr, rows=rows)
 
 
@@ -112,12 +137,17 @@ def _datafree_stage(model, dataset, base, float_acc, steps):
     for weights, activations in (("int8", "int8"), ("int4", "int8"), ("int4", "int4")):
         for calibration in ("absmax", "mse"):
             cfg = dataclasses.replace(base, weights=weights, activations=activations, calibration=calibration)
-            accs = {name: ptq(model, dataset, cfg, images=images, float_accuracy=float_acc)[1]["test_accuracy"]
-                    for name, images in (("real", real), ("synthetic", synthetic))}
-            rows.append(dict(setting=cfg.label, weights=weights, activations=activations, calibration=calibration,
-                             **accs))
-            _log(f"datafree {cfg.label} {calibration}: real {100 * accs['real']:.2f}%, "
-                 f"synthetic {100 * accs['synthetic']:.2f}%")
+            accs = {
+                name: ptq(model, dataset, cfg, images=images, float_accuracy=float_acc)[1]["test_accuracy"]
+                for name, images in (("real", real), ("synthetic", synthetic))
+            }
+            rows.append(
+                dict(setting=cfg.label, weights=weights, activations=activations, calibration=calibration, **accs)
+            )
+            _log(
+                f"datafree {cfg.label} {calibration}: real {100 * accs['real']:.2f}%, "
+                f"synthetic {100 * accs['synthetic']:.2f}%"
+            )
     return dict(float_accuracy=float_acc, images=SYNTHETIC, steps=steps, synthesis_time_s=synth_time, rows=rows)
 
 
@@ -137,50 +167,79 @@ collapses the patch input (10% = chance). The other methods do not have this pro
 def _report(results) -> str:
     model = results.get("model", {})
     config = model.get("config", {})
-    parts = ["# Post-training quantization of a Fashion-MNIST ViT", "",
-             f"Model: ViT dim {config.get('dim')}, depth {config.get('depth')}, {config.get('heads')} heads, "
-             f"MLP {config.get('mlp_dim')}, patch {config.get('patch_size')}, trained fp32 for "
-             f"{model.get('epochs')} epochs (`lowbit train`). CPU, jax {jax.__version__}.", "", NOTES]
+    parts = [
+        "# Post-training quantization of a Fashion-MNIST ViT",
+        "",
+        f"Model: ViT dim {config.get('dim')}, depth {config.get('depth')}, {config.get('heads')} heads, "
+        f"MLP {config.get('mlp_dim')}, patch {config.get('patch_size')}, trained fp32 for "
+        f"{model.get('epochs')} epochs (`lowbit train`). CPU, jax {jax.__version__}.",
+        "",
+        NOTES,
+    ]
     if "sweep" in results:
         parts += ["## Sweep: setting x calibration method", "", markdown(results["sweep"])]
     if "vit" in results:
         r = results["vit"]
-        parts += ["## W4A4 (int4/int4): ViT-specific activation quantizers", "",
-                  f"Float accuracy {100 * r['float_accuracy']:.2f}%.", "",
-                  "| option | absmax | mse |", "|---|---:|---:|"]
+        parts += [
+            "## W4A4 (int4/int4): ViT-specific activation quantizers",
+            "",
+            f"Float accuracy {100 * r['float_accuracy']:.2f}%.",
+            "",
+            "| option | absmax | mse |",
+            "|---|---:|---:|",
+        ]
         by = {(row["option"], row["calibration"]): row["test_accuracy"] for row in r["rows"]}
         for name in VIT_OPTIONS:
             parts.append(f"| {name} | {100 * by[name, 'absmax']:.2f} | {100 * by[name, 'mse']:.2f} |")
         parts.append("")
     if "finetune" in results:
         r = results["finetune"]
-        parts += [f"## Quantization-robust fine-tuning ({r['epochs']} epochs, lr {r['learning_rate']:g}), "
-                  f"then PTQ at {r['setting']}", "",
-                  "Recovered = share of the plain-PTQ loss (float - PTQ of the original model) won back.", "",
-                  "| method | float acc | mean max/rms | PTQ absmax | recovered | PTQ mse | recovered |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        parts += [
+            f"## Quantization-robust fine-tuning ({r['epochs']} epochs, lr {r['learning_rate']:g}), "
+            f"then PTQ at {r['setting']}",
+            "",
+            "Recovered = share of the plain-PTQ loss (float - PTQ of the original model) won back.",
+            "",
+            "| method | float acc | mean max/rms | PTQ absmax | recovered | PTQ mse | recovered |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for row in r["rows"]:
             rec = row.get("recovered", {})
             cells = []
             for c in PTQ_AFTER_FINETUNE:
                 cells.append(f"{100 * row['ptq'][c]:.2f}")
                 cells.append("—" if rec.get(c) is None else f"{100 * rec[c]:.0f}%")
-            parts.append(f"| {row['method']} | {100 * row['float_accuracy']:.2f} | {row['range_ratio']:.1f} | "
-                         + " | ".join(cells) + " |")
+            parts.append(
+                f"| {row['method']} | {100 * row['float_accuracy']:.2f} | {row['range_ratio']:.1f} | "
+                + " | ".join(cells)
+                + " |"
+            )
         none = r["rows"][0]["ptq"]
-        parts += ["", "Plain PTQ of the original model loses " + ", ".join(
-            f"{100 * (r['float_accuracy'] - none[c]):.2f} points with {c} calibration" for c in PTQ_AFTER_FINETUNE)
+        parts += [
+            "",
+            "Plain PTQ of the original model loses "
+            + ", ".join(
+                f"{100 * (r['float_accuracy'] - none[c]):.2f} points with {c} calibration" for c in PTQ_AFTER_FINETUNE
+            )
             + ". `plain` is the control: the same fine-tuning without noise or penalty. `mean max/rms`: the "
-            "range an absmax quantizer covers, in RMS units, averaged over the operands the model shapes.", ""]
+            "range an absmax quantizer covers, in RMS units, averaged over the operands the model shapes.",
+            "",
+        ]
     if "datafree" in results:
         r = results["datafree"]
-        parts += [f"## Data-free calibration ({r['images']} synthetic images, {r['steps']} steps, "
-                  f"{r['synthesis_time_s']:.0f} s) vs {r['images']} real training images", "",
-                  "| setting | calibration | real | synthetic | gap (points) |", "|---|---|---:|---:|---:|"]
+        parts += [
+            f"## Data-free calibration ({r['images']} synthetic images, {r['steps']} steps, "
+            f"{r['synthesis_time_s']:.0f} s) vs {r['images']} real training images",
+            "",
+            "| setting | calibration | real | synthetic | gap (points) |",
+            "|---|---|---:|---:|---:|",
+        ]
         for row in r["rows"]:
-            parts.append(f"| {row['setting']} {row['weights']}/{row['activations']} | {row['calibration']} | "
-                         f"{100 * row['real']:.2f} | {100 * row['synthetic']:.2f} | "
-                         f"{100 * (row['synthetic'] - row['real']):+.2f} |")
+            parts.append(
+                f"| {row['setting']} {row['weights']}/{row['activations']} | {row['calibration']} | "
+                f"{100 * row['real']:.2f} | {100 * row['synthetic']:.2f} | "
+                f"{100 * (row['synthetic'] - row['real']):+.2f} |"
+            )
         parts.append("")
     return "\n".join(parts)
 
@@ -210,8 +269,12 @@ def main() -> None:
     for stage in STAGES:  # keep what earlier invocations finished
         if stage not in results and (args.work / f"{stage}.json").exists():
             results[stage] = json.loads((args.work / f"{stage}.json").read_text())
-    results["model"] = dict(checkpoint=str(args.checkpoint), config=meta["model"]["config"],
-                            epochs=meta.get("epoch"), dataset=meta["dataset"])
+    results["model"] = dict(
+        checkpoint=str(args.checkpoint),
+        config=meta["model"]["config"],
+        epochs=meta.get("epoch"),
+        dataset=meta["dataset"],
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ptq.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "ptq.md").write_text(_report(results))

@@ -49,8 +49,11 @@ def _qwix_fns():
     for name, (_, _, spec) in CASES.items():
         if spec is not None:
             qtype, axes = spec
-            fns[name] = jax.jit(lambda v, qtype=qtype, axes=axes: qarray.dequantize(
-                qarray.quantize_api(v, getattr(jnp, qtype), channelwise_axes=axes)))
+            fns[name] = jax.jit(
+                lambda v, qtype=qtype, axes=axes: qarray.dequantize(
+                    qarray.quantize_api(v, getattr(jnp, qtype), channelwise_axes=axes)
+                )
+            )
     return fns
 
 
@@ -74,8 +77,12 @@ def main(argv=None) -> dict:
     print(f"{'x*2 (reference)':28s} {1e3 * _timing.median(ref):8.2f}")
     for name, (_, target, _) in CASES.items():
         r = _timing.ratio(ref, times[name])
-        row = {"ms": 1e3 * _timing.median(times[name]), "ratio": r, "target": target,
-               "meets_target": None if target is None else r >= target}
+        row = {
+            "ms": 1e3 * _timing.median(times[name]),
+            "ratio": r,
+            "target": target,
+            "meets_target": None if target is None else r >= target,
+        }
         if f"qwix:{name}" in times:
             row["qwix_ratio"] = _timing.ratio(ref, times[f"qwix:{name}"])
         rows[name] = row
@@ -83,9 +90,16 @@ def main(argv=None) -> dict:
         tgt = "" if target is None else f"{target:.2f}"
         print(f"{name:28s} {row['ms']:8.2f} {r:7.3f} {tgt:>7s}{extra}")
 
-    result = {"benchmark": "bench_quant", "shape": [args.size, args.size], "dtype": "float32",
-              "repeats": args.repeats, "reference_ms": 1e3 * _timing.median(ref), "cases": rows,
-              "machine": _timing.machine_info(), "loadavg_1min": os.getloadavg()[0]}
+    result = {
+        "benchmark": "bench_quant",
+        "shape": [args.size, args.size],
+        "dtype": "float32",
+        "repeats": args.repeats,
+        "reference_ms": 1e3 * _timing.median(ref),
+        "cases": rows,
+        "machine": _timing.machine_info(),
+        "loadavg_1min": os.getloadavg()[0],
+    }
     _timing.write_json("bench_quant", result)
     return result
 

@@ -88,19 +88,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, IMAGE, CLASSES, PATCH, DEPTH, HEADS = 64, (8, 8, 1), 10, 2, 2, 4
 WIDTHS, QUICK_WIDTHS = "64,128,256,512", "64,128"
 SAMPLE_S = 0.25
-TARGETS = {("fp8", 64): 1.2, ("fp8", 256): 1.05, ("fp8", 512): 1.1, ("fp4", 64): 1.3, ("fp4", 512): 1.1,
-           ("int8", 256): 1.0, ("mxfp4", 256): 1.2, ("nvfp4", 256): 1.2,
-           **{("int8_lsq", d): 1.0 for d in (64, 128, 256, 512)}}
+TARGETS = {
+    ("fp8", 64): 1.2,
+    ("fp8", 256): 1.05,
+    ("fp8", 512): 1.1,
+    ("fp4", 64): 1.3,
+    ("fp4", 512): 1.1,
+    ("int8", 256): 1.0,
+    ("mxfp4", 256): 1.2,
+    ("nvfp4", 256): 1.2,
+    **{("int8_lsq", d): 1.0 for d in (64, 128, 256, 512)},
+}
 MATMUL_COMPARE = "int8_lsq"
 QUICK_RECIPES = ["fp32", "fp8", "fp4", "int8", "int8_lsq"]
 # qwix configuration -> (the lowbit recipe it is compared with, its QtRule's fields).
 PEERS = {
     "qwix_int8": ("int8", dict(weight_qtype=jnp.int8, act_qtype=jnp.int8)),
-    "qwix_fp8": ("fp8", dict(weight_qtype=jnp.float8_e4m3fn, act_qtype=jnp.float8_e4m3fn,
-                             bwd_qtype=jnp.float8_e5m2)),
+    "qwix_fp8": ("fp8", dict(weight_qtype=jnp.float8_e4m3fn, act_qtype=jnp.float8_e4m3fn, bwd_qtype=jnp.float8_e5m2)),
 }
-PEER_LABELS = {"qwix_int8": "int8 weights + activations, float gradients",
-               "qwix_fp8": "e4m3 weights + activations, e5m2 gradients"}
+PEER_LABELS = {
+    "qwix_int8": "int8 weights + activations, float gradients",
+    "qwix_fp8": "e4m3 weights + activations, e5m2 gradients",
+}
 USER_RECIPES = ("int8", "fp8")  # the lowbit side of the peers
 # Optimized HLO names a dot's operands without their types ("%dot.3 = s32[..] dot(%a, %b)"),
 # so the operand dtypes are looked up from the instructions that define them.
@@ -129,8 +138,16 @@ USER_MODELS: dict[str, Callable[[], nnx.Module]] = {
 
 def vit(dim: int) -> nnx.Module:
     """The float ViT of width ``dim``."""
-    return ViT(image_shape=IMAGE, num_classes=CLASSES, patch_size=PATCH, dim=dim, depth=DEPTH, heads=HEADS,
-               mlp_dim=2 * dim, rngs=nnx.Rngs(0))
+    return ViT(
+        image_shape=IMAGE,
+        num_classes=CLASSES,
+        patch_size=PATCH,
+        dim=dim,
+        depth=DEPTH,
+        heads=HEADS,
+        mlp_dim=2 * dim,
+        rngs=nnx.Rngs(0),
+    )
 
 
 class Stepper:
@@ -147,7 +164,7 @@ class Stepper:
         self.params = sum(math.prod(v.shape) for v in jax.tree.leaves(self.state.params))
 
     @classmethod
-    def lowbit(cls, model: nnx.Module, recipe: recipes.Recipe, x, y) -> "Stepper":
+    def lowbit(cls, model: nnx.Module, recipe: recipes.Recipe, x, y) -> Stepper:
         """``model`` as is for fp32, else ``lowbit.quantize(model, recipe)`` with its ops discovered."""
         if recipe.name != "fp32":
             model = lowbit.quantize(model, recipe)
@@ -158,7 +175,7 @@ class Stepper:
         return cls(model, recipe, x, y)
 
     @classmethod
-    def qwix(cls, model: nnx.Module, rule: dict, x, y) -> "Stepper":
+    def qwix(cls, model: nnx.Module, rule: dict, x, y) -> Stepper:
         """``qwix.quantize_model(model, QtProvider([QtRule(**rule)]), x)``, trained in float32 like fp32."""
         import qwix
 
@@ -172,22 +189,29 @@ class Stepper:
         self.state = state
         return state
 
-    def twin(self) -> "Stepper":
+    def twin(self) -> Stepper:
         """The same compiled step with its own state."""
         return copy.copy(self)
 
     def memory(self) -> dict:
         m = self.compiled.memory_analysis()
-        parts = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-                     temp=m.temp_size_in_bytes, alias=m.alias_size_in_bytes)
+        parts = dict(
+            argument=m.argument_size_in_bytes,
+            output=m.output_size_in_bytes,
+            temp=m.temp_size_in_bytes,
+            alias=m.alias_size_in_bytes,
+        )
         return dict(parts, peak=parts["argument"] + parts["output"] + parts["temp"] - parts["alias"])
 
     def dots(self) -> dict[str, int]:
         """Dot instructions of the optimized step by dtypes, e.g. ``{"s8xs8->s32": 14, "f32xf32->f32": 28}``."""
         text = self.compiled.as_text()
         types = dict(_DEF.findall(text))
-        return dict(collections.Counter(f"{types.get(lhs, '?')}x{types.get(rhs, '?')}->{out}"
-                                        for out, lhs, rhs in _DOT.findall(text)))
+        return dict(
+            collections.Counter(
+                f"{types.get(lhs, '?')}x{types.get(rhs, '?')}->{out}" for out, lhs, rhs in _DOT.findall(text)
+            )
+        )
 
 
 def time_pair(ref: Stepper, cand: Stepper, repeats: int) -> dict[str, list[float]]:
@@ -200,8 +224,11 @@ def time_pair(ref: Stepper, cand: Stepper, repeats: int) -> dict[str, list[float
     cpu: dict[str, list[float]] = {}
     wall = _timing.alternate({"ref": ref, "cand": cand}, {"ref": (), "cand": ()}, repeats=repeats, cpu_times=cpu)
     per_step = {"ref": ref.steps, "cand": cand.steps}
-    return {f"{n}_{clock}": [t / per_step[n] for t in times[n]]
-            for clock, times in (("wall", wall), ("cpu", cpu)) for n in ("ref", "cand")}
+    return {
+        f"{n}_{clock}": [t / per_step[n] for t in times[n]]
+        for clock, times in (("wall", wall), ("cpu", cpu))
+        for n in ("ref", "cand")
+    }
 
 
 def calibrate(fp32: Stepper) -> int:
@@ -218,17 +245,26 @@ def measure(label: str, fp32: Stepper, cand: Stepper, repeats: int, target: floa
     cand.steps = fp32.steps
     t = time_pair(fp32, cand, repeats)
     mem, base = cand.memory(), fp32.memory()
-    row = dict(compile_s=cand.compile_s, memory=mem, memory_ratio=mem["peak"] / base["peak"], dots=cand.dots(),
-               rounds=t, load_average=_timing.load_average())
+    row = dict(
+        compile_s=cand.compile_s,
+        memory=mem,
+        memory_ratio=mem["peak"] / base["peak"],
+        dots=cand.dots(),
+        rounds=t,
+        load_average=_timing.load_average(),
+    )
     for clock in ("cpu", "wall"):
         ratios = [c / r for r, c in zip(t[f"ref_{clock}"], t[f"cand_{clock}"])]
         row[f"{clock}_ratio"] = statistics.median(ratios)
         row[f"{clock}_ms"] = 1e3 * statistics.median(t[f"cand_{clock}"])
         row[f"fp32_{clock}_ms"] = 1e3 * statistics.median(t[f"ref_{clock}"])
     row.update(target=target, meets_target=None if target is None else row["cpu_ratio"] <= target)
-    print(f"  {label:28s} cpu {row['cpu_ms']:8.2f} ms/step x{row['cpu_ratio']:.3f}  "
-          f"wall {row['wall_ms']:8.2f} ms/step x{row['wall_ratio']:.3f}  (fp32 cpu {row['fp32_cpu_ms']:.2f} ms)  "
-          f"peak {mem['peak'] / 2**20:6.1f} MiB  load {row['load_average']}", flush=True)
+    print(
+        f"  {label:28s} cpu {row['cpu_ms']:8.2f} ms/step x{row['cpu_ratio']:.3f}  "
+        f"wall {row['wall_ms']:8.2f} ms/step x{row['wall_ratio']:.3f}  (fp32 cpu {row['fp32_cpu_ms']:.2f} ms)  "
+        f"peak {mem['peak'] / 2**20:6.1f} MiB  load {row['load_average']}",
+        flush=True,
+    )
     return row
 
 
@@ -246,8 +282,10 @@ def measure_peer(label: str, fp32: Stepper, model: nnx.Module, peer: str, x, y, 
 def batch():
     """The fixed synthetic digits-shaped batch: (images, labels)."""
     rng = np.random.default_rng(0)
-    return (jnp.asarray(rng.random((BATCH, *IMAGE), np.float32)),
-            jnp.asarray(rng.integers(0, CLASSES, BATCH), jnp.int32))
+    return (
+        jnp.asarray(rng.random((BATCH, *IMAGE), np.float32)),
+        jnp.asarray(rng.integers(0, CLASSES, BATCH), jnp.int32),
+    )
 
 
 def bench_width(dim: int, names: list[str], mode: str, repeats: int, peers: list[str]) -> dict:
@@ -266,8 +304,9 @@ def bench_width(dim: int, names: list[str], mode: str, repeats: int, peers: list
     for name in names:
         out["recipes"][name] = lowbit_row(name, mode)
     for m in ("fake", "real", "auto"):
-        out["matmul_compare"][m] = (out["recipes"][MATMUL_COMPARE] if m == mode and MATMUL_COMPARE in names
-                                    else lowbit_row(MATMUL_COMPARE, m))
+        out["matmul_compare"][m] = (
+            out["recipes"][MATMUL_COMPARE] if m == mode and MATMUL_COMPARE in names else lowbit_row(MATMUL_COMPARE, m)
+        )
     for peer in peers:
         row = out["peers"][peer] = measure_peer(f"d={dim} {peer}", fp32, model, peer, x, y, repeats)
         mine = out["recipes"][PEERS[peer][0]]
@@ -287,13 +326,20 @@ def bench_user(name: str, mode: str, repeats: int, peers: list[str]) -> dict:
     model = USER_MODELS[name]()
     fp32 = Stepper.lowbit(model, recipes.get("fp32"), x, y)
     fp32.steps = calibrate(fp32)
-    rows = {r: measure(f"{name} {r} {mode}", fp32, Stepper.lowbit(model, recipes.get(r).with_matmul(mode), x, y),
-                       repeats) for r in USER_RECIPES}
+    rows = {
+        r: measure(f"{name} {r} {mode}", fp32, Stepper.lowbit(model, recipes.get(r).with_matmul(mode), x, y), repeats)
+        for r in USER_RECIPES
+    }
     rows.update({p: measure_peer(f"{name} {p}", fp32, model, p, x, y, repeats) for p in peers})
     timed = [r for r in rows.values() if "error" not in r]
-    return dict(model=name, params=fp32.params, steps_per_sample=fp32.steps, rows=rows,
-                fp32_cpu_ms=statistics.median(r["fp32_cpu_ms"] for r in timed),
-                fp32_memory=fp32.memory())
+    return dict(
+        model=name,
+        params=fp32.params,
+        steps_per_sample=fp32.steps,
+        rows=rows,
+        fp32_cpu_ms=statistics.median(r["fp32_cpu_ms"] for r in timed),
+        fp32_memory=fp32.memory(),
+    )
 
 
 def _load_range(rows) -> str:
@@ -323,42 +369,74 @@ def markdown(result: dict) -> str:
                 mark = "" if r["meets_target"] is None or clock != "cpu" else (" ✓" if r["meets_target"] else " ✗")
                 cells.append(f"{r[f'{clock}_ratio']:.2f}×{mark}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines.append("| *fp32 ms/step* | " + " | ".join(f"{w[f'fp32_{clock}_ms']:.2f}" for w in result["widths"])
-                     + " |")
-        lines.append("| *load (1 min)* | " + " | ".join(
-            _load_range([*w["recipes"].values(), *w["matmul_compare"].values()]) for w in result["widths"]) + " |")
+        lines.append(
+            "| *fp32 ms/step* | " + " | ".join(f"{w[f'fp32_{clock}_ms']:.2f}" for w in result["widths"]) + " |"
+        )
+        lines.append(
+            "| *load (1 min)* | "
+            + " | ".join(_load_range([*w["recipes"].values(), *w["matmul_compare"].values()]) for w in result["widths"])
+            + " |"
+        )
         return lines
 
-    lines = ["# bench_train: train-step time and peak memory relative to fp32", "",
-             f"{mi['date']}, `{mi['command']}`; {mi['cpu']}, {mi['cores']} cores, jax {mi['jax']}, "
-             f"flax {mi['flax']}; load average at start {result['load_average_start']}, at end "
-             f"{mi['load_average']} (each row's is in the JSON). Wall-clock ratios are noisy on a shared machine "
-             "(the fp32 row, fp32 against itself, shows how much); CPU-time ratios are the primary measure.", "",
-             f"Stock Flax ViT (`lowbit.nn.vit.ViT`) depth {DEPTH}, {HEADS} heads, MLP 2d, quantized by "
-             "`lowbit.quantize(model, recipe)`; the step is `lowbit.trainer.step.make_train_step` (forward, "
-             f"backward, AdamW); fixed digits-shaped batch {BATCH}x8x8x1, patch {PATCH}; "
-             f"matmul mode `{result['matmul']}`; per candidate, {result['repeats']} rounds alternating with fp32, "
-             "each sample N steps (N/width: " + ", ".join(f"{w['dim']}: {w['steps_per_sample']}"
-                                                          for w in result["widths"])
-             + "); median over rounds of candidate / fp32 time (>1: slower). ✓/✗: target met (CPU time).", "",
-             "## Step time, recipe / fp32, process CPU time", ""] + ratio_table("cpu") + [
-             "", "## Step time, recipe / fp32, wall clock", ""] + ratio_table("wall") + [
-             "", "## Peak step memory, MiB (× fp32)", "",
-             "XLA's compile-time `memory_analysis()` of the jitted step: arguments (state + batch) + outputs + "
-             "temporaries − aliases.", "",
-             "| recipe | " + " | ".join(f"d={d}" for d in widths) + " |", *header]
+    lines = (
+        [
+            "# bench_train: train-step time and peak memory relative to fp32",
+            "",
+            f"{mi['date']}, `{mi['command']}`; {mi['cpu']}, {mi['cores']} cores, jax {mi['jax']}, "
+            f"flax {mi['flax']}; load average at start {result['load_average_start']}, at end "
+            f"{mi['load_average']} (each row's is in the JSON). Wall-clock ratios are noisy on a shared machine "
+            "(the fp32 row, fp32 against itself, shows how much); CPU-time ratios are the primary measure.",
+            "",
+            f"Stock Flax ViT (`lowbit.nn.vit.ViT`) depth {DEPTH}, {HEADS} heads, MLP 2d, quantized by "
+            "`lowbit.quantize(model, recipe)`; the step is `lowbit.trainer.step.make_train_step` (forward, "
+            f"backward, AdamW); fixed digits-shaped batch {BATCH}x8x8x1, patch {PATCH}; "
+            f"matmul mode `{result['matmul']}`; per candidate, {result['repeats']} rounds alternating with fp32, "
+            "each sample N steps (N/width: "
+            + ", ".join(f"{w['dim']}: {w['steps_per_sample']}" for w in result["widths"])
+            + "); median over rounds of candidate / fp32 time (>1: slower). ✓/✗: target met (CPU time).",
+            "",
+            "## Step time, recipe / fp32, process CPU time",
+            "",
+        ]
+        + ratio_table("cpu")
+        + ["", "## Step time, recipe / fp32, wall clock", ""]
+        + ratio_table("wall")
+        + [
+            "",
+            "## Peak step memory, MiB (× fp32)",
+            "",
+            "XLA's compile-time `memory_analysis()` of the jitted step: arguments (state + batch) + outputs + "
+            "temporaries − aliases.",
+            "",
+            "| recipe | " + " | ".join(f"d={d}" for d in widths) + " |",
+            *header,
+        ]
+    )
     lines.append("| fp32 | " + " | ".join(f"{w['fp32_memory']['peak'] / 2**20:.1f}" for w in result["widths"]) + " |")
     for n in names[1:]:
-        lines.append(f"| {n} | " + " | ".join(
-            f"{w['recipes'][n]['memory']['peak'] / 2**20:.1f} ({w['recipes'][n]['memory_ratio']:.2f}×)"
-            for w in result["widths"]) + " |")
-    lines += ["", f"## {MATMUL_COMPARE} by matmul mode: step / fp32 (CPU time), and the compiled step's dots", "",
-              "| mode | " + " | ".join(f"d={d}" for d in widths) + " | dots by dtype (lhs x rhs -> out) |",
-              "|---|" + "---:|" * len(widths) + "---|"]
+        lines.append(
+            f"| {n} | "
+            + " | ".join(
+                f"{w['recipes'][n]['memory']['peak'] / 2**20:.1f} ({w['recipes'][n]['memory_ratio']:.2f}×)"
+                for w in result["widths"]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"## {MATMUL_COMPARE} by matmul mode: step / fp32 (CPU time), and the compiled step's dots",
+        "",
+        "| mode | " + " | ".join(f"d={d}" for d in widths) + " | dots by dtype (lhs x rhs -> out) |",
+        "|---|" + "---:|" * len(widths) + "---|",
+    ]
     for m in result["widths"][0]["matmul_compare"]:
         rows = [w["matmul_compare"][m] for w in result["widths"]]
-        lines.append(f"| {m} | " + " | ".join(f"{r['cpu_ratio']:.2f}× ({r['cpu_ms']:.1f} ms)" for r in rows)
-                     + f" | {_dots(rows[0])} |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{r['cpu_ratio']:.2f}× ({r['cpu_ms']:.1f} ms)" for r in rows)
+            + f" | {_dots(rows[0])} |"
+        )
     lines += ["", *peers_markdown(result), "", *users_markdown(result)]
     return "\n".join(lines) + "\n"
 
@@ -377,19 +455,28 @@ def peers_markdown(result: dict) -> list[str]:
     if not peers:
         return [f"qwix: {result['qwix']}"]
     widths = [w["dim"] for w in result["widths"]]
-    lines = [f"## qwix {result['qwix']} side by side: step / fp32, process CPU time", "",
-             "`qwix.quantize_model(model, qwix.QtProvider([qwix.QtRule(module_path='.*', ...)]), x)` on the same "
-             "float ViT, trained by the same step function; each row has its own fp32 pairing in this run. "
-             "✓/✗ on lowbit: at or below qwix (target).", "",
-             "| | " + " | ".join(f"d={d}" for d in widths) + " | dots by dtype |", "|---|" + "---:|" * len(widths)
-             + "---|"]
+    lines = [
+        f"## qwix {result['qwix']} side by side: step / fp32, process CPU time",
+        "",
+        "`qwix.quantize_model(model, qwix.QtProvider([qwix.QtRule(module_path='.*', ...)]), x)` on the same "
+        "float ViT, trained by the same step function; each row has its own fp32 pairing in this run. "
+        "✓/✗ on lowbit: at or below qwix (target).",
+        "",
+        "| | " + " | ".join(f"d={d}" for d in widths) + " | dots by dtype |",
+        "|---|" + "---:|" * len(widths) + "---|",
+    ]
     for peer in peers:
         mine = PEERS[peer][0]
-        lines.append(f"| lowbit `{mine}` | " + " | ".join(
-            _cell(w["recipes"][mine], w["recipes"][mine].get("meets_peer")) for w in result["widths"])
-            + f" | {_dots(result['widths'][0]['recipes'][mine])} |")
-        lines.append(f"| qwix {PEER_LABELS[peer]} | " + " | ".join(
-            _cell(w["peers"][peer]) for w in result["widths"]) + f" | {_dots(result['widths'][0]['peers'][peer])} |")
+        lines.append(
+            f"| lowbit `{mine}` | "
+            + " | ".join(_cell(w["recipes"][mine], w["recipes"][mine].get("meets_peer")) for w in result["widths"])
+            + f" | {_dots(result['widths'][0]['recipes'][mine])} |"
+        )
+        lines.append(
+            f"| qwix {PEER_LABELS[peer]} | "
+            + " | ".join(_cell(w["peers"][peer]) for w in result["widths"])
+            + f" | {_dots(result['widths'][0]['peers'][peer])} |"
+        )
     lines += _errors(w["peers"][p] for w in result["widths"] for p in peers)
     return lines
 
@@ -397,16 +484,25 @@ def peers_markdown(result: dict) -> list[str]:
 def users_markdown(result: dict) -> list[str]:
     users = result["user_models"]
     cols = [*USER_RECIPES, *result["peers"]]
-    lines = ["## Models written without lowbit: step / fp32, process CPU time", "",
-             "`user_mlp`: `nnx.Linear`, a raw `@` on its own `nnx.Param`, a linear head (hidden 256); `cnn`: "
-             "`lowbit.nn.models.CNN` (two `nnx.Conv`, two `nnx.Linear`). lowbit: `lowbit.quantize(model, recipe)`"
-             + ("; qwix: `quantize_model` as above" if result["peers"] else "") + ". Same batch and step.", "",
-             "| model | params | fp32 CPU ms/step | " + " | ".join(
-                 f"lowbit `{c}`" if c in USER_RECIPES else f"qwix {PEER_LABELS[c]}" for c in cols)
-             + " | load (1 min) |", "|---|---:|---:|" + "---:|" * len(cols) + "---|"]
+    lines = [
+        "## Models written without lowbit: step / fp32, process CPU time",
+        "",
+        "`user_mlp`: `nnx.Linear`, a raw `@` on its own `nnx.Param`, a linear head (hidden 256); `cnn`: "
+        "`lowbit.nn.models.CNN` (two `nnx.Conv`, two `nnx.Linear`). lowbit: `lowbit.quantize(model, recipe)`"
+        + ("; qwix: `quantize_model` as above" if result["peers"] else "")
+        + ". Same batch and step.",
+        "",
+        "| model | params | fp32 CPU ms/step | "
+        + " | ".join(f"lowbit `{c}`" if c in USER_RECIPES else f"qwix {PEER_LABELS[c]}" for c in cols)
+        + " | load (1 min) |",
+        "|---|---:|---:|" + "---:|" * len(cols) + "---|",
+    ]
     for u in users:
-        lines.append(f"| {u['model']} | {u['params']:,} | {u['fp32_cpu_ms']:.2f} | "
-                     + " | ".join(_cell(u["rows"][c]) for c in cols) + f" | {_load_range(u['rows'].values())} |")
+        lines.append(
+            f"| {u['model']} | {u['params']:,} | {u['fp32_cpu_ms']:.2f} | "
+            + " | ".join(_cell(u["rows"][c]) for c in cols)
+            + f" | {_load_range(u['rows'].values())} |"
+        )
     lines += _errors(r for u in users for r in u["rows"].values())
     return lines
 
@@ -417,8 +513,10 @@ def plot(result: dict, path: Path) -> None:
     fig = Figure(figsize=(15, 4), layout="constrained")
     axes = fig.subplots(1, 3)
     widths = [w["dim"] for w in result["widths"]]
-    series = [(n, [w["recipes"][n] for w in result["widths"]], ":" if n == "fp32" else "-", "o")
-              for n in result["widths"][0]["recipes"]]
+    series = [
+        (n, [w["recipes"][n] for w in result["widths"]], ":" if n == "fp32" else "-", "o")
+        for n in result["widths"][0]["recipes"]
+    ]
     series += [(p, [w["peers"][p] for w in result["widths"]], "--", "x") for p in result["peers"]]
     for name, rows, ls, marker in series:
         for ax, key in zip(axes, ("cpu_ratio", "wall_ratio", "memory_ratio")):
@@ -443,20 +541,32 @@ def _qwix_version() -> str | None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", help=f"comma-separated ViT widths, multiples of {HEADS} (default: {WIDTHS}; "
-                                     f"--quick: {QUICK_WIDTHS})")
-    ap.add_argument("--recipes", help="comma-separated (default: every recipe; --quick: " + ", ".join(QUICK_RECIPES)
-                    + "); fp32 is always included")
-    ap.add_argument("--matmul", default="auto", choices=("fake", "real", "auto"),
-                    help="matmul mode of every recipe (default: auto)")
+    ap.add_argument(
+        "--widths",
+        help=f"comma-separated ViT widths, multiples of {HEADS} (default: {WIDTHS}; --quick: {QUICK_WIDTHS})",
+    )
+    ap.add_argument(
+        "--recipes",
+        help="comma-separated (default: every recipe; --quick: "
+        + ", ".join(QUICK_RECIPES)
+        + "); fp32 is always included",
+    )
+    ap.add_argument(
+        "--matmul", default="auto", choices=("fake", "real", "auto"), help="matmul mode of every recipe (default: auto)"
+    )
     ap.add_argument("--repeats", type=int, default=7, help=f"alternating rounds per pair (>= {_timing.MIN_REPEATS})")
-    ap.add_argument("--peers", action="store_true",
-                    help="also time qwix's quantize_model (int8, fp8) on the same models (needs qwix: "
-                         "pip install 'lowbit[peers]'); adds lowbit's int8 and fp8 to the recipes")
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time qwix's quantize_model (int8, fp8) on the same models (needs qwix: "
+        "pip install 'lowbit[peers]'); adds lowbit's int8 and fp8 to the recipes",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default: {RESULTS})")
-    ap.add_argument("--quick", action="store_true",
-                    help=f"d = {QUICK_WIDTHS}; {', '.join(QUICK_RECIPES)}; {_timing.MIN_REPEATS} rounds; "
-                         "bench_train_quick.* files")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"d = {QUICK_WIDTHS}; {', '.join(QUICK_RECIPES)}; {_timing.MIN_REPEATS} rounds; bench_train_quick.* files",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.repeats = _timing.MIN_REPEATS
@@ -483,17 +593,35 @@ def main(argv=None) -> dict:
         ap.error(f"--recipes: unknown {', '.join(unknown)}; allowed: {', '.join(recipes.names())}")
     import flax
 
-    qwix_status = ("not installed: no qwix column" if qwix_version is None
-                   else f"{qwix_version}" if args.peers else f"{qwix_version} installed, not run (--peers runs it)")
+    qwix_status = (
+        "not installed: no qwix column"
+        if qwix_version is None
+        else f"{qwix_version}"
+        if args.peers
+        else f"{qwix_version} installed, not run (--peers runs it)"
+    )
     load_start = _timing.load_average()
-    print(f"load average {load_start}; recipes {', '.join(names)}; matmul {args.matmul}; "
-          f"peers {', '.join(peers) or 'none'}", flush=True)
-    result = dict(benchmark="bench_train", batch=BATCH, image=IMAGE, patch=PATCH, depth=DEPTH, heads=HEADS,
-                  matmul=args.matmul, repeats=args.repeats,
-                  widths=[bench_width(d, names, args.matmul, args.repeats, peers) for d in widths],
-                  user_models=[bench_user(u, args.matmul, args.repeats, peers) for u in USER_MODELS],
-                  peers=peers, qwix=qwix_status, load_average_start=load_start,
-                  machine=dict(_timing.machine_info(), flax=flax.__version__, qwix=qwix_version))
+    print(
+        f"load average {load_start}; recipes {', '.join(names)}; matmul {args.matmul}; "
+        f"peers {', '.join(peers) or 'none'}",
+        flush=True,
+    )
+    result = dict(
+        benchmark="bench_train",
+        batch=BATCH,
+        image=IMAGE,
+        patch=PATCH,
+        depth=DEPTH,
+        heads=HEADS,
+        matmul=args.matmul,
+        repeats=args.repeats,
+        widths=[bench_width(d, names, args.matmul, args.repeats, peers) for d in widths],
+        user_models=[bench_user(u, args.matmul, args.repeats, peers) for u in USER_MODELS],
+        peers=peers,
+        qwix=qwix_status,
+        load_average_start=load_start,
+        machine=dict(_timing.machine_info(), flax=flax.__version__, qwix=qwix_version),
+    )
     stem = args.out / ("bench_train_quick" if args.quick else "bench_train")
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))

@@ -62,10 +62,14 @@ def user_loop(dataset, recipe: str, seed: int, epochs: int) -> float:
     for _ in range(epochs):
         order = rng.permutation(len(dataset.x_train))
         for i in range(steps_per_epoch):
-            idx = order[i * BATCH:(i + 1) * BATCH]
+            idx = order[i * BATCH : (i + 1) * BATCH]
             step(model, optimizer, jnp.asarray(dataset.x_train[idx]), jnp.asarray(dataset.y_train[idx]))
-    pred = np.concatenate([np.asarray(predict(model, jnp.asarray(dataset.x_test[i:i + 256])))
-                           for i in range(0, len(dataset.x_test), 256)])
+    pred = np.concatenate(
+        [
+            np.asarray(predict(model, jnp.asarray(dataset.x_test[i : i + 256])))
+            for i in range(0, len(dataset.x_test), 256)
+        ]
+    )
     return float((pred == dataset.y_test).mean())
 
 
@@ -89,8 +93,17 @@ def main(argv=None) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 acc = fn(dataset, args.recipe, seed, args.epochs)
-            rows.append(dict(recipe=args.recipe, seed=seed, loop=name, epochs=args.epochs, test_accuracy=acc,
-                             seconds=time.perf_counter() - t0, load=os.getloadavg()[0]))
+            rows.append(
+                dict(
+                    recipe=args.recipe,
+                    seed=seed,
+                    loop=name,
+                    epochs=args.epochs,
+                    test_accuracy=acc,
+                    seconds=time.perf_counter() - t0,
+                    load=os.getloadavg()[0],
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_user_loop.json").write_text(json.dumps(rows, indent=1))

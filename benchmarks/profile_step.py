@@ -48,7 +48,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # frames (flax, optax, qwix) never reach the HLO's source information, so only
 # lowbit's own files can be named here.
 SOURCES = (
-    ("quantizers", "/lowbit/quant/"), ("quantizers", "/lowbit/formats/"),
+    ("quantizers", "/lowbit/quant/"),
+    ("quantizers", "/lowbit/formats/"),
     ("gradient scale / amax history", "/lowbit/training/gradscale.py"),
     ("gradient scale / amax history", "/lowbit/training/delayed.py"),
     ("learned quantizers (LSQ/PACT/SAWB)", "/lowbit/training/ste.py"),
@@ -126,8 +127,9 @@ def classify(text: str) -> dict[str, str]:
             comp_has_dot[comp] = True
         if (c := _CALLS.search(line)) and op == "fusion":
             calls[name] = c.group(1)
-        out[name] = DOTS if op in ("dot", "convolution") else _category(int(frame) if frame else None,
-                                                                        files, locs, frames)
+        out[name] = (
+            DOTS if op in ("dot", "convolution") else _category(int(frame) if frame else None, files, locs, frames)
+        )
     for name, comp in calls.items():
         if comp_has_dot.get(comp):
             out[name] = DOTS
@@ -140,13 +142,17 @@ def hlo_counts(stepper) -> dict:
     ops = collections.Counter(m.group(2) for line in text.splitlines() if (m := _INSTR.match(line)))
     cost = stepper.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    entry = text[text.index("\nENTRY"):]
-    entry = entry[:entry.index("\n}")]
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
     thunk_ops = collections.Counter(m.group(2) for line in entry.splitlines() if (m := _INSTR.match(line)))
-    return dict(entry_fusions=thunk_ops["fusion"], conditionals=thunk_ops["conditional"],
-                reduces=ops["reduce"], dots=stepper.dots(),
-                gflops=(cost or {}).get("flops", 0.0) / 1e9,
-                mib_accessed=(cost or {}).get("bytes accessed", 0.0) / 2**20)
+    return dict(
+        entry_fusions=thunk_ops["fusion"],
+        conditionals=thunk_ops["conditional"],
+        reduces=ops["reduce"],
+        dots=stepper.dots(),
+        gflops=(cost or {}).get("flops", 0.0) / 1e9,
+        mib_accessed=(cost or {}).get("bytes accessed", 0.0) / 2**20,
+    )
 
 
 def profile(stepper, steps: int) -> dict:
@@ -175,8 +181,12 @@ def profile(stepper, steps: int) -> dict:
                 if cat is not None:
                     ms[cat] += ev.duration_ns / 1e6 / steps
                     count[cat] += 1 / steps
-    return dict(ms={c: ms[c] for c in CATEGORIES}, thunks={c: count[c] for c in CATEGORIES},
-                total_ms=sum(ms.values()), total_thunks=sum(count.values()))
+    return dict(
+        ms={c: ms[c] for c in CATEGORIES},
+        thunks={c: count[c] for c in CATEGORIES},
+        total_ms=sum(ms.values()),
+        total_thunks=sum(count.values()),
+    )
 
 
 def run(widths: list[int], names: list[str], peers: list[str], steps: int) -> dict:
@@ -192,40 +202,58 @@ def run(widths: list[int], names: list[str], peers: list[str], steps: int) -> di
                 st = bench_train.Stepper.lowbit(model, recipes.get(name), x, y)
             rows[name] = dict(hlo=hlo_counts(st), profile=profile(st, steps), load_average=_timing.load_average())
             p = rows[name]["profile"]
-            print(f"d={dim} {name:10s} thunk time {p['total_ms']:7.2f} ms/step, {p['total_thunks']:6.0f} thunks/step, "
-                  f"load {rows[name]['load_average']}", flush=True)
+            print(
+                f"d={dim} {name:10s} thunk time {p['total_ms']:7.2f} ms/step, {p['total_thunks']:6.0f} thunks/step, "
+                f"load {rows[name]['load_average']}",
+                flush=True,
+            )
         out["widths"].append(dict(dim=dim, rows=rows))
     return out
 
 
 def markdown(result: dict) -> str:
     mi = result["machine"]
-    lines = ["# profile_step: where the quantized step's time goes", "",
-             f"{mi['date']}, `{result['command']}`; {mi['cpu']}, {mi['cores']} cores, jax {mi['jax']}. "
-             "Per-op profile of the compiled train step (`jax.profiler` thunk events, summed over threads, "
-             "per step), each HLO instruction attributed to the source that emitted it; ms and thunks per step. "
-             "Thunk times vary by up to ±20 % run to run (one traced run of a few steps); thunk and HLO counts are exact. "
-             "Library frames (flax, optax, qwix) are left out of the HLO's source information, so an op emitted "
-             "by qwix inside a model's `__call__` counts as the model's: qwix's quantizers are in *model (float ops)*. "
-             "*Product glue* holds all of `quantized_dot_general` except the dots, including the transposes around "
-             "the backward dots that fp32 counts under *model*.", ""]
+    lines = [
+        "# profile_step: where the quantized step's time goes",
+        "",
+        f"{mi['date']}, `{result['command']}`; {mi['cpu']}, {mi['cores']} cores, jax {mi['jax']}. "
+        "Per-op profile of the compiled train step (`jax.profiler` thunk events, summed over threads, "
+        "per step), each HLO instruction attributed to the source that emitted it; ms and thunks per step. "
+        "Thunk times vary by up to ±20 % run to run (one traced run of a few steps); thunk and HLO counts are exact. "
+        "Library frames (flax, optax, qwix) are left out of the HLO's source information, so an op emitted "
+        "by qwix inside a model's `__call__` counts as the model's: qwix's quantizers are in *model (float ops)*. "
+        "*Product glue* holds all of `quantized_dot_general` except the dots, including the transposes around "
+        "the backward dots that fp32 counts under *model*.",
+        "",
+    ]
     for w in result["widths"]:
         rows = w["rows"]
         names = list(rows)
-        lines += [f"## d={w['dim']}", "", "| category | " + " | ".join(names) + " |",
-                  "|---|" + "---:|" * len(names)]
+        lines += [f"## d={w['dim']}", "", "| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for cat in CATEGORIES:
             cells = [f"{r['profile']['ms'][cat]:.2f} ms / {r['profile']['thunks'][cat]:.0f}" for r in rows.values()]
             if any(r["profile"]["thunks"][cat] for r in rows.values()):
                 lines.append(f"| {cat} | " + " | ".join(cells) + " |")
-        lines.append("| **total** | " + " | ".join(f"**{r['profile']['total_ms']:.2f} ms / "
-                                                  f"{r['profile']['total_thunks']:.0f}**" for r in rows.values()) + " |")
-        for key, label, fmt in (("entry_fusions", "fusions (entry)", "{:d}"), ("conditionals", "conditionals", "{:d}"),
-                                ("reduces", "reduce instructions", "{:d}"), ("gflops", "GFLOP / step", "{:.3f}"),
-                                ("mib_accessed", "MiB accessed / step", "{:.1f}")):
+        lines.append(
+            "| **total** | "
+            + " | ".join(
+                f"**{r['profile']['total_ms']:.2f} ms / {r['profile']['total_thunks']:.0f}**" for r in rows.values()
+            )
+            + " |"
+        )
+        for key, label, fmt in (
+            ("entry_fusions", "fusions (entry)", "{:d}"),
+            ("conditionals", "conditionals", "{:d}"),
+            ("reduces", "reduce instructions", "{:d}"),
+            ("gflops", "GFLOP / step", "{:.3f}"),
+            ("mib_accessed", "MiB accessed / step", "{:.1f}"),
+        ):
             lines.append(f"| *{label}* | " + " | ".join(fmt.format(r["hlo"][key]) for r in rows.values()) + " |")
-        lines.append("| *dots (lhs x rhs -> out)* | " + " | ".join(
-            ", ".join(f"{k}: {v}" for k, v in r["hlo"]["dots"].items()) for r in rows.values()) + " |")
+        lines.append(
+            "| *dots (lhs x rhs -> out)* | "
+            + " | ".join(", ".join(f"{k}: {v}" for k, v in r["hlo"]["dots"].items()) for r in rows.values())
+            + " |"
+        )
         lines.append("| *load (1 min)* | " + " | ".join(r["load_average"].split()[0] for r in rows.values()) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -234,8 +262,11 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="64,256", help="comma-separated ViT widths (default: 64,256)")
-    ap.add_argument("--recipes", default="fp32,int8,fp8,fp8_delayed,fp4,nvfp4",
-                    help="comma-separated recipes (default: fp32,int8,fp8,fp8_delayed,fp4,nvfp4)")
+    ap.add_argument(
+        "--recipes",
+        default="fp32,int8,fp8,fp8_delayed,fp4,nvfp4",
+        help="comma-separated recipes (default: fp32,int8,fp8,fp8_delayed,fp4,nvfp4)",
+    )
     ap.add_argument("--peers", action="store_true", help="add qwix's int8 and fp8 configurations (needs qwix)")
     ap.add_argument("--steps", type=int, default=5, help="steps traced per configuration (default: 5)")
     args = ap.parse_args(argv)
@@ -244,8 +275,9 @@ def main(argv=None) -> None:
         recipes.get(n)  # an unknown name fails before anything compiles
     if args.steps < 1:
         ap.error(f"--steps={args.steps} must be >= 1")
-    result = run([int(w) for w in args.widths.split(",")], names, list(bench_train.PEERS) if args.peers else [],
-                 args.steps)
+    result = run(
+        [int(w) for w in args.widths.split(",")], names, list(bench_train.PEERS) if args.peers else [], args.steps
+    )
     RESULTS.mkdir(exist_ok=True)
     _timing.write_json("profile_step", result)
     (RESULTS / "profile_step.md").write_text(markdown(result) + "\n")

@@ -21,10 +21,27 @@ from lowbit import formats
 __version__ = "0.1.0"
 
 # name -> module that defines it; loaded on first access (PEP 562).
-_LAZY = {"quantize": "lowbit.nn", "describe": "lowbit.nn", "train": "lowbit.trainer", "Rule": "lowbit.recipes",
-         "Recipe": "lowbit.recipes", "optimizer": "lowbit.nn.optimizer", "NotQuantizedError": "lowbit.nn"}
+_LAZY = {
+    "quantize": "lowbit.nn",
+    "describe": "lowbit.nn",
+    "train": "lowbit.trainer",
+    "Rule": "lowbit.recipes",
+    "Recipe": "lowbit.recipes",
+    "optimizer": "lowbit.nn.optimizer",
+    "NotQuantizedError": "lowbit.nn",
+}
 
-__all__ = ["NotQuantizedError", "Recipe", "Rule", "describe", "formats", "optimizer", "quantize", "train", "__version__"]
+__all__ = [
+    "NotQuantizedError",
+    "Recipe",
+    "Rule",
+    "describe",
+    "formats",
+    "optimizer",
+    "quantize",
+    "train",
+    "__version__",
+]
 
 
 def __getattr__(name):

@@ -317,8 +317,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return _PICKLE_GLOBALS[module, name]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only arrays, "
-                "lists and strings"
+                f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only arrays, lists and strings"
             ) from None
 
 
@@ -333,8 +332,16 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             # The official batches were pickled by Python 2; "bytes" keeps their str keys
             # as bytes instead of guessing a text encoding.
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
-            OverflowError) as e:  # what a malformed opcode stream raises
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+    ) as e:  # what a malformed opcode stream raises
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")

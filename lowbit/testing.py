@@ -63,9 +63,22 @@ from lowbit.formats import (
 from lowbit.quant.quantizer import DATA_SCALES, is_block
 
 __all__ = [
-    "CHUNK", "QUANTIZER_CHECKS", "FormatProperties", "QuantizerViolation", "check_array", "check_format",
-    "check_grid", "check_quantizer", "float_formats", "format_test", "formats_any", "hard_arrays", "hard_floats",
-    "hard_values", "int_formats", "quantizer_arrays",
+    "CHUNK",
+    "QUANTIZER_CHECKS",
+    "FormatProperties",
+    "QuantizerViolation",
+    "check_array",
+    "check_format",
+    "check_grid",
+    "check_quantizer",
+    "float_formats",
+    "format_test",
+    "formats_any",
+    "hard_arrays",
+    "hard_floats",
+    "hard_values",
+    "int_formats",
+    "quantizer_arrays",
 ]
 
 CHUNK = 1024  # the one array length every kernel is compiled for
@@ -80,8 +93,18 @@ _SATURATING = (IntFormat, BinaryFormat, CodebookFormat)
 _HALF_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _F32_INF_BITS = 0x7F800000
 _NAN_BITS = (0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FA5A5A5, 0xFFD00001)
-_F32_EDGE_BITS = (0x00000000, 0x00000001, 0x00000002, 0x00400000, 0x007FFFFF, 0x00800000, 0x00800001,
-                  0x7F7FFFFF, 0x7F7FFFFE, _F32_INF_BITS)
+_F32_EDGE_BITS = (
+    0x00000000,
+    0x00000001,
+    0x00000002,
+    0x00400000,
+    0x007FFFFF,
+    0x00800000,
+    0x00800001,
+    0x7F7FFFFF,
+    0x7F7FFFFE,
+    _F32_INF_BITS,
+)
 
 
 # ----- strategies ---------------------------------------------------------------------
@@ -93,13 +116,15 @@ def _is_element(fmt) -> bool:
 
 def _element(fmt):
     if not _is_element(fmt):
-        raise TypeError(f"{fmt!r} is not an element format; allowed: an object implementing "
-                        "lowbit.formats.Format (FloatFormat, IntFormat, BinaryFormat, CodebookFormat or your "
-                        "own class; AdaptiveFloat and block formats scale themselves)")
+        raise TypeError(
+            f"{fmt!r} is not an element format; allowed: an object implementing "
+            "lowbit.formats.Format (FloatFormat, IntFormat, BinaryFormat, CodebookFormat or your "
+            "own class; AdaptiveFloat and block formats scale themselves)"
+        )
     return fmt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _valid_biases(ebits, mbits, radix, specials, signed, zero) -> tuple[int, ...]:
     """Every bias that makes a valid format, nearest the IEEE default first."""
     default = 2 ** (ebits - 1) - 1
@@ -112,8 +137,7 @@ def _valid_biases(ebits, mbits, radix, specials, signed, zero) -> tuple[int, ...
     found = []
     for bias in sorted(range(lo, hi + 1), key=lambda b: (abs(b - default), b)):
         try:
-            FloatFormat(ebits=ebits, mbits=mbits, bias=bias, radix=radix, specials=specials,
-                        signed=signed, zero=zero)
+            FloatFormat(ebits=ebits, mbits=mbits, bias=bias, radix=radix, specials=specials, signed=signed, zero=zero)
         except ValueError:
             continue
         found.append(bias)
@@ -150,16 +174,16 @@ def float_formats(draw, *, max_bits: int = 8, radix: int | None = None, specials
     if not biases:  # e.g. 'fn' with one code, or a radix-4 grid too wide for float32
         reject()
     bias = biases[draw(st.integers(0, len(biases) - 1))]
-    return FloatFormat(ebits=ebits, mbits=mbits, bias=bias, radix=radix, specials=specials,
-                       signed=signed, zero=zero)
+    return FloatFormat(ebits=ebits, mbits=mbits, bias=bias, radix=radix, specials=specials, signed=signed, zero=zero)
 
 
 def int_formats(*, max_bits: int = 16):
     """Any valid :class:`~lowbit.formats.IntFormat` (signed or not, narrow or not)."""
     unsigned = st.builds(IntFormat, bits=st.integers(1, max_bits), signed=st.just(False), narrow=st.just(False))
     # A narrow unsigned grid drops its largest code: that needs two bits.
-    unsigned = unsigned | st.builds(IntFormat, bits=st.integers(2, max(max_bits, 2)), signed=st.just(False),
-                                    narrow=st.just(True))
+    unsigned = unsigned | st.builds(
+        IntFormat, bits=st.integers(2, max(max_bits, 2)), signed=st.just(False), narrow=st.just(True)
+    )
     signed = st.builds(IntFormat, bits=st.integers(2, max_bits), signed=st.just(True), narrow=st.booleans())
     return st.one_of(signed, unsigned)
 
@@ -342,8 +366,12 @@ def _run(fmt, x, points=None, codes=None, key=None):
 def _code_table(fmt) -> np.ndarray:
     """decode(fmt, c) for every code c in 0 .. 2^bits - 1, as float32."""
     codes = np.arange(2**fmt.bits)
-    return np.concatenate([_run(fmt, np.zeros(CHUNK, np.float32), codes=codes[s : s + CHUNK])["table"]
-                           for s in range(0, codes.size, CHUNK)])[: codes.size]
+    return np.concatenate(
+        [
+            _run(fmt, np.zeros(CHUNK, np.float32), codes=codes[s : s + CHUNK])["table"]
+            for s in range(0, codes.size, CHUNK)
+        ]
+    )[: codes.size]
 
 
 # ----- the properties ---------------------------------------------------------------------
@@ -385,8 +413,10 @@ class _Report:
     def raise_if_any(self):
         if self.found:
             name = getattr(self.fmt, "name", type(self.fmt).__name__)
-            raise AssertionError(f"format {name} ({self.fmt!r}) violates {len(self.found)} "
-                                 f"propert{'y' if len(self.found) == 1 else 'ies'}:\n" + "\n".join(self.found.values()))
+            raise AssertionError(
+                f"format {name} ({self.fmt!r}) violates {len(self.found)} "
+                f"propert{'y' if len(self.found) == 1 else 'ies'}:\n" + "\n".join(self.found.values())
+            )
 
 
 def _chunks(x):
@@ -536,8 +566,11 @@ def _check_chunk(fmt, x, size, key, r, reference):
     for k in ("near", "near_ns", "zero", "zero_ns", "stoch", "neg", "dec", "dec_ns"):
         r.fact(f"{k} has dtype float32", out[k].dtype == np.float32, str(out[k].dtype))
     for k in ("codes", "codes_ns"):
-        r.fact("codes are uint8 up to 8 bits, else uint16",
-               out[k].dtype == (np.uint8 if fmt.bits <= 8 else np.uint16), str(out[k].dtype))
+        r.fact(
+            "codes are uint8 up to 8 bits, else uint16",
+            out[k].dtype == (np.uint8 if fmt.bits <= 8 else np.uint16),
+            str(out[k].dtype),
+        )
         r.check(f"codes fit in {fmt.bits} bits", out[k] >= 2**fmt.bits, x, out[k])
 
     # NaN in, NaN out: quantize propagates NaN even where the format has no NaN code.
@@ -545,10 +578,12 @@ def _check_chunk(fmt, x, size, key, r, reference):
         r.check(f"quantize ({k}) keeps NaN", nan_in & ~np.isnan(out[k]), x, out[k])
 
     # In range: exact nearest (ties to the even code), toward zero, stochastic on a neighbour.
-    for k, want, what in (("near", near, "nearest rounding, ties to the even code"),
-                          ("near_ns", near, "saturate=False agrees with saturate=True in range"),
-                          ("zero", zero, "toward_zero rounding"),
-                          ("zero_ns", zero, "toward_zero rounding (saturate=False)")):
+    for k, want, what in (
+        ("near", near, "nearest rounding, ties to the even code"),
+        ("near_ns", near, "saturate=False agrees with saturate=True in range"),
+        ("zero", zero, "toward_zero rounding"),
+        ("zero_ns", zero, "toward_zero rounding (saturate=False)"),
+    ):
         r.check(what, inr & ~_same(out[k], want, False), x, out[k], want)
     err = np.abs(out["near"].astype(np.float64) - xf)
     r.check("|quantize(x) - x| <= half the local spacing", inr & (err > (hi - lo) / 2), x, out["near"], near)
@@ -557,9 +592,13 @@ def _check_chunk(fmt, x, size, key, r, reference):
 
     # Outside the range: saturation, overflow, inf and signs the format cannot hold.
     outside = ~inr & ~nan_in
-    for k, sat, rnd in (("near", True, "nearest"), ("near_ns", False, "nearest"),
-                        ("zero", True, "toward_zero"), ("zero_ns", False, "toward_zero"),
-                        ("stoch", True, "stochastic")):
+    for k, sat, rnd in (
+        ("near", True, "nearest"),
+        ("near_ns", False, "nearest"),
+        ("zero", True, "toward_zero"),
+        ("zero_ns", False, "toward_zero"),
+        ("stoch", True, "stochastic"),
+    ):
         prop = f"{k} (saturate={sat}): saturation, overflow and inf per the format's flags"
         if not sat and not isinstance(fmt, (FloatFormat, *_SATURATING)):
             r.check(prop, outside & ~_overflow_choices(fmt, x, out[k]), x, out[k])
@@ -571,8 +610,9 @@ def _check_chunk(fmt, x, size, key, r, reference):
     if float_fmt:
         want_neg = np.signbit(xf) & fmt.has_negative_zero
         for k in (*_QUANTIZED, "dec", "dec_ns"):
-            r.check(f"{k}: sign of a zero result", ~nan_in & (out[k] == 0) & (np.signbit(out[k]) != want_neg),
-                    x, out[k])
+            r.check(
+                f"{k}: sign of a zero result", ~nan_in & (out[k] == 0) & (np.signbit(out[k]) != want_neg), x, out[k]
+            )
 
     # Every saturating result is a value of the format; check_grid checks each value is a
     # fixed point, so together quantize(quantize(x)) == quantize(x).
@@ -584,8 +624,13 @@ def _check_chunk(fmt, x, size, key, r, reference):
         sym = ~nan_in & (xf != 0)
         with np.errstate(invalid="ignore"):
             sym &= np.abs(xf) <= _symmetric_limit(v)
-        r.check("sign-symmetric: quantize(-x) == -quantize(x)", sym & ~_same(out["neg"], -out["near"], False),
-                x, out["neg"], -out["near"])
+        r.check(
+            "sign-symmetric: quantize(-x) == -quantize(x)",
+            sym & ~_same(out["neg"], -out["near"], False),
+            x,
+            out["neg"],
+            -out["near"],
+        )
     for k in ("near", "near_ns", "zero"):
         ok = ~nan_in & ~np.isnan(out[k])
         order = np.argsort(xf[ok], kind="stable")
@@ -597,10 +642,15 @@ def _check_chunk(fmt, x, size, key, r, reference):
     # quantize == decode(encode(.)), except that quantize keeps NaN where the format has no NaN code.
     for qk, dk in (("near", "dec"), ("near_ns", "dec_ns")):
         exempt = np.isnan(out[qk]) & (not fmt.has_nan)
-        r.check(f"quantize == decode(encode) ({qk})", ~exempt & ~_same(out[qk], out[dk], float_fmt),
-                x, out[dk], out[qk])
-        r.check(f"decode(encode) is a finite value where the format has no NaN ({dk})",
-                exempt & ~np.isfinite(out[dk]), x, out[dk])
+        r.check(
+            f"quantize == decode(encode) ({qk})", ~exempt & ~_same(out[qk], out[dk], float_fmt), x, out[dk], out[qk]
+        )
+        r.check(
+            f"decode(encode) is a finite value where the format has no NaN ({dk})",
+            exempt & ~np.isfinite(out[dk]),
+            x,
+            out[dk],
+        )
 
     _check_half(fmt, x, out, r)
     _check_draws(r, x[between], lo[between], hi[between], draws, draws_other)
@@ -615,12 +665,21 @@ def _check_half(fmt, x, out, r):
         for k in ("near", "zero_ns"):
             got, want = out[f"{name}_{k}"], out[f"{name}_{k}_f32"]
             r.fact(f"quantize keeps the input dtype ({name})", got.dtype == np.dtype(dtype), str(got.dtype))
-            r.check(f"{name} inputs: quantize ({k}) equals quantize of the same values in float32",
-                    ~_same(got.astype(np.float32), want.astype(np.float32), True), xh.astype(np.float32),
-                    got.astype(np.float32), want.astype(np.float32))
+            r.check(
+                f"{name} inputs: quantize ({k}) equals quantize of the same values in float32",
+                ~_same(got.astype(np.float32), want.astype(np.float32), True),
+                xh.astype(np.float32),
+                got.astype(np.float32),
+                want.astype(np.float32),
+            )
         got, want = out[f"{name}_codes_ns"], out[f"{name}_codes_ns_f32"]
-        r.check(f"{name} inputs: encode equals encode of the same values in float32", got != want,
-                xh.astype(np.float32), got, want)
+        r.check(
+            f"{name} inputs: encode equals encode of the same values in float32",
+            got != want,
+            xh.astype(np.float32),
+            got,
+            want,
+        )
 
 
 def _check_draws(r, xs, lo, hi, draws, draws_other):
@@ -633,14 +692,21 @@ def _check_draws(r, xs, lo, hi, draws, draws_other):
     # Chernoff: P(count/K = q or further from p) <= exp(-K * KL(q || p)).
     p = (xs.astype(np.float64) - lo) / (hi - lo)
     q = (draws == hi).mean(0)
-    r.check(f"stochastic rounding is unbiased (got: the mean of {_STOCH_DRAWS} roundings)",
-            _STOCH_DRAWS * _kl(q, p) > _CHERNOFF_LIMIT, xs, draws.mean(0), xs)
+    r.check(
+        f"stochastic rounding is unbiased (got: the mean of {_STOCH_DRAWS} roundings)",
+        _STOCH_DRAWS * _kl(q, p) > _CHERNOFF_LIMIT,
+        xs,
+        draws.mean(0),
+        xs,
+    )
     # Two keys: each pair of draws differs with probability 2p(1-p) when the key is used,
     # so all K draws of all points agree with probability <= exp(-K * sum 2p(1-p)).
     if _STOCH_DRAWS * np.sum(2 * p * (1 - p)) > _CHERNOFF_LIMIT:
-        r.fact("stochastic rounding uses its key (two keys gave the same draws)",
-               bool((draws != draws_other.astype(np.float64)).any()),
-               f"{xs.size} points, e.g. x={_show(xs[np.argmax(p * (1 - p))])}")
+        r.fact(
+            "stochastic rounding uses its key (two keys gave the same draws)",
+            bool((draws != draws_other.astype(np.float64)).any()),
+            f"{xs.size} points, e.g. x={_show(xs[np.argmax(p * (1 - p))])}",
+        )
 
 
 def _check_reference(fmt, x, out, r, reference):
@@ -654,8 +720,13 @@ def _check_reference(fmt, x, out, r, reference):
     compared = ~np.isnan(x) | fmt.has_nan
     signed = isinstance(fmt, FloatFormat)
     for k, what in (("near_ns", "quantize"), ("dec_ns", "decode(encode)")):
-        r.check(f"{what} (nearest, saturate=False) matches the reference", compared & ~_same(out[k], want, signed),
-                x, out[k], want)
+        r.check(
+            f"{what} (nearest, saturate=False) matches the reference",
+            compared & ~_same(out[k], want, signed),
+            x,
+            out[k],
+            want,
+        )
     standard = ref.dtype in (np.float16, np.float32, np.float64)
     if not standard and ref.dtype.itemsize in (1, 2):  # ml_dtypes: the array holds the codes
         codes = ref.view(np.uint8 if ref.dtype.itemsize == 1 else np.uint16).astype(np.int64)
@@ -663,8 +734,11 @@ def _check_reference(fmt, x, out, r, reference):
         bad = got != codes
         if bad.any():
             idx = np.flatnonzero(bad)[:4]
-            r.fact("encode (saturate=False) matches the reference's bit patterns", False,
-                   "; ".join(f"x={_show(x[i])} got 0x{got[i]:x}, expected 0x{codes[i]:x}" for i in idx))
+            r.fact(
+                "encode (saturate=False) matches the reference's bit patterns",
+                False,
+                "; ".join(f"x={_show(x[i])} got 0x{got[i]:x}, expected 0x{codes[i]:x}" for i in idx),
+            )
 
 
 def _kl(q, p):
@@ -689,31 +763,50 @@ def check_grid(fmt, *, reference=None) -> None:
 
 def _check_grid(fmt, r, reference):
     v = formats.values(fmt)
-    r.fact("values(fmt) is float32, finite and strictly ascending",
-           v.dtype == np.float32 and np.isfinite(v).all() and bool((np.diff(v) > 0).all()))
+    r.fact(
+        "values(fmt) is float32, finite and strictly ascending",
+        v.dtype == np.float32 and np.isfinite(v).all() and bool((np.diff(v) > 0).all()),
+    )
     table = _code_table(fmt)
     finite = np.unique(table[np.isfinite(table)])
     if isinstance(fmt, IntFormat) and fmt.narrow:
         # The code a narrow range gives up still decodes (to the value it would have had).
         unused = fmt.min_int - 1 if fmt.signed else fmt.max_int + 1
         finite = finite[finite != unused]
-    r.fact("values(fmt) == the finite values of all codes", np.array_equal(finite, v),
-           f"{finite.size} decoded vs {v.size} values")
+    r.fact(
+        "values(fmt) == the finite values of all codes",
+        np.array_equal(finite, v),
+        f"{finite.size} decoded vs {v.size} values",
+    )
     r.fact("has_nan matches the code table", bool(np.isnan(table).any()) == fmt.has_nan, f"has_nan={fmt.has_nan}")
-    r.fact("max_value is the largest value (or the largest magnitude)",
-           np.float32(fmt.max_value) in (v[-1], -v[0]), f"{fmt.max_value} vs {v[0]} .. {v[-1]}")
+    r.fact(
+        "max_value is the largest value (or the largest magnitude)",
+        np.float32(fmt.max_value) in (v[-1], -v[0]),
+        f"{fmt.max_value} vs {v[0]} .. {v[-1]}",
+    )
     if isinstance(fmt, FloatFormat):
-        r.fact("decode_table() == decode(every code)",
-               np.array_equal(fmt.decode_table().view(np.uint32), table.view(np.uint32)))
+        r.fact(
+            "decode_table() == decode(every code)",
+            np.array_equal(fmt.decode_table().view(np.uint32), table.view(np.uint32)),
+        )
         r.fact("has_inf matches the code table", bool(np.isinf(table).any()) == fmt.has_inf, f"has_inf={fmt.has_inf}")
         negzero = bool(((table == 0) & np.signbit(table)).any())
-        r.fact("has_negative_zero matches the code table", negzero == fmt.has_negative_zero,
-               f"has_negative_zero={fmt.has_negative_zero}")
-        r.fact("decode(max_code) == max_value", table[fmt.max_code] == np.float32(fmt.max_value),
-               f"{table[fmt.max_code]} vs {fmt.max_value}")
+        r.fact(
+            "has_negative_zero matches the code table",
+            negzero == fmt.has_negative_zero,
+            f"has_negative_zero={fmt.has_negative_zero}",
+        )
+        r.fact(
+            "decode(max_code) == max_value",
+            table[fmt.max_code] == np.float32(fmt.max_value),
+            f"{table[fmt.max_code]} vs {fmt.max_value}",
+        )
         pos = v[v > 0]
-        r.fact("min_value == smallest positive value", pos.min() == np.float32(fmt.min_value),
-               f"{fmt.min_value} vs {pos.min()}")
+        r.fact(
+            "min_value == smallest positive value",
+            pos.min() == np.float32(fmt.min_value),
+            f"{fmt.min_value} vs {pos.min()}",
+        )
         r.fact("min_normal is a value", np.float32(fmt.min_normal) in pos, f"{fmt.min_normal}")
     _, vcodes = _grid(fmt)
     back = table[np.minimum(vcodes, table.size - 1)]
@@ -725,9 +818,11 @@ def _check_grid(fmt, r, reference):
     x = hard_values(fmt)[:CHUNK]
     x = np.pad(x, (0, CHUNK - x.size))
     key = jax.random.key(1)
-    first, second = (_run(fmt, x, x[: _STOCH_POINTS], key=key) for _ in range(2))
-    r.fact("stochastic rounding is reproducible for a given key",
-           all(np.array_equal(first[k].view(np.uint32), second[k].view(np.uint32)) for k in ("stoch", "draws")))
+    first, second = (_run(fmt, x, x[:_STOCH_POINTS], key=key) for _ in range(2))
+    r.fact(
+        "stochastic rounding is reproducible for a given key",
+        all(np.array_equal(first[k].view(np.uint32), second[k].view(np.uint32)) for k in ("stoch", "draws")),
+    )
     _check_array(fmt, hard_values(fmt), r, 0, reference)
 
 
@@ -738,8 +833,12 @@ def _resolve(fmt):
 def _new_violations_test(fmt, known: frozenset, examples: int, seed: int, reference):
     """A Hypothesis test that raises ``_NewViolations`` on an input violating a property not in ``known``."""
 
-    @settings(max_examples=examples, deadline=None, report_multiple_bugs=False,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        report_multiple_bugs=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(hard_arrays(fmt))
     def run(x):
         found = _Report(fmt)
@@ -879,18 +978,22 @@ class QuantizerViolation(AssertionError):
 
     def __init__(self, check: str, x: np.ndarray, message: str):
         nz = np.flatnonzero(x)
-        shown = ", ".join(f"[{', '.join(map(str, np.unravel_index(i, x.shape)))}]={_show(x.flat[i])}"
-                          for i in nz[:6])
-        super().__init__(f"{check}: {message}\n    on x of shape {x.shape} with {nz.size} nonzero element(s)"
-                         + (f": {shown}" + (" ..." if nz.size > 6 else "") if nz.size else ""))
+        shown = ", ".join(f"[{', '.join(map(str, np.unravel_index(i, x.shape)))}]={_show(x.flat[i])}" for i in nz[:6])
+        super().__init__(
+            f"{check}: {message}\n    on x of shape {x.shape} with {nz.size} nonzero element(s)"
+            + (f": {shown}" + (" ..." if nz.size > 6 else "") if nz.size else "")
+        )
         self.check, self.x = check, x
 
 
 def _describe(q) -> str:
     """``q`` as its format's name and the fields that differ from their defaults."""
     fields = [f"format={getattr(q.format, 'name', q.format)!r}"]
-    fields += [f"{f.name}={getattr(q, f.name)!r}" for f in dataclasses.fields(q)
-               if f.name != "format" and getattr(q, f.name) != f.default]
+    fields += [
+        f"{f.name}={getattr(q, f.name)!r}"
+        for f in dataclasses.fields(q)
+        if f.name != "format" and getattr(q, f.name) != f.default
+    ]
     return f"Quantizer({', '.join(fields)})"
 
 
@@ -947,18 +1050,26 @@ def _group_ids(q, shape) -> np.ndarray:
 def _applies(q, check: str, reference) -> str | None:
     """Why ``check`` does not apply to ``q`` (None when it does)."""
     if check == "idempotent" and q.scale in _CLIPPING_SCALES:
-        return (f"scale={q.scale!r} clips at a statistic of x that quantizing x changes, so q(q(x)) may clip "
-                "elsewhere (idempotence holds for absmax, fixed and none scales and block formats)")
+        return (
+            f"scale={q.scale!r} clips at a statistic of x that quantizing x changes, so q(q(x)) may clip "
+            "elsewhere (idempotence holds for absmax, fixed and none scales and block formats)"
+        )
     if check == "idempotent" and q.rounding == "stochastic" and not _pow2_steps(q):
-        return ("stochastic rounding may move a group's largest element down a level, and the step recomputed "
-                "from it is not a power of two, so the grid itself moves (idempotence holds for deterministic "
-                "rounding, and for stochastic rounding with power-of-two or fixed steps)")
+        return (
+            "stochastic rounding may move a group's largest element down a level, and the step recomputed "
+            "from it is not a power of two, so the grid itself moves (idempotence holds for deterministic "
+            "rounding, and for stochastic rounding with power-of-two or fixed steps)"
+        )
     if check == "pow2_invariant" and not (is_block(q.format) or q.scale in DATA_SCALES):
-        return (f"scale={q.scale!r} does not come from x, so q(x * 2^k) = q(x) * 2^k is not promised "
-                "(it holds for scales computed from x: absmax, percentile, mse, kl and block formats)")
+        return (
+            f"scale={q.scale!r} does not come from x, so q(x * 2^k) = q(x) * 2^k is not promised "
+            "(it holds for scales computed from x: absmax, percentile, mse, kl and block formats)"
+        )
     if check == "padding" and (_group_extent(q) is None or not is_block(q.format) or q.format.block_size == 1):
-        return ("only block formats with 1-D blocks of more than one element pad a last partial block "
-                "(groups and 2-D blocks must divide their axes)")
+        return (
+            "only block formats with 1-D blocks of more than one element pad a last partial block "
+            "(groups and 2-D blocks must divide their axes)"
+        )
     if check == "independent" and _group_ids(q, _shape(q)).max() == 0:
         return "a single scale for the whole tensor has no other group to leak into"
     if check == "unbiased" and q.rounding != "stochastic":
@@ -983,8 +1094,10 @@ def _raise_unequal(check, x, got, want, what: str, mask=None):
     bad = ~_bits_equal(got, want) if mask is None else ~_bits_equal(got, want) & mask
     if bad.any():
         where = np.argwhere(bad)[:3]
-        detail = "; ".join(f"at {tuple(int(i) for i in w)}: got {_show(got[tuple(w)])}, expected "
-                           f"{_show(want[tuple(w)])}" for w in where)
+        detail = "; ".join(
+            f"at {tuple(int(i) for i in w)}: got {_show(got[tuple(w)])}, expected {_show(want[tuple(w)])}"
+            for w in where
+        )
         raise QuantizerViolation(check, x, f"{what}: {int(bad.sum())} element(s) differ; {detail}")
 
 
@@ -1004,7 +1117,8 @@ def quantizer_arrays(q, *, ragged: bool = False):
     shape = _shape(q, ragged)
     size = math.prod(shape)
     elements = st.floats(-_HUGE, _HUGE, width=32, allow_subnormal=False).map(
-        lambda v: np.float32(v if abs(v) >= _TINY else 0.0))
+        lambda v: np.float32(v if abs(v) >= _TINY else 0.0)
+    )
 
     def sparse(background, entries):
         x = np.full(size, background, np.float32)
@@ -1019,8 +1133,10 @@ def quantizer_arrays(q, *, ragged: bool = False):
         return np.where(outside, np.float32(0), mags.astype(np.float32).reshape(-1)).reshape(shape)
 
     entries = st.lists(st.tuples(st.integers(0, size - 1), elements), max_size=8)
-    return st.one_of(st.builds(sparse, elements, entries),
-                     st.builds(dense, st.integers(0, 2**32 - 1), st.integers(0, size), st.integers(0, size - 1)))
+    return st.one_of(
+        st.builds(sparse, elements, entries),
+        st.builds(dense, st.integers(0, 2**32 - 1), st.integers(0, size), st.integers(0, size - 1)),
+    )
 
 
 def _pow2_steps(q) -> bool:
@@ -1075,8 +1191,14 @@ def _check_independent(q, x, key, group: int, other: np.ndarray):
         x = np.where(mine, np.clip(x, lo, hi), x)
         other = np.clip(other, lo, hi)
     changed = np.where(mine, other, x).astype(np.float32)
-    _raise_unequal("independent", x, _fq(q, changed, key), _fq(q, x, key),
-                   f"changing scale group {group} changed another group's output", ~mine)
+    _raise_unequal(
+        "independent",
+        x,
+        _fq(q, changed, key),
+        _fq(q, x, key),
+        f"changing scale group {group} changed another group's output",
+        ~mine,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -1118,9 +1240,13 @@ def _check_unbiased(q, x, seed: int):
     off = ((draws != tz) & (draws != away)).any(0)
     if off.any():
         i = tuple(np.argwhere(off)[0])
-        raise QuantizerViolation("unbiased", x, f"stochastic rounding of x{list(map(int, i))}={_show(x[i])} gave "
-                                 f"{sorted(set(draws[(slice(None), *i)].tolist()))}, not two neighbours: "
-                                 f"toward zero {tz[i]!r} and the nearest {near[i]!r} or one other")
+        raise QuantizerViolation(
+            "unbiased",
+            x,
+            f"stochastic rounding of x{list(map(int, i))}={_show(x[i])} gave "
+            f"{sorted(set(draws[(slice(None), *i)].tolist()))}, not two neighbours: "
+            f"toward zero {tz[i]!r} and the nearest {near[i]!r} or one other",
+        )
     ratio = _widest_gap(q)
     if ratio is not None:
         # An element whose 2n draws all gave one nonzero v with x beyond it (away from zero):
@@ -1129,15 +1255,24 @@ def _check_unbiased(q, x, seed: int):
         v = lo.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             log_miss = -2 * n * np.abs(xf - v) / (ratio * np.abs(v))
-        clipped = (lo == hi) & (v != 0) & (np.abs(xf) > np.abs(v)) & (np.sign(xf) == np.sign(v)) & (
-            log_miss < math.log(_SR_DELTA))
+        clipped = (
+            (lo == hi)
+            & (v != 0)
+            & (np.abs(xf) > np.abs(v))
+            & (np.sign(xf) == np.sign(v))
+            & (log_miss < math.log(_SR_DELTA))
+        )
         if clipped.any():
             i = tuple(np.argwhere(clipped)[0])
-            raise QuantizerViolation("unbiased", x, f"all {2 * n} stochastic roundings of x{list(map(int, i))}="
-                                     f"{_show(x[i])} gave {_show(v[i])}, never the value beyond it, which an "
-                                     f"unbiased rounding reaches with probability >= {-log_miss[i] / (2 * n):.3g} "
-                                     "per draw: clipped (a scale that saturates the largest elements) or not "
-                                     "stochastic")
+            raise QuantizerViolation(
+                "unbiased",
+                x,
+                f"all {2 * n} stochastic roundings of x{list(map(int, i))}="
+                f"{_show(x[i])} gave {_show(v[i])}, never the value beyond it, which an "
+                f"unbiased rounding reaches with probability >= {-log_miss[i] / (2 * n):.3g} "
+                "per draw: clipped (a scale that saturates the largest elements) or not "
+                "stochastic",
+            )
     known = ~np.isnan(other) | (tz == xf)
     gap = np.where(np.isnan(other), 0.0, np.abs(other - tz))
     w = np.random.default_rng(seed).standard_normal((x.shape[-1], _SR_COLUMNS))
@@ -1147,9 +1282,13 @@ def _check_unbiased(q, x, seed: int):
     bad = np.abs(dev) > bound
     if bad.any():
         i = tuple(np.argwhere(bad)[0])
-        raise QuantizerViolation("unbiased", x, f"mean over {n} keys of (q(x) @ w){list(i)} - (x @ w){list(i)} = "
-                                 f"{dev[i]:.6g}, beyond the Hoeffding bound {bound[i]:.6g} "
-                                 f"(false-alarm probability {_SR_DELTA:g})")
+        raise QuantizerViolation(
+            "unbiased",
+            x,
+            f"mean over {n} keys of (q(x) @ w){list(i)} - (x @ w){list(i)} = "
+            f"{dev[i]:.6g}, beyond the Hoeffding bound {bound[i]:.6g} "
+            f"(false-alarm probability {_SR_DELTA:g})",
+        )
 
 
 def _check_quantizer_reference(q, x, key, reference):
@@ -1164,8 +1303,12 @@ def _check_quantizer_reference(q, x, key, reference):
         got = np.asarray(quant.quantize(q, jnp.asarray(x), key).scale)
         scales = np.asarray(scales)
         if got.shape != scales.shape or got.dtype != scales.dtype or got.tobytes() != scales.tobytes():
-            raise QuantizerViolation("reference", x, f"stored scales {got.dtype}{list(got.shape)} {got.ravel()[:8]} "
-                                     f"!= reference's {scales.dtype}{list(scales.shape)} {scales.ravel()[:8]}")
+            raise QuantizerViolation(
+                "reference",
+                x,
+                f"stored scales {got.dtype}{list(got.shape)} {got.ravel()[:8]} "
+                f"!= reference's {scales.dtype}{list(scales.shape)} {scales.ravel()[:8]}",
+            )
 
 
 def _given_check(q, check: str, reference, seed: int):
@@ -1180,7 +1323,8 @@ def _given_check(q, check: str, reference, seed: int):
     if check == "independent":
         groups = int(_group_ids(q, _shape(q)).max()) + 1
         return given(quantizer_arrays(q), quantizer_arrays(q), st.integers(0, groups - 1))(
-            lambda x, other, g: _check_independent(q, x, key, g, other))
+            lambda x, other, g: _check_independent(q, x, key, g, other)
+        )
     if check == "unbiased":
         return given(quantizer_arrays(q))(lambda x: _check_unbiased(q, x, seed))
     return given(quantizer_arrays(q))(lambda x: _check_quantizer_reference(q, x, key, reference))
@@ -1268,23 +1412,29 @@ def check_quantizer(q, *, checks=None, examples: int | None = None, seed: int = 
     if not isinstance(q, quant.Quantizer):
         raise TypeError(f"check_quantizer q has type {type(q).__name__}; allowed: a lowbit.quant.Quantizer")
     if q.static or q.scale in ("learned", "delayed"):
-        raise ValueError(f"check_quantizer needs scales computed inside fake_quant; q has scale={q.scale!r}, "
-                         f"static={q.static}; allowed: a dynamic quantizer (absmax, percentile, mse, kl, fixed, "
-                         "none, or a block format)")
+        raise ValueError(
+            f"check_quantizer needs scales computed inside fake_quant; q has scale={q.scale!r}, "
+            f"static={q.static}; allowed: a dynamic quantizer (absmax, percentile, mse, kl, fixed, "
+            "none, or a block format)"
+        )
     for name, v, lo in (("examples", examples, 1), ("seed", seed, 0)):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
             raise TypeError(f"check_quantizer {name}={v!r} is invalid; allowed: an integer >= {lo}")
         if v is not None and v < lo:
             raise ValueError(f"check_quantizer {name}={v!r} is invalid; allowed: an integer >= {lo}")
     if reference is not None and not callable(reference):
-        raise TypeError(f"check_quantizer reference={reference!r} is invalid; allowed: None or a callable "
-                        "(x: float32 ndarray) -> values or (values, scales)")
+        raise TypeError(
+            f"check_quantizer reference={reference!r} is invalid; allowed: None or a callable "
+            "(x: float32 ndarray) -> values or (values, scales)"
+        )
     if checks is None:
         selected = [c for c in QUANTIZER_CHECKS if _applies(q, c, reference) is None]
     else:
         if isinstance(checks, str) or not all(isinstance(c, str) for c in checks):
-            raise TypeError(f"check_quantizer checks={checks!r} is invalid; allowed: None or a sequence of names "
-                            f"from {', '.join(QUANTIZER_CHECKS)}")
+            raise TypeError(
+                f"check_quantizer checks={checks!r} is invalid; allowed: None or a sequence of names "
+                f"from {', '.join(QUANTIZER_CHECKS)}"
+            )
         for c in checks:
             if c not in QUANTIZER_CHECKS:
                 raise ValueError(f"check_quantizer: unknown check {c!r}; allowed: {', '.join(QUANTIZER_CHECKS)}")
@@ -1294,10 +1444,12 @@ def check_quantizer(q, *, checks=None, examples: int | None = None, seed: int = 
         selected = [c for c in QUANTIZER_CHECKS if c in checks]
     failures = {}
     for check in selected:
-        test = settings(max_examples=examples or settings.default.max_examples, deadline=None,
-                        report_multiple_bugs=False,
-                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(
-            _given_check(q, check, reference, seed))
+        test = settings(
+            max_examples=examples or settings.default.max_examples,
+            deadline=None,
+            report_multiple_bugs=False,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )(_given_check(q, check, reference, seed))
         # Keyed by quantizer and check, so Hypothesis replays a saved counterexample where it belongs.
         test._hypothesis_internal_database_key = f"lowbit.check_quantizer:{q!r}:{check}:{seed}".encode()
         with np.errstate(invalid="ignore", over="ignore"):
@@ -1306,7 +1458,8 @@ def check_quantizer(q, *, checks=None, examples: int | None = None, seed: int = 
             except QuantizerViolation as err:
                 failures[check] = err
     if failures:
-        err = AssertionError(f"{_describe(q)} fails {len(failures)} check(s):\n"
-                             + "\n".join(f"  {e}" for e in failures.values()))
+        err = AssertionError(
+            f"{_describe(q)} fails {len(failures)} check(s):\n" + "\n".join(f"  {e}" for e in failures.values())
+        )
         err.failures = failures
         raise err

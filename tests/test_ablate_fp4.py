@@ -39,14 +39,23 @@ def test_report_puts_each_variant_beside_fp32_and_fp4_on_the_same_seeds(tmp_path
     monkeypatch.setattr(ablate_fp4, "RESULTS", tmp_path)
     monkeypatch.setattr(bench_accuracy, "RESULTS", tmp_path)
     ds, epochs = ablate_fp4.DATASET, 10
-    variants = [dict(variant=name, seed=0, test_accuracy=acc)
-                for name, acc in zip(ablate_fp4.VARIANTS, (0.88, 0.87))]
+    variants = [dict(variant=name, seed=0, test_accuracy=acc) for name, acc in zip(ablate_fp4.VARIANTS, (0.88, 0.87))]
     (tmp_path / "ablate_fp4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in variants))
-    runs = [dict(key=bench_accuracy.config_key(ds, recipe, seed, epochs), dataset=ds, recipe=recipe, seed=seed,
-                 epochs=epochs, test_accuracy=acc)
-            for recipe, seed, acc in (("fp32", 0, 0.89), ("fp4", 0, 0.86), ("fp32", 1, 0.50))]  # seed 1: not ablated
+    runs = [
+        dict(
+            key=bench_accuracy.config_key(ds, recipe, seed, epochs),
+            dataset=ds,
+            recipe=recipe,
+            seed=seed,
+            epochs=epochs,
+            test_accuracy=acc,
+        )
+        for recipe, seed, acc in (("fp32", 0, 0.89), ("fp4", 0, 0.86), ("fp32", 1, 0.50))
+    ]  # seed 1: not ablated
     (tmp_path / "bench_accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in ablate_fp4.report().splitlines() if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line for line in ablate_fp4.report().splitlines() if line.startswith("| ")
+    }
     assert rows["fp32"].endswith("| 89.00 ± 0.00 | +0.00 |")
     assert rows["fp4 forward only"].endswith("| -1.00 |") and rows["fp4 gradients only"].endswith("| -2.00 |")
     assert rows["fp4"].endswith("| -3.00 |")

@@ -86,12 +86,21 @@ E8M7 = FloatFormat(ebits=8, mbits=7)
 CASES = {
     "bf16": (dict(fmt="bfloat16"), dict(narrow=BF16), _normal),
     "fp16_promote8": (dict(fmt=jnp.float16, promote_every=8), dict(promote_every=8, narrow=F16), _normal),
-    "e8m7_toward_zero_promote16": (dict(fmt=E8M7, rounding="toward_zero", promote_every=16),
-                                   dict(promote_every=16, narrow=_e8_rounding(7, toward_zero=True)), _normal),
-    "fp16_chunk4_promote16": (dict(fmt="float16", chunk=4, promote_every=16),
-                              dict(chunk=4, promote_every=16, narrow=F16), _dyadic),
-    "fp16_into_bf16": (dict(fmt="float16", promote_every=6, promote_fmt="bfloat16"),
-                       dict(promote_every=6, narrow=F16, wide=BF16), _normal),
+    "e8m7_toward_zero_promote16": (
+        dict(fmt=E8M7, rounding="toward_zero", promote_every=16),
+        dict(promote_every=16, narrow=_e8_rounding(7, toward_zero=True)),
+        _normal,
+    ),
+    "fp16_chunk4_promote16": (
+        dict(fmt="float16", chunk=4, promote_every=16),
+        dict(chunk=4, promote_every=16, narrow=F16),
+        _dyadic,
+    ),
+    "fp16_into_bf16": (
+        dict(fmt="float16", promote_every=6, promote_fmt="bfloat16"),
+        dict(promote_every=6, narrow=F16, wide=BF16),
+        _normal,
+    ),
     "f32_chunk3": (dict(chunk=3), dict(chunk=3), _dyadic),
 }
 
@@ -130,8 +139,9 @@ def test_float32_default_is_dot_general():
     # Where no summation order can change the sum (exact sums), it is lax's result bit for bit; any chunk.
     d, e = _dyadic((6, 300), 7), _dyadic((300, 4), 8)
     for chunk in (1, 7, 300):
-        np.testing.assert_array_equal(accumulated_dot_general(d, e, DN_MATMUL, Accumulator(chunk=chunk)),
-                                      lax.dot_general(d, e, DN_MATMUL))
+        np.testing.assert_array_equal(
+            accumulated_dot_general(d, e, DN_MATMUL, Accumulator(chunk=chunk)), lax.dot_general(d, e, DN_MATMUL)
+        )
 
 
 def test_gradient_is_the_exact_products():
@@ -154,12 +164,15 @@ def test_result_dtype_follows_dot_general():
     assert out.dtype == jnp.float32 and np.all(np.asarray(out) == 4)
 
 
-@pytest.mark.parametrize("fmt,promote_every,want", [
-    ("bfloat16", None, 256.0),  # 256 + 1 is a tie between 256 and 258: it stays at 256
-    ("float16", None, 2048.0),
-    ("bfloat16", 128, 4096.0),  # DeepSeek-V3's promotion interval: each 128 is exact, and f32 holds 4096
-    ("float32", None, 4096.0),
-])
+@pytest.mark.parametrize(
+    "fmt,promote_every,want",
+    [
+        ("bfloat16", None, 256.0),  # 256 + 1 is a tie between 256 and 258: it stays at 256
+        ("float16", None, 2048.0),
+        ("bfloat16", 128, 4096.0),  # DeepSeek-V3's promotion interval: each 128 is exact, and f32 holds 4096
+        ("float32", None, 4096.0),
+    ],
+)
 def test_summing_ones_stalls_at_the_format_precision(fmt, promote_every, want):
     ones = jnp.ones((1, 4096), jnp.float32)
     out = accumulated_dot_general(ones, ones.T, DN_MATMUL, Accumulator(fmt=fmt, promote_every=promote_every))
@@ -209,8 +222,9 @@ INT_TABLE = [
 @pytest.mark.parametrize("kwargs,want", INT_TABLE)
 def test_int8_accumulator_table(kwargs, want):
     ones = jnp.ones((4, 1), jnp.int8)
-    out = accumulated_dot_general(INT_ROWS, ones, DN_MATMUL, Accumulator(fmt=8, **kwargs),
-                                  preferred_element_type=jnp.int32)
+    out = accumulated_dot_general(
+        INT_ROWS, ones, DN_MATMUL, Accumulator(fmt=8, **kwargs), preferred_element_type=jnp.int32
+    )
     assert out.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(out)[:, 0], want)
 
@@ -231,27 +245,30 @@ def test_accumulator_is_normalised_and_hashable():
     assert Accumulator(fmt=16, overflow="wrap").promote_fmt == 32
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(chunk=0), ValueError, r"Accumulator\.chunk=0 .*allowed: an integer >= 1"),
-    (dict(chunk=2.0), ValueError, r"Accumulator\.chunk=2\.0 .*an integer"),
-    (dict(chunk=4, promote_every=6), ValueError, r"Accumulator\.promote_every=6 .*multiple of chunk=4"),
-    (dict(chunk=4, promote_every=2), ValueError, r"Accumulator\.promote_every=2 .*>= 4"),
-    (dict(fmt="nope"), ValueError, r"Accumulator\.fmt='nope' .*FloatFormat"),
-    (dict(fmt="int8"), ValueError, r"Accumulator\.fmt=IntFormat.*FloatFormat"),
-    (dict(fmt=FloatFormat(ebits=4, mbits=3, signed=False)), ValueError, r"Accumulator\.fmt=.*signed"),
-    (dict(fmt=None), TypeError, r"Accumulator\.fmt=None .*FloatFormat"),
-    (dict(fmt=np.float64), TypeError, r"Accumulator\.fmt=.*float64.*bfloat16"),
-    (dict(fmt=1, overflow="wrap"), ValueError, r"Accumulator\.fmt=1 .*\[2, 32\]"),
-    (dict(fmt=33, overflow="wrap"), ValueError, r"Accumulator\.fmt=33 .*\[2, 32\]"),
-    (dict(fmt=16), ValueError, r"Accumulator\.overflow=None .*'saturate' or 'wrap'"),
-    (dict(fmt=16, overflow="wrap", promote_fmt="float32"), ValueError, r"Accumulator\.promote_fmt='float32'"),
-    (dict(fmt=16, overflow="wrap", rounding="toward_zero"), ValueError, r"Accumulator\.rounding="),
-    (dict(fmt="bfloat16", overflow="wrap"), ValueError, r"Accumulator\.overflow='wrap' .*'saturate'"),
-    (dict(fmt="bfloat16", rounding="stochastic"), ValueError, r"Accumulator\.rounding='stochastic' .*toward_zero"),
-    (dict(overflow="saturate"), ValueError, r"Accumulator\.overflow='saturate' .*float32"),
-    (dict(rounding="toward_zero"), ValueError, r"Accumulator\.rounding='toward_zero' .*float32"),
-    (dict(fmt="bfloat16", promote_fmt="int8"), ValueError, r"Accumulator\.promote_fmt=IntFormat"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(chunk=0), ValueError, r"Accumulator\.chunk=0 .*allowed: an integer >= 1"),
+        (dict(chunk=2.0), ValueError, r"Accumulator\.chunk=2\.0 .*an integer"),
+        (dict(chunk=4, promote_every=6), ValueError, r"Accumulator\.promote_every=6 .*multiple of chunk=4"),
+        (dict(chunk=4, promote_every=2), ValueError, r"Accumulator\.promote_every=2 .*>= 4"),
+        (dict(fmt="nope"), ValueError, r"Accumulator\.fmt='nope' .*FloatFormat"),
+        (dict(fmt="int8"), ValueError, r"Accumulator\.fmt=IntFormat.*FloatFormat"),
+        (dict(fmt=FloatFormat(ebits=4, mbits=3, signed=False)), ValueError, r"Accumulator\.fmt=.*signed"),
+        (dict(fmt=None), TypeError, r"Accumulator\.fmt=None .*FloatFormat"),
+        (dict(fmt=np.float64), TypeError, r"Accumulator\.fmt=.*float64.*bfloat16"),
+        (dict(fmt=1, overflow="wrap"), ValueError, r"Accumulator\.fmt=1 .*\[2, 32\]"),
+        (dict(fmt=33, overflow="wrap"), ValueError, r"Accumulator\.fmt=33 .*\[2, 32\]"),
+        (dict(fmt=16), ValueError, r"Accumulator\.overflow=None .*'saturate' or 'wrap'"),
+        (dict(fmt=16, overflow="wrap", promote_fmt="float32"), ValueError, r"Accumulator\.promote_fmt='float32'"),
+        (dict(fmt=16, overflow="wrap", rounding="toward_zero"), ValueError, r"Accumulator\.rounding="),
+        (dict(fmt="bfloat16", overflow="wrap"), ValueError, r"Accumulator\.overflow='wrap' .*'saturate'"),
+        (dict(fmt="bfloat16", rounding="stochastic"), ValueError, r"Accumulator\.rounding='stochastic' .*toward_zero"),
+        (dict(overflow="saturate"), ValueError, r"Accumulator\.overflow='saturate' .*float32"),
+        (dict(rounding="toward_zero"), ValueError, r"Accumulator\.rounding='toward_zero' .*float32"),
+        (dict(fmt="bfloat16", promote_fmt="int8"), ValueError, r"Accumulator\.promote_fmt=IntFormat"),
+    ],
+)
 def test_accumulator_validation(kwargs, error, match):
     with pytest.raises(error, match=match):
         Accumulator(**kwargs)
@@ -271,8 +288,11 @@ def test_operands_must_suit_the_accumulator():
         accumulated_dot_general(f, f, DN_MATMUL, Accumulator())
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="FloatFormat holds at most 16 bits (mbits <= 15): an e8m13 'FP22' needs the cap lifted")
+@pytest.mark.xfail(
+    raises=ValueError,
+    strict=True,
+    reason="FloatFormat holds at most 16 bits (mbits <= 15): an e8m13 'FP22' needs the cap lifted",
+)
 def test_fp22_accumulator():
     fp22 = FloatFormat(ebits=8, mbits=13)  # DeepSeek-V3's ~14 bits of accumulation precision
     a, b = _normal((5, 300), 10), _normal((300, 3), 11)

@@ -103,8 +103,9 @@ def _split_loop(model, tx):
 def _lowbit_step(recipe: str):
     """What lowbit's own train step makes of the model: same optimizer, same data."""
     policy = recipes.get(recipe).policy
-    graphdef, state = init_state(_quantized(recipe), optax.sgd(_LR), policy=policy,
-                                 loss_scale=recipes.get(recipe).make_loss_scale())
+    graphdef, state = init_state(
+        _quantized(recipe), optax.sgd(_LR), policy=policy, loss_scale=recipes.get(recipe).make_loss_scale()
+    )
     step = jax.jit(make_train_step(graphdef, optax.sgd(_LR), policy=policy))
     for i in range(_STEPS):
         state, _ = step(state, *_batch(i))
@@ -112,8 +113,9 @@ def _lowbit_step(recipe: str):
 
 
 def _flat(model, what) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(
-        nnx.state(model, what))}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, what))
+    }
 
 
 def _assert_trained_as_lowbit_step(model, recipe: str):
@@ -153,8 +155,9 @@ def test_a_plain_optimizer_stepping_the_state_is_reported_with_the_op_and_the_fi
         warnings.simplefilter("always")
         model = _nnx_loop(_quantized("fp4"), optax.adam(1e-3))
     reports = _lowbit_warnings(caught)
-    assert reports and all(re.match(r"lowbit: op fc2:\S+: .*\(grad_scale\) was trained like a weight", r)
-                           for r in reports), reports
+    assert reports and all(
+        re.match(r"lowbit: op fc2:\S+: .*\(grad_scale\) was trained like a weight", r) for r in reports
+    ), reports
     assert "nnx.Optimizer(model, lowbit.optimizer(tx), wrt=nnx.Param)" in reports[0]
     scale = next(v for p, v in _flat(model, OverwriteWithGradient).items() if "grad_scale" in p)
     assert np.frexp(scale)[0] != 0.5  # what was reported: GradScale is no power of two any more
@@ -165,8 +168,10 @@ def _watched_grad():
 
     A new function each time: ``jit`` and ``make_jaxpr`` reuse the trace of a function they have seen.
     """
-    return jax.grad(lambda x, h: carried.watch("blocks/0:einsum1", x, {"amax_lhs": h, "amax_grad": jnp.abs(h)}).sum(),
-                    argnums=(0, 1))
+    return jax.grad(
+        lambda x, h: carried.watch("blocks/0:einsum1", x, {"amax_lhs": h, "amax_grad": jnp.abs(h)}).sum(),
+        argnums=(0, 1),
+    )
 
 
 def test_an_amax_history_stepped_like_a_weight_is_reported():
@@ -180,9 +185,12 @@ def test_an_amax_history_stepped_like_a_weight_is_reported():
         jax.jit(jax.vmap(_watched_grad()))(jnp.ones((2, 3)), jnp.stack([good, bad]))
         jax.effects_barrier()
     reports = _lowbit_warnings(caught)
-    assert len(reports) == 2 and all(r.startswith(
-        "lowbit: op blocks/0:einsum1: its gradient-carried quantizer state (amax_lhs) was trained like a weight")
-        for r in reports), reports
+    assert len(reports) == 2 and all(
+        r.startswith(
+            "lowbit: op blocks/0:einsum1: its gradient-carried quantizer state (amax_lhs) was trained like a weight"
+        )
+        for r in reports
+    ), reports
 
 
 def test_lowbit_step_leaves_the_check_out_of_its_program():
@@ -191,8 +199,9 @@ def test_lowbit_step_leaves_the_check_out_of_its_program():
     with carried.managed():
         assert "debug_callback" not in str(jax.make_jaxpr(_watched_grad())(*args))
     recipe = recipes.get("fp4")
-    graphdef, state = init_state(_quantized("fp4"), optax.sgd(_LR), policy=recipe.policy,
-                                 loss_scale=recipe.make_loss_scale())
+    graphdef, state = init_state(
+        _quantized("fp4"), optax.sgd(_LR), policy=recipe.policy, loss_scale=recipe.make_loss_scale()
+    )
     step = make_train_step(graphdef, optax.sgd(_LR), policy=recipe.policy)
     assert "debug_callback" not in str(jax.make_jaxpr(step)(state, *_batch(0)))
 
@@ -221,14 +230,18 @@ class _Tiny(nnx.Module):
 
 
 # Gradients as nnx.grad gives them: large for the weights (clipping acts), new values for the state.
-_GRADS = {"w": jnp.full((2, 3), 5.0), "b": jnp.full((3,), -7.0), "scale": jnp.float32(8.0),
-          "history": jnp.asarray([100.0, 3.0, 1.5])}
+_GRADS = {
+    "w": jnp.full((2, 3), 5.0),
+    "b": jnp.full((3,), -7.0),
+    "scale": jnp.float32(8.0),
+    "history": jnp.asarray([100.0, 3.0, 1.5]),
+}
 
 
 def _update(model, tx, grads=_GRADS):
     """One ``nnx.Optimizer`` update with ``grads``; returns the updates."""
     state = nnx.state(model, nnx.Param)
-    grads = nnx.State({k: jax.tree.map(lambda _: grads[k], v) for k, v in state.items()})
+    grads = nnx.State({k: jax.tree.map(lambda _, g=grads[k]: g, v) for k, v in state.items()})
 
     @nnx.jit
     def update(model, optimizer, grads):

@@ -102,8 +102,9 @@ def block_tensors(draw, name):
     """SHAPE float32 tensors whose blocks are random, zero, outlier or on RNE ties, at scales 2^-20..2^20."""
     bs = block_size(name)
     nb = SHAPE[-1] // bs
-    kinds = draw(st.lists(st.sampled_from(["random", "zero", "outlier", "ties"]), min_size=SHAPE[0] * nb,
-                          max_size=SHAPE[0] * nb))
+    kinds = draw(
+        st.lists(st.sampled_from(["random", "zero", "outlier", "ties"]), min_size=SHAPE[0] * nb, max_size=SHAPE[0] * nb)
+    )
     exps = draw(st.lists(st.integers(-20, 20), min_size=SHAPE[0] * nb, max_size=SHAPE[0] * nb))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     ties = grid_midpoints(name)
@@ -158,7 +159,11 @@ def test_mx_parameters_match_the_spec(name):
 def test_nvfp4_parameters():
     fmt = formats.get("nvfp4")
     assert (fmt.kind, fmt.block_size, fmt.scale, fmt.element) == (
-        "nvfp4", 16, formats.get("float8_e4m3fn"), formats.get("float4_e2m1fn"))
+        "nvfp4",
+        16,
+        formats.get("float8_e4m3fn"),
+        formats.get("float4_e2m1fn"),
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -251,7 +256,7 @@ def test_nvfp4_ties_round_to_even():
         blk = np.zeros(16, np.float32)
         blk[0] = 6 * b * 2.0**k
         blk[1:8], blk[8:15] = mids * b * 2.0**k, -mids * b * 2.0**k
-        x[0, 16 * (i + 1):16 * (i + 2)] = blk
+        x[0, 16 * (i + 1) : 16 * (i + 2)] = blk
     got = np.asarray(quantize(formats.get("nvfp4"), jnp.asarray(x)))
     assert_bits_equal(got, ref_nvfp4(x)[0])
     even = np.array([0, 1, 1, 2, 2, 4, 4], np.float32)
@@ -376,8 +381,7 @@ def test_saturate_false_follows_the_element_format_for_inf_only():
     assert fp4[0, 0] == 1.5 and fp4[0, 2] == -1.5  # E2M1 has no inf: it always saturates
     for name in ("mxfp8_e4m3", "mxfp8_e5m2"):
         fmt = formats.get(name)
-        assert_bits_equal(decode(fmt, encode(fmt, jnp.asarray(x))),
-                          quantize(fmt, jnp.asarray(x), saturate=False))
+        assert_bits_equal(decode(fmt, encode(fmt, jnp.asarray(x))), quantize(fmt, jnp.asarray(x), saturate=False))
 
 
 # ----- stochastic rounding ---------------------------------------------------------------------

@@ -68,9 +68,11 @@ def test_accumulator_runs_every_product_of_a_linear():
     @jax.jit
     def reference(lhs, rhs, g):
         acc = functools.partial(accumulated_dot_general, acc=ACC)
-        return (acc(_along(NV, lhs, 1), _along(NV, rhs, 0), DN_LINEAR),
-                acc(_along(NV, g, 1), _along(NV, rhs, 1), (((1,), (1,)), ((), ()))),
-                acc(_along(NV, lhs, 0), _along(NV, g, 0), (((0,), (0,)), ((), ()))))
+        return (
+            acc(_along(NV, lhs, 1), _along(NV, rhs, 0), DN_LINEAR),
+            acc(_along(NV, g, 1), _along(NV, rhs, 1), (((1,), (1,)), ((), ()))),
+            acc(_along(NV, lhs, 0), _along(NV, g, 0), (((0,), (0,)), ((), ()))),
+        )
 
     _assert_equal(ours, reference(lhs, rhs, g))
     exact = _ours(_qdot(DN_LINEAR, _config(NV)), lhs, rhs, g)
@@ -78,11 +80,14 @@ def test_accumulator_runs_every_product_of_a_linear():
         assert not np.array_equal(a, b), f"{name} was summed exactly"
 
 
-@pytest.mark.parametrize("dn,shapes", [
-    ((((2,), (0,)), ((), ())), ((2, 8, 16), (16, 12), (2, 8, 12))),  # 'btd,df->btf'
-    ((((3,), (3,)), ((0, 1), (0, 1))), ((2, 2, 8, 16), (2, 2, 12, 16), (2, 2, 8, 12))),  # attention scores
-    ((((1, 2), (1, 0)), ((), ())), ((4, 3, 8), (8, 3, 5), (4, 5))),  # two contracted dims, paired out of order
-])
+@pytest.mark.parametrize(
+    "dn,shapes",
+    [
+        ((((2,), (0,)), ((), ())), ((2, 8, 16), (16, 12), (2, 8, 12))),  # 'btd,df->btf'
+        ((((3,), (3,)), ((0, 1), (0, 1))), ((2, 2, 8, 16), (2, 2, 12, 16), (2, 2, 8, 12))),  # attention scores
+        ((((1, 2), (1, 0)), ((), ())), ((4, 3, 8), (8, 3, 5), (4, 5))),  # two contracted dims, paired out of order
+    ],
+)
 def test_accumulated_backward_products_have_the_operands_layouts(dn, shapes):
     """On small integers every sum is exact: the emulated products equal JAX's own VJP bit for bit."""
     lhs, rhs, g = (_ints(i, s) for i, s in enumerate(shapes))
@@ -95,8 +100,9 @@ def test_accumulator_config_is_checked():
     with pytest.raises(ValueError, match="accumulator=.*allowed: a float Accumulator"):
         DotQuantConfig(accumulator=Accumulator(fmt=16, overflow="wrap"))
     with pytest.raises(ValueError, match="matmul='real' is invalid with an accumulator"):
-        DotQuantConfig(lhs=quant.Quantizer(format="int8"), rhs=quant.Quantizer(format="int8"), matmul="real",
-                       accumulator=ACC)
+        DotQuantConfig(
+            lhs=quant.Quantizer(format="int8"), rhs=quant.Quantizer(format="int8"), matmul="real", accumulator=ACC
+        )
     x, w = _normal(3, (1, 4, 4, 8)), _normal(4, (3, 3, 8, 8))
     with pytest.raises(ValueError, match="accumulator=.*not supported for convolutions"):
         quantized_conv(x, w, DotQuantConfig(accumulator=ACC), **CONV)
@@ -106,11 +112,14 @@ def test_accumulator_config_is_checked():
 ALL = RHT(products=("fwd", "dlhs", "drhs"))
 
 
-@pytest.mark.parametrize("dn,shapes", [
-    (DN_LINEAR, ((32, 48), (48, 16), (32, 16))),
-    (DN_LINEAR, ((20, 24), (24, 40), (20, 40))),  # partial last blocks along M, K and N stay unrotated
-    ((((2,), (0,)), ((), ())), ((2, 24, 32), (32, 16), (2, 24, 16))),  # dW contracts b x t, flattened
-])
+@pytest.mark.parametrize(
+    "dn,shapes",
+    [
+        (DN_LINEAR, ((32, 48), (48, 16), (32, 16))),
+        (DN_LINEAR, ((20, 24), (24, 40), (20, 40))),  # partial last blocks along M, K and N stay unrotated
+        ((((2,), (0,)), ((), ())), ((2, 24, 32), (32, 16), (2, 24, 16))),  # dW contracts b x t, flattened
+    ],
+)
 def test_rht_in_float_changes_nothing_but_rounding(dn, shapes):
     lhs, rhs, g = (_normal(10 + i, s) for i, s in enumerate(shapes))
     ours = _ours(_qdot(dn, DotQuantConfig(rht=ALL), key=jax.random.key(5)), lhs, rhs, g)
@@ -144,8 +153,15 @@ def test_rht_rotates_both_operands_before_their_quantizers(products):
     def by(product, axis):  # an operand of ``product`` quantized along ``axis``, rotated first if it rotates
         return _rotated(NV, keys[product], axis) if product in products else _by(NV, axis)
 
-    ref = _reference(_plain(DN_LINEAR), lhs, rhs, g, fwd=(by("fwd", 1), by("fwd", 0)),
-                     dlhs=(by("dlhs", 1), by("dlhs", 1)), drhs=(by("drhs", 0), by("drhs", 0)))
+    ref = _reference(
+        _plain(DN_LINEAR),
+        lhs,
+        rhs,
+        g,
+        fwd=(by("fwd", 1), by("fwd", 0)),
+        dlhs=(by("dlhs", 1), by("dlhs", 1)),
+        drhs=(by("drhs", 0), by("drhs", 0)),
+    )
     _assert_equal(ours, ref)
     assert not np.array_equal(ours[2], _ours(_qdot(DN_LINEAR, _config(NV)), lhs, rhs, g)[2])
 
@@ -160,8 +176,15 @@ def test_rotated_dgrad_requantizes_a_2d_weight():
     cfg = DotQuantConfig(lhs=nv, rhs=w2d, dlhs_grad=nv, drhs_grad=nv, rht=RHT(products=("dlhs",)))
     ours = _ours(_qdot(DN_LINEAR, cfg, key=key), lhs, rhs, g)
     q2d = lambda x: quant.fake_quant(w2d, x)
-    ref = _reference(_plain(DN_LINEAR), lhs, rhs, g, fwd=(_by(NV, 1), q2d),
-                     dlhs=(_rotated(NV, k_dlhs, 1), lambda x: q2d(rht(x, 1, k_dlhs))), drhs=(_by(NV, 0), _by(NV, 0)))
+    ref = _reference(
+        _plain(DN_LINEAR),
+        lhs,
+        rhs,
+        g,
+        fwd=(_by(NV, 1), q2d),
+        dlhs=(_rotated(NV, k_dlhs, 1), lambda x: q2d(rht(x, 1, k_dlhs))),
+        drhs=(_by(NV, 0), _by(NV, 0)),
+    )
     _assert_equal(ours, ref)
 
 
@@ -180,13 +203,19 @@ def test_rht_config_is_checked():
 
 
 # ----- recipes ----------------------------------------------------------------------------------
-_JAX_MXFP8 = jax_mx.BlockScaleConfig(mode="mxfp8", block_size=32, data_type=jnp.float8_e4m3fn,
-                                     scale_type=jnp.float8_e8m0fnu, global_scale=None, infer_only=False)
+_JAX_MXFP8 = jax_mx.BlockScaleConfig(
+    mode="mxfp8",
+    block_size=32,
+    data_type=jnp.float8_e4m3fn,
+    scale_type=jnp.float8_e8m0fnu,
+    global_scale=None,
+    infer_only=False,
+)
 
 
 @jax.jit
 def _jax_mx(x):
-    """JAX's MXFP8 quantization of ``x`` along its last axis (the one ``jax.nn.scaled_dot_general`` uses), dequantized."""
+    """JAX's MXFP8 quantization of ``x`` along its last axis (as ``jax.nn.scaled_dot_general``), dequantized."""
     q, s = jax_mx.quantize(x, _JAX_MXFP8)
     return q.astype(jnp.float32) * jnp.repeat(s.astype(jnp.float32), 32, axis=-1)
 
@@ -195,8 +224,14 @@ def test_mxfp8_linear_forward_operands_equal_jax_mx_quantizer():
     """Identity operands show the quantized x (along K) and W (along K, its rows) of an nnx.Linear under mxfp8."""
     rng = np.random.default_rng(30)
     # 32-blocks along the last axis at scales 2^-20..2^20: each block's exponent matters.
-    x, w_t = (jnp.asarray((rng.standard_normal((64, 2, 32)) * np.exp2(rng.integers(-20, 21, (64, 2, 1)))
-                           ).reshape(64, 64).astype(np.float32)) for _ in range(2))
+    x, w_t = (
+        jnp.asarray(
+            (rng.standard_normal((64, 2, 32)) * np.exp2(rng.integers(-20, 21, (64, 2, 1))))
+            .reshape(64, 64)
+            .astype(np.float32)
+        )
+        for _ in range(2)
+    )
     w = w_t.T  # its blocks run along K, down its columns
     eye = jnp.eye(64, dtype=jnp.float32)  # quantizes to itself
     model = lowbit.quantize(nnx.Linear(64, 64, use_bias=False, rngs=nnx.Rngs(0)), "mxfp8")
@@ -215,8 +250,10 @@ def _op(position, count=5, weighted=True, kind="dot_general"):
 
 def test_nvfp4_recipe_is_nvidias_pretraining_recipe():
     r = recipes.get("nvfp4")
-    last, attention, linear, conv = (r.rules[r.match(op)].dot for op in (
-        _op(4), _op(None, weighted=False, kind="einsum"), _op(2), _op(2, kind="conv")))
+    last, attention, linear, conv = (
+        r.rules[r.match(op)].dot
+        for op in (_op(4), _op(None, weighted=False, kind="einsum"), _op(2), _op(2, kind="conv"))
+    )
     bf16 = {q.format.name for q in (last.lhs, last.rhs, last.dlhs_grad, last.drhs_grad)}
     assert bf16 == {"bfloat16"} and attention == last
     assert r.rules[r.match(_op(0))].dot == linear  # the first layer is NVFP4
@@ -229,13 +266,17 @@ def test_nvfp4_recipe_is_nvidias_pretraining_recipe():
 
 def test_mxfp4_recipe_rounds_scales_up_and_rotates_the_weight_gradient():
     r = recipes.get("mxfp4")
-    linear, conv, attention = (r.rules[r.match(op)].dot for op in (
-        _op(0), _op(0, kind="conv"), _op(None, weighted=False, kind="einsum")))
+    linear, conv, attention = (
+        r.rules[r.match(op)].dot for op in (_op(0), _op(0, kind="conv"), _op(None, weighted=False, kind="einsum"))
+    )
     assert linear.rht == RHT(products=("drhs",), block=32) and conv.rht is None and attention == conv
     for q in (linear.lhs, linear.rhs, linear.dlhs_grad, linear.drhs_grad):
         assert q.format == formats.with_scale_mode("mxfp4_e2m1", "rceil")
     assert (linear.lhs.rounding, linear.dlhs_grad.rounding, linear.drhs_grad.rounding) == (
-        "nearest", "stochastic", "stochastic")
+        "nearest",
+        "stochastic",
+        "stochastic",
+    )
 
 
 def test_nvfp4_linear_op_against_hand_built_gemms():
@@ -257,8 +298,15 @@ def test_nvfp4_linear_op_against_hand_built_gemms():
         return lambda v: quant.fake_quant(quant.Quantizer(format=NV, rounding="stochastic", axis=axis), v, k)
 
     k_dgrad, k_wgrad, k_rot = keys[2], keys[3], keys[8]
-    ref = _reference(_plain(DN_LINEAR), x, w, g, fwd=(_by(NV, 1), tiles), dlhs=(sr(k_dgrad, 1), tiles),
-                     drhs=(lambda v: _along(NV, rht(v, 0, k_rot), 0), lambda v: sr(k_wgrad, 0)(rht(v, 0, k_rot))))
+    ref = _reference(
+        _plain(DN_LINEAR),
+        x,
+        w,
+        g,
+        fwd=(_by(NV, 1), tiles),
+        dlhs=(sr(k_dgrad, 1), tiles),
+        drhs=(lambda v: _along(NV, rht(v, 0, k_rot), 0), lambda v: sr(k_wgrad, 0)(rht(v, 0, k_rot))),
+    )
     _assert_equal(ours, ref)
 
 

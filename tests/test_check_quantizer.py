@@ -46,15 +46,18 @@ def test_lowbits_quantizers_pass(q):
     testing.check_quantizer(q)
 
 
-@pytest.mark.parametrize(("q", "expected"), [
-    (OWN["int8_tensor"], ("idempotent", "pow2_invariant")),
-    (OWN["int8_channel"], ("idempotent", "pow2_invariant", "independent")),
-    (OWN["mxfp4"], ("idempotent", "pow2_invariant", "padding", "independent")),
-    (OWN["int8_channel_sr"], ("pow2_invariant", "independent", "unbiased")),
-    (OWN["mxfp4_rceil_sr"], ("idempotent", "pow2_invariant", "padding", "independent", "unbiased")),
-    (Q(format="int8", scale="fixed", fixed_scale=0.5), ("idempotent",)),
-    (Q(format="int8", granularity="channel", scale="mse"), ("pow2_invariant", "independent")),
-])
+@pytest.mark.parametrize(
+    ("q", "expected"),
+    [
+        (OWN["int8_tensor"], ("idempotent", "pow2_invariant")),
+        (OWN["int8_channel"], ("idempotent", "pow2_invariant", "independent")),
+        (OWN["mxfp4"], ("idempotent", "pow2_invariant", "padding", "independent")),
+        (OWN["int8_channel_sr"], ("pow2_invariant", "independent", "unbiased")),
+        (OWN["mxfp4_rceil_sr"], ("idempotent", "pow2_invariant", "padding", "independent", "unbiased")),
+        (Q(format="int8", scale="fixed", fixed_scale=0.5), ("idempotent",)),
+        (Q(format="int8", granularity="channel", scale="mse"), ("pow2_invariant", "independent")),
+    ],
+)
 def test_checks_that_apply_are_the_default(q, expected, monkeypatch):
     ran = []
     monkeypatch.setattr(testing, "_given_check", lambda q, check, *a: ran.append(check) or (lambda: None))
@@ -146,8 +149,16 @@ BROKEN = [
     # the CI profile's examples find it in a seeded dense window, which keeps the run between them.
     (_mx(_WrapPadded), "padding", 33),
     (_mx(_EpsilonScale), "pow2_invariant", 4),
-    (Q(format=_NearestForStochastic(ebits=4, mbits=3, specials="fn"), granularity="channel", axis=0,
-       rounding="stochastic"), "unbiased", 4),
+    (
+        Q(
+            format=_NearestForStochastic(ebits=4, mbits=3, specials="fn"),
+            granularity="channel",
+            axis=0,
+            rounding="stochastic",
+        ),
+        "unbiased",
+        4,
+    ),
 ]
 
 
@@ -161,7 +172,6 @@ def test_a_broken_quantizer_fails_its_check_on_a_shrunk_input(q, check, most):
     assert _drawn(failure.x) <= most, failure.x  # shrunk: a few elements, not a random array
 
 
-
 def test_ocp_floor_scales_bias_stochastic_rounding():
     # OCP's floor rule lets a block's largest elements exceed the element maximum; they
     # saturate, so stochastic rounding is biased toward zero there (rceil passes: see OWN).
@@ -170,16 +180,26 @@ def test_ocp_floor_scales_bias_stochastic_rounding():
         testing.check_quantizer(q, checks=("unbiased",))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "toward_zero with float32 steps: re-quantizing recomputes the step from the quantized amax, a few ulps "
-    "off, and truncation then drops elements one grid level"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "toward_zero with float32 steps: re-quantizing recomputes the step from the quantized amax, a few ulps "
+        "off, and truncation then drops elements one grid level"
+    ),
+)
 def test_toward_zero_with_float32_steps_is_idempotent():
     testing.check_quantizer(Q(format="int8", rounding="toward_zero"), checks=("idempotent",))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "scale_format='e4m3': an all-zero group gets the step of amax 1 (params._positive) before the tensor scale "
-    "max(step) / 448 is taken, so that phantom step can set the tensor scale of real groups"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "scale_format='e4m3': an all-zero group gets the step of amax 1 (params._positive) before the tensor scale "
+        "max(step) / 448 is taken, so that phantom step can set the tensor scale of real groups"
+    ),
+)
 def test_e4m3_steps_with_an_all_zero_group_are_scale_invariant():
     q = Q(format="float4_e2m1fn", granularity="group", group_size=16, scale_format="e4m3")
     testing.check_quantizer(q, checks=("pow2_invariant", "independent"))
@@ -188,24 +208,30 @@ def test_e4m3_steps_with_an_all_zero_group_are_scale_invariant():
 # ----- arguments ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"q": "int8"}, TypeError, "allowed: a lowbit.quant.Quantizer"),
-    ({"checks": "idempotent"}, TypeError, "sequence of names"),
-    ({"checks": ("idempotent", "monotone")}, ValueError, "unknown check 'monotone'"),
-    ({"checks": ("padding",)}, ValueError, "only block formats"),
-    ({"checks": ("independent",)}, ValueError, "single scale"),
-    ({"checks": ("unbiased",)}, ValueError, "deterministic"),
-    ({"checks": ("reference",)}, ValueError, "no reference"),
-    ({"q": Q(format="int8", scale="fixed", fixed_scale=0.5), "checks": ("pow2_invariant",)}, ValueError,
-     "does not come from x"),
-    ({"q": Q(format="int8", scale="learned")}, ValueError, "computed inside fake_quant"),
-    ({"q": Q(format="int8", scale="percentile"), "checks": ("idempotent",)}, ValueError, "clips at a statistic"),
-    ({"q": Q(format="nvfp4", rounding="stochastic"), "checks": ("idempotent",)}, ValueError, "grid itself moves"),
-    ({"examples": 0}, ValueError, "examples=0"),
-    ({"examples": 2.5}, TypeError, "examples=2.5"),
-    ({"seed": "a"}, TypeError, "seed='a'"),
-    ({"reference": "numpy"}, TypeError, "reference='numpy'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"q": "int8"}, TypeError, "allowed: a lowbit.quant.Quantizer"),
+        ({"checks": "idempotent"}, TypeError, "sequence of names"),
+        ({"checks": ("idempotent", "monotone")}, ValueError, "unknown check 'monotone'"),
+        ({"checks": ("padding",)}, ValueError, "only block formats"),
+        ({"checks": ("independent",)}, ValueError, "single scale"),
+        ({"checks": ("unbiased",)}, ValueError, "deterministic"),
+        ({"checks": ("reference",)}, ValueError, "no reference"),
+        (
+            {"q": Q(format="int8", scale="fixed", fixed_scale=0.5), "checks": ("pow2_invariant",)},
+            ValueError,
+            "does not come from x",
+        ),
+        ({"q": Q(format="int8", scale="learned")}, ValueError, "computed inside fake_quant"),
+        ({"q": Q(format="int8", scale="percentile"), "checks": ("idempotent",)}, ValueError, "clips at a statistic"),
+        ({"q": Q(format="nvfp4", rounding="stochastic"), "checks": ("idempotent",)}, ValueError, "grid itself moves"),
+        ({"examples": 0}, ValueError, "examples=0"),
+        ({"examples": 2.5}, TypeError, "examples=2.5"),
+        ({"seed": "a"}, TypeError, "seed='a'"),
+        ({"reference": "numpy"}, TypeError, "reference='numpy'"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, error, match):
     kwargs = {"q": OWN["int8_tensor"], **kwargs}
     with pytest.raises(error, match=match):

@@ -20,12 +20,22 @@ _TREE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "key": jax.random.ke
 
 def _run_meta(epoch=1, step=0, epochs=2, steps_per_epoch=4):
     """Metadata as the train loop writes it after ``epoch`` epochs and ``step`` steps."""
-    history = [dict(epoch=e + 1, loss=0.5, train_acc=0.75, test_accuracy=0.5, time_s=1.0, skipped=0)
-               for e in range(epoch)]
+    history = [
+        dict(epoch=e + 1, loss=0.5, train_acc=0.75, test_accuracy=0.5, time_s=1.0, skipped=0) for e in range(epoch)
+    ]
     partial = dict(losses=[0.25] * step, correct=step, skipped=0, time_s=0.5) if step else None
-    return dict(recipe="fp32", dataset="toy", model=dict(type="Tiny", config=None), steps_per_epoch=steps_per_epoch,
-                hparams=dict(epochs=epochs, batch_size=16, seed=0, learning_rate=0.01, weight_decay=0.0, warmup=0.5),
-                history=history, partial=partial, step_times_ms=[1.5, 2.0], train_time_s=3.0, lowbit_version="0.1.0")
+    return dict(
+        recipe="fp32",
+        dataset="toy",
+        model=dict(type="Tiny", config=None),
+        steps_per_epoch=steps_per_epoch,
+        hparams=dict(epochs=epochs, batch_size=16, seed=0, learning_rate=0.01, weight_decay=0.0, warmup=0.5),
+        history=history,
+        partial=partial,
+        step_times_ms=[1.5, 2.0],
+        train_time_s=3.0,
+        lowbit_version="0.1.0",
+    )
 
 
 def _equal(a, b):
@@ -87,24 +97,27 @@ def test_save_spares_live_writers_and_sweeps_dead_ones(tmp_path):
     assert not dead.exists()
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("epoch", "2", "epoch is '2'; allowed: an integer"),
-    ("epoch", -3, "epoch is -3"),
-    ("epoch", 2.5, "epoch is 2.5"),
-    ("epoch", 99, "epoch is 99; allowed: an integer in \\[0, 2\\]"),
-    ("step", 4, "step is 4; allowed: an integer in \\[0, 3\\]"),
-    ("history", "x", "history is 'x'"),
-    ("history", [], "history is \\[\\]; allowed: a list of 1 entries"),
-    ("history.0.train_acc", 1.5, "history\\[0\\].train_acc is 1.5"),
-    ("step_times_ms", "abc", "step_times_ms is 'abc'"),
-    ("step_times_ms", [1.0, "slow"], "step_times_ms is"),
-    ("train_time_s", "slow", "train_time_s is 'slow'"),
-    ("hparams.epochs", 0, "hparams.epochs is 0"),
-    ("partial", dict(losses=[]), "partial is .* at step 0"),
-    ("leaves", "x", "leaves is 'x'"),
-    ("sha256", "abc", "sha256 is 'abc'"),
-    ("format", 1, "format is 1; this lowbit reads checkpoint format 2"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("epoch", "2", "epoch is '2'; allowed: an integer"),
+        ("epoch", -3, "epoch is -3"),
+        ("epoch", 2.5, "epoch is 2.5"),
+        ("epoch", 99, "epoch is 99; allowed: an integer in \\[0, 2\\]"),
+        ("step", 4, "step is 4; allowed: an integer in \\[0, 3\\]"),
+        ("history", "x", "history is 'x'"),
+        ("history", [], "history is \\[\\]; allowed: a list of 1 entries"),
+        ("history.0.train_acc", 1.5, "history\\[0\\].train_acc is 1.5"),
+        ("step_times_ms", "abc", "step_times_ms is 'abc'"),
+        ("step_times_ms", [1.0, "slow"], "step_times_ms is"),
+        ("train_time_s", "slow", "train_time_s is 'slow'"),
+        ("hparams.epochs", 0, "hparams.epochs is 0"),
+        ("partial", dict(losses=[]), "partial is .* at step 0"),
+        ("leaves", "x", "leaves is 'x'"),
+        ("sha256", "abc", "sha256 is 'abc'"),
+        ("format", 1, "format is 1; this lowbit reads checkpoint format 2"),
+    ],
+)
 def test_metadata_schema(tmp_path, field, value, match):
     path = checkpoint.save(tmp_path, 1, _TREE, _run_meta(1))
     if field.startswith("history."):
@@ -176,14 +189,18 @@ def test_sigkill_at_any_moment_leaves_the_newest_checkpoint_loadable(tmp_path):
     rng = np.random.default_rng(0)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for trial in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                                env=env)
+        # A directory per writer: each starts again at epoch 1, and save() keeps checkpoints ordered after the
+        # new one (an abandoned later run), so a shared directory could list an earlier writer's too.
+        directory = tmp_path / f"writer{trial}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(directory)], stdout=subprocess.PIPE, text=True, env=env
+        )
         proc.stdout.readline()  # one checkpoint written: the writer is in its save loop
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        found = checkpoint.checkpoints(tmp_path)
+        found = checkpoint.checkpoints(directory)
         assert 1 <= len(found) <= 3, [p.name for p in found]  # keep=2, plus at most one mid-rotation
         for path in found:  # every listed checkpoint is complete, the newest included
             tree, meta = checkpoint.restore(path, template, dict(run="kill"))

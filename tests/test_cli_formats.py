@@ -10,8 +10,11 @@ import pytest
 from lowbit import formats
 from lowbit.cli import main
 
-ELEMENT = [n for n in formats.names()
-           if isinstance(formats.get(n), (formats.FloatFormat, formats.IntFormat, formats.BinaryFormat))]
+ELEMENT = [
+    n
+    for n in formats.names()
+    if isinstance(formats.get(n), (formats.FloatFormat, formats.IntFormat, formats.BinaryFormat))
+]
 
 
 def _row(out: str, name: str) -> list[str]:

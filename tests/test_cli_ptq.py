@@ -32,8 +32,7 @@ def _main(argv):
 def run_dir(tmp_path_factory):
     """The --out directory of a one-epoch fp32 `lowbit train` on digits (accuracy does not matter here)."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--recipe", "fp32", "--epochs", "1", *_TINY, "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["train", "--recipe", "fp32", "--epochs", "1", *_TINY, "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -46,10 +45,25 @@ def test_choices_are_the_library_lists():
     assert cli_ptq.METHODS is finetune.METHODS
 
 
-@pytest.mark.parametrize(("command", "flags"), [
-    ("ptq", ["--checkpoint", "--weights", "--calibration", "--softmax", "--layernorm", "--noisy-bias",
-             "--calibration-data", "--sweep"]),
-    ("finetune", ["--method", "--target-format", "--outlier-weight"])])
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        (
+            "ptq",
+            [
+                "--checkpoint",
+                "--weights",
+                "--calibration",
+                "--softmax",
+                "--layernorm",
+                "--noisy-bias",
+                "--calibration-data",
+                "--sweep",
+            ],
+        ),
+        ("finetune", ["--method", "--target-format", "--outlier-weight"]),
+    ],
+)
 def test_help(command, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args([command, "--help"])
@@ -93,21 +107,27 @@ def _edited_copy(run_dir, tmp_path, edit):
     return copy
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
-    (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
-    (lambda m: m.update(dataset="cifar10"), "does not match its checksum"),  # metadata is checksummed too
-])
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
+        (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
+        (lambda m: m.update(dataset="cifar10"), "does not match its checksum"),  # metadata is checksummed too
+    ],
+)
+@pytest.mark.slow  # end to end on a trained ViT
 def test_mismatched_checkpoint(run_dir, tmp_path, capsys, edit, message):
     assert message in _error(["ptq", "--checkpoint", str(_edited_copy(run_dir, tmp_path, edit))], capsys)
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (dict(recipe="fp4"), "was trained with recipe 'fp4'; PTQ starts from a float model"),
-    (dict(dataset="cifar10"), "CIFAR-10 needs a data directory"),
-    (dict(dataset="fashion-mnist"), "apt-get install -y dataset-fashion-mnist"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (dict(recipe="fp4"), "was trained with recipe 'fp4'; PTQ starts from a float model"),
+        (dict(dataset="cifar10"), "CIFAR-10 needs a data directory"),
+        (dict(dataset="fashion-mnist"), "apt-get install -y dataset-fashion-mnist"),
+    ],
+)
 def test_checkpoint_of_another_recipe_or_dataset(run_dir, capsys, monkeypatch, edit, message):
     # What the CLI checks after a valid checkpoint loads: the run's recipe and dataset.
     from lowbit.ptq import restore
@@ -118,12 +138,15 @@ def test_checkpoint_of_another_recipe_or_dataset(run_dir, capsys, monkeypatch, e
     assert message in _error(["ptq", "--checkpoint", str(run_dir)], capsys)
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--weights", "int1"], "unknown format 'int1'"),
-    (["--activations", "mxfp4_e2m1"], "not a scalar"),
-    (["--activations", "float8_e4m3fn", "--softmax", "log2"], "needs a signed integer"),
-    (["--dynamic", "--noisy-bias"], "noisy_bias"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--weights", "int1"], "unknown format 'int1'"),
+        (["--activations", "mxfp4_e2m1"], "not a scalar"),
+        (["--activations", "float8_e4m3fn", "--softmax", "log2"], "needs a signed integer"),
+        (["--dynamic", "--noisy-bias"], "noisy_bias"),
+    ],
+)
 def test_bad_settings(run_dir, capsys, flags, message):
     assert message in _error(["ptq", "--checkpoint", str(run_dir)] + flags, capsys)
 
@@ -135,7 +158,7 @@ def test_bad_granularity_is_a_usage_error(capsys):
     assert "group:N" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
     # Relative --checkpoint and --out, as a user types them: resolved against the working directory.
     monkeypatch.chdir(tmp_path)
@@ -152,12 +175,25 @@ def test_ptq_writes_metrics_and_plot(run_dir, tmp_path, capsys, monkeypatch):
     assert "W8A8" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out: the fine-tuned checkpoint is written through orbax
     out = tmp_path / "ft"
-    argv = ["finetune", "--checkpoint", str(run_dir), "--method", "plain", "--target-format", "int4",
-            "--epochs", "1", "--batch-size", "512", "--out", "ft"]
+    argv = [
+        "finetune",
+        "--checkpoint",
+        str(run_dir),
+        "--method",
+        "plain",
+        "--target-format",
+        "int4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "512",
+        "--out",
+        "ft",
+    ]
     assert _main(argv) == 0
     assert "for 1 epoch:" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"

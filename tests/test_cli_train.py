@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 from jax import monitoring
 
-from lowbit import recipes
+from lowbit import recipes, trainer
 from lowbit.cli import train as cli_train
 from lowbit.cli.args import HelpFormatter
 from lowbit.cli.train import add_compare_parser, add_train_parser
-from lowbit import trainer
 from lowbit.trainer import CheckpointError, TrainingError
 
 _SMALL = ["--epochs", "1", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
@@ -50,10 +49,16 @@ def compilations():
     monitoring.unregister_event_duration_listener(listen)
 
 
-@pytest.mark.parametrize(("command", "flags"), [
-    ("train", ["--recipe", "--resume", "--devices", "--lr", "--overwrite", "--keep", "--max-skipped",
-               "--no-progress"]),
-    ("compare", ["--recipes", "--seeds", "--dataset", "--overwrite", "--keep"])])
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        (
+            "train",
+            ["--recipe", "--resume", "--devices", "--lr", "--overwrite", "--keep", "--max-skipped", "--no-progress"],
+        ),
+        ("compare", ["--recipes", "--seeds", "--dataset", "--overwrite", "--keep"]),
+    ],
+)
 def test_help(command, flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args([command, "--help"])
@@ -67,15 +72,25 @@ def test_help(command, flags, capsys):
 
 def test_run_options_default_and_parse():
     args = _parser().parse_args(["train"])
-    assert (args.overwrite, args.keep, args.max_skipped, args.no_progress, args.resume) == (False, 2, None, False,
-                                                                                           False)
+    assert (args.overwrite, args.keep, args.max_skipped, args.no_progress, args.resume) == (
+        False,
+        2,
+        None,
+        False,
+        False,
+    )
     args = _parser().parse_args(["train", "--overwrite", "--keep", "5", "--max-skipped", "0", "--no-progress"])
     assert (args.overwrite, args.keep, args.max_skipped, args.no_progress) == (True, 5, 0, True)
 
 
-@pytest.mark.parametrize(("flags", "message"), [(["--keep", "0"], "expected an integer >= 1"),
-                                                (["--max-skipped", "-1"], "expected an integer >= 0"),
-                                                (["--out", ""], "expected a path")])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--keep", "0"], "expected an integer >= 1"),
+        (["--max-skipped", "-1"], "expected an integer >= 0"),
+        (["--out", ""], "expected a path"),
+    ],
+)
 def test_bad_run_options_are_usage_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args(["train", *flags])
@@ -99,8 +114,18 @@ def test_train_passes_run_options_and_absolute_out_to_the_trainer(tmp_path, monk
         out = Path(kwargs["out_dir"])
         out.mkdir(parents=True)
         (out / "metrics.json").write_text("{}")  # no curves.png: the CLI must not claim it
-        return dict(recipe="fp32", dataset="digits", epochs=1, seed=0, test_accuracy=0.5, final_loss=1.0,
-                    train_time_s=1.0, step_time_ms=2.0, skipped_steps=1, stopped=False)
+        return dict(
+            recipe="fp32",
+            dataset="digits",
+            epochs=1,
+            seed=0,
+            test_accuracy=0.5,
+            final_loss=1.0,
+            train_time_s=1.0,
+            step_time_ms=2.0,
+            skipped_steps=1,
+            stopped=False,
+        )
 
     monkeypatch.setattr(trainer, "train", fake_train)
     monkeypatch.chdir(tmp_path)
@@ -115,26 +140,60 @@ def test_train_passes_run_options_and_absolute_out_to_the_trainer(tmp_path, monk
 
 def test_default_out_is_under_the_working_directory(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(trainer, "train", lambda model, dataset, **kw: seen.update(kw) or dict(
-        recipe="fp8", dataset="digits", epochs=2, seed=3, test_accuracy=0.5, final_loss=1.0, train_time_s=1.0,
-        step_time_ms=2.0, skipped_steps=0, stopped=False))
+    monkeypatch.setattr(
+        trainer,
+        "train",
+        lambda model, dataset, **kw: (
+            seen.update(kw)
+            or dict(
+                recipe="fp8",
+                dataset="digits",
+                epochs=2,
+                seed=3,
+                test_accuracy=0.5,
+                final_loss=1.0,
+                train_time_s=1.0,
+                step_time_ms=2.0,
+                skipped_steps=0,
+                stopped=False,
+            )
+        ),
+    )
     monkeypatch.chdir(tmp_path)
     assert _main(["train", "--recipe", "fp8", "--seed", "3", *_SMALL]) == 0
     assert seen["out_dir"] == tmp_path / "runs" / "fp8-digits-seed3" and seen["max_skipped"] is None
 
 
 def test_stopped_run_exits_130_without_a_summary(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "train", lambda model, dataset, **kw: dict(
-        recipe="fp32", dataset="digits", epochs=3, seed=0, test_accuracy=None, final_loss=None, train_time_s=1.0,
-        step_time_ms=None, skipped_steps=0, stopped=True))
+    monkeypatch.setattr(
+        trainer,
+        "train",
+        lambda model, dataset, **kw: dict(
+            recipe="fp32",
+            dataset="digits",
+            epochs=3,
+            seed=0,
+            test_accuracy=None,
+            final_loss=None,
+            train_time_s=1.0,
+            step_time_ms=None,
+            skipped_steps=0,
+            stopped=True,
+        ),
+    )
     assert _main(["train", "--out", str(tmp_path), *_SMALL]) == 130
     out = capsys.readouterr().out
     assert "test accuracy" not in out and "wrote nothing; not written" in out
 
 
-@pytest.mark.parametrize(("error", "status"), [(TrainingError("another process is using it"), 1),
-                                               (ValueError("holds an earlier run; pass --overwrite"), 2),
-                                               (CheckpointError("checkpoint epoch_0002: damaged"), 2)])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (TrainingError("another process is using it"), 1),
+        (ValueError("holds an earlier run; pass --overwrite"), 2),
+        (CheckpointError("checkpoint epoch_0002: damaged"), 2),
+    ],
+)
 def test_trainer_errors_are_one_line(error, status, tmp_path, monkeypatch, capsys):
     def fail(model, dataset, **kw):
         raise error
@@ -147,14 +206,16 @@ def test_trainer_errors_are_one_line(error, status, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fmnist"], "apt-get install -y"),
-     (["train", "--dataset", "cifar10"], "CIFAR-10"),
-     (["train", "--recipe", "fp3"], "'fp3' is unknown; allowed: fp32, bf16"),
-     (["compare", "--recipes", "fp32,nope"], "'nope' is unknown; allowed: fp32, bf16"),
-     (["compare", "--seeds", "0,x"], "--seeds"),
-     (["train", "--batch-size", "10", "--devices", "3"], "not divisible"),
-     (["train", "--batch-size", "5000"], "exceeds the 1442 training examples"),
-     (["train", "--patch-size", "3"], "patch")],
+    [
+        (["train", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fmnist"], "apt-get install -y"),
+        (["train", "--dataset", "cifar10"], "CIFAR-10"),
+        (["train", "--recipe", "fp3"], "'fp3' is unknown; allowed: fp32, bf16"),
+        (["compare", "--recipes", "fp32,nope"], "'nope' is unknown; allowed: fp32, bf16"),
+        (["compare", "--seeds", "0,x"], "--seeds"),
+        (["train", "--batch-size", "10", "--devices", "3"], "not divisible"),
+        (["train", "--batch-size", "5000"], "exceeds the 1442 training examples"),
+        (["train", "--patch-size", "3"], "patch"),
+    ],
 )
 def test_bad_input_exits_2_without_traceback_or_compiling(argv, message, capsys, compilations, tmp_path):
     assert _main([*argv, "--out", str(tmp_path / "out")]) == 2
@@ -227,8 +288,18 @@ def test_model_factory_from_the_working_directory_is_quantized_and_trained(user_
 
     def fake_train(model, dataset, **kwargs):
         seen.update(model=model, recipe=kwargs["recipe"])
-        return dict(recipe="fp8", dataset="digits", epochs=1, seed=0, test_accuracy=0.5, final_loss=1.0,
-                    train_time_s=1.0, step_time_ms=2.0, skipped_steps=0, stopped=False)
+        return dict(
+            recipe="fp8",
+            dataset="digits",
+            epochs=1,
+            seed=0,
+            test_accuracy=0.5,
+            final_loss=1.0,
+            train_time_s=1.0,
+            step_time_ms=2.0,
+            skipped_steps=0,
+            stopped=False,
+        )
 
     monkeypatch.setattr(trainer, "train", fake_train)
     assert _main(["train", "--model", f"{user_module}:make", "--recipe", "fp8", "--no-progress"]) == 0
@@ -236,14 +307,17 @@ def test_model_factory_from_the_working_directory_is_quantized_and_trained(user_
     assert seen["recipe"].name == "fp8"
 
 
-@pytest.mark.parametrize(("spec", "flags", "message"), [
-    ("lowbit_no_such_module:make", [], "--model: model='lowbit_no_such_module:make': cannot import"),
-    ("{module}:missing", [], "has no callable 'missing'"),
-    ("{module}", [], "allowed: vit, mlp, cnn or PKG.MODULE:FACTORY"),
-    ("{module}:not_a_model", [], "returned str; allowed: a flax.nnx.Module"),
-    ("{module}:wrong_signature", [], "--model {module}:wrong_signature: "),
-    ("mlp", ["--dim", "16", "--depth", "1"], "--dim, --depth set(s) the size of --model vit, not of --model mlp"),
-])
+@pytest.mark.parametrize(
+    ("spec", "flags", "message"),
+    [
+        ("lowbit_no_such_module:make", [], "--model: model='lowbit_no_such_module:make': cannot import"),
+        ("{module}:missing", [], "has no callable 'missing'"),
+        ("{module}", [], "allowed: vit, mlp, cnn or PKG.MODULE:FACTORY"),
+        ("{module}:not_a_model", [], "returned str; allowed: a flax.nnx.Module"),
+        ("{module}:wrong_signature", [], "--model {module}:wrong_signature: "),
+        ("mlp", ["--dim", "16", "--depth", "1"], "--dim, --depth set(s) the size of --model vit, not of --model mlp"),
+    ],
+)
 def test_bad_model_exits_2_before_training(spec, flags, message, user_module, capsys, compilations, monkeypatch):
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained a bad model"))
     spec, message = spec.format(module=user_module), message.format(module=user_module)
@@ -257,8 +331,27 @@ def test_bad_model_exits_2_before_training(spec, flags, message, user_module, ca
 @pytest.mark.parametrize(("model", "lr"), [("mlp", "3e-3"), ("cnn", "3e-3"), ("user", "0.05")])  # user: one layer
 def test_train_other_models_one_epoch(model, lr, user_module, capsys):
     spec = f"{user_module}:make" if model == "user" else model
-    assert _main(["train", "--model", spec, "--recipe", "int8_lsq", "--epochs", "1", "--warmup", "0.2", "--lr", lr,
-                  "--out", "run", "--no-progress"]) == 0
+    assert (
+        _main(
+            [
+                "train",
+                "--model",
+                spec,
+                "--recipe",
+                "int8_lsq",
+                "--epochs",
+                "1",
+                "--warmup",
+                "0.2",
+                "--lr",
+                lr,
+                "--out",
+                "run",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(Path("run/metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.3  # chance is 0.1
 
@@ -274,8 +367,17 @@ def test_invalid_numbers_are_usage_errors(capsys):
 def test_train_one_epoch_on_digits(tmp_path, capsys):
     assert _main(["train", "--out", str(tmp_path), "--overwrite", *_SMALL]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("recipe", "dataset", "epochs", "seed", "test_accuracy", "train_time_s", "step_time_ms",
-                "final_loss", "history"):
+    for key in (
+        "recipe",
+        "dataset",
+        "epochs",
+        "seed",
+        "test_accuracy",
+        "train_time_s",
+        "step_time_ms",
+        "final_loss",
+        "history",
+    ):
         assert key in metrics
     assert metrics["recipe"] == "fp32" and metrics["dataset"] == "digits" and len(metrics["history"]) == 1
     assert metrics["test_accuracy"] > 0.2  # well above chance (0.1) after one epoch
@@ -317,8 +419,14 @@ def test_interrupt_outside_training_is_one_line(monkeypatch, capsys):
 
 def _fake_run(args, dataset, recipe, seed, out, *, resume):
     acc = {"fp32": 0.95, "fp4": 0.90}[recipe.name] + 0.01 * seed
-    return dict(test_accuracy=acc, step_time_ms={"fp32": 10.0, "fp4": 25.0}[recipe.name], train_time_s=1.0,
-                wall_time_s=3.0 + seed, compile_time_s={"fp32": 0.5, "fp4": 1.5}[recipe.name], stopped=False)
+    return dict(
+        test_accuracy=acc,
+        step_time_ms={"fp32": 10.0, "fp4": 25.0}[recipe.name],
+        train_time_s=1.0,
+        wall_time_s=3.0 + seed,
+        compile_time_s={"fp32": 0.5, "fp4": 1.5}[recipe.name],
+        stopped=False,
+    )
 
 
 def test_compare_summarises_every_recipe_and_seed(tmp_path, monkeypatch, capsys):
@@ -368,10 +476,13 @@ def test_compare_refuses_an_earlier_comparison_before_training(tmp_path, monkeyp
 
 def test_comparison_plot_states_where_the_accuracy_axis_starts(tmp_path, monkeypatch):
     captured = {}
-    monkeypatch.setattr(cli_train, "plot_bars",
-                        lambda path, title, names, panels: captured.update(names=names, panels=panels))
-    rows = [dict(recipe="fp32", test_accuracy_mean=0.95, test_accuracy_std=0.01, step_time_ms=10.0),
-            dict(recipe="fp4", test_accuracy_mean=0.91, test_accuracy_std=0.02, step_time_ms=25.0)]
+    monkeypatch.setattr(
+        cli_train, "plot_bars", lambda path, title, names, panels: captured.update(names=names, panels=panels)
+    )
+    rows = [
+        dict(recipe="fp32", test_accuracy_mean=0.95, test_accuracy_std=0.01, step_time_ms=10.0),
+        dict(recipe="fp4", test_accuracy_mean=0.91, test_accuracy_std=0.02, step_time_ms=25.0),
+    ]
     cli_train._plot_comparison(rows, tmp_path / "c.png", "digits", [0, 1])
     accuracy, step = captured["panels"]
     assert accuracy.floor == 80 and accuracy.ceiling == 100  # 5 points under 89 (= 91 - 2), down to a 10

@@ -14,15 +14,41 @@ from lowbit.formats import CodebookFormat
 
 # QLoRA's NormalFloat4 as published in bitsandbytes (functional.py / kernels.cu), written out by hand.
 NF4_PUBLISHED = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 # AbnormalFloat4, block size 64 (arXiv 2306.06965), as bitsandbytes lists it before reversing.
 AF4_PUBLISHED = [
-    -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
-    0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0,
+    -1.0,
+    -0.69441008,
+    -0.51243739,
+    -0.3736951,
+    -0.25607552,
+    -0.14982478,
+    -0.04934812,
+    0.0,
+    0.04273164,
+    0.12934483,
+    0.21961274,
+    0.31675666,
+    0.42563882,
+    0.55496234,
+    0.72424863,
+    1.0,
 ]
 
 
@@ -47,8 +73,10 @@ def test_registered_codebooks_pass_the_property_suite(name):
 
 def _float32s():
     """Any float32: drawn as a float, or as raw bits (NaN payloads, subnormals, inf)."""
-    return st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True).map(np.float32),
-                     st.integers(0, 2**32 - 1).map(lambda b: np.uint32(b).view(np.float32)))
+    return st.one_of(
+        st.floats(width=32, allow_nan=True, allow_infinity=True).map(np.float32),
+        st.integers(0, 2**32 - 1).map(lambda b: np.uint32(b).view(np.float32)),
+    )
 
 
 FP4 = formats.get("float4_e2m1fn")
@@ -119,22 +147,25 @@ def test_property_suite_on_drawn_codebooks(fmt, data):
     testing.check_array(fmt, data.draw(testing.hard_arrays(fmt), label="x"))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(values=[1.0, 0.0]), "strictly ascending"),
-    (dict(values=[0.0, 0.0]), "strictly ascending"),
-    (dict(values=[1.0, 1.0 + 2.0**-30]), "distinct in float32"),
-    (dict(values=[0.0, float("nan")]), "finite"),
-    (dict(values=[0.0, 1e39]), "finite"),
-    (dict(values=[0.0, 1e-31]), "2\\^-100"),
-    (dict(values=[1.0]), "2..256"),
-    (dict(values=list(range(257))), "2..256"),
-    (dict(values="ab"), "2..256"),
-    (dict(values=[False, True]), "real numbers"),
-    (dict(values=[0.0, 1.0], codes=[0]), "codes"),
-    (dict(values=[0.0, 1.0], codes=[1, 1]), "codes"),
-    (dict(values=[0.0, 1.0], codes=[0, 256]), "codes"),
-    (dict(values=[0.0, 1.0], name=3), "name"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(values=[1.0, 0.0]), "strictly ascending"),
+        (dict(values=[0.0, 0.0]), "strictly ascending"),
+        (dict(values=[1.0, 1.0 + 2.0**-30]), "distinct in float32"),
+        (dict(values=[0.0, float("nan")]), "finite"),
+        (dict(values=[0.0, 1e39]), "finite"),
+        (dict(values=[0.0, 1e-31]), "2\\^-100"),
+        (dict(values=[1.0]), "2..256"),
+        (dict(values=list(range(257))), "2..256"),
+        (dict(values="ab"), "2..256"),
+        (dict(values=[False, True]), "real numbers"),
+        (dict(values=[0.0, 1.0], codes=[0]), "codes"),
+        (dict(values=[0.0, 1.0], codes=[1, 1]), "codes"),
+        (dict(values=[0.0, 1.0], codes=[0, 256]), "codes"),
+        (dict(values=[0.0, 1.0], name=3), "name"),
+    ],
+)
 def test_invalid_tables_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CodebookFormat(**kwargs)

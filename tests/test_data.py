@@ -249,15 +249,20 @@ def test_cifar10_malicious_pickle_runs_no_code(tmp_path, where):
     _write_cifar(tmp_path, np.random.default_rng(8))
     marker = tmp_path / "pwned"
     exploit = _Exploit(marker)
-    payload = {"top": exploit,
-               "inside-dict": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": exploit},
-               "inside-array": {b"data": np.array([exploit], dtype=object), b"labels": [0]}}[where]
+    payload = {
+        "top": exploit,
+        "inside-dict": {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"x": exploit},
+        "inside-array": {b"data": np.array([exploit], dtype=object), b"labels": [0]},
+    }[where]
     (tmp_path / "data_batch_3").write_bytes(pickle.dumps(payload, protocol=2))
     pickle.loads(pickle.dumps(exploit))  # the oracle: plain pickle does run it
     assert marker.exists()
     marker.unlink()
-    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 python batch.*refusing to load global "
-                                         r"(posix|os|nt)\.system"):
+    with pytest.raises(
+        ValueError,
+        match=r"data_batch_3: not a CIFAR-10 python batch.*refusing to load global "
+        r"(posix|os|nt)\.system",
+    ):
         data.load("cifar10", tmp_path)
     assert not marker.exists()
 
@@ -269,8 +274,9 @@ def test_cifar10_reads_every_pickle_protocol(tmp_path, protocol):
         (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=protocol))
     ds = data.load("cifar10", tmp_path)
     np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
-    np.testing.assert_array_equal((ds.x_test * 255).round().astype(np.uint8).transpose(0, 3, 1, 2).reshape(7, -1),
-                                  batches["test_batch"][b"data"])
+    np.testing.assert_array_equal(
+        (ds.x_test * 255).round().astype(np.uint8).transpose(0, 3, 1, 2).reshape(7, -1), batches["test_batch"][b"data"]
+    )
 
 
 # --- digits and dispatch ------------------------------------------------------------

@@ -31,6 +31,7 @@ def _delayed(fmt, length=3, reduction="max"):
 
 # ----- the Quantizer fields ----------------------------------------------------------------------
 
+
 def test_defaults_are_filled_only_for_delayed():
     q = Quantizer(format=E4M3, scale="delayed")
     assert (q.amax_history, q.amax_reduction) == (16, "max")
@@ -39,16 +40,19 @@ def test_defaults_are_filled_only_for_delayed():
     assert hash(Quantizer(format=E4M3, scale="delayed", amax_history=16)) == hash(q)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(amax_history=8), "amax_history"),
-    (dict(amax_reduction="max"), "amax_reduction"),
-    (dict(scale="delayed", amax_history=0), "amax_history"),
-    (dict(scale="delayed", amax_history=True), "amax_history"),
-    (dict(scale="delayed", amax_history=2.0), "amax_history"),
-    (dict(scale="delayed", amax_reduction="mean"), "amax_reduction"),
-    (dict(scale="delayed", granularity="channel"), "granularity"),
-    (dict(scale="delayed", static=True), "static"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(amax_history=8), "amax_history"),
+        (dict(amax_reduction="max"), "amax_reduction"),
+        (dict(scale="delayed", amax_history=0), "amax_history"),
+        (dict(scale="delayed", amax_history=True), "amax_history"),
+        (dict(scale="delayed", amax_history=2.0), "amax_history"),
+        (dict(scale="delayed", amax_reduction="mean"), "amax_reduction"),
+        (dict(scale="delayed", granularity="channel"), "granularity"),
+        (dict(scale="delayed", static=True), "static"),
+    ],
+)
 def test_bad_delayed_fields_name_the_field(kwargs, field):
     with pytest.raises((ValueError, TypeError), match=field):
         Quantizer(format=E4M3, **kwargs)
@@ -74,6 +78,7 @@ def test_fake_quant_of_a_delayed_quantizer_takes_the_step():
 
 # ----- history semantics ---------------------------------------------------------------------------
 
+
 def test_update_puts_the_current_amax_first_and_drops_the_oldest():
     h = jnp.array([4.0, 3.0, 2.0, 1.0], jnp.float32)
     np.testing.assert_array_equal(delayed.update(h, jnp.float32(5.0)), [5.0, 4.0, 3.0, 2.0])
@@ -94,7 +99,8 @@ def test_empty_history_gives_step_one(reduction):
     q = _delayed(E5M2, 4, reduction)
     assert float(delayed.step(q, delayed.history_init(4))) == 1.0
     assert float(delayed.step(q, jnp.array([0.0, 3.0, 0.0, 0.0], jnp.float32))) == (
-        1.0 if reduction == "most_recent" else np.float32(3.0) / np.float32(57344.0))
+        1.0 if reduction == "most_recent" else np.float32(3.0) / np.float32(57344.0)
+    )
 
 
 def test_amax_ignores_non_finite_entries():
@@ -104,6 +110,7 @@ def test_amax_ignores_non_finite_entries():
 
 
 # ----- quantized_dot_general against a hand-written reference -----------------------------------------
+
 
 def _fq_ref(x, step, fmt):
     """Hand-written fake quantization: saturate onto ml_dtypes' grid at ``step``."""
@@ -115,15 +122,23 @@ def _fq_ref(x, step, fmt):
 
 def _ref_step(hist, fmt, reduction):
     clip = hist.max() if reduction == "max" else hist[0]
-    return np.float32(clip) / np.float32(float(ml_dtypes.finfo(
-        {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}[fmt]).max)) if clip > 0 else np.float32(1)
+    return (
+        np.float32(clip)
+        / np.float32(float(ml_dtypes.finfo({E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}[fmt]).max))
+        if clip > 0
+        else np.float32(1)
+    )
 
 
 @pytest.mark.parametrize("reduction", ["max", "most_recent"])
 def test_steps_match_a_hand_written_reference(reduction):
     """Five steps with the operands' range changing: outputs, gradients and histories as TransformerEngine's recipe."""
-    cfg = DotQuantConfig(lhs=_delayed(E4M3, 3, reduction), rhs=_delayed(E4M3, 3, reduction),
-                         dlhs_grad=_delayed(E5M2, 3, reduction), drhs_grad=_delayed(E5M2, 3, reduction))
+    cfg = DotQuantConfig(
+        lhs=_delayed(E4M3, 3, reduction),
+        rhs=_delayed(E4M3, 3, reduction),
+        dlhs_grad=_delayed(E5M2, 3, reduction),
+        drhs_grad=_delayed(E5M2, 3, reduction),
+    )
     assert cfg.amax_histories == dict(lhs=3, rhs=3, grad=3)
 
     def loss(x, w, t, hist):
@@ -155,9 +170,14 @@ def test_steps_match_a_hand_written_reference(reduction):
 
 def test_empty_history_is_the_unscaled_grid_and_a_history_of_the_own_amax_is_current_scaling():
     """Dot and conv, bit for bit: empty history == ``scale="none"`` (step 1); history [amax(x)] == absmax scaling."""
+
     def cfg(**kw):
-        return DotQuantConfig(lhs=Quantizer(format=E4M3, **kw), rhs=Quantizer(format=E4M3, **kw),
-                              dlhs_grad=Quantizer(format=E5M2, **kw), drhs_grad=Quantizer(format=E5M2, **kw))
+        return DotQuantConfig(
+            lhs=Quantizer(format=E4M3, **kw),
+            rhs=Quantizer(format=E4M3, **kw),
+            dlhs_grad=Quantizer(format=E5M2, **kw),
+            drhs_grad=Quantizer(format=E5M2, **kw),
+        )
 
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4)) * 0.3
@@ -170,8 +190,10 @@ def test_empty_history_is_the_unscaled_grid_and_a_history_of_the_own_amax_is_cur
     t = jax.random.normal(jax.random.key(2), (2, 6, 6, 4)) * 1e-3  # the incoming gradient, well below 1
     late = grads(cfg(scale="delayed", amax_history=3))
     empty = {k: delayed.history_init(3) for k in ("lhs", "rhs", "grad")}
-    own = {k: jnp.array([float(jnp.max(jnp.abs(v))), 0.0, 0.0], jnp.float32)
-           for k, v in (("lhs", x), ("rhs", w), ("grad", t))}
+    own = {
+        k: jnp.array([float(jnp.max(jnp.abs(v))), 0.0, 0.0], jnp.float32)
+        for k, v in (("lhs", x), ("rhs", w), ("grad", t))
+    }
     for hist, ref in ((empty, cfg(scale="none")), (own, cfg())):
         (a, (ax, aw)), (b, (bx, bw)) = grads(ref)(x, w, t, None), late(x, w, t, hist)
         assert float(a) == float(b)
@@ -194,12 +216,15 @@ def test_forward_only_call_leaves_no_trace_and_mismatched_histories_are_refused(
         quantized_dot_general(x, w, DN, DotQuantConfig(), amax_history=dict(lhs=jnp.zeros(2)))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(dlhs_rhs=_delayed(E4M3)), "dlhs_rhs"),
-    (dict(drhs_lhs=_delayed(E4M3)), "drhs_lhs"),
-    (dict(dlhs_grad=_delayed(E5M2, 3), drhs_grad=_delayed(E5M2, 4)), "equal amax_history"),
-    (dict(dlhs_grad=_delayed(E5M2), drhs_grad=_delayed(E5M2), grad_scale=True), "grad_scale"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dlhs_rhs=_delayed(E4M3)), "dlhs_rhs"),
+        (dict(drhs_lhs=_delayed(E4M3)), "drhs_lhs"),
+        (dict(dlhs_grad=_delayed(E5M2, 3), drhs_grad=_delayed(E5M2, 4)), "equal amax_history"),
+        (dict(dlhs_grad=_delayed(E5M2), drhs_grad=_delayed(E5M2), grad_scale=True), "grad_scale"),
+    ],
+)
 def test_bad_delayed_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DotQuantConfig(**kwargs)
@@ -211,13 +236,18 @@ def test_real_int8_product_with_delayed_scaling():
     x = jax.random.normal(jax.random.key(2), (4, 32))
     w = jax.random.normal(jax.random.key(3), (32, 8))
     hist = dict(lhs=jnp.array([5.0, 1.0], jnp.float32), rhs=jnp.array([0.0, 0.0], jnp.float32))
-    fns = {m: jax.jit(lambda x, w, h, m=m: quantized_dot_general(x, w, DN, DotQuantConfig(lhs=q, rhs=q, matmul=m),
-                                                                 amax_history=h)) for m in ("real", "fake", "auto")}
+    fns = {
+        m: jax.jit(
+            lambda x, w, h, m=m: quantized_dot_general(x, w, DN, DotQuantConfig(lhs=q, rhs=q, matmul=m), amax_history=h)
+        )
+        for m in ("real", "fake", "auto")
+    }
     np.testing.assert_allclose(fns["real"](x, w, hist), fns["fake"](x, w, hist), rtol=1e-5, atol=1e-5)
     assert "s8[" in fns["auto"].lower(x, w, hist).compile().as_text()  # int8 operands: real on every backend
 
 
 # ----- NNX: state, train step, resume --------------------------------------------------------------
+
 
 class _Net(nnx.Module):
     def __init__(self, rngs):
@@ -259,8 +289,9 @@ def test_nnx_histories_are_overwrite_state_updated_by_the_train_step(tmp_path):
         h = np.asarray(h)
         assert np.all(h[:3] > 0) and np.all(h[3:] == 0), (jax.tree_util.keystr(path), h)
     # The first op's lhs is the flattened input: its history holds the three batches' amaxes, newest first.
-    first = next(np.asarray(h) for p, h in leaves if "fc" in jax.tree_util.keystr(p) and "amax_lhs" in
-                 jax.tree_util.keystr(p))
+    first = next(
+        np.asarray(h) for p, h in leaves if "fc" in jax.tree_util.keystr(p) and "amax_lhs" in jax.tree_util.keystr(p)
+    )
     want = [float(jnp.max(jnp.abs(_batch(s)[0]))) for s in (2, 1, 0)]
     np.testing.assert_array_equal(first[:3], np.float32(want))
 
@@ -281,8 +312,9 @@ def test_nnx_histories_are_overwrite_state_updated_by_the_train_step(tmp_path):
     # nnx.split / merge keeps the histories.
     model = nnx.merge(graphdef, state.params, state.overwrite, state.rest)
     gd2, st2 = nnx.split(model)
-    for a, b in zip(jax.tree.leaves(nnx.state(nnx.merge(gd2, st2), lnn.OverwriteWithGradient)),
-                    jax.tree.leaves(state.overwrite)):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(nnx.merge(gd2, st2), lnn.OverwriteWithGradient)), jax.tree.leaves(state.overwrite)
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -334,7 +366,11 @@ _MESH_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_global_amax_under_a_two_device_mesh():
     """GSPMD data parallelism: every history holds the global batch's amax, as on one device."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAX_NUMPY_DTYPE_PROMOTION="strict")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_NUMPY_DTYPE_PROMOTION="strict",
+    )
     proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -16,8 +16,14 @@ from lowbit.training import ternary_weight
 
 # bytes/param of the weights alone, before scales: what the packing must deliver
 PACKED = {"fp32": 4.0, "fp8": 1.0, "fp4": 0.5, "int8": 1.0, "int4": 0.5, "ternary": 0.25, "binary": 0.125}
-VIT_WEIGHTS = ["patch_embed:dot_general0", "blocks/0/attn/qkv:dot_general0", "blocks/0/attn/proj:dot_general0",
-               "blocks/0/mlp_in:dot_general0", "blocks/0/mlp_out:dot_general0", "head:dot_general0"]
+VIT_WEIGHTS = [
+    "patch_embed:dot_general0",
+    "blocks/0/attn/qkv:dot_general0",
+    "blocks/0/attn/proj:dot_general0",
+    "blocks/0/mlp_in:dot_general0",
+    "blocks/0/mlp_out:dot_general0",
+    "head:dot_general0",
+]
 
 _forward = nnx.jit(lambda m, x: m(x))  # one compilation serves every exported copy
 _IMAGES = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), jnp.float32)
@@ -26,8 +32,9 @@ _IMAGES = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), jnp.float32)
 @pytest.fixture(scope="module")
 def model():
     """The ViT quantized by the float recipe: every op stays float, the ops are discovered."""
-    vit = ViT(image_shape=(8, 8, 1), num_classes=10, patch_size=2, dim=32, depth=1, heads=2, mlp_dim=64,
-              rngs=nnx.Rngs(0))
+    vit = ViT(
+        image_shape=(8, 8, 1), num_classes=10, patch_size=2, dim=32, depth=1, heads=2, mlp_dim=64, rngs=nnx.Rngs(0)
+    )
     qmodel = lnn.quantize(vit, "fp32")
     lnn.discover(qmodel, _IMAGES)
     return qmodel
@@ -59,7 +66,7 @@ def test_edges_take_their_own_format(model):
         assert qtensor.quantizer.format.name == want, name
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_export_errors(model):
     with pytest.raises(ValueError, match="weights="):
         export.export(model, "fp5")
@@ -69,8 +76,10 @@ def test_export_errors(model):
     exported.pop(next(iter(exported)))
     with pytest.raises(ValueError, match="export has ops"):
         export.load(copy.deepcopy(model), exported)
-    fresh = lnn.quantize(ViT(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=8, depth=1, heads=2,
-                             mlp_dim=8, rngs=nnx.Rngs(0)), "fp32")
+    fresh = lnn.quantize(
+        ViT(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=8, depth=1, heads=2, mlp_dim=8, rngs=nnx.Rngs(0)),
+        "fp32",
+    )
     with pytest.raises(ValueError, match="not discovered"):
         export.export(fresh, "int8")
     with pytest.raises(TypeError, match="lowbit.quantize"):

@@ -26,12 +26,31 @@ from lowbit.formats import AdaptiveFloat, BinaryFormat, FloatFormat, IntFormat
 
 ELEMENT = [n for n in formats.names() if isinstance(formats.get(n), (FloatFormat, IntFormat, BinaryFormat))]
 ML_DTYPES = [
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e4m3b11fnuz",
-    "float8_e3m4", "float8_e4m3", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn", "float4_e2m1fn",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e8m0fnu",
+    "float6_e2m3fn",
+    "float6_e3m2fn",
+    "float4_e2m1fn",
 ]
 # One format of each kind, for the checks that compile a function per format.
-KINDS = ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn", "fp4_radix4", "int4", "uint4",
-         "ternary", "binary", "p3109_k8p3"]
+KINDS = [
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+    "fp4_radix4",
+    "int4",
+    "uint4",
+    "ternary",
+    "binary",
+    "p3109_k8p3",
+]
 N_ML = 2**20  # inputs per ml_dtypes format: one compiled shape
 SHAPE = (4, 64)  # the shape of the small eager checks
 # Enough random arrays per format to matter, few enough for the CI budget.
@@ -116,8 +135,11 @@ def test_jit_and_vmap_agree_with_eager(name):
 
     @jax.jit
     def run(x, keys):
-        return (jax.vmap(lambda row: formats.quantize(fmt, row))(x), jax.vmap(lambda row: formats.encode(fmt, row))(x),
-                jax.vmap(stochastic, in_axes=(None, 0))(x[0], keys))
+        return (
+            jax.vmap(lambda row: formats.quantize(fmt, row))(x),
+            jax.vmap(lambda row: formats.encode(fmt, row))(x),
+            jax.vmap(stochastic, in_axes=(None, 0))(x[0], keys),
+        )
 
     q, codes, by_key = (np.asarray(a) for a in run(x, keys))
     np.testing.assert_array_equal(q, np.asarray(formats.quantize(fmt, x)))
@@ -156,10 +178,34 @@ def _ml_inputs(name: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         pts = np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(-np.inf))])
     rng = np.random.default_rng(sum(map(ord, name)))
-    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001,
-                        0x7FFFFFFF, 0xFFFFFFFF, 0x7FA00000, 0xFFA00001, 1, 0x80000001, 0x007FFFFF, 0x807FFFFF,
-                        0x00800000, 0x80800000, 0x00400000, 0x00400001, 0x00600000, 0x7F7FFFFF, 0xFF7FFFFF],
-                       np.uint32)
+    special = np.array(
+        [
+            0,
+            0x80000000,
+            0x7F800000,
+            0xFF800000,
+            0x7FC00000,
+            0xFFC00000,
+            0x7F800001,
+            0xFF800001,
+            0x7FFFFFFF,
+            0xFFFFFFFF,
+            0x7FA00000,
+            0xFFA00001,
+            1,
+            0x80000001,
+            0x007FFFFF,
+            0x807FFFFF,
+            0x00800000,
+            0x80800000,
+            0x00400000,
+            0x00400001,
+            0x00600000,
+            0x7F7FFFFF,
+            0xFF7FFFFF,
+        ],
+        np.uint32,
+    )
     n_rest = N_ML - 2 * pts.size - special.size
     raw = rng.integers(0, 2**32, n_rest, dtype=np.uint64).astype(np.uint32)
     subnormal = raw & np.uint32(0x807FFFFF)
@@ -196,8 +242,8 @@ def test_readme_e8m0_differences_from_the_installed_ml_dtypes():
     lower = (k + 127).astype(np.uint8)  # the code of 2^k
     np.testing.assert_array_equal(got[: k.size], np.where(lower % 2 == 0, lower, lower + 1))
     np.testing.assert_array_equal(want[: k.size], lower + 1)  # ml_dtypes: ties up
-    np.testing.assert_array_equal(got[k.size:], want[k.size:])
-    assert set(np.unique(want[k.size:])) == {0, 1}  # both neighbours occur: nearest, not all up
+    np.testing.assert_array_equal(got[k.size :], want[k.size :])
+    assert set(np.unique(want[k.size :])) == {0, 1}  # both neighbours occur: nearest, not all up
 
 
 @pytest.mark.parametrize("name", ["float8_e4m3fn", "float4_e2m1fn", "float8_e5m2", "int8", "nf4"])
@@ -215,8 +261,9 @@ class TestAgainstMlDtypes:
         got = np.asarray(formats.decode(fmt, jnp.asarray(codes)))
         want = _ml_table(name)
         bad = _bits32(got) != _bits32(want)
-        assert not bad.any(), [(hex(c), hex(g), hex(w)) for c, g, w in
-                               zip(codes[bad], _bits32(got)[bad], _bits32(want)[bad], strict=True)]
+        assert not bad.any(), [
+            (hex(c), hex(g), hex(w)) for c, g, w in zip(codes[bad], _bits32(got)[bad], _bits32(want)[bad], strict=True)
+        ]
 
     def test_format_flags_match(self, name):
         fmt, table = formats.get(name), _ml_table(name)
@@ -240,18 +287,23 @@ class TestAgainstMlDtypes:
         bad = keep & (codes != want_codes)
         assert not bad.any(), f"{bad.sum()} codes differ, e.g. " + ", ".join(
             f"x=0x{b:08x}: got 0x{g:02x} ml_dtypes 0x{w:02x}"
-            for b, g, w in zip(_bits32(x)[bad][:5], codes[bad][:5], want_codes[bad][:5], strict=True))
+            for b, g, w in zip(_bits32(x)[bad][:5], codes[bad][:5], want_codes[bad][:5], strict=True)
+        )
         # quantize agrees except that it keeps NaN where the format has no NaN code.
         nan_kept = np.isnan(x) & (not fmt.has_nan)
         same = (_bits32(values) == _bits32(want_values)) | (np.isnan(values) & np.isnan(want_values))
         bad = keep & ~nan_kept & ~same
-        assert not bad.any(), [(hex(b), float(g), float(w)) for b, g, w in
-                               zip(_bits32(x)[bad][:5], values[bad][:5], want_values[bad][:5], strict=True)]
+        assert not bad.any(), [
+            (hex(b), float(g), float(w))
+            for b, g, w in zip(_bits32(x)[bad][:5], values[bad][:5], want_values[bad][:5], strict=True)
+        ]
         assert np.isnan(values[nan_kept]).all()
 
 
-@pytest.mark.parametrize(("fmt", "dtype"), [(FloatFormat(ebits=5, mbits=10), np.float16),
-                                            (FloatFormat(ebits=8, mbits=7), ml_dtypes.bfloat16)])
+@pytest.mark.parametrize(
+    ("fmt", "dtype"),
+    [(FloatFormat(ebits=5, mbits=10), np.float16), (FloatFormat(ebits=8, mbits=7), ml_dtypes.bfloat16)],
+)
 def test_generic_16_bit_formats_match_float16_and_bfloat16(fmt, dtype):
     # FloatFormat's defaults at IEEE half and bfloat16 widths are those types, subnormals included.
     codes = np.arange(2**16, dtype=np.uint16)
@@ -263,15 +315,24 @@ def test_generic_16_bit_formats_match_float16_and_bfloat16(fmt, dtype):
     v = np.unique(table[np.isfinite(table)].astype(np.float64))
     mids = ((v[1:] + v[:-1]) / 2).astype(np.float32)
     raw = np.random.default_rng(16).integers(0, 2**32, 2**20, dtype=np.uint64).astype(np.uint32)
-    x = np.concatenate([v.astype(np.float32), mids, np.nextafter(mids, np.float32(np.inf)),
-                        np.nextafter(mids, np.float32(-np.inf)), _f32(raw), _f32(raw & np.uint32(0x807FFFFF))])
+    x = np.concatenate(
+        [
+            v.astype(np.float32),
+            mids,
+            np.nextafter(mids, np.float32(np.inf)),
+            np.nextafter(mids, np.float32(-np.inf)),
+            _f32(raw),
+            _f32(raw & np.uint32(0x807FFFFF)),
+        ]
+    )
     x = x[~np.isnan(x)][: 2**21]  # NaN payloads: numpy keeps them in float16, formats write one NaN
     with np.errstate(over="ignore"):
         want = x.astype(dtype).view(np.uint16)
     got = np.asarray(jax.jit(lambda x: formats.encode(fmt, x))(jnp.asarray(x)))
     bad = got != want
-    assert not bad.any(), [(hex(b), hex(g), hex(w)) for b, g, w in zip(_bits32(x)[bad][:5], got[bad][:5], want[bad][:5],
-                                                                       strict=True)]
+    assert not bad.any(), [
+        (hex(b), hex(g), hex(w)) for b, g, w in zip(_bits32(x)[bad][:5], got[bad][:5], want[bad][:5], strict=True)
+    ]
 
 
 def test_ml_inputs_cover_the_hard_cases():
@@ -308,8 +369,9 @@ def test_e8m0_ties_and_subnormals_by_table():
     want = np.array([c for _, c in E8M0_TABLE], np.uint8)
     got = np.asarray(formats.encode("float8_e8m0fnu", jnp.asarray(x)))
     bad = got != want
-    assert not bad.any(), [(hex(b), int(g), int(w)) for b, g, w in
-                           zip(_bits32(x)[bad], got[bad], want[bad], strict=True)]
+    assert not bad.any(), [
+        (hex(b), int(g), int(w)) for b, g, w in zip(_bits32(x)[bad], got[bad], want[bad], strict=True)
+    ]
 
 
 # ----- radix-4 FP4 and two-phase rounding ----------------------------------------------------
@@ -323,8 +385,11 @@ def _r4_table():
     rows += [(0.5 * 4.0**-3, 0), (np.nextafter(np.float32(0.5 * 4.0**-3), 1), 1), (0.4 * 4.0**-3, 0)]
     for n in range(-2, 4):
         mid, lo_code, hi_code = 0.625 * 4.0**n, n + 3, n + 4
-        rows += [(mid, lo_code if lo_code % 2 == 0 else hi_code),
-                 (np.nextafter(np.float32(mid), 0), lo_code), (np.nextafter(np.float32(mid), 100), hi_code)]
+        rows += [
+            (mid, lo_code if lo_code % 2 == 0 else hi_code),
+            (np.nextafter(np.float32(mid), 0), lo_code),
+            (np.nextafter(np.float32(mid), 100), hi_code),
+        ]
     rows += [(64.0, 7), (100.0, 7), (1e30, 7), (math.inf, 7)]  # 'finite': always saturates
     return rows
 
@@ -345,9 +410,20 @@ def test_fp4_radix4_by_table():
 
 
 TWO_PHASE = [  # x, even grid {4^k}, odd grid {2 * 4^k}; exact midpoints go to the even code
-    (1.0, 1.0, 0.5), (3.0, 4.0, 2.0), (2.5, 1.0, 2.0), (5.0, 4.0, 2.0), (6.0, 4.0, 8.0), (0.2, 0.25, 0.125),
-    (100.0, 64.0, 128.0), (1000.0, 64.0, 128.0), (-3.0, -4.0, -2.0), (0.0, 0.0, 0.0),
-    (2.0**-7, 0.0, 0.0), (1.5 * 2.0**-7, 2.0**-6, 0.0), (2.0**-6, 2.0**-6, 0.0), (1.5 * 2.0**-6, 2.0**-6, 2.0**-5),
+    (1.0, 1.0, 0.5),
+    (3.0, 4.0, 2.0),
+    (2.5, 1.0, 2.0),
+    (5.0, 4.0, 2.0),
+    (6.0, 4.0, 8.0),
+    (0.2, 0.25, 0.125),
+    (100.0, 64.0, 128.0),
+    (1000.0, 64.0, 128.0),
+    (-3.0, -4.0, -2.0),
+    (0.0, 0.0, 0.0),
+    (2.0**-7, 0.0, 0.0),
+    (1.5 * 2.0**-7, 2.0**-6, 0.0),
+    (2.0**-6, 2.0**-6, 0.0),
+    (1.5 * 2.0**-6, 2.0**-6, 2.0**-5),
 ]
 
 
@@ -364,8 +440,9 @@ def test_two_phase_lands_on_even_and_odd_grids(seed):
     even, odd = (np.abs(np.asarray(a)) for a in formats.two_phase(x))
     assert set(even.ravel().tolist()) <= {0.0} | {4.0**k for k in range(-3, 4)}
     assert set(odd.ravel().tolist()) <= {0.0} | {2 * 4.0**k for k in range(-3, 4)}
-    np.testing.assert_array_equal(np.asarray(formats.two_phase(x)[1]),
-                                  2 * np.asarray(formats.quantize("fp4_radix4", x / 2)))
+    np.testing.assert_array_equal(
+        np.asarray(formats.two_phase(x)[1]), 2 * np.asarray(formats.quantize("fp4_radix4", x / 2))
+    )
     for rounding in ("stochastic", "toward_zero"):
         key = jax.random.key(seed) if rounding == "stochastic" else None
         e, o = (np.abs(np.asarray(a)) for a in formats.two_phase(x, rounding=rounding, key=key))
@@ -377,21 +454,71 @@ def test_two_phase_lands_on_even_and_odd_grids(seed):
 
 INT_TABLE = {
     # name: [(x, quantized value, code)]; half-integers go to the even integer, then saturate.
-    "int8": [(0.5, 0, 0x00), (1.5, 2, 0x02), (2.5, 2, 0x02), (-0.5, 0, 0x00), (-1.5, -2, 0xFE), (127.4, 127, 0x7F),
-             (127.5, 127, 0x7F), (300.0, 127, 0x7F), (-128.0, -128, 0x80), (-128.5, -128, 0x80), (-1e9, -128, 0x80),
-             (math.inf, 127, 0x7F), (-math.inf, -128, 0x80), (-1.0, -1, 0xFF)],
-    "int4": [(7.0, 7, 0x7), (7.5, 7, 0x7), (-8.0, -8, 0x8), (-8.5, -8, 0x8), (-3.5, -4, 0xC), (3.5, 4, 0x4),
-             (-0.4, 0, 0x0), (6.5, 6, 0x6)],
+    "int8": [
+        (0.5, 0, 0x00),
+        (1.5, 2, 0x02),
+        (2.5, 2, 0x02),
+        (-0.5, 0, 0x00),
+        (-1.5, -2, 0xFE),
+        (127.4, 127, 0x7F),
+        (127.5, 127, 0x7F),
+        (300.0, 127, 0x7F),
+        (-128.0, -128, 0x80),
+        (-128.5, -128, 0x80),
+        (-1e9, -128, 0x80),
+        (math.inf, 127, 0x7F),
+        (-math.inf, -128, 0x80),
+        (-1.0, -1, 0xFF),
+    ],
+    "int4": [
+        (7.0, 7, 0x7),
+        (7.5, 7, 0x7),
+        (-8.0, -8, 0x8),
+        (-8.5, -8, 0x8),
+        (-3.5, -4, 0xC),
+        (3.5, 4, 0x4),
+        (-0.4, 0, 0x0),
+        (6.5, 6, 0x6),
+    ],
     "int2": [(1.0, 1, 0b01), (1.5, 1, 0b01), (-2.0, -2, 0b10), (-1.5, -2, 0b10), (-0.5, 0, 0b00), (-1.0, -1, 0b11)],
-    "uint8": [(255.0, 255, 0xFF), (255.5, 255, 0xFF), (254.5, 254, 0xFE), (-1.0, 0, 0x00), (-0.5, 0, 0x00),
-              (0.5, 0, 0x00), (1.5, 2, 0x02), (-math.inf, 0, 0x00)],
+    "uint8": [
+        (255.0, 255, 0xFF),
+        (255.5, 255, 0xFF),
+        (254.5, 254, 0xFE),
+        (-1.0, 0, 0x00),
+        (-0.5, 0, 0x00),
+        (0.5, 0, 0x00),
+        (1.5, 2, 0x02),
+        (-math.inf, 0, 0x00),
+    ],
     "uint4": [(15.0, 15, 0xF), (16.0, 15, 0xF), (14.5, 14, 0xE), (-3.0, 0, 0x0)],
     "uint2": [(3.0, 3, 0b11), (2.5, 2, 0b10), (9.0, 3, 0b11), (-9.0, 0, 0b00)],
-    "ternary": [(0.0, 0, 0b00), (0.5, 0, 0b00), (0.51, 1, 0b01), (1.5, 1, 0b01), (-0.5, 0, 0b00), (-0.6, -1, 0b11),
-                (-1.5, -1, 0b11), (-2.0, -1, 0b11), (-100.0, -1, 0b11), (7.0, 1, 0b01)],
+    "ternary": [
+        (0.0, 0, 0b00),
+        (0.5, 0, 0b00),
+        (0.51, 1, 0b01),
+        (1.5, 1, 0b01),
+        (-0.5, 0, 0b00),
+        (-0.6, -1, 0b11),
+        (-1.5, -1, 0b11),
+        (-2.0, -1, 0b11),
+        (-100.0, -1, 0b11),
+        (7.0, 1, 0b01),
+    ],
     # sign(0) = +1; code 0 is +1, code 1 is -1; a negative subnormal is negative.
-    "binary": [(0.0, 1, 0), (-0.0, 1, 0), (0.3, 1, 0), (-0.3, -1, 1), (5.0, 1, 0), (-5.0, -1, 1),
-               (math.inf, 1, 0), (-math.inf, -1, 1), (-1e-45, -1, 1), (1e-45, 1, 0), (-2.0**-126, -1, 1)],
+    "binary": [
+        (0.0, 1, 0),
+        (-0.0, 1, 0),
+        (0.3, 1, 0),
+        (-0.3, -1, 1),
+        (5.0, 1, 0),
+        (-5.0, -1, 1),
+        (math.inf, 1, 0),
+        (-math.inf, -1, 1),
+        (-1e-45, -1, 1),
+        (1e-45, 1, 0),
+        (-(2.0**-126), -1, 1),
+    ],
 }
 
 
@@ -401,21 +528,30 @@ def test_integer_formats_by_table(name):
     rows = INT_TABLE[name]
     x, n = _padded([r[0] for r in rows], 64), len(rows)
     for saturate in (True, False):  # integers have no overflow code: both saturate
-        np.testing.assert_array_equal(np.asarray(formats.quantize(fmt, x, saturate=saturate))[:n],
-                                      np.array([r[1] for r in rows], np.float32), err_msg=f"saturate={saturate}")
-        np.testing.assert_array_equal(np.asarray(formats.encode(fmt, x, saturate=saturate))[:n],
-                                      np.array([r[2] for r in rows], np.uint8), err_msg=f"saturate={saturate}")
+        np.testing.assert_array_equal(
+            np.asarray(formats.quantize(fmt, x, saturate=saturate))[:n],
+            np.array([r[1] for r in rows], np.float32),
+            err_msg=f"saturate={saturate}",
+        )
+        np.testing.assert_array_equal(
+            np.asarray(formats.encode(fmt, x, saturate=saturate))[:n],
+            np.array([r[2] for r in rows], np.uint8),
+            err_msg=f"saturate={saturate}",
+        )
 
 
-@pytest.mark.parametrize(("fmt", "values"), [
-    (IntFormat(bits=8, narrow=True), np.arange(-127, 128)),
-    (IntFormat(bits=3), np.arange(-4, 4)),
-    (IntFormat(bits=1, signed=False), np.arange(0, 2)),
-    (IntFormat(bits=4, signed=False, narrow=True), np.arange(0, 15)),
-    (IntFormat(bits=12), np.arange(-2048, 2048)),
-    (formats.get("ternary"), np.arange(-1, 2)),
-    (formats.get("binary"), np.array([-1, 1])),
-])
+@pytest.mark.parametrize(
+    ("fmt", "values"),
+    [
+        (IntFormat(bits=8, narrow=True), np.arange(-127, 128)),
+        (IntFormat(bits=3), np.arange(-4, 4)),
+        (IntFormat(bits=1, signed=False), np.arange(0, 2)),
+        (IntFormat(bits=4, signed=False, narrow=True), np.arange(0, 15)),
+        (IntFormat(bits=12), np.arange(-2048, 2048)),
+        (formats.get("ternary"), np.arange(-1, 2)),
+        (formats.get("binary"), np.array([-1, 1])),
+    ],
+)
 def test_integer_values_and_round_trip(fmt, values):
     np.testing.assert_array_equal(formats.values(fmt), values.astype(np.float32))
     back = formats.decode(fmt, formats.encode(fmt, _padded(values, 4096)))
@@ -481,26 +617,36 @@ def test_p3109_matches_its_definition(k, p):
     rows += [(m, c) for m, c in zip(mids, tie, strict=True)]
     rows += [(np.nextafter(np.float32(m), -np.inf), lo) for m, lo in zip(mids, vcodes[:-1], strict=True)]
     rows += [(np.nextafter(np.float32(m), np.inf), hi) for m, hi in zip(mids, vcodes[1:], strict=True)]
-    rows += [(threshold, max_code), (np.nextafter(np.float32(threshold), np.inf), 2 ** (k - 1) - 1),
-             (-threshold, max_code | 2 ** (k - 1)), (-2 * beyond, 2**k - 1),
-             (math.inf, 2 ** (k - 1) - 1), (-math.inf, 2**k - 1), (math.nan, 2 ** (k - 1)), (-math.nan, 2 ** (k - 1)),
-             (-0.0, 0), (-vals[vals > 0].min() / 2, 0)]
+    rows += [
+        (threshold, max_code),
+        (np.nextafter(np.float32(threshold), np.inf), 2 ** (k - 1) - 1),
+        (-threshold, max_code | 2 ** (k - 1)),
+        (-2 * beyond, 2**k - 1),
+        (math.inf, 2 ** (k - 1) - 1),
+        (-math.inf, 2**k - 1),
+        (math.nan, 2 ** (k - 1)),
+        (-math.nan, 2 ** (k - 1)),
+        (-0.0, 0),
+        (-vals[vals > 0].min() / 2, 0),
+    ]
     x = np.array([r[0] for r in rows], np.float32)
     want = np.array([r[1] for r in rows], np.uint8)
     got = np.asarray(formats.encode(fmt, _padded(x)))[: x.size]
     bad = got != want
     assert not bad.any(), [(float(a), int(g), int(w)) for a, g, w in zip(x[bad], got[bad], want[bad], strict=True)][:8]
     # Saturating: overflow and inf go to +-max instead.
-    sat = np.asarray(formats.encode(fmt, jnp.asarray(np.array([math.inf, -math.inf, 2 * beyond], np.float32)),
-                                    saturate=True))
+    sat = np.asarray(
+        formats.encode(fmt, jnp.asarray(np.array([math.inf, -math.inf, 2 * beyond], np.float32)), saturate=True)
+    )
     np.testing.assert_array_equal(sat, [max_code, max_code | 2 ** (k - 1), max_code])
 
 
 # ----- rounding modes ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["float8_e4m3fn", "float4_e2m1fn", "fp4_radix4", "int4", "float8_e8m0fnu",
-                                  "p3109_k4p1"])
+@pytest.mark.parametrize(
+    "name", ["float8_e4m3fn", "float4_e2m1fn", "fp4_radix4", "int4", "float8_e8m0fnu", "p3109_k4p1"]
+)
 def test_stochastic_rounding_is_unbiased_and_reproducible(name):
     fmt = formats.get(name)
     v = formats.values(fmt)
@@ -522,8 +668,9 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(name):
     np.testing.assert_array_equal(np.asarray(formats.decode(fmt, codes)).reshape(3, n), q)
 
 
-@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2", "float6_e3m2fn", "fp4_radix4", "int8", "uint4",
-                                  "ternary", "p3109_k5p2"])
+@pytest.mark.parametrize(
+    "name", ["float8_e4m3fn", "float8_e5m2", "float6_e3m2fn", "fp4_radix4", "int8", "uint4", "ternary", "p3109_k5p2"]
+)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_toward_zero_never_increases_magnitude(name, seed):
     fmt = formats.get(name)
@@ -550,27 +697,30 @@ def test_rounding_argument_errors():
 # ----- invalid parameters --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("make", "field"), [
-    (lambda: FloatFormat(ebits=0, mbits=3), "ebits"),
-    (lambda: FloatFormat(ebits=4, mbits=-1), "mbits"),
-    (lambda: FloatFormat(ebits=4, mbits=24), "mbits"),
-    (lambda: FloatFormat(ebits=8, mbits=8), "bits"),
-    (lambda: FloatFormat(ebits=4, mbits=3, radix=3), "radix"),
-    (lambda: FloatFormat(ebits=5, mbits=2, bias=-200), "bias"),
-    (lambda: FloatFormat(ebits=5, mbits=2, bias=300), "bias"),
-    (lambda: FloatFormat(ebits=4, mbits=0, specials="ieee"), "mbits"),
-    (lambda: FloatFormat(ebits=4, mbits=3, specials="posit"), "specials"),
-    (lambda: FloatFormat(ebits=4, mbits=3, specials="fnuz", signed=False), "specials"),
-    (lambda: FloatFormat(ebits=1, mbits=0, specials="fn", signed=False), "specials"),
-    (lambda: FloatFormat(ebits=4.0, mbits=3), "ebits"),
-    (lambda: IntFormat(bits=17), "bits"),
-    (lambda: IntFormat(bits=0, signed=False), "bits"),
-    (lambda: IntFormat(bits=1), "bits"),
-    (lambda: formats.p3109(2, 1), "K"),
-    (lambda: formats.p3109(8, 8), "P"),
-    (lambda: AdaptiveFloat(base=formats.get("float8_e4m3fn"), rule="median"), "rule"),
-    (lambda: AdaptiveFloat(base=formats.get("fp4_radix4")), "base"),
-])
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: FloatFormat(ebits=0, mbits=3), "ebits"),
+        (lambda: FloatFormat(ebits=4, mbits=-1), "mbits"),
+        (lambda: FloatFormat(ebits=4, mbits=24), "mbits"),
+        (lambda: FloatFormat(ebits=8, mbits=8), "bits"),
+        (lambda: FloatFormat(ebits=4, mbits=3, radix=3), "radix"),
+        (lambda: FloatFormat(ebits=5, mbits=2, bias=-200), "bias"),
+        (lambda: FloatFormat(ebits=5, mbits=2, bias=300), "bias"),
+        (lambda: FloatFormat(ebits=4, mbits=0, specials="ieee"), "mbits"),
+        (lambda: FloatFormat(ebits=4, mbits=3, specials="posit"), "specials"),
+        (lambda: FloatFormat(ebits=4, mbits=3, specials="fnuz", signed=False), "specials"),
+        (lambda: FloatFormat(ebits=1, mbits=0, specials="fn", signed=False), "specials"),
+        (lambda: FloatFormat(ebits=4.0, mbits=3), "ebits"),
+        (lambda: IntFormat(bits=17), "bits"),
+        (lambda: IntFormat(bits=0, signed=False), "bits"),
+        (lambda: IntFormat(bits=1), "bits"),
+        (lambda: formats.p3109(2, 1), "K"),
+        (lambda: formats.p3109(8, 8), "P"),
+        (lambda: AdaptiveFloat(base=formats.get("float8_e4m3fn"), rule="median"), "rule"),
+        (lambda: AdaptiveFloat(base=formats.get("fp4_radix4")), "base"),
+    ],
+)
 def test_invalid_parameters_name_the_field(make, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b.*allowed"):
         make()
@@ -586,8 +736,13 @@ _choose_bias = jax.jit(formats.choose_bias, static_argnums=0)
 def _adaptive(fmt, x):
     """quantize, decode(encode) saturating and not, and the chosen bias, in one compile per format."""
     codes, bias = formats.encode(fmt, x, saturate=True)
-    return (formats.quantize(fmt, x), formats.decode(fmt, (codes, bias)), bias,
-            formats.decode(fmt, formats.encode(fmt, x)), formats.choose_bias(fmt, x))
+    return (
+        formats.quantize(fmt, x),
+        formats.decode(fmt, (codes, bias)),
+        bias,
+        formats.decode(fmt, formats.encode(fmt, x)),
+        formats.choose_bias(fmt, x),
+    )
 
 
 def _brute_force_bias(base: FloatFormat, amax: float) -> int:
@@ -675,8 +830,10 @@ def test_adaptive_sqnr_rule_is_scale_invariant():
     offsets = []
     for scale in (1.0, 2.0**-70, 2.0**60):
         xs = jnp.asarray(x * np.float32(scale))
-        by_rule = {r: int(np.asarray(_choose_bias(AdaptiveFloat(base=base, rule=r, axis=0), xs))[0, 0])
-                   for r in ("max", "sqnr")}
+        by_rule = {
+            r: int(np.asarray(_choose_bias(AdaptiveFloat(base=base, rule=r, axis=0), xs))[0, 0])
+            for r in ("max", "sqnr")
+        }
         offsets.append(by_rule["sqnr"] - by_rule["max"])
     assert offsets == [offsets[0]] * 3, offsets
 
@@ -699,8 +856,10 @@ def _rejected_or(make, check):
 
 def test_ieee_with_one_exponent_bit_has_a_normal_value():
     # ebits=1 under 'ieee' leaves only subnormals: min_normal names the inf/NaN binade.
-    _rejected_or(lambda: FloatFormat(ebits=1, mbits=2, specials="ieee"),
-                 lambda fmt: np.testing.assert_array_equal(np.float32(fmt.min_normal) in formats.values(fmt), True))
+    _rejected_or(
+        lambda: FloatFormat(ebits=1, mbits=2, specials="ieee"),
+        lambda fmt: np.testing.assert_array_equal(np.float32(fmt.min_normal) in formats.values(fmt), True),
+    )
 
 
 def test_radix4_grid_inside_float32_subnormals():

@@ -41,7 +41,7 @@ def _quantize_along(fmt, x, axes):
     rest = [d for d in range(x.ndim) if d not in axes]
     perm = rest + list(axes)
     moved = jnp.transpose(x, perm)
-    y = formats.quantize(fmt, moved.reshape(*moved.shape[:len(rest)], -1))
+    y = formats.quantize(fmt, moved.reshape(*moved.shape[: len(rest)], -1))
     return jnp.transpose(y.reshape(moved.shape), np.argsort(perm))
 
 
@@ -90,7 +90,7 @@ def test_identity_operands_show_each_product_quantizes_along_its_contraction():
     """``M = K = N``: with an identity on one side, a product returns the other quantized operand exactly."""
     n = 64
     eye, x, g = jnp.eye(n, dtype=jnp.float32), _normal(0, (n, n)), _normal(1, (n, n))
-    run = jax.jit(lambda a, b, c: _vjp(lambda l, r: quantized_dot_general(l, r, DN_LINEAR, _config(MX)), a, b, c))
+    run = jax.jit(lambda a, b, c: _vjp(lambda lo, ro: quantized_dot_general(lo, ro, DN_LINEAR, _config(MX)), a, b, c))
     along_rows, along_cols = _along(MX, x, 0), _along(MX, x, 1)
     assert not np.array_equal(along_rows, along_cols)  # the two placements differ on this draw
     # Forward: lhs along K (its columns), rhs along K (its rows).
@@ -114,10 +114,15 @@ def _dot(dn):
 def test_linear():
     lhs, rhs, g = _normal(0, (32, 48)), _normal(1, (48, 64)), _normal(2, (32, 64))
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, _config(NV)), lhs, rhs, g)
-    ref = _reference(_dot(DN_LINEAR), lhs, rhs, g,
-                     fwd=(_by(NV, 1), _by(NV, 0)),  # both along K
-                     dlhs=(_by(NV, 1), _by(NV, 1)),  # g and rhs along N
-                     drhs=(_by(NV, 0), _by(NV, 0)))  # lhs and g along M
+    ref = _reference(
+        _dot(DN_LINEAR),
+        lhs,
+        rhs,
+        g,
+        fwd=(_by(NV, 1), _by(NV, 0)),  # both along K
+        dlhs=(_by(NV, 1), _by(NV, 1)),  # g and rhs along N
+        drhs=(_by(NV, 0), _by(NV, 0)),
+    )  # lhs and g along M
     _assert_equal(ours, ref)
 
 
@@ -143,8 +148,15 @@ def test_attention_scores():
     lhs, rhs, g = _normal(6, (2, 2, 32, 32)), _normal(7, (2, 2, 64, 32)), _normal(8, (2, 2, 32, 64))
     dn = (((3,), (3,)), ((0, 1), (0, 1)))
     ours = _ours(lambda a, b: quantized_dot_general(a, b, dn, _config(MX)), lhs, rhs, g)
-    ref = _reference(_dot(dn), lhs, rhs, g, fwd=(_by(MX, 3), _by(MX, 3)), dlhs=(_by(MX, 3), _by(MX, 2)),
-                     drhs=(_by(MX, 2), _by(MX, 2)))
+    ref = _reference(
+        _dot(dn),
+        lhs,
+        rhs,
+        g,
+        fwd=(_by(MX, 3), _by(MX, 3)),
+        dlhs=(_by(MX, 3), _by(MX, 2)),
+        drhs=(_by(MX, 2), _by(MX, 2)),
+    )
     _assert_equal(ours, ref)
 
 
@@ -153,10 +165,15 @@ def test_conv_nhwc():
     x, w, g = _normal(9, (2, 6, 6, 32)), _normal(10, (3, 3, 32, 64)), _normal(11, (2, 6, 6, 64))
     kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ours = _ours(lambda a, b: quantized_conv(a, b, _config(MX), **kw), x, w, g)
-    ref = _reference(lambda a, b: lax.conv_general_dilated(a, b, **kw), x, w, g,
-                     fwd=(_by(MX, 3), _by(MX, 2)),  # C and I
-                     dlhs=(_by(MX, 3), _by(MX, 3)),  # C_out and O
-                     drhs=(_by(MX, 0, 1, 2), _by(MX, 0, 1, 2)))  # N x H x W
+    ref = _reference(
+        lambda a, b: lax.conv_general_dilated(a, b, **kw),
+        x,
+        w,
+        g,
+        fwd=(_by(MX, 3), _by(MX, 2)),  # C and I
+        dlhs=(_by(MX, 3), _by(MX, 3)),  # C_out and O
+        drhs=(_by(MX, 0, 1, 2), _by(MX, 0, 1, 2)),
+    )  # N x H x W
     _assert_equal(ours, ref)
 
 
@@ -165,14 +182,23 @@ def test_groups_and_channels_follow_each_product():
     lhs, rhs, g = _normal(12, (16, 32)), _normal(13, (32, 24)), _normal(14, (16, 24))
     group = dict(format="int8", granularity="group", group_size=8)
     channel = dict(format="float8_e4m3fn", granularity="channel")
-    by = lambda kw, axis: (lambda x: quant.fake_quant(quant.Quantizer(**kw, axis=axis), x))
-    cfg = DotQuantConfig(lhs=quant.Quantizer(**group), rhs=quant.Quantizer(**channel),
-                         dlhs_grad=quant.Quantizer(**group), drhs_grad=quant.Quantizer(**group))
+    by = lambda kw, axis: lambda x: quant.fake_quant(quant.Quantizer(**kw, axis=axis), x)
+    cfg = DotQuantConfig(
+        lhs=quant.Quantizer(**group),
+        rhs=quant.Quantizer(**channel),
+        dlhs_grad=quant.Quantizer(**group),
+        drhs_grad=quant.Quantizer(**group),
+    )
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, cfg), lhs, rhs, g)
-    ref = _reference(_dot(DN_LINEAR), lhs, rhs, g,
-                     fwd=(by(group, 1), by(channel, 1)),  # rhs: one scale per output feature N
-                     dlhs=(by(group, 1), by(channel, 0)),  # dlhs contracts N: rhs gets one scale per K
-                     drhs=(by(group, 0), by(group, 0)))
+    ref = _reference(
+        _dot(DN_LINEAR),
+        lhs,
+        rhs,
+        g,
+        fwd=(by(group, 1), by(channel, 1)),  # rhs: one scale per output feature N
+        dlhs=(by(group, 1), by(channel, 0)),  # dlhs contracts N: rhs gets one scale per K
+        drhs=(by(group, 0), by(group, 0)),
+    )
     _assert_equal(ours, ref)
 
 
@@ -183,8 +209,9 @@ def test_float_backward_products_take_the_forward_copy():
     q = quant.Quantizer(format=MX)
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, DotQuantConfig(lhs=q, rhs=q)), lhs, rhs, g)
     ident = lambda x: x
-    ref = _reference(_dot(DN_LINEAR), lhs, rhs, g, fwd=(_by(MX, 1), _by(MX, 0)), dlhs=(ident, _by(MX, 0)),
-                     drhs=(_by(MX, 1), ident))
+    ref = _reference(
+        _dot(DN_LINEAR), lhs, rhs, g, fwd=(_by(MX, 1), _by(MX, 0)), dlhs=(ident, _by(MX, 0)), drhs=(_by(MX, 1), ident)
+    )
     _assert_equal(ours, ref)
 
 
@@ -194,8 +221,15 @@ def test_quantizer_placement_keeps_the_old_numerics():
     fwd, w = quant.Quantizer(format=MX), quant.Quantizer(format=MX, axis=0)
     cfg = DotQuantConfig(lhs=fwd, rhs=w, dlhs_grad=fwd, drhs_grad=fwd, placement="quantizer")
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, cfg), lhs, rhs, g)
-    ref = _reference(_dot(DN_LINEAR), lhs, rhs, g, fwd=(_by(MX, 1), _by(MX, 0)), dlhs=(_by(MX, 1), _by(MX, 0)),
-                     drhs=(_by(MX, 1), _by(MX, 1)))  # g along its last axis (N) in both products
+    ref = _reference(
+        _dot(DN_LINEAR),
+        lhs,
+        rhs,
+        g,
+        fwd=(_by(MX, 1), _by(MX, 0)),
+        dlhs=(_by(MX, 1), _by(MX, 0)),
+        drhs=(_by(MX, 1), _by(MX, 1)),
+    )  # g along its last axis (N) in both products
     _assert_equal(ours, ref)
 
 

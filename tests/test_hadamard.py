@@ -112,11 +112,14 @@ DN_QK = (((3,), (3,)), ((0, 1), (0, 1)))  # bhqd,bhkd->bhqk
 DN_WGRAD = (((0, 1), (0, 1)), ((), ()))  # dW = x^T g over (batch, tokens)
 
 
-@pytest.mark.parametrize("dn,shape_l,shape_r", [
-    (DN_MATMUL, (6, 32), (32, 5)),
-    (DN_QK, (2, 3, 4, 32), (2, 3, 5, 32)),
-    (DN_WGRAD, (3, 48, 7), (3, 48, 4)),  # blocks along the 48 tokens (the last contracting pair)
-])
+@pytest.mark.parametrize(
+    "dn,shape_l,shape_r",
+    [
+        (DN_MATMUL, (6, 32), (32, 5)),
+        (DN_QK, (2, 3, 4, 32), (2, 3, 5, 32)),
+        (DN_WGRAD, (3, 48, 7), (3, 48, 4)),  # blocks along the 48 tokens (the last contracting pair)
+    ],
+)
 def test_dot_operands_leave_dot_general_unchanged(dn, shape_l, shape_r):
     lhs, rhs = _normal(shape_l, 12), _normal(shape_r, 13)
     lt, rt = rht_dot_operands(lhs, rhs, dn, KEY)
@@ -137,18 +140,24 @@ def test_dot_operands_pair():
         rht_dot_operands(lhs, rhs, (((), ()), ((), ())), KEY)
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY), ValueError,
-     r"rht\.axis=1 .*multiple of block=16 .*length 24"),
-    (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=12), ValueError, r"rht\.block=12 .*power of two"),
-    (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=1), ValueError, r"rht\.block=1 .*>= 2"),
-    (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=True), ValueError, r"rht\.block=True"),
-    (lambda: rht(np.zeros((4, 32), np.float32), 2, KEY), ValueError, r"rht\.axis=2 .*\[-2, 1\]"),
-    (lambda: rht(np.zeros((4, 32), np.int32), 1, KEY), TypeError, r"rht: x has dtype int32"),
-    (lambda: rht(np.zeros((4, 32), np.float32), 1, 0), TypeError, r"key"),
-    (lambda: rht_inverse(np.zeros((4, 32), np.float32), 1, KEY, block=6), ValueError, r"rht_inverse\.block=6"),
-    (lambda: rht_signs(KEY, 3), ValueError, r"rht_signs\.block=3"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda: rht(np.zeros((4, 24), np.float32), 1, KEY),
+            ValueError,
+            r"rht\.axis=1 .*multiple of block=16 .*length 24",
+        ),
+        (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=12), ValueError, r"rht\.block=12 .*power of two"),
+        (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=1), ValueError, r"rht\.block=1 .*>= 2"),
+        (lambda: rht(np.zeros((4, 24), np.float32), 1, KEY, block=True), ValueError, r"rht\.block=True"),
+        (lambda: rht(np.zeros((4, 32), np.float32), 2, KEY), ValueError, r"rht\.axis=2 .*\[-2, 1\]"),
+        (lambda: rht(np.zeros((4, 32), np.int32), 1, KEY), TypeError, r"rht: x has dtype int32"),
+        (lambda: rht(np.zeros((4, 32), np.float32), 1, 0), TypeError, r"key"),
+        (lambda: rht_inverse(np.zeros((4, 32), np.float32), 1, KEY, block=6), ValueError, r"rht_inverse\.block=6"),
+        (lambda: rht_signs(KEY, 3), ValueError, r"rht_signs\.block=3"),
+    ],
+)
 def test_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -49,6 +49,7 @@ def _while(x, w):
     def body(carry):
         i, h = carry
         return i + 1, jnp.tanh(h @ w)
+
     return jax.lax.while_loop(lambda c: c[0] < 1, body, (0, x))[1]
 
 
@@ -96,7 +97,7 @@ X = jax.random.normal(jax.random.key(1), (8, 8))
 
 
 def _loss_of(out):
-    return jnp.sum(out ** 2)
+    return jnp.sum(out**2)
 
 
 def _loss(model, x):
@@ -141,8 +142,9 @@ def test_every_structure_quantizes_like_plain_code(recipe, structured_float):
     gp = _params(grads_p)
     assert gq.keys() == gp.keys()
     for k in gq:  # an op left in float would be off by its quantization error, orders of magnitude more
-        np.testing.assert_allclose(gq[k], gp[k], rtol=1e-5, atol=1e-6 * float(np.abs(gp[k]).max()),
-                                   err_msg=f"{recipe}: gradient of {k}")
+        np.testing.assert_allclose(
+            gq[k], gp[k], rtol=1e-5, atol=1e-6 * float(np.abs(gp[k]).max()), err_msg=f"{recipe}: gradient of {k}"
+        )
     if len(desc):
         assert float(loss_q) != float(_loss_of(float_out)), f"{recipe}: describe lists quantized ops, output is float"
 
@@ -176,8 +178,12 @@ def test_vmapped_activation_products_are_activations():
     q = lowbit.quantize(Attention(nnx.Rngs(0)), "int4")
     desc = lowbit.describe(q, jnp.ones((2, 5, D)))
     weighted = {(o.path, o.key): o.weighted for o in desc.quantized + desc.unmatched}
-    assert weighted == {("qkv", "dot_general0"): True, ("", "dot_general0"): False, ("", "dot_general1"): False,
-                        ("out", "dot_general0"): True}
+    assert weighted == {
+        ("qkv", "dot_general0"): True,
+        ("", "dot_general0"): False,
+        ("", "dot_general1"): False,
+        ("out", "dot_general0"): True,
+    }
     # int4's weight rule (per-channel int4) is for weights only: the activation products get the int8 rule
     rules = {(o.path, o.key): o.rhs for o in desc}
     assert "int8" in rules[("", "dot_general0")] and "int4" in rules[("qkv", "dot_general0")]
@@ -185,6 +191,7 @@ def test_vmapped_activation_products_are_activations():
 
 def test_vmapped_weight_product_is_per_example():
     """Under jax.vmap a per-tensor statistic is per example, as for any function vmap maps."""
+
     class PerExample(nnx.Module):
         def __init__(self, rngs):
             self.w = nnx.Param(jax.random.normal(rngs.params(), (8, D)))
@@ -195,7 +202,7 @@ def test_vmapped_weight_product_is_per_example():
     q = lowbit.quantize(PerExample(nnx.Rngs(0)), "int8")
     (op,) = lowbit.describe(q, X)
     assert op.weighted
-    rows = jnp.concatenate([q(X[i:i + 1]) for i in range(X.shape[0])])
+    rows = jnp.concatenate([q(X[i : i + 1]) for i in range(X.shape[0])])
     np.testing.assert_array_equal(q(X), rows)
 
 
@@ -264,18 +271,25 @@ def test_scan_over_layers_equals_unrolled_layers(recipe):
         (ls, gs), (lu, gu) = nnx.value_and_grad(_loss)(qs, X), nnx.value_and_grad(_loss)(qu, X)
         assert float(ls) == float(lu)
         stacked, unrolled = _params(gs), _params(gu)
-        assert stacked.keys() == {k.replace("blocks/0/", "blocks/") for k in unrolled if "blocks/1" not in k
-                                  and "blocks/2" not in k}
+        assert stacked.keys() == {
+            k.replace("blocks/0/", "blocks/") for k in unrolled if "blocks/1" not in k and "blocks/2" not in k
+        }
         for k, v in stacked.items():
-            pairs = ([(v[i], unrolled[k.replace("blocks/", f"blocks/{i}/")]) for i in range(3)]
-                     if k.startswith("blocks/") else [(v, unrolled[k])])
+            pairs = (
+                [(v[i], unrolled[k.replace("blocks/", f"blocks/{i}/")]) for i in range(3)]
+                if k.startswith("blocks/")
+                else [(v, unrolled[k])]
+            )
             for a, b in pairs:
                 if recipe == "int8_lsq" or not k.endswith("kernel"):
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=k)
                 else:
                     np.testing.assert_array_equal(a, b, err_msg=k)
-    state = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(qs))
-             if k[0] == "blocks" and any(str(p).startswith("lowbit_") for p in k)}
+    state = {
+        "/".join(map(str, k)): v
+        for k, v in nnx.to_flat_state(nnx.state(qs))
+        if k[0] == "blocks" and any(str(p).startswith("lowbit_") for p in k)
+    }
     assert state and all(v.shape[0] == 3 for v in state.values())
 
 
@@ -308,6 +322,7 @@ def test_scan_stacked_training_resumes_bit_exact():
 
 def test_linen_scan_remat_and_jit_helpers():
     """linen: nn.scan, nn.remat and a jit helper quantize like the plain module."""
+
     class Dense(linen.Module):
         structure: str
 
@@ -329,7 +344,9 @@ def test_linen_scan_remat_and_jit_helpers():
             h = linen.Dense(D)(x)
             if self.structured:
                 h = linen.remat(Dense)("jit")(h)
-                h, _ = linen.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=1)()(h, None)
+                h, _ = linen.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=1)()(
+                    h, None
+                )
             else:
                 h = Dense("plain")(h)
                 h = Dense("plain")(h)
@@ -339,9 +356,14 @@ def test_linen_scan_remat_and_jit_helpers():
     params = float_model.init(jax.random.key(0), X)
     float_out = float_model.apply(params, X)
     p = params["params"]
-    plain_params = {"params": {"Dense_0": p["Dense_0"], "Dense_1": p["CheckpointDense_0"],
-                               "Dense_2": jax.tree.map(lambda a: a[0], p["ScanScanBody_0"]["Dense_0"]),
-                               "Dense_3": p["Dense_1"]}}
+    plain_params = {
+        "params": {
+            "Dense_0": p["Dense_0"],
+            "Dense_1": p["CheckpointDense_0"],
+            "Dense_2": jax.tree.map(lambda a: a[0], p["ScanScanBody_0"]["Dense_0"]),
+            "Dense_3": p["Dense_1"],
+        }
+    }
     q, qp = lowbit.quantize(float_model, "int8"), lowbit.quantize(LinenNet(False), "int8")
     out = q.apply(params, X)
     np.testing.assert_array_equal(out, qp.apply(plain_params, X))
@@ -358,13 +380,15 @@ def test_float_and_quantized_models_in_two_threads():
     def loop(name, model):
         try:
             barrier.wait()
-            for i in range(20):
+            for _ in range(20):
                 results[name].append(np.asarray(model(X)))
         except Exception as e:  # surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=loop, args=("float", float_model)),
-               threading.Thread(target=loop, args=("quantized", q))]
+    threads = [
+        threading.Thread(target=loop, args=("float", float_model)),
+        threading.Thread(target=loop, args=("quantized", q)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

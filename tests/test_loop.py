@@ -17,10 +17,10 @@ from flax import linen, nnx
 from flax.nnx import bridge
 
 from lowbit import data as lowbit_data
+from lowbit import recipes
 from lowbit.data import Dataset
 from lowbit.nn import quantize
 from lowbit.nn.variables import OverwriteWithGradient
-from lowbit import recipes
 from lowbit.trainer import checkpoint, loop
 from lowbit.trainer.checkpoint import CheckpointError, IncompatibleCheckpointError
 
@@ -59,8 +59,10 @@ _HP = dict(epochs=2, batch_size=16, seed=3, learning_rate=1e-2, weight_decay=0.0
 
 def _leaves(model):
     """Every state leaf as a numpy array (PRNG keys as their raw data)."""
-    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-            for x in jax.tree.leaves(nnx.state(model))]
+    return [
+        np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for x in jax.tree.leaves(nnx.state(model))
+    ]
 
 
 class _Stop(Exception):
@@ -129,9 +131,20 @@ def runs(tmp_path_factory):
     sig_model = _model(recipe, seed=98)
     sig_metrics, text = _quiet_train(sig_model, _toy(), recipe=recipe, out_dir=sig_dir, resume=True, **_HP)
     printed.append(text)
-    return dict(full=full, full_metrics=full_metrics, full_dir=full_dir, resumed=resumed,
-                resumed_metrics=resumed_metrics, signalled=signalled, printed=printed, listed=listed,
-                handlers=(handlers, after_signals), sig_model=sig_model, sig_metrics=sig_metrics, sig_dir=sig_dir)
+    return dict(
+        full=full,
+        full_metrics=full_metrics,
+        full_dir=full_dir,
+        resumed=resumed,
+        resumed_metrics=resumed_metrics,
+        signalled=signalled,
+        printed=printed,
+        listed=listed,
+        handlers=(handlers, after_signals),
+        sig_model=sig_model,
+        sig_metrics=sig_metrics,
+        sig_dir=sig_dir,
+    )
 
 
 def test_training_reduces_loss():
@@ -186,8 +199,18 @@ def test_gradscale_state_is_overwritten(runs):
 def test_metrics_curves_and_checkpoint_files(runs):
     out = runs["full_dir"]
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("recipe", "dataset", "epochs", "seed", "test_accuracy", "train_time_s", "step_time_ms",
-                "final_loss", "history", "skipped_steps"):
+    for key in (
+        "recipe",
+        "dataset",
+        "epochs",
+        "seed",
+        "test_accuracy",
+        "train_time_s",
+        "step_time_ms",
+        "final_loss",
+        "history",
+        "skipped_steps",
+    ):
         assert key in metrics
     assert set(metrics["history"][0]) >= {"loss", "train_acc", "test_accuracy", "time_s"}
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["step_time_ms"] > 0
@@ -241,14 +264,20 @@ def test_all_checkpoints_damaged_is_an_error(runs, tmp_path):
     meta = newest.parent / "epoch_0001" / "metadata.json"
     meta.write_text(meta.read_text()[:100])
     recipe = recipes.get("fp4")
-    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged; the newest: .*epoch_0002"), \
-            pytest.warns(RuntimeWarning, match="epoch_0001: cannot read metadata.json"):
+    with (
+        pytest.raises(CheckpointError, match="every checkpoint .* is damaged; the newest: .*epoch_0002"),
+        pytest.warns(RuntimeWarning, match="epoch_0001: cannot read metadata.json"),
+    ):
         loop.train(_model(recipe), _toy(), recipe=recipe, out_dir=tmp_path, resume=True, **_HP)
 
 
-@pytest.mark.parametrize(("recipe", "change", "match"),
-                         [("fp32", {}, "recipe is 'fp4' there but 'fp32'"),
-                          ("fp4", dict(learning_rate=0.5), "hparams.learning_rate is 0.01 there but 0.5")])
+@pytest.mark.parametrize(
+    ("recipe", "change", "match"),
+    [
+        ("fp32", {}, "recipe is 'fp4' there but 'fp32'"),
+        ("fp4", dict(learning_rate=0.5), "hparams.learning_rate is 0.01 there but 0.5"),
+    ],
+)
 def test_incompatible_checkpoint_is_an_error(runs, tmp_path, recipe, change, match):
     _copy_run(runs, tmp_path)
     recipe = recipes.get(recipe)
@@ -290,8 +319,9 @@ _DATA_PARALLEL = textwrap.dedent("""
 def test_one_and_four_devices_agree(tmp_path):
     # fp4 has every kind of quantizer state: amax scales, SAWB, PACT clips and GradScale.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL, str(tmp_path)], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     states = np.load(tmp_path / "states.npz")
     one = {k[2:]: states[k] for k in states.files if k.startswith("1:")}
@@ -343,6 +373,9 @@ def test_a_quantized_linen_model_trains_through_the_nnx_bridge():
     metrics = loop.train(model, data, recipe="int8_lsq", **_HP)
     assert metrics["test_accuracy"] > 0.9
     after = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    changed = {"/".join(map(str, p)) for (p, a), b in zip(after, jax.tree.leaves(before))
-               if not np.array_equal(np.asarray(a[...]), b)}
+    changed = {
+        "/".join(map(str, p))
+        for (p, a), b in zip(after, jax.tree.leaves(before))
+        if not np.array_equal(np.asarray(a[...]), b)
+    }
     assert any("act_step" in n for n in changed) and any("weight_step" in n for n in changed)

@@ -53,8 +53,9 @@ def test_drop_in_nnx_linear_and_linen_dense():
     dense = linen.Dense(3, dot_general=QDotGeneral(INT8))
     params = dense.init(jax.random.key(0), x)
     kernel = params["params"]["kernel"]
-    np.testing.assert_allclose(dense.apply(params, x), fq(x) @ fq(kernel) + params["params"]["bias"],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        dense.apply(params, x), fq(x) @ fq(kernel) + params["params"]["bias"], rtol=1e-6, atol=1e-6
+    )
     # and gradients flow through it
     g = jax.grad(lambda p: jnp.sum(dense.apply(p, x) ** 2))(params)
     assert np.all(np.isfinite(g["params"]["kernel"]))
@@ -73,11 +74,14 @@ def test_stateless_drop_in_refuses_stateful_configs():
         QDotGeneral(sr)
 
 
-@pytest.mark.parametrize("spec,dn,perm", [
-    ("bhqd,bhkd->bhqk", (((3,), (3,)), ((0, 1), (0, 1))), None),
-    ("bhqk,bhkd->bhqd", (((3,), (2,)), ((0, 1), (0, 1))), None),
-    ("ij,jk->ki", (((1,), (0,)), ((), ())), (1, 0)),
-])
+@pytest.mark.parametrize(
+    "spec,dn,perm",
+    [
+        ("bhqd,bhkd->bhqk", (((3,), (3,)), ((0, 1), (0, 1))), None),
+        ("bhqk,bhkd->bhqd", (((3,), (2,)), ((0, 1), (0, 1))), None),
+        ("ij,jk->ki", (((1,), (0,)), ((), ())), (1, 0)),
+    ],
+)
 def test_einsum_dimension_numbers(spec, dn, perm):
     assert einsum_dimension_numbers(spec) == (dn, perm)
 
@@ -159,8 +163,9 @@ def test_lsq_layer_real_int8_path_matches_fake():
     g_real, g_fake = grads(real), grads(fake)
     np.testing.assert_allclose(g_real.kernel[...], g_fake.kernel[...], rtol=1e-4, atol=1e-5)
     for name in ("act_step", "weight_step"):
-        np.testing.assert_allclose(getattr(g_real.quant, name)[...], getattr(g_fake.quant, name)[...],
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            getattr(g_real.quant, name)[...], getattr(g_fake.quant, name)[...], rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("mode", ["fake", "real", "auto"])

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import lowbit.nn as lnn
-from lowbit import data, formats, quant
+from lowbit import data, formats, quant, recipes
 from lowbit.nn import models
 from lowbit.nn.quantize import is_quantized, recipe_of
 from lowbit.nn.vit import ViT
@@ -21,11 +21,18 @@ from lowbit.ptq.finetune import FinetuneConfig, finetune
 from lowbit.ptq.noise import adaptive_noise, quantization_step, set_noisy_bias, with_noisy_bias
 from lowbit.ptq.outlier import outlier_penalty
 from lowbit.trainer import loop
-from lowbit import recipes
 
 PROJ, AV, MLP_OUT = "blocks/0/attn/proj:dot_general0", "blocks/0/attn:einsum1", "blocks/0/mlp_out:dot_general0"
-VIT_OPS = ["patch_embed:dot_general0", "blocks/0/attn/qkv:dot_general0", "blocks/0/attn:einsum0", AV, PROJ,
-           "blocks/0/mlp_in:dot_general0", MLP_OUT, "head:dot_general0"]
+VIT_OPS = [
+    "patch_embed:dot_general0",
+    "blocks/0/attn/qkv:dot_general0",
+    "blocks/0/attn:einsum0",
+    AV,
+    PROJ,
+    "blocks/0/mlp_in:dot_general0",
+    MLP_OUT,
+    "head:dot_general0",
+]
 
 
 def _calibrated(name, operand, cfg, batches, **kw):
@@ -107,7 +114,7 @@ def test_vit_options_land_on_the_ops_the_regexes_name():
     assert vit.activation_quantizer(AV, "lhs", own).kind == "uniform"
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_default_regexes_fit_the_built_in_vit_only():
     x = jnp.zeros((1, 8, 8, 1))
     assert names(probe(_vit(), x)) == VIT_OPS
@@ -119,10 +126,16 @@ def test_default_regexes_fit_the_built_in_vit_only():
         assert not any(re.fullmatch(cfg.softmax_ops, n) or re.fullmatch(cfg.gelu_ops, n) for n in ops), ops
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    (dict(softmax_ops="("), "softmax_ops"), (dict(layernorm_ops=(("qkv", ),)), "layernorm_ops"),
-    (dict(dynamic=True, layernorm="channel"), "layernorm"), (dict(noisy_bias=1), "noisy_bias"),
-    (dict(dynamic=True, noisy_bias=True), "noisy_bias")])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(softmax_ops="("), "softmax_ops"),
+        (dict(layernorm_ops=(("qkv",),)), "layernorm_ops"),
+        (dict(dynamic=True, layernorm="channel"), "layernorm"),
+        (dict(noisy_bias=1), "noisy_bias"),
+        (dict(dynamic=True, noisy_bias=True), "noisy_bias"),
+    ],
+)
 def test_bad_config(fields, message):
     with pytest.raises((ValueError, TypeError), match=message):
         PTQConfig(**fields)
@@ -145,8 +158,9 @@ def test_layernorm_folding_leaves_the_float_model_unchanged():
 
 # ----- a tiny trained ViT -------------------------------------------------------------------------------------
 def _vit(seed=0):
-    return ViT(image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=32, depth=1, heads=2, mlp_dim=64,
-               rngs=nnx.Rngs(seed))
+    return ViT(
+        image_shape=(8, 8, 1), num_classes=10, patch_size=4, dim=32, depth=1, heads=2, mlp_dim=64, rngs=nnx.Rngs(seed)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +172,9 @@ def digits():
 def trained(digits):
     """A tiny ViT trained for a few seconds on the bundled digits (about 94% test accuracy)."""
     model = _vit()
-    loop.train(model, digits, recipe=recipes.get("fp32"), epochs=6, batch_size=64, learning_rate=1e-2, warmup=1,
-               progress=False)
+    loop.train(
+        model, digits, recipe=recipes.get("fp32"), epochs=6, batch_size=64, learning_rate=1e-2, warmup=1, progress=False
+    )
     return model
 
 
@@ -176,8 +191,7 @@ def test_load_the_float_weights_of_a_quantized_run(digits, tmp_path):
     model = models.build("mlp", image_shape=(8, 8, 1), num_classes=10, seed=0)
     qmodel = lnn.quantize(model, "int8_lsq")  # LSQ steps: quantizer parameters in the checkpoint
     small = dataclasses.replace(digits, x_train=digits.x_train[:256], y_train=digits.y_train[:256])
-    loop.train(qmodel, small, recipe=recipes.get("int8_lsq"), epochs=1, batch_size=64, out_dir=tmp_path,
-               progress=False)
+    loop.train(qmodel, small, recipe=recipes.get("int8_lsq"), epochs=1, batch_size=64, out_dir=tmp_path, progress=False)
     restored, meta = load_model(tmp_path)
     assert meta["recipe"] == "int8_lsq" and not is_quantized(restored) and type(restored) is models.MLP
     for float_layer, trained_layer in ((restored.head, qmodel.head), (restored.hidden[0], qmodel.hidden[0])):
@@ -210,10 +224,11 @@ def test_w8a8_keeps_accuracy(trained, w8a8):
     assert {d.path + ":" + d.key for d in lnn.describe(quantized)} == set(VIT_OPS)
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_w4a4_with_every_vit_option(trained, digits, w8a8):
-    cfg = PTQConfig(weights="int4", activations="int4", softmax="twin", gelu="twin",
-                    layernorm="ptf", noisy_bias=True, samples=128)
+    cfg = PTQConfig(
+        weights="int4", activations="int4", softmax="twin", gelu="twin", layernorm="ptf", noisy_bias=True, samples=128
+    )
     quantized, rows = quantize_model(trained, digits.x_train[:128], cfg)
     by_name = {r["name"]: r for r in rows}
     assert "twin_uniform" in by_name[AV]["lhs"] and "twin_uniform" in by_name[MLP_OUT]["lhs"]
@@ -231,8 +246,9 @@ def test_noisy_bias_is_removed_from_the_result():
     outputs = []
     for noise in (jnp.zeros(128), jnp.full(128, 0.3 * step)):
         noisy = with_noisy_bias(nnx.clone(plain))
-        set_noisy_bias(noisy.lowbit_dot_general0, noise, jnp.round(noisy.w[...] * 7 / jnp.max(jnp.abs(noisy.w[...]),
-                                                                                                  axis=0)))
+        set_noisy_bias(
+            noisy.lowbit_dot_general0, noise, jnp.round(noisy.w[...] * 7 / jnp.max(jnp.abs(noisy.w[...]), axis=0))
+        )
         outputs.append(_forward(noisy, x))
     # Zero noise and its zero correction: bit-identical to the plain model.
     np.testing.assert_array_equal(outputs[0], _forward(plain, x))
@@ -274,8 +290,9 @@ def test_ptq_of_a_user_model_more_bits_less_error():
     x = np.random.default_rng(0).uniform(size=(32, 8, 8, 1)).astype(np.float32)
     sqnr = {}
     for bits in (8, 4):
-        quantized, rows = quantize_model(model, x, PTQConfig(weights=f"int{bits}", activations=f"int{bits}",
-                                                             samples=32))
+        quantized, rows = quantize_model(
+            model, x, PTQConfig(weights=f"int{bits}", activations=f"int{bits}", samples=32)
+        )
         assert [r["name"] for r in rows] == ["conv:conv0", ":dot_general0", "head:einsum0"]
         sqnr[bits] = {r["name"]: r for r in op_sqnr(model, quantized, x[:16])}
     for name, row in sqnr[8].items():
@@ -325,7 +342,7 @@ def test_outlier_penalty_shrinks_the_range_ratio():
 
 
 # ----- fine-tuning ---------------------------------------------------------------------------------------------
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_finetune_changes_the_weights(trained, digits):
     model = nnx.clone(trained)
     before = np.asarray(model.blocks[0].mlp_in.kernel[...])
@@ -344,7 +361,7 @@ def test_patch_similarity_entropy_is_higher_for_diverse_patches():
     assert float(entropy(diverse)) > float(entropy(same)) + 1
 
 
-@pytest.mark.slow  # end to end on a trained ViT: LOWBIT_SLOW=1 under CI
+@pytest.mark.slow  # end to end on a trained ViT
 def test_synthetic_images_calibrate(trained, digits, w8a8):
     images = synthesize(trained, 64, steps=10, batch_size=64)  # one batch of the shape w8a8 calibrated on
     assert images.shape == (64, 8, 8, 1) and 0 <= images.min() and images.max() <= 1

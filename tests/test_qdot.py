@@ -107,16 +107,27 @@ def test_stochastic_gradient_is_unbiased_over_keys():
 def test_preferred_element_type_sets_result_dtype():
     lhs, rhs = _operands((4, 8), (8, 2))
     cfg = DotQuantConfig(lhs=quant.Quantizer(format="float8_e4m3fn"), rhs=quant.Quantizer(format="float8_e4m3fn"))
-    out = quantized_dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), DN_MATMUL, cfg,
-                                preferred_element_type=jnp.float32)
+    out = quantized_dot_general(
+        lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), DN_MATMUL, cfg, preferred_element_type=jnp.float32
+    )
     assert out.dtype == jnp.float32
     out16 = quantized_dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), DN_MATMUL, cfg)
     assert out16.dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize(
-    "gmax,scale,expected", [(1.0, 1.0, 2.0), (32.0, 1.0, 2.0), (33.0, 1.0, 1.0), (64.0, 1.0, 1.0), (65.0, 1.0, 0.5),
-                            (0.0, 4.0, 8.0), (1e3, 1.0, 0.5), (jnp.inf, 2.0, 2.0)])
+    "gmax,scale,expected",
+    [
+        (1.0, 1.0, 2.0),
+        (32.0, 1.0, 2.0),
+        (33.0, 1.0, 1.0),
+        (64.0, 1.0, 1.0),
+        (65.0, 1.0, 0.5),
+        (0.0, 4.0, 8.0),
+        (1e3, 1.0, 0.5),
+        (jnp.inf, 2.0, 2.0),
+    ],
+)
 def test_gradscale_rule(gmax, scale, expected):
     # fp4_radix4's max is 64: keep in (32, 64], double at or below 32, halve above 64.
     new = gradscale_update(jnp.float32(scale), jnp.float32(gmax), 64.0)
@@ -132,8 +143,9 @@ def test_gradscale_state_leaves_as_the_cotangent():
     cfg = _r4_config()
     lhs, rhs = _operands((4, 8), (8, 3))
     g = jnp.full((4, 3), 0.01, jnp.float32)
-    _, vjp = jax.vjp(lambda a, b, s: quantized_dot_general(a, b, DN_MATMUL, cfg, grad_scale=s),
-                     lhs, rhs, jnp.float32(1.0))
+    _, vjp = jax.vjp(
+        lambda a, b, s: quantized_dot_general(a, b, DN_MATMUL, cfg, grad_scale=s), lhs, rhs, jnp.float32(1.0)
+    )
     _, _, new_scale = vjp(g)
     assert float(new_scale) == 2.0  # max|g s| = 0.01 <= 32: doubled
 
@@ -172,8 +184,9 @@ def test_bad_input_errors():
         quantized_dot_general(ok_lhs, ok_rhs, DN_MATMUL, DotQuantConfig(lhs=sr))
 
 
-@pytest.mark.parametrize("fmt,granularity", [("int8", "tensor"), ("int8", "channel"), ("int4", "channel"),
-                                             ("float8_e4m3fn", "tensor")])
+@pytest.mark.parametrize(
+    "fmt,granularity", [("int8", "tensor"), ("int8", "channel"), ("int4", "channel"), ("float8_e4m3fn", "tensor")]
+)
 @pytest.mark.parametrize("dn,shape_l,shape_r", CASES[:2])
 def test_real_matmul_matches_fake(fmt, granularity, dn, shape_l, shape_r):
     lhs, rhs = _operands(shape_l, shape_r, seed=7)
@@ -183,13 +196,12 @@ def test_real_matmul_matches_fake(fmt, granularity, dn, shape_l, shape_r):
     grad = quant.Quantizer(format="float8_e5m2")
     fake = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="fake")
     real = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="real")
-    f = lambda c: (lambda a, b: quantized_dot_general(a, b, dn, c))
+    f = lambda c: lambda a, b: quantized_dot_general(a, b, dn, c)
     np.testing.assert_allclose(f(real)(lhs, rhs), f(fake)(lhs, rhs), rtol=1e-5, atol=1e-5)
     g_real = jax.grad(_loss(f(real)), argnums=(0, 1))(lhs, rhs)
     g_fake = jax.grad(_loss(f(fake)), argnums=(0, 1))(lhs, rhs)
     for a, b in zip(g_real, g_fake):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
 
 
 def test_real_matmul_really_feeds_narrow_operands():

@@ -30,38 +30,41 @@ def _mse(a, b):
 
 
 # ----- construction ------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,field", [
-    (dict(format="int8", granularity="group", group_size=0), "group_size"),
-    (dict(format="int8", granularity="group", group_size=-4), "group_size"),
-    (dict(format="int8", granularity="group"), "group_size"),
-    (dict(format="int8", group_size=8), "group_size"),
-    (dict(format="int8", scale="percentile", percentile=0), "percentile"),
-    (dict(format="int8", scale="percentile", percentile=100.5), "percentile"),
-    (dict(format="int9000"), "format"),
-    (dict(format="int8", granularity="row"), "granularity"),
-    (dict(format="int8", scale="max"), "scale"),
-    (dict(format="int8", scale_format="bf16"), "scale_format"),
-    (dict(format="int8", rounding="up"), "rounding"),
-    (dict(format="int8", kind="cubic"), "kind"),
-    (dict(format="int8", scale="fixed"), "fixed_scale"),
-    (dict(format="int8", scale="fixed", fixed_scale=-1.0), "fixed_scale"),
-    (dict(format="int8", fixed_scale=1.0), "fixed_scale"),
-    (dict(format="int8", scale="fixed", fixed_scale=1.0, static=True), "static"),
-    (dict(format="float8_e4m3fn", symmetric=False), "symmetric"),
-    (dict(format="uint8", zero_point_range="restricted"), "zero_point_range"),
-    (dict(format="int8", scale="kl", granularity="channel"), "scale"),
-    (dict(format="float8_e4m3fn", kind="log2"), "format"),
-    (dict(format="uint4", kind="twin_uniform", twin_split="sign"), "format"),
-    (dict(format="int8", kind="ptf"), "granularity"),
-    (dict(format="int8", kind="ptf", granularity="channel", scale="mse"), "scale"),
-    (dict(format="int8", granularity="block"), "block_shape"),
-    (dict(format="int8", granularity="block", block_shape=(16,)), "block_shape"),
-    (dict(format="int8", granularity="block", block_shape=[16, 16]), "block_shape"),
-    (dict(format="int8", granularity="block", block_shape=(0, 16)), "block_shape"),
-    (dict(format="int8", block_shape=(16, 16)), "block_shape"),
-    (dict(format="int8", granularity="block", block_shape=(16, 16), axis=0), "axis"),
-    (dict(format="nvfp4", granularity="channel"), "granularity"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(format="int8", granularity="group", group_size=0), "group_size"),
+        (dict(format="int8", granularity="group", group_size=-4), "group_size"),
+        (dict(format="int8", granularity="group"), "group_size"),
+        (dict(format="int8", group_size=8), "group_size"),
+        (dict(format="int8", scale="percentile", percentile=0), "percentile"),
+        (dict(format="int8", scale="percentile", percentile=100.5), "percentile"),
+        (dict(format="int9000"), "format"),
+        (dict(format="int8", granularity="row"), "granularity"),
+        (dict(format="int8", scale="max"), "scale"),
+        (dict(format="int8", scale_format="bf16"), "scale_format"),
+        (dict(format="int8", rounding="up"), "rounding"),
+        (dict(format="int8", kind="cubic"), "kind"),
+        (dict(format="int8", scale="fixed"), "fixed_scale"),
+        (dict(format="int8", scale="fixed", fixed_scale=-1.0), "fixed_scale"),
+        (dict(format="int8", fixed_scale=1.0), "fixed_scale"),
+        (dict(format="int8", scale="fixed", fixed_scale=1.0, static=True), "static"),
+        (dict(format="float8_e4m3fn", symmetric=False), "symmetric"),
+        (dict(format="uint8", zero_point_range="restricted"), "zero_point_range"),
+        (dict(format="int8", scale="kl", granularity="channel"), "scale"),
+        (dict(format="float8_e4m3fn", kind="log2"), "format"),
+        (dict(format="uint4", kind="twin_uniform", twin_split="sign"), "format"),
+        (dict(format="int8", kind="ptf"), "granularity"),
+        (dict(format="int8", kind="ptf", granularity="channel", scale="mse"), "scale"),
+        (dict(format="int8", granularity="block"), "block_shape"),
+        (dict(format="int8", granularity="block", block_shape=(16,)), "block_shape"),
+        (dict(format="int8", granularity="block", block_shape=[16, 16]), "block_shape"),
+        (dict(format="int8", granularity="block", block_shape=(0, 16)), "block_shape"),
+        (dict(format="int8", block_shape=(16, 16)), "block_shape"),
+        (dict(format="int8", granularity="block", block_shape=(16, 16), axis=0), "axis"),
+        (dict(format="nvfp4", granularity="channel"), "granularity"),
+    ],
+)
 def test_invalid_quantizer_names_field_and_allowed(kw, field):
     with pytest.raises(ValueError, match=rf"Quantizer\.{field}=.*allowed"):
         Quantizer(**kw)
@@ -143,10 +146,17 @@ def test_asymmetric_maps_min_max_within_half_step(fmt, zpr, offset, width, seed)
     assert (hi - lo) / (qmax - qmin) == pytest.approx(step, rel=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(format="int8"), dict(format="uint8", symmetric=False),
-                                dict(format="int4", symmetric=False, granularity="channel"),
-                                dict(format="float8_e4m3fn", granularity="channel"),
-                                dict(format="uint4", kind="twin_uniform"), dict(format="uint4", kind="log2")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(format="int8"),
+        dict(format="uint8", symmetric=False),
+        dict(format="int4", symmetric=False, granularity="channel"),
+        dict(format="float8_e4m3fn", granularity="channel"),
+        dict(format="uint4", kind="twin_uniform"),
+        dict(format="uint4", kind="log2"),
+    ],
+)
 def test_zero_is_exact(kw):
     x = jnp.abs(_x(1)) + jnp.float32(0.5)  # all positive: zero is not even inside the data range
     x = x.at[3, 5].set(0.0)
@@ -215,8 +225,9 @@ def test_values_lie_on_the_scaled_grid():
     levels = np.asarray(quant.fake_quant(q, x)) / np.asarray(p.step())
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-5)
     assert np.round(levels).min() >= -8 and np.round(levels).max() <= 7
-    np.testing.assert_allclose(np.asarray(p.step()), np.max(np.abs(np.asarray(x)), axis=0, keepdims=True) / 7,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(p.step()), np.max(np.abs(np.asarray(x)), axis=0, keepdims=True) / 7, rtol=1e-6
+    )
 
 
 def test_e8m0_scale_is_a_power_of_two_rounded_up():
@@ -255,8 +266,8 @@ def test_learned_scale_equals_fixed_scale():
     np.testing.assert_array_equal(learned, fixed)
     per_channel = jnp.full((1, SHAPE[1]), 0.125, jnp.float32)
     np.testing.assert_array_equal(
-        quant.fake_quant(Quantizer(format="int8", scale="learned", granularity="channel"), x, scale=per_channel),
-        fixed)
+        quant.fake_quant(Quantizer(format="int8", scale="learned", granularity="channel"), x, scale=per_channel), fixed
+    )
 
 
 def test_stochastic_rounding_is_unbiased_and_reproducible():
@@ -287,7 +298,7 @@ def test_2d_blocks_scale_each_tile_on_its_own(fmt):
     y = np.asarray(quant.fake_quant(q, x))
     per_tensor = jax.jit(lambda t: quant.fake_quant(Quantizer(format=fmt), t))
     for b, i, j in np.ndindex(2, 2, 4):
-        tile = np.s_[b, 4 * i:4 * i + 4, 8 * j:8 * j + 8]
+        tile = np.s_[b, 4 * i : 4 * i + 4, 8 * j : 8 * j + 8]
         np.testing.assert_array_equal(y[tile], per_tensor(x[tile]))
     assert quant.qparams(q, x).scale.shape == (2, 2, 1, 4, 1)
     np.testing.assert_array_equal(_bits(quant.dequantize(quant.quantize(q, x))), _bits(y))

@@ -37,8 +37,10 @@ def test_percentile_and_mse_clip_outliers_below_absmax_with_less_error(seed):
     x = _outliers(seed)
     amax = float(jnp.max(jnp.abs(x)))
     absmax = Quantizer(format="int4")
-    for source in (Quantizer(format="int4", scale="percentile", percentile=99.9),
-                   Quantizer(format="int4", scale="mse")):
+    for source in (
+        Quantizer(format="int4", scale="percentile", percentile=99.9),
+        Quantizer(format="int4", scale="mse"),
+    ):
         assert _clip(source, x) < amax
         assert _mse(source, x) < _mse(absmax, x)
     # The search includes the absmax clip itself: never worse, at any width.
@@ -180,8 +182,10 @@ def test_static_absmax_is_the_running_max(seed):
     np.testing.assert_array_equal(state.hi, hand)
     assert int(state.count) == len(batches)
     params = quant.observer(q).scale(state)
-    np.testing.assert_array_equal(params.step(), quant.qparams(Quantizer(format="int8", granularity="channel"),
-                                                               jnp.concatenate(batches) * 2).step())
+    np.testing.assert_array_equal(
+        params.step(),
+        quant.qparams(Quantizer(format="int8", granularity="channel"), jnp.concatenate(batches) * 2).step(),
+    )
     x = batches[0]
     np.testing.assert_array_equal(quant.fake_quant(q, x, state=state), quant.fake_quant(q, x, state=params))
 

@@ -47,19 +47,22 @@ X = jnp.asarray(np.random.default_rng(0).standard_normal((64, 48)).astype(np.flo
 N = X.size
 
 
-@pytest.mark.parametrize("kw,expected", [
-    (dict(format="int4", granularity="channel"), N // 2 + 48 * 4),
-    (dict(format="int4", granularity="channel", scale_format="e8m0"), N // 2 + 48),
-    (dict(format="int8", granularity="group", axis=0, group_size=16), N + (64 // 16) * 48 * 4),
-    (dict(format="float8_e4m3fn"), N + 4),
-    (dict(format="float6_e2m3fn", granularity="channel", axis=0), N * 6 // 8 + 64 * 4),
-    (dict(format="int2", granularity="channel", scale_format="e4m3"), N // 4 + 48 + 4),
-    (dict(format="binary", granularity="channel"), N // 8 + 48 * 4),
-    (dict(format="uint8", granularity="channel", symmetric=False), N + 48 * 4 + 48),
-    (dict(format=formats.IntFormat(bits=12)), N * 2 + 4),
-    (dict(format="uint8", kind="ptf", granularity="channel", symmetric=False), N + 4 + 1 + 48),
-    (dict(format="uint4", kind="twin_uniform"), N // 2 + 4 + 1),
-])
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        (dict(format="int4", granularity="channel"), N // 2 + 48 * 4),
+        (dict(format="int4", granularity="channel", scale_format="e8m0"), N // 2 + 48),
+        (dict(format="int8", granularity="group", axis=0, group_size=16), N + (64 // 16) * 48 * 4),
+        (dict(format="float8_e4m3fn"), N + 4),
+        (dict(format="float6_e2m3fn", granularity="channel", axis=0), N * 6 // 8 + 64 * 4),
+        (dict(format="int2", granularity="channel", scale_format="e4m3"), N // 4 + 48 + 4),
+        (dict(format="binary", granularity="channel"), N // 8 + 48 * 4),
+        (dict(format="uint8", granularity="channel", symmetric=False), N + 48 * 4 + 48),
+        (dict(format=formats.IntFormat(bits=12)), N * 2 + 4),
+        (dict(format="uint8", kind="ptf", granularity="channel", symmetric=False), N + 4 + 1 + 48),
+        (dict(format="uint4", kind="twin_uniform"), N // 2 + 4 + 1),
+    ],
+)
 def test_qtensor_nbytes_is_true_storage(kw, expected):
     qt = quant.quantize(Quantizer(**kw), X)
     assert qt.nbytes == expected

@@ -102,8 +102,10 @@ def test_every_recipe_quantizes_a_linen_mlp_and_accepts_its_float_params(name):
     y = _quiet(qmodel.apply, {"params": params, **state}, X, mutable=list(state))[0]
     assert y.shape == (4, 10) and np.all(np.isfinite(np.asarray(y)))
     desc = _quiet(lowbit.describe, qmodel, X)
-    assert [(d.path, d.kind) for d in desc.quantized + desc.unmatched] == [("Dense_0", "dot_general"),
-                                                                          ("", "dot_general")]
+    assert [(d.path, d.kind) for d in desc.quantized + desc.unmatched] == [
+        ("Dense_0", "dot_general"),
+        ("", "dot_general"),
+    ]
 
 
 def test_fp32_and_unmatched_ops_are_bit_identical_to_float():
@@ -140,9 +142,14 @@ def test_quantized_model_leaves_the_argument_untouched_and_keeps_float_params():
     for path, value in qparams:
         if path in float_params:
             np.testing.assert_array_equal(value[...], float_params[path][...])
-    assert added == {("conv", "lowbit_conv0", "act_step"), ("conv", "lowbit_conv0", "weight_step"),
-                     ("fc", "lowbit_dot_general0", "act_step"), ("fc", "lowbit_dot_general0", "weight_step"),
-                     ("head", "lowbit_einsum0", "act_step"), ("head", "lowbit_einsum0", "weight_step")}
+    assert added == {
+        ("conv", "lowbit_conv0", "act_step"),
+        ("conv", "lowbit_conv0", "weight_step"),
+        ("fc", "lowbit_dot_general0", "act_step"),
+        ("fc", "lowbit_dot_general0", "weight_step"),
+        ("head", "lowbit_einsum0", "act_step"),
+        ("head", "lowbit_einsum0", "weight_step"),
+    }
 
 
 def test_edges_are_the_first_and_last_weighted_op_of_any_model():
@@ -153,12 +160,23 @@ def test_edges_are_the_first_and_last_weighted_op_of_any_model():
 
 
 def test_every_raw_op_inside_a_method_is_intercepted():
-    qmodel = lowbit.quantize(RawOps(nnx.Rngs(0)), Recipe(name="e4m3", rules=(
-        Rule(dot=DotQuantConfig(lhs=Quantizer(format="float8_e4m3fn"), rhs=Quantizer(format="float8_e4m3fn"))),)))
+    qmodel = lowbit.quantize(
+        RawOps(nnx.Rngs(0)),
+        Recipe(
+            name="e4m3",
+            rules=(
+                Rule(dot=DotQuantConfig(lhs=Quantizer(format="float8_e4m3fn"), rhs=Quantizer(format="float8_e4m3fn"))),
+            ),
+        ),
+    )
     desc = lowbit.describe(qmodel, X)
-    assert [(d.key, d.kind) for d in desc] == [("dot_general0", "dot_general"), ("dot_general1", "dot_general"),
-                                               ("dot_general2", "dot_general"), ("einsum0", "einsum"),
-                                               ("conv0", "conv")]
+    assert [(d.key, d.kind) for d in desc] == [
+        ("dot_general0", "dot_general"),
+        ("dot_general1", "dot_general"),
+        ("dot_general2", "dot_general"),
+        ("einsum0", "einsum"),
+        ("conv0", "conv"),
+    ]
     assert all(d.path == "" for d in desc)
     model = RawOps(nnx.Rngs(0))
     assert not np.array_equal(qmodel(X), model(X))  # quantized...
@@ -168,8 +186,10 @@ def test_every_raw_op_inside_a_method_is_intercepted():
 def test_rules_select_by_kind_and_path_first_match_wins():
     int8 = DotQuantConfig(lhs=Quantizer(format="int8"), rhs=Quantizer(format="int8"))
     int4 = DotQuantConfig(lhs=Quantizer(format="int4"), rhs=Quantizer(format="int4"))
-    recipe = Recipe(name="mixed", rules=(Rule(kinds=("conv",), dot=int8), Rule(path="head|fc", dot=int4),
-                                         Rule(path="head", dot=int8)))
+    recipe = Recipe(
+        name="mixed",
+        rules=(Rule(kinds=("conv",), dot=int8), Rule(path="head|fc", dot=int4), Rule(path="head", dot=int8)),
+    )
     with pytest.warns(UserWarning, match="rule 2"):
         desc = lowbit.describe(lowbit.quantize(CNN(nnx.Rngs(0)), recipe), X)
     assert {d.path: (d.rule, d.lhs) for d in desc} == {"conv": (0, "int8"), "fc": (1, "int4"), "head": (1, "int4")}
@@ -181,21 +201,24 @@ def test_a_rule_naming_a_kind_the_model_lacks_warns():
         lowbit.describe(lowbit.quantize(nnx.Linear(64, 3, rngs=nnx.Rngs(0)), recipe), X.reshape(4, 64))
 
 
-@pytest.mark.parametrize(("call", "error", "match"), [
-    (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp5"), ValueError, "recipe='fp5' is unknown; allowed: fp32"),
-    (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp8", include="("), ValueError, "include='\\(' is not a valid"),
-    (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp8", exclude=3), TypeError, "exclude=3"),
-    (lambda: lowbit.quantize(lambda x: x, "fp8"), TypeError, "flax.nnx.Module or a flax.linen.Module"),
-    (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), 8), TypeError, "recipe=8"),
-    (lambda: lowbit.quantize(lowbit.quantize(CNN(nnx.Rngs(0)), "fp8"), "fp8"), ValueError, "already quantized"),
-    (lambda: Rule(path="["), ValueError, "Rule.path='\\['"),
-    (lambda: Rule(kinds=("matmul",)), ValueError, "Rule.kinds='matmul'"),
-    (lambda: Rule(kinds="conv"), TypeError, "Rule.kinds='conv'"),
-    (lambda: Rule(position="middle"), ValueError, "Rule.position='middle'"),
-    (lambda: Rule(operands="both"), ValueError, "Rule.operands='both'"),
-    (lambda: Recipe(name="r", rules=[Rule()]), TypeError, "Recipe.rules"),
-    (lambda: lowbit.describe(CNN(nnx.Rngs(0)), X), TypeError, "from lowbit.quantize"),
-])
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp5"), ValueError, "recipe='fp5' is unknown; allowed: fp32"),
+        (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp8", include="("), ValueError, "include='\\(' is not a valid"),
+        (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), "fp8", exclude=3), TypeError, "exclude=3"),
+        (lambda: lowbit.quantize(lambda x: x, "fp8"), TypeError, "flax.nnx.Module or a flax.linen.Module"),
+        (lambda: lowbit.quantize(CNN(nnx.Rngs(0)), 8), TypeError, "recipe=8"),
+        (lambda: lowbit.quantize(lowbit.quantize(CNN(nnx.Rngs(0)), "fp8"), "fp8"), ValueError, "already quantized"),
+        (lambda: Rule(path="["), ValueError, "Rule.path='\\['"),
+        (lambda: Rule(kinds=("matmul",)), ValueError, "Rule.kinds='matmul'"),
+        (lambda: Rule(kinds="conv"), TypeError, "Rule.kinds='conv'"),
+        (lambda: Rule(position="middle"), ValueError, "Rule.position='middle'"),
+        (lambda: Rule(operands="both"), ValueError, "Rule.operands='both'"),
+        (lambda: Recipe(name="r", rules=[Rule()]), TypeError, "Recipe.rules"),
+        (lambda: lowbit.describe(CNN(nnx.Rngs(0)), X), TypeError, "from lowbit.quantize"),
+    ],
+)
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -106,20 +106,26 @@ def test_stochastic_product_step_runs_no_threefry_loop():
     hlo = jax.jit(step).lower(lhs, rhs, jax.random.key_data(jax.random.key(0))).as_text()
     assert "threefry" not in hlo.lower() and "while" not in hlo
     # The check can fail: the same step with jax.random.split does contain the loop.
-    split = jax.jit(lambda d: jax.random.split(jax.random.wrap_key_data(d))).lower(
-        jax.random.key_data(jax.random.key(0))).as_text()
+    split = (
+        jax.jit(lambda d: jax.random.split(jax.random.wrap_key_data(d)))
+        .lower(jax.random.key_data(jax.random.key(0)))
+        .as_text()
+    )
     assert "threefry" in split.lower()
 
 
-@pytest.mark.parametrize("call,error", [
-    (lambda: formats.split_key(jax.random.key(0), True), ValueError),
-    (lambda: formats.split_key(jax.random.key(0), 0), ValueError),
-    (lambda: formats.split_key(jnp.zeros(3), 2), TypeError),
-    (lambda: formats.split_key(jax.random.split(jax.random.key(0)), 2), ValueError),
-    (lambda: formats.random_bits(jax.random.key(0), [3]), TypeError),
-    (lambda: formats.random_bits(jax.random.key(0), (3, -1)), ValueError),
-    (lambda: formats.random_bits(jax.random.key(0), (2.0,)), ValueError),
-])
+@pytest.mark.parametrize(
+    "call,error",
+    [
+        (lambda: formats.split_key(jax.random.key(0), True), ValueError),
+        (lambda: formats.split_key(jax.random.key(0), 0), ValueError),
+        (lambda: formats.split_key(jnp.zeros(3), 2), TypeError),
+        (lambda: formats.split_key(jax.random.split(jax.random.key(0)), 2), ValueError),
+        (lambda: formats.random_bits(jax.random.key(0), [3]), TypeError),
+        (lambda: formats.random_bits(jax.random.key(0), (3, -1)), ValueError),
+        (lambda: formats.random_bits(jax.random.key(0), (2.0,)), ValueError),
+    ],
+)
 def test_bad_input_is_refused(call, error):
     with pytest.raises(error):
         call()

@@ -27,7 +27,7 @@ README = (ROOT / "README.md").read_text()
 
 # The two commands the README opens with (install, then train / test); the train part of the first runs below,
 # the installs are what CI itself runs (.ci/run), and the second is this suite.
-SETUP = ['pip install -e . && lowbit train --recipe fp4', 'pip install -e ".[test]" && pytest -n 2']
+SETUP = ["pip install -e . && lowbit train --recipe fp4", 'pip install -e ".[test]" && pytest -n 2']
 # Run here in a few seconds.
 CHEAP = ["lowbit --version", "lowbit formats"]
 # Run here in order, in one directory: each later command reads what an earlier one wrote.
@@ -39,8 +39,10 @@ SLOW = [
 
 def _blocks(language: str) -> list[tuple[int, str]]:
     """(line number, text) of each fenced block in ``language``."""
-    return [(README[: m.start()].count("\n") + 2, m.group(1))
-            for m in re.finditer(rf"^```{language}\n(.*?)^```", README, re.S | re.M)]
+    return [
+        (README[: m.start()].count("\n") + 2, m.group(1))
+        for m in re.finditer(rf"^```{language}\n(.*?)^```", README, re.S | re.M)
+    ]
 
 
 def _commands() -> list[str]:
@@ -96,7 +98,10 @@ def test_readme_is_self_contained():
 @pytest.mark.parametrize("command", CHEAP)
 def test_cheap_commands_run_verbatim(command, tmp_path):
     out = _shell(command, tmp_path, timeout=120).stdout
-    expected = {"lowbit --version": r"^lowbit \d+\.\d+", "lowbit formats": r"float8_e4m3fn[\s\S]*mxfp4_e2m1[\s\S]*nvfp4"}
+    expected = {
+        "lowbit --version": r"^lowbit \d+\.\d+",
+        "lowbit formats": r"float8_e4m3fn[\s\S]*mxfp4_e2m1[\s\S]*nvfp4",
+    }
     assert re.search(expected[command], out), out
 
 

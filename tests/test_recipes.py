@@ -46,17 +46,29 @@ def _quantized(name):
 
 
 # (Every recipe on an NNX CNN with a raw-einsum head, forward and gradient finite: tests/test_quantize.py.)
-_CALLS = (oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ()))),
-          oprule.OpCall(kind="conv", conv=(("dimension_numbers", ("NHWC", "HWIO", "NHWC")), ("padding", "SAME"),
-                                           ("window_strides", (1, 1)))))
+_CALLS = (
+    oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ()))),
+    oprule.OpCall(
+        kind="conv",
+        conv=(("dimension_numbers", ("NHWC", "HWIO", "NHWC")), ("padding", "SAME"), ("window_strides", (1, 1))),
+    ),
+)
 
 
 def _overwrite_recipes():
     """Recipes with state replaced by its gradient (GradScale, amax histories)."""
-    return [n for n in recipes.names() if any(
-        c == "overwrite" for r in recipes.get(n).rules for call in _CALLS
-        for c, _ in oprule.state_init(r, call, jnp.ones((3, 3, 1, 4) if call.kind == "conv" else (4, 3)),
-                                      jax.random.key(0)).values())]
+    return [
+        n
+        for n in recipes.names()
+        if any(
+            c == "overwrite"
+            for r in recipes.get(n).rules
+            for call in _CALLS
+            for c, _ in oprule.state_init(
+                r, call, jnp.ones((3, 3, 1, 4) if call.kind == "conv" else (4, 3)), jax.random.key(0)
+            ).values()
+        )
+    ]
 
 
 @pytest.mark.parametrize("name", recipes.names())
@@ -152,8 +164,11 @@ def test_fp8_delayed_first_step_is_unscaled_and_fills_the_histories():
     assert float(la) != float(l1)  # step one: no history yet, scale 1
     hist = nnx.state(g1, lnn.OverwriteWithGradient)
     # Each op's lhs history now holds its input's amax; the conv's input is X itself.
-    conv_lhs = [v for p, v in jax.tree_util.tree_leaves_with_path(hist)
-                if "conv" in jax.tree_util.keystr(p) and "amax_lhs" in jax.tree_util.keystr(p)]
+    conv_lhs = [
+        v
+        for p, v in jax.tree_util.tree_leaves_with_path(hist)
+        if "conv" in jax.tree_util.keystr(p) and "amax_lhs" in jax.tree_util.keystr(p)
+    ]
     assert len(conv_lhs) == 1 and float(conv_lhs[0][0]) == float(jnp.max(jnp.abs(X)))
     assert all(float(v[0]) > 0 and float(jnp.max(v[1:])) == 0 for v in jax.tree.leaves(hist))
 
@@ -163,12 +178,19 @@ def test_state_init_allocates_histories_per_delayed_site():
     call = oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())))
     state = oprule.state_init(rule, call, jnp.ones((4, 3)), jax.random.key(0))
     assert {k: (c, v.shape) for k, (c, v) in state.items()} == {
-        "amax_lhs": ("overwrite", (16,)), "amax_grad": ("overwrite", (16,))}
+        "amax_lhs": ("overwrite", (16,)),
+        "amax_grad": ("overwrite", (16,)),
+    }
 
 
-@pytest.mark.parametrize("name,fmt,grad_rounding", [("mxfp8", "mxfp8_e4m3_rceil", "nearest"),
-                                                    ("mxfp4", "mxfp4_e2m1_rceil", "stochastic"),
-                                                    ("nvfp4", "nvfp4", "stochastic")])
+@pytest.mark.parametrize(
+    "name,fmt,grad_rounding",
+    [
+        ("mxfp8", "mxfp8_e4m3_rceil", "nearest"),
+        ("mxfp4", "mxfp4_e2m1_rceil", "stochastic"),
+        ("nvfp4", "nvfp4", "stochastic"),
+    ],
+)
 def test_block_recipes_quantize_every_gemm_along_its_own_contraction(name, fmt, grad_rounding):
     """The block format on all four sites of the catch-all rule, placed per GEMM by the product."""
     rule = recipes.get(name).rules[-1]

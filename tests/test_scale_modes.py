@@ -167,11 +167,25 @@ def edge_rows(name):
             pts += [down(v), v, up(v)]
     pts += [0.0, F32_MAX, down(F32_MAX), 2.0**127, up(2.0**127), down(2.0**127)]
     normal = np.asarray(pts, np.float32)
-    tiny = np.asarray([
-        2.0**-149, 2.0**-140, down(2.0**-126), 2.0**-127, up(2.0**-127), 2.0**-126, up(2.0**-126),
-        vmax * 2.0**-127, up(vmax * 2.0**-127), down(vmax * 2.0**-127), vmax * 2.0**-126, up(vmax * 2.0**-126),
-        (2 - 2.0 ** -(MBITS[name] + 1)) * 2.0**-127, up((2 - 2.0 ** -(MBITS[name] + 1)) * 2.0**-127),
-    ], np.float32)
+    tiny = np.asarray(
+        [
+            2.0**-149,
+            2.0**-140,
+            down(2.0**-126),
+            2.0**-127,
+            up(2.0**-127),
+            2.0**-126,
+            up(2.0**-126),
+            vmax * 2.0**-127,
+            up(vmax * 2.0**-127),
+            down(vmax * 2.0**-127),
+            vmax * 2.0**-126,
+            up(vmax * 2.0**-126),
+            (2 - 2.0 ** -(MBITS[name] + 1)) * 2.0**-127,
+            up((2 - 2.0 ** -(MBITS[name] + 1)) * 2.0**-127),
+        ],
+        np.float32,
+    )
     ramp = np.linspace(1, -0.5, 32, dtype=np.float32)
     return normal[:, None] * ramp, tiny[:, None] * ramp
 
@@ -240,8 +254,9 @@ def test_element_with_negative_emax(mode):
     a zero block still gets 2^-127, and subnormal and huge amax follow the definitions exactly."""
     element = formats.FloatFormat(ebits=4, mbits=3, bias=40, specials="fn")
     fmt = BlockFormat(element=element, scale_mode=mode)
-    amax = np.asarray([0, 2.0**-149, 2.0**-140, 5 * 2.0**-130, 2.0**-127, 1.0, 448 * 2.0**-33, 2.0**100, F32_MAX],
-                      np.float32)
+    amax = np.asarray(
+        [0, 2.0**-149, 2.0**-140, 5 * 2.0**-130, 2.0**-127, 1.0, 448 * 2.0**-33, 2.0**100, F32_MAX], np.float32
+    )
     x = np.zeros((amax.size, 32), np.float32)
     x[:, 7] = -amax
     codes = np.asarray(formats.encode(fmt, jnp.asarray(x))[1])[:, 0]
@@ -260,8 +275,14 @@ def test_round_up_modes_never_saturate(name, mode):
 
 
 # ----- rceil equals JAX's MX quantizer ---------------------------------------------------------
-_JAX_MXFP8 = jax_mx.BlockScaleConfig(mode="mxfp8", block_size=32, data_type=jnp.float8_e4m3fn,
-                                     scale_type=jnp.float8_e8m0fnu, global_scale=None, infer_only=False)
+_JAX_MXFP8 = jax_mx.BlockScaleConfig(
+    mode="mxfp8",
+    block_size=32,
+    data_type=jnp.float8_e4m3fn,
+    scale_type=jnp.float8_e8m0fnu,
+    global_scale=None,
+    infer_only=False,
+)
 jax_quantize = jax.jit(lambda x: jax_mx.quantize(x, _JAX_MXFP8))
 
 
@@ -275,7 +296,8 @@ def test_rceil_equals_jax_mx_quantizer(seed, shape):
     """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * np.exp2(rng.integers(-40, 41, (*shape[:-1], shape[-1] // 32, 1))).repeat(
-        32, axis=-1).reshape(shape)
+        32, axis=-1
+    ).reshape(shape)
     x = x.astype(np.float32)
     xb = x.reshape(-1, 32)
     for i in rng.choice(xb.shape[0], xb.shape[0] // 2, replace=False):
@@ -325,8 +347,9 @@ def test_default_is_floor_and_registered_formats_keep_it():
 def test_modes_are_distinct_static_arguments():
     """Formats differing only in mode are unequal, so jit never reuses one mode's compiled kernel for another."""
     x = jnp.zeros((1, 32), jnp.float32).at[0, 0].set(448.0)
-    got = {mode: int(jax.jit(formats.encode, static_argnums=0)(fmt_of("mxfp8_e4m3", mode), x)[1][0, 0])
-           for mode in MODES}
+    got = {
+        mode: int(jax.jit(formats.encode, static_argnums=0)(fmt_of("mxfp8_e4m3", mode), x)[1][0, 0]) for mode in MODES
+    }
     assert got == {"floor": 127, "rceil": 127, "ceil": 128, "even": 127}
     assert len({fmt_of("mxfp8_e4m3", m) for m in MODES}) == 4
 

@@ -95,9 +95,7 @@ def test_ste_quantizer_is_not_differentiated_and_dtype_is_restored():
     x = jnp.asarray([0.1, -3.3, 300.0], jnp.bfloat16)
     out, ct, (dx,) = _vjp(lambda x: ste(x, lambda y: y.astype(jnp.float8_e4m3fn)), x)
     assert out.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(
-        out, np.asarray(x).astype(ml_dtypes.float8_e4m3fn).astype(ml_dtypes.bfloat16)
-    )
+    np.testing.assert_array_equal(out, np.asarray(x).astype(ml_dtypes.float8_e4m3fn).astype(ml_dtypes.bfloat16))
     np.testing.assert_array_equal(dx, ct)
 
     def truncate_mantissa(y):  # bit casts have no derivative; the STE must not ask for one
@@ -105,9 +103,7 @@ def test_ste_quantizer_is_not_differentiated_and_dtype_is_restored():
         return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
     x32 = jnp.asarray([1.2345, -6.789], jnp.float32)
-    np.testing.assert_array_equal(
-        jax.grad(lambda x: ste(x, truncate_mantissa).sum())(x32), [1.0, 1.0]
-    )
+    np.testing.assert_array_equal(jax.grad(lambda x: ste(x, truncate_mantissa).sum())(x32), [1.0, 1.0])
 
 
 # ----------------------------------------------------------------------------- LSQ / LSQ+
@@ -193,9 +189,9 @@ def test_lsq_boundaries_and_ties(signed):
     x = jnp.asarray([-q_n, q_p, 0.5, 1.5, 2.5, 0.0], jnp.float32)
     out = lsq(x, 1.0, bits=bits, signed=signed, grad_scale=1.0)
     np.testing.assert_array_equal(out[2:5], [0.0, 2.0, 2.0])  # round half to even
-    dx, ds = jax.jacrev(
-        lambda x, s: lsq(x, s, bits=bits, signed=signed, grad_scale=1.0), argnums=(0, 1)
-    )(x, jnp.float32(1.0))
+    dx, ds = jax.jacrev(lambda x, s: lsq(x, s, bits=bits, signed=signed, grad_scale=1.0), argnums=(0, 1))(
+        x, jnp.float32(1.0)
+    )
     # The clip values themselves are clipped (Esser eq. 3): no x-gradient, ±Q as step-gradient.
     assert dx[0, 0] == 0 and dx[1, 1] == 0
     assert ds[0] == -q_n and ds[1] == q_p
@@ -227,13 +223,9 @@ def test_pact_forward_and_alpha_gradient(seed, shape, bits, signed, per_channel)
     alpha = rng.uniform(0.5, 4.0, size=ashape).astype(np.float32)
     x = (alpha * rng.uniform(-1.5, 1.5, size=shape)).astype(np.float32)
     special = rng.random(shape)  # land exactly on the clip points and on 0
-    x = np.where(
-        special < 0.1, alpha, np.where(special < 0.2, -alpha, np.where(special < 0.3, 0, x))
-    )
+    x = np.where(special < 0.1, alpha, np.where(special < 0.2, -alpha, np.where(special < 0.3, 0, x)))
     x = x.astype(np.float32)
-    out, ct, (dx, dalpha) = _vjp(
-        lambda x, a: pact(x, a, bits=bits, signed=signed), jnp.asarray(x), jnp.asarray(alpha)
-    )
+    out, ct, (dx, dalpha) = _vjp(lambda x, a: pact(x, a, bits=bits, signed=signed), jnp.asarray(x), jnp.asarray(alpha))
 
     n = np.float32(2 ** (bits - 1) - 1 if signed else 2**bits - 1)
     y = np.clip(x, -alpha if signed else np.float32(0), alpha)
@@ -246,9 +238,7 @@ def test_pact_forward_and_alpha_gradient(seed, shape, bits, signed, per_channel)
     if signed:
         ref_dalpha = ref_dalpha - np.where(x <= -alpha, ct, np.float32(0))
     assert dalpha.shape == alpha.shape
-    np.testing.assert_allclose(
-        dalpha, _sum_to_shape(ref_dalpha, ashape), rtol=1e-5, atol=1e-5 * np.abs(ct).sum()
-    )
+    np.testing.assert_allclose(dalpha, _sum_to_shape(ref_dalpha, ashape), rtol=1e-5, atol=1e-5 * np.abs(ct).sum())
 
 
 # ----------------------------------------------------------------------------- SAWB
@@ -260,15 +250,11 @@ def test_sawb_clip_and_quantize(seed, shape, bits):
     w = (rng.standard_t(df=4, size=shape) * rng.uniform(0.01, 1.0)).astype(np.float32)
     c1, c2 = SAWB_COEFFICIENTS[bits]
     alpha = np.float32(c1) * np.sqrt(np.mean(w * w)) + np.float32(c2) * np.mean(np.abs(w))
-    scale = abs(c1) * np.sqrt(np.mean(w * w)) + abs(c2) * np.mean(
-        np.abs(w)
-    )  # c1·rms and c2·mean cancel
+    scale = abs(c1) * np.sqrt(np.mean(w * w)) + abs(c2) * np.mean(np.abs(w))  # c1·rms and c2·mean cancel
     np.testing.assert_allclose(sawb_clip(jnp.asarray(w), bits), alpha, rtol=0, atol=1e-6 * scale)
 
     out, ct, (dw,) = _vjp(lambda w: sawb_quantize(w, bits), jnp.asarray(w))
-    a = np.float32(
-        sawb_clip(jnp.asarray(w), bits)
-    )  # reuse JAX's α: the sums differ in the last ulp
+    a = np.float32(sawb_clip(jnp.asarray(w), bits))  # reuse JAX's α: the sums differ in the last ulp
     a = a if a > 0 else np.abs(w).max()
     n = np.float32(2**bits - 1)
     k = np.round((np.clip(w, -a, a) / a + np.float32(1)) * (n / np.float32(2)))
@@ -281,9 +267,7 @@ def test_sawb_clip_and_quantize(seed, shape, bits):
 def test_sawb_quantize_two_bit_levels_and_degenerate_alpha():
     w = jnp.asarray(np.random.default_rng(0).normal(size=256), jnp.float32)
     a = float(sawb_clip(w, 2))
-    np.testing.assert_allclose(
-        np.unique(np.asarray(sawb_quantize(w, 2))), [-a, -a / 3, a / 3, a], rtol=1e-6
-    )
+    np.testing.assert_allclose(np.unique(np.asarray(sawb_quantize(w, 2))), [-a, -a / 3, a / 3, a], rtol=1e-6)
     # For 8 bits c1 + c2 < 0, so ±1 weights give α < 0; the quantizer falls back to max|w|.
     pm1 = jnp.asarray([1.0, -1.0, 1.0, -1.0], jnp.float32)
     assert float(sawb_clip(pm1, 8)) < 0
@@ -377,9 +361,7 @@ def test_vmap_matches_per_example_calls(name):
         np.testing.assert_allclose(batched[i], fn(xs[i], *params), rtol=1e-6, atol=1e-6)
     per_example = jax.vmap(jax.grad(lambda x: jnp.sum(fn(x, *params))))(xs)
     for i in range(xs.shape[0]):
-        np.testing.assert_array_equal(
-            per_example[i], jax.grad(lambda x: jnp.sum(fn(x, *params)))(xs[i])
-        )
+        np.testing.assert_array_equal(per_example[i], jax.grad(lambda x: jnp.sum(fn(x, *params)))(xs[i]))
     if params:  # a shared parameter's gradient through vmap is the sum over examples
         argnums = tuple(range(len(params)))
         shared = jax.grad(lambda *p: jnp.sum(jax.vmap(lambda x: fn(x, *p))(xs)), argnums)(*params)

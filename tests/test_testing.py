@@ -35,14 +35,23 @@ class TestE3M3(testing.FormatProperties):
 @pytest.mark.parametrize("specials", formats.SPECIALS)
 @pytest.mark.parametrize("radix", [2, 4])
 def test_float_formats_reach_every_radix_and_policy(specials, radix):
-    found = find(testing.float_formats(), lambda f: f.radix == radix and f.specials == specials,
-                 settings=settings(max_examples=5000, database=None))
+    found = find(
+        testing.float_formats(),
+        lambda f: f.radix == radix and f.specials == specials,
+        settings=settings(max_examples=5000, database=None),
+    )
     assert isinstance(found, FloatFormat)
 
 
-@pytest.mark.parametrize("condition", [
-    lambda f: not f.signed, lambda f: not f.zero, lambda f: f.min_value < 2.0**-126, lambda f: f.max_value > 2.0**100,
-])
+@pytest.mark.parametrize(
+    "condition",
+    [
+        lambda f: not f.signed,
+        lambda f: not f.zero,
+        lambda f: f.min_value < 2.0**-126,
+        lambda f: f.max_value > 2.0**100,
+    ],
+)
 def test_float_formats_reach_unsigned_zeroless_and_extreme_ranges(condition):
     find(testing.float_formats(), condition, settings=settings(max_examples=5000, database=None))
 
@@ -50,8 +59,15 @@ def test_float_formats_reach_unsigned_zeroless_and_extreme_ranges(condition):
 @given(fmt=testing.float_formats(max_bits=6), ints=testing.int_formats(max_bits=5))
 def test_drawn_formats_are_valid_and_within_bits(fmt, ints):
     assert fmt.bits <= 6 and ints.bits <= 5
-    assert fmt == FloatFormat(ebits=fmt.ebits, mbits=fmt.mbits, bias=fmt.bias, radix=fmt.radix,
-                              specials=fmt.specials, signed=fmt.signed, zero=fmt.zero)
+    assert fmt == FloatFormat(
+        ebits=fmt.ebits,
+        mbits=fmt.mbits,
+        bias=fmt.bias,
+        radix=fmt.radix,
+        specials=fmt.specials,
+        signed=fmt.signed,
+        zero=fmt.zero,
+    )
     assert ints == IntFormat(bits=ints.bits, signed=ints.signed, narrow=ints.narrow)
 
 
@@ -79,8 +95,11 @@ def test_hard_arrays_and_floats_have_fixed_shapes_and_float32(data):
 
 def test_formats_any_draws_every_kind():
     for kind in (FloatFormat, IntFormat, formats.BinaryFormat):
-        find(testing.formats_any(), lambda f, kind=kind: isinstance(f, kind),
-             settings=settings(max_examples=500, database=None))
+        find(
+            testing.formats_any(),
+            lambda f, kind=kind: isinstance(f, kind),
+            settings=settings(max_examples=500, database=None),
+        )
 
 
 # ----- the suite catches broken formats --------------------------------------------------------
@@ -247,8 +266,11 @@ MUTANTS = [
 ]
 
 
-@pytest.mark.parametrize(("fmt", "reference", "message"), MUTANTS,
-                         ids=[type(m[0]).__name__.strip("_") + (":reference" if m[1] else "") for m in MUTANTS])
+@pytest.mark.parametrize(
+    ("fmt", "reference", "message"),
+    MUTANTS,
+    ids=[type(m[0]).__name__.strip("_") + (":reference" if m[1] else "") for m in MUTANTS],
+)
 def test_suite_kills_every_mutant(fmt, reference, message):
     with pytest.raises(AssertionError, match="violates") as err:
         testing.check_format(fmt, examples=2, reference=reference)
@@ -310,7 +332,6 @@ def test_reference_must_be_callable_and_keep_the_shape():
         testing.check_format(E3M3, examples=1, reference=lambda x: x[:3])
 
 
-
 def _lut_reference(x):
     """UserLUT's nearest rounding in numpy: the nearest entry, ties to the even code, saturating; NaN stays."""
     xc = np.clip(x.astype(np.float64), _LUT[0], _LUT[-1])
@@ -340,15 +361,18 @@ def test_user_format_is_a_format_registers_and_quantizes():
     np.testing.assert_array_equal(np.asarray(quant.dequantize(qt)), np.asarray(y))
 
 
-@pytest.mark.parametrize(("name", "fmt", "error", "match"), [
-    ("user_lut4", UserLUT(), ValueError, "already registered"),  # a different object under a taken name
-    ("float8_e4m3fn", USER, ValueError, "already registered"),
-    ("p3109_k9p3", USER, ValueError, "reserved"),
-    ("has space", USER, ValueError, "letters, digits"),
-    ("", USER, ValueError, "letters, digits"),
-    (3, USER, TypeError, "a string"),
-    ("not_a_format", object(), TypeError, "lacks name, bits, max_value, has_nan, encode"),
-])
+@pytest.mark.parametrize(
+    ("name", "fmt", "error", "match"),
+    [
+        ("user_lut4", UserLUT(), ValueError, "already registered"),  # a different object under a taken name
+        ("float8_e4m3fn", USER, ValueError, "already registered"),
+        ("p3109_k9p3", USER, ValueError, "reserved"),
+        ("has space", USER, ValueError, "letters, digits"),
+        ("", USER, ValueError, "letters, digits"),
+        (3, USER, TypeError, "a string"),
+        ("not_a_format", object(), TypeError, "lacks name, bits, max_value, has_nan, encode"),
+    ],
+)
 def test_register_rejects_taken_reserved_and_bad_names_and_non_formats(name, fmt, error, match):
     formats.register("user_lut4", USER)
     with pytest.raises(error, match=match):

@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_loop import _HP, _toy
 
 from lowbit import recipes
-from lowbit.trainer import (TrainingError, init_state, loop, make_eval_step, make_optimizer, make_train_step,
-                            report)
+from lowbit.trainer import TrainingError, init_state, loop, make_eval_step, make_optimizer, make_train_step, report
 from lowbit.trainer.interrupt import StopRequest
 from lowbit.trainer.lock import LOCK_NAME, RunLock
-from test_loop import _HP, _toy
 
 _FP32 = recipes.get("fp32")
 _ONE = _HP | dict(epochs=1)
@@ -44,6 +43,7 @@ def _dead_pid():
 def _strict_json(text):
     def refuse(constant):
         raise ValueError(f"metrics.json holds {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -62,8 +62,11 @@ def test_an_earlier_run_is_never_silently_replaced(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "checkpoints" / "mine.txt").write_text("mine")
     before = (tmp_path / "metrics.json").read_text()
-    with pytest.raises(ValueError, match=r"already holds a run \(checkpoints/epoch_0001, metrics.json, curves.png\); "
-                                         r"pass resume=True \(--resume\) to continue it, or overwrite=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"already holds a run \(checkpoints/epoch_0001, metrics.json, curves.png\); "
+        r"pass resume=True \(--resume\) to continue it, or overwrite=True",
+    ):
         loop.train(Mlp(), _toy(), recipe=_FP32, out_dir=tmp_path, **_ONE)
     assert (tmp_path / "metrics.json").read_text() == before
     with pytest.raises(ValueError, match="resume=True continues the run in out_dir and overwrite=True replaces it"):
@@ -99,25 +102,28 @@ def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("change", "error", "match"), [
-    (dict(epochs=0), ValueError, "epochs must be >= 1, got 0"),
-    (dict(epochs=1.5), TypeError, "epochs must be an integer, got 1.5"),
-    (dict(batch_size=True), TypeError, "batch_size must be an integer, got True"),
-    (dict(batch_size=1000), ValueError, "batch_size 1000 exceeds the 64 training examples"),
-    (dict(seed=-1), ValueError, "seed must be >= 0"),
-    (dict(resume="no"), TypeError, "resume must be True or False, got 'no'"),
-    (dict(overwrite=1), TypeError, "overwrite must be True or False, got 1"),
-    (dict(progress="yes"), TypeError, "progress must be True or False"),
-    (dict(keep=0), ValueError, "keep must be >= 1, got 0"),
-    (dict(max_skipped=-1), ValueError, "max_skipped must be >= 0, got -1"),
-    (dict(max_skipped=0.5), TypeError, "max_skipped must be an integer"),
-    (dict(learning_rate=math.nan), ValueError, "learning_rate must be a finite number >= 0, got nan"),
-    (dict(warmup=-1.0), ValueError, "warmup must be a finite number >= 0"),
-    (dict(weight_decay="0.1"), TypeError, "weight_decay must be a number"),
-    (dict(devices=64), ValueError, "64 devices requested"),
-    (dict(out_dir=3), TypeError, "out_dir must be a path"),
-    (dict(out_dir=None, resume=True), ValueError, "resume=True needs out_dir"),
-])
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        (dict(epochs=0), ValueError, "epochs must be >= 1, got 0"),
+        (dict(epochs=1.5), TypeError, "epochs must be an integer, got 1.5"),
+        (dict(batch_size=True), TypeError, "batch_size must be an integer, got True"),
+        (dict(batch_size=1000), ValueError, "batch_size 1000 exceeds the 64 training examples"),
+        (dict(seed=-1), ValueError, "seed must be >= 0"),
+        (dict(resume="no"), TypeError, "resume must be True or False, got 'no'"),
+        (dict(overwrite=1), TypeError, "overwrite must be True or False, got 1"),
+        (dict(progress="yes"), TypeError, "progress must be True or False"),
+        (dict(keep=0), ValueError, "keep must be >= 1, got 0"),
+        (dict(max_skipped=-1), ValueError, "max_skipped must be >= 0, got -1"),
+        (dict(max_skipped=0.5), TypeError, "max_skipped must be an integer"),
+        (dict(learning_rate=math.nan), ValueError, "learning_rate must be a finite number >= 0, got nan"),
+        (dict(warmup=-1.0), ValueError, "warmup must be a finite number >= 0"),
+        (dict(weight_decay="0.1"), TypeError, "weight_decay must be a number"),
+        (dict(devices=64), ValueError, "64 devices requested"),
+        (dict(out_dir=3), TypeError, "out_dir must be a path"),
+        (dict(out_dir=None, resume=True), ValueError, "resume=True needs out_dir"),
+    ],
+)
 def test_bad_arguments_fail_before_any_work(tmp_path, change, error, match):
     kw = _ONE | dict(out_dir=tmp_path / "out") | change
     with pytest.raises(error, match=match):
@@ -136,8 +142,11 @@ def test_unwritable_out_dir_fails_first(tmp_path):
 def test_out_of_range_labels_are_refused(tmp_path, split, index, label):
     data = _toy()
     getattr(data, split)[index] = label
-    with pytest.raises(ValueError, match=fr"dataset.{split} has 1 labels outside \[0, 2\) \(num_classes=2\), "
-                                         fr"e.g. {label} at index {index}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"dataset.{split} has 1 labels outside \[0, 2\) \(num_classes=2\), "
+        rf"e.g. {label} at index {index}",
+    ):
         loop.train(Mlp(), data, recipe=_FP32, out_dir=tmp_path / "out", **_ONE)
     assert not (tmp_path / "out").exists()
 
@@ -147,8 +156,11 @@ def test_bad_data_and_models_are_refused(tmp_path):
     float_labels = type(data)(data.x_train, data.y_train.astype(np.float32), data.x_test, data.y_test, 2, "toy")
     with pytest.raises(TypeError, match="dataset.y_train must be integer labels"):
         loop.train(Mlp(), float_labels, recipe=_FP32, **_ONE)
-    with pytest.raises(ValueError, match=r"maps a batch of shape \[16, 4, 4, 1\] to \[16, 1\]; expected logits of "
-                                         r"shape \[16, classes\] with classes >= dataset.num_classes=2"):
+    with pytest.raises(
+        ValueError,
+        match=r"maps a batch of shape \[16, 4, 4, 1\] to \[16, 1\]; expected logits of "
+        r"shape \[16, classes\] with classes >= dataset.num_classes=2",
+    ):
         loop.train(Mlp(classes=1), data, recipe=_FP32, **_ONE)
     with pytest.raises(ValueError, match=r"model cannot be applied to a batch of images of shape \[16, 4, 4, 1\]"):
         loop.train(Mlp(inputs=10), data, recipe=_FP32, **_ONE)
@@ -161,8 +173,11 @@ def test_bad_data_and_models_are_refused(tmp_path):
 def test_too_many_skipped_steps_fail_the_run():
     data = _toy()
     data.x_train[:] = np.nan
-    with pytest.raises(TrainingError, match=r"3 steps skipped for a non-finite loss or gradient, more than "
-                                            r"max_skipped=2 \(at epoch 1 step 3\)"):
+    with pytest.raises(
+        TrainingError,
+        match=r"3 steps skipped for a non-finite loss or gradient, more than "
+        r"max_skipped=2 \(at epoch 1 step 3\)",
+    ):
         loop.train(Mlp(), data, recipe=_FP32, max_skipped=2, **_ONE)
 
 

@@ -37,10 +37,20 @@ def test_the_vit_is_stock_flax_quantized_like_any_model():
     desc = lowbit.describe(lowbit.quantize(_vit(depth=2), "fp8"), jnp.ones((1, 8, 8, 1)))
     assert [f"{d.path}:{d.key}" for d in desc] == [
         "patch_embed:dot_general0",
-        *[f"blocks/{i}/{op}" for i in range(2) for op in (
-            "attn/qkv:dot_general0", "attn:einsum0", "attn:einsum1", "attn/proj:dot_general0",
-            "mlp_in:dot_general0", "mlp_out:dot_general0")],
-        "head:dot_general0"]
+        *[
+            f"blocks/{i}/{op}"
+            for i in range(2)
+            for op in (
+                "attn/qkv:dot_general0",
+                "attn:einsum0",
+                "attn:einsum1",
+                "attn/proj:dot_general0",
+                "mlp_in:dot_general0",
+                "mlp_out:dot_general0",
+            )
+        ],
+        "head:dot_general0",
+    ]
     lowbit_layers = (lowbit.nn.QLinear, lowbit.nn.QEinsum, lowbit.nn.QConv, lowbit.nn.OpState)
     assert not any(isinstance(m, lowbit_layers) for _, m in nnx.iter_modules(_vit()))
 
@@ -81,8 +91,12 @@ def test_config_is_json():
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [(dict(dim=18, heads=4), "divisible by heads"), (dict(patch_size=3), "does not divide"),
-     (dict(depth=0), "depth"), (dict(dropout=1.0), "dropout")],
+    [
+        (dict(dim=18, heads=4), "divisible by heads"),
+        (dict(patch_size=3), "does not divide"),
+        (dict(depth=0), "depth"),
+        (dict(dropout=1.0), "dropout"),
+    ],
 )
 def test_invalid_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

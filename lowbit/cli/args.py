@@ -12,8 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "InputError", "absolute_path", "check_output_dir", "fail", "nonnegative_float",
-           "nonnegative_int", "positive_int"]
+__all__ = [
+    "HelpFormatter",
+    "InputError",
+    "absolute_path",
+    "check_output_dir",
+    "fail",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_int",
+]
 
 
 class InputError(Exception):

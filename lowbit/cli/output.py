@@ -18,8 +18,9 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def print_table(title: str | None, header: Sequence[str], rows: Sequence[Sequence[str]],
-                left: Sequence[str] = ()) -> None:
+def print_table(
+    title: str | None, header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[str] = ()
+) -> None:
     """Prints a rich table; columns named in ``left`` align left, the others right.
 
     Piped output gets a 200-column console, so rows stay on one line instead of

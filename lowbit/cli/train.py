@@ -23,8 +23,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli.args import (HelpFormatter, InputError, absolute_path, check_output_dir, fail, nonnegative_float,
-                             nonnegative_int, positive_int)
+from lowbit.cli.args import (
+    HelpFormatter,
+    InputError,
+    absolute_path,
+    check_output_dir,
+    fail,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+)
 from lowbit.cli.output import Panel, plot_bars, plural, print_table, written
 from lowbit.data import DATASETS
 
@@ -37,15 +45,21 @@ _STOPPED = 130  # exit status of a run a signal stopped early (the shell's for C
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit train``."""
     parser = subparsers.add_parser(
-        "train", help="train a model in one recipe", formatter_class=HelpFormatter,
+        "train",
+        help="train a model in one recipe",
+        formatter_class=HelpFormatter,
         description="Train a model on a dataset in one recipe; writes checkpoints, metrics.json and curves.png.",
     )
     parser.add_argument("--recipe", default="fp32", help="training recipe: {recipes} (default: fp32)")
     parser.add_argument("--seed", type=int, default=0, help="model init and data order seed (default: 0)")
-    parser.add_argument("--out", type=absolute_path,
-                        help="output directory (default: runs/<recipe>-<dataset>-seed<seed>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest valid checkpoint in --out (says which epoch it restored)")
+    parser.add_argument(
+        "--out", type=absolute_path, help="output directory (default: runs/<recipe>-<dataset>-seed<seed>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in --out (says which epoch it restored)",
+    )
     _add_common(parser)
     parser.set_defaults(func=_train_command)
     return parser
@@ -54,12 +68,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``lowbit compare``."""
     parser = subparsers.add_parser(
-        "compare", help="train several recipes and compare them with fp32", formatter_class=HelpFormatter,
+        "compare",
+        help="train several recipes and compare them with fp32",
+        formatter_class=HelpFormatter,
         description="Train a model in each recipe and seed; print accuracy (mean ± std over seeds), the gap to "
-                    "fp32, the step-time ratio, wall and compile time; write comparison.json and comparison.png.",
+        "fp32, the step-time ratio, wall and compile time; write comparison.json and comparison.png.",
     )
-    parser.add_argument("--recipes", default="fp32,fp8,fp4",
-                        help="comma-separated recipes from: {recipes} (default: fp32,fp8,fp4)")
+    parser.add_argument(
+        "--recipes", default="fp32,fp8,fp4", help="comma-separated recipes from: {recipes} (default: fp32,fp8,fp4)"
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     parser.add_argument("--out", type=absolute_path, help="output directory (default: runs/compare-<dataset>)")
     _add_common(parser)
@@ -70,35 +87,57 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default: digits, bundled)")
-    data.add_argument("--data-dir", type=absolute_path,
-                      help="directory with the dataset files (fashion-mnist, cifar10)")
+    data.add_argument(
+        "--data-dir", type=absolute_path, help="directory with the dataset files (fashion-mnist, cifar10)"
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set (default: 30)")
     opt.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
     opt.add_argument("--lr", type=nonnegative_float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
     opt.add_argument("--weight-decay", type=nonnegative_float, default=0.05, help="AdamW weight decay (default: 0.05)")
     opt.add_argument("--warmup", type=nonnegative_float, default=2.0, help="linear warmup in epochs (default: 2)")
-    opt.add_argument("--devices", type=positive_int, default=1,
-                     help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)")
+    opt.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)",
+    )
     run = parser.add_argument_group("run")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start afresh in an --out that holds an earlier run's checkpoints or metrics, deleting "
-                          "them (without it, that is an error)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds an earlier run's checkpoints or metrics, deleting "
+        "them (without it, that is an error)",
+    )
     run.add_argument("--keep", type=positive_int, default=2, help="newest checkpoints to keep (default: 2)")
-    run.add_argument("--max-skipped", type=nonnegative_int,
-                     help="fail the run once more than N steps were skipped for a non-finite loss or gradients "
-                          "(default: the trainer's)")
-    run.add_argument("--no-progress", action="store_true",
-                     help="no progress bar: one line per epoch (as when output is not a terminal)")
+    run.add_argument(
+        "--max-skipped",
+        type=nonnegative_int,
+        help="fail the run once more than N steps were skipped for a non-finite loss or gradients "
+        "(default: the trainer's)",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one line per epoch (as when output is not a terminal)",
+    )
     quant = parser.add_argument_group("quantization")
-    quant.add_argument("--matmul", default="auto", choices=("auto", "real", "fake"),
-                       help="quantized matmuls on integer/float8 operands (real), on dequantized floats (fake), "
-                            "or auto: real for integer formats, and for float8 off-CPU (default: auto)")
+    quant.add_argument(
+        "--matmul",
+        default="auto",
+        choices=("auto", "real", "fake"),
+        help="quantized matmuls on integer/float8 operands (real), on dequantized floats (fake), "
+        "or auto: real for integer formats, and for float8 off-CPU (default: auto)",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="vit", metavar="{vit,mlp,cnn,PKG.MODULE:FACTORY}",
-                       help="a built-in model, or your factory, called as FACTORY(image_shape=(H, W, C), "
-                            "num_classes=K, rngs=nnx.Rngs(seed)) and returning an NNX model; PKG.MODULE is "
-                            "imported from the working directory or PYTHONPATH (default: vit)")
+    model.add_argument(
+        "--model",
+        default="vit",
+        metavar="{vit,mlp,cnn,PKG.MODULE:FACTORY}",
+        help="a built-in model, or your factory, called as FACTORY(image_shape=(H, W, C), "
+        "num_classes=K, rngs=nnx.Rngs(seed)) and returning an NNX model; PKG.MODULE is "
+        "imported from the working directory or PYTHONPATH (default: vit)",
+    )
     vit = parser.add_argument_group("ViT sizes (--model vit only)")
     vit.add_argument("--patch-size", type=positive_int, help="patch side (default: the smallest giving <= 64 patches)")
     vit.add_argument("--dim", type=positive_int, help="token width (default: 64)")
@@ -125,10 +164,12 @@ def _train_command(args: argparse.Namespace) -> int:
     except TrainingError as e:
         return fail("train", e, status=1)
     if not metrics["stopped"]:
-        print(f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
-              f"seed {metrics['seed']}: test accuracy {100 * metrics['test_accuracy']:.2f}%, "
-              f"final loss {metrics['final_loss']:.4f}, {metrics['train_time_s']:.1f} s "
-              f"({metrics['step_time_ms']:.1f} ms/step), {plural(metrics['skipped_steps'], 'skipped step')}")
+        print(
+            f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
+            f"seed {metrics['seed']}: test accuracy {100 * metrics['test_accuracy']:.2f}%, "
+            f"final loss {metrics['final_loss']:.4f}, {metrics['train_time_s']:.1f} s "
+            f"({metrics['step_time_ms']:.1f} ms/step), {plural(metrics['skipped_steps'], 'skipped step')}"
+        )
     print(written([out / "metrics.json", out / "curves.png"], since))
     # A stopped run is unfinished: a script's next command (`&& lowbit ptq ...`) must not run.
     return _STOPPED if metrics["stopped"] else 0
@@ -147,8 +188,10 @@ def _compare_command(args: argparse.Namespace) -> int:
         runs = [(recipe, seed, out / recipe.name / f"seed{seed}") for recipe in recipes for seed in seeds]
         if not args.overwrite and (earlier := [str(p) for *_, p in runs if p.is_dir() and any(p.iterdir())]):
             # Checked for every run up front, not by each run as it starts, hours in.
-            raise InputError(f"{', '.join(earlier)} hold(s) an earlier comparison; add --overwrite to replace it, "
-                             "or pass a fresh --out")
+            raise InputError(
+                f"{', '.join(earlier)} hold(s) an earlier comparison; add --overwrite to replace it, "
+                "or pass a fresh --out"
+            )
         _check_model(args)
         dataset = _dataset(args)
         since = time.time()
@@ -165,8 +208,15 @@ def _compare_command(args: argparse.Namespace) -> int:
     except TrainingError as e:
         return fail("compare", e, status=1)
     rows = _summarise(results)
-    report = dict(dataset=dataset.name, model=args.model, seeds=seeds, epochs=args.epochs,
-                  batch_size=args.batch_size, learning_rate=args.lr, results=rows)
+    report = dict(
+        dataset=dataset.name,
+        model=args.model,
+        seeds=seeds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        results=rows,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(report, indent=2))
     _print_comparison(rows, dataset.name, seeds, args.epochs)
@@ -200,8 +250,10 @@ def _use_devices(args: argparse.Namespace) -> None:
     import jax
 
     if len(jax.devices()) < n:
-        raise InputError(f"--devices {n}: jax sees only {len(jax.devices())} devices (its backend started before "
-                          f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)")
+        raise InputError(
+            f"--devices {n}: jax sees only {len(jax.devices())} devices (its backend started before "
+            f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)"
+        )
 
 
 def _recipes(args: argparse.Namespace, names: list[str]) -> list:
@@ -297,10 +349,24 @@ def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, res
     model = _model(args, dataset, recipe, seed)
     try:
         with _compile_time() as compiling:
-            metrics = train(model, dataset, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-                            learning_rate=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, out_dir=out,
-                            resume=resume, overwrite=args.overwrite, keep=args.keep, max_skipped=args.max_skipped,
-                            devices=args.devices, progress=not args.no_progress)
+            metrics = train(
+                model,
+                dataset,
+                recipe=recipe,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=seed,
+                learning_rate=args.lr,
+                weight_decay=args.weight_decay,
+                warmup=args.warmup,
+                out_dir=out,
+                resume=resume,
+                overwrite=args.overwrite,
+                keep=args.keep,
+                max_skipped=args.max_skipped,
+                devices=args.devices,
+                progress=not args.no_progress,
+            )
     except (TypeError, ValueError) as e:  # checkpoint errors included; all raised before the first step
         raise InputError(e) from None
     return dict(metrics, wall_time_s=time.perf_counter() - start, compile_time_s=compiling[0])
@@ -310,13 +376,19 @@ def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for name, metrics in runs.items():
         accuracy = [m["test_accuracy"] for m in metrics]
-        rows.append(dict(recipe=name, test_accuracy=accuracy, test_accuracy_mean=statistics.fmean(accuracy),
-                         # None, not 0, with one seed: a single run says nothing about the spread.
-                         test_accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
-                         step_time_ms=statistics.median(m["step_time_ms"] for m in metrics),
-                         train_time_s=statistics.fmean(m["train_time_s"] for m in metrics),
-                         wall_time_s=statistics.fmean(m["wall_time_s"] for m in metrics),
-                         compile_time_s=statistics.fmean(m["compile_time_s"] for m in metrics)))
+        rows.append(
+            dict(
+                recipe=name,
+                test_accuracy=accuracy,
+                test_accuracy_mean=statistics.fmean(accuracy),
+                # None, not 0, with one seed: a single run says nothing about the spread.
+                test_accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
+                step_time_ms=statistics.median(m["step_time_ms"] for m in metrics),
+                train_time_s=statistics.fmean(m["train_time_s"] for m in metrics),
+                wall_time_s=statistics.fmean(m["wall_time_s"] for m in metrics),
+                compile_time_s=statistics.fmean(m["compile_time_s"] for m in metrics),
+            )
+        )
     base = next((r for r in rows if r["recipe"] == "fp32"), None)
     for row in rows:  # None when fp32 was not among the recipes
         row["gap_to_fp32_points"] = 100 * (row["test_accuracy_mean"] - base["test_accuracy_mean"]) if base else None
@@ -325,19 +397,38 @@ def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _print_comparison(rows: list[dict[str, Any]], dataset: str, seeds: list[int], epochs: int) -> None:
-    header = ["recipe", "test accuracy (%)", "gap to fp32 (points)", "step time (ms)", "step vs fp32",
-              "wall time (s)", "compile time (s)"]
+    header = [
+        "recipe",
+        "test accuracy (%)",
+        "gap to fp32 (points)",
+        "step time (ms)",
+        "step vs fp32",
+        "wall time (s)",
+        "compile time (s)",
+    ]
     table = []
     for r in rows:
         gap, ratio, std = r["gap_to_fp32_points"], r["step_time_ratio_to_fp32"], r["test_accuracy_std"]
         accuracy = f"{100 * r['test_accuracy_mean']:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-        table.append([r["recipe"], accuracy, "—" if gap is None else f"{gap:+.2f}", f"{r['step_time_ms']:.1f}",
-                      "—" if ratio is None else f"{ratio:.2f}x", f"{r['wall_time_s']:.1f}",
-                      f"{r['compile_time_s']:.1f}"])
+        table.append(
+            [
+                r["recipe"],
+                accuracy,
+                "—" if gap is None else f"{gap:+.2f}",
+                f"{r['step_time_ms']:.1f}",
+                "—" if ratio is None else f"{ratio:.2f}x",
+                f"{r['wall_time_s']:.1f}",
+                f"{r['compile_time_s']:.1f}",
+            ]
+        )
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
-    print_table(f"{dataset}, {plural(epochs, 'epoch')}, {plural(len(seeds), 'seed')} "
-                f"({', '.join(map(str, seeds))}; {spread}); wall time: whole run, compile included",
-                header, table, left=("recipe",))
+    print_table(
+        f"{dataset}, {plural(epochs, 'epoch')}, {plural(len(seeds), 'seed')} "
+        f"({', '.join(map(str, seeds))}; {spread}); wall time: whole run, compile included",
+        header,
+        table,
+        left=("recipe",),
+    )
 
 
 def _plot_comparison(rows: list[dict[str, Any]], path: Path, dataset: str, seeds: list[int]) -> None:
@@ -349,5 +440,6 @@ def _plot_comparison(rows: list[dict[str, Any]], path: Path, dataset: str, seeds
     floor = max(0.0, 10 * ((low - 5) // 10))
     accuracy = Panel(values=means, errors=stds, ylabel="test accuracy (%)", floor=floor or None, ceiling=100)
     step = Panel(values=[r["step_time_ms"] for r in rows], ylabel="median step time (ms)")
-    plot_bars(path, f"recipes on {dataset} ({plural(len(seeds), 'seed')})", [r["recipe"] for r in rows],
-              [accuracy, step])
+    plot_bars(
+        path, f"recipes on {dataset} ({plural(len(seeds), 'seed')})", [r["recipe"] for r in rows], [accuracy, step]
+    )

@@ -122,7 +122,7 @@ def split_key(key, n: int) -> tuple:
     seed = _triple32(jnp.arange(1, n + 1, dtype=jnp.uint32) * u32(0x9E3779B9))
     for w in range(words.shape[0]):
         seed = _triple32(seed ^ words[w])
-    salt = (jnp.arange(1, words.shape[0] + 1, dtype=jnp.uint32) * u32(0x85EBCA6B))
+    salt = jnp.arange(1, words.shape[0] + 1, dtype=jnp.uint32) * u32(0x85EBCA6B)
     children = _triple32(seed[:, None] ^ salt[None, :]).reshape((n,) + data.shape).astype(data.dtype)
     if typed:
         children = jax.random.wrap_key_data(children, impl=jax.random.key_impl(key))

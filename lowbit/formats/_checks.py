@@ -88,13 +88,16 @@ def check_key(key: Any, what: str = "key") -> None:
     allowed = "one jax.random.key(seed) or one legacy jax.random.PRNGKey(seed) (uint32[2])"
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if shape != ():
-            raise ValueError(f"{what} is a batch of keys of shape {shape}; allowed: {allowed} "
-                             "(to use one key per call, jax.vmap over the keys)")
+            raise ValueError(
+                f"{what} is a batch of keys of shape {shape}; allowed: {allowed} "
+                "(to use one key per call, jax.vmap over the keys)"
+            )
         return
     if dtype is not None and jnp.dtype(dtype) == jnp.uint32 and len(shape) >= 1:
         if shape != (2,):
-            raise ValueError(f"{what} has shape {shape}; allowed: {allowed} "
-                             "(to use one key per call, jax.vmap over the keys)")
+            raise ValueError(
+                f"{what} has shape {shape}; allowed: {allowed} (to use one key per call, jax.vmap over the keys)"
+            )
         return
     desc = f"dtype {dtype} and shape {shape}" if dtype is not None else f"type {type(key).__name__}"
     raise TypeError(f"{what} has {desc}; allowed: {allowed}")
@@ -149,6 +152,11 @@ def check_codes(codes: Any, bits: int, what: str = "codes") -> jnp.ndarray:
         codes = np.asarray(codes)
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise TypeError(f"{what} have dtype {codes.dtype}; allowed: an integer dtype (uint8 or uint16)")
-    check_range(codes, 0, 2**bits - 1, what, f"codes of a {bits}-bit format, 0 .. {2**bits - 1} "
-                "(under jit only the low bits are read)")
+    check_range(
+        codes,
+        0,
+        2**bits - 1,
+        what,
+        f"codes of a {bits}-bit format, 0 .. {2**bits - 1} (under jit only the low bits are read)",
+    )
     return jnp.asarray(codes)

@@ -42,16 +42,28 @@ class AdaptiveFloat(BuiltinFormat):
     name: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
-        require(isinstance(self.base, FloatFormat) and self.base.radix == 2, "AdaptiveFloat", "base",
-                self.base, "a radix-2 FloatFormat")
+        require(
+            isinstance(self.base, FloatFormat) and self.base.radix == 2,
+            "AdaptiveFloat",
+            "base",
+            self.base,
+            "a radix-2 FloatFormat",
+        )
         require(self.rule in RULES, "AdaptiveFloat", "rule", self.rule, ", ".join(RULES))
         if self.axis is not None:
             check_int("AdaptiveFloat", "axis", self.axis, -64, 63)
-        require(isinstance(self.search, tuple) and 0 in self.search
-                and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and abs(d) <= _MAX_SHIFT
-                        for d in self.search),
-                "AdaptiveFloat", "search", self.search,
-                f"a tuple of ints in [-{_MAX_SHIFT}, {_MAX_SHIFT}] that contains 0")
+        require(
+            isinstance(self.search, tuple)
+            and 0 in self.search
+            and all(
+                isinstance(d, (int, np.integer)) and not isinstance(d, bool) and abs(d) <= _MAX_SHIFT
+                for d in self.search
+            ),
+            "AdaptiveFloat",
+            "search",
+            self.search,
+            f"a tuple of ints in [-{_MAX_SHIFT}, {_MAX_SHIFT}] that contains 0",
+        )
         check_name("AdaptiveFloat", self.name)
         if not self.name:
             object.__setattr__(self, "name", f"adaptive_{self.base.name}_{self.rule}")
@@ -124,8 +136,13 @@ class AdaptiveFloat(BuiltinFormat):
         if not jnp.issubdtype(bias.dtype, jnp.integer):
             raise TypeError(f"{self.name}: bias has dtype {bias.dtype}; allowed: an integer dtype (int32)")
         lo, hi = self.base.bias - _MAX_SHIFT, self.base.bias + _MAX_SHIFT
-        check_range(bias, lo, hi, "bias", f"biases in [{lo}, {hi}], the range encode chooses from "
-                    "(under jit a bias outside is clamped into it)")
+        check_range(
+            bias,
+            lo,
+            hi,
+            "bias",
+            f"biases in [{lo}, {hi}], the range encode chooses from (under jit a bias outside is clamped into it)",
+        )
         d = jnp.clip(bias.astype(jnp.int32) - self.base.bias, -_MAX_SHIFT, _MAX_SHIFT)
         _, down = _pow2_pair(d)
         return (self.base._decode(codes, jnp.float32) * down).astype(dtype)

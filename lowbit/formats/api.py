@@ -27,8 +27,10 @@ def _resolve(fmt):
         return get(fmt)
     missing = missing_members(fmt)
     if missing:
-        raise TypeError(f"fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: a registered "
-                        "name or an object implementing lowbit.formats.Format")
+        raise TypeError(
+            f"fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: a registered "
+            "name or an object implementing lowbit.formats.Format"
+        )
     return fmt
 
 
@@ -77,8 +79,10 @@ def decode(fmt, codes, *, dtype: Any = jnp.float32):
     fmt = _resolve(fmt)
     dtype = check_dtype(dtype)
     if isinstance(codes, tuple) and isinstance(fmt, (FloatFormat, IntFormat, BinaryFormat)):
-        raise ValueError(f"codes is a tuple; allowed for {fmt.name}: the codes array encode returned "
-                         "(only scaled formats, adaptive and block, encode to a tuple)")
+        raise ValueError(
+            f"codes is a tuple; allowed for {fmt.name}: the codes array encode returned "
+            "(only scaled formats, adaptive and block, encode to a tuple)"
+        )
     if isinstance(codes, tuple) and codes:
         codes = (check_codes(codes[0], fmt.bits), *(jnp.asarray(c) for c in codes[1:]))
     else:

@@ -149,23 +149,49 @@ class BlockFormat(BuiltinFormat):
         check_name(own, self.name)
         require(isinstance(self.kind, str) and self.kind in KINDS, own, "kind", self.kind, ", ".join(KINDS))
         check_int(own, "block_size", self.block_size, 1, 2**16)
-        float_ok = isinstance(self.element, FloatFormat) and self.element.radix == 2 and self.element.zero \
+        float_ok = (
+            isinstance(self.element, FloatFormat)
+            and self.element.radix == 2
+            and self.element.zero
             and self.element.signed
+        )
         int_ok = isinstance(self.element, IntFormat) and self.element.signed and self.kind == "mx"
-        require(float_ok or int_ok, own, "element", self.element,
-                "a signed radix-2 FloatFormat with a zero, or a signed IntFormat (kind='mx')")
+        require(
+            float_ok or int_ok,
+            own,
+            "element",
+            self.element,
+            "a signed radix-2 FloatFormat with a zero, or a signed IntFormat (kind='mx')",
+        )
         if self.kind == "mx":
             require(self.scale == E8M0, own, "scale", self.scale, "float8_e8m0fnu for kind='mx'")
             if self.scale_mode is None:  # one spelling of the default, so equal formats compare and hash equal
                 object.__setattr__(self, "scale_mode", "floor")
-            require(isinstance(self.scale_mode, str) and self.scale_mode in SCALE_MODES, own, "scale_mode",
-                    self.scale_mode, f"{', '.join(SCALE_MODES)} (or None: floor) for kind='mx'")
+            require(
+                isinstance(self.scale_mode, str) and self.scale_mode in SCALE_MODES,
+                own,
+                "scale_mode",
+                self.scale_mode,
+                f"{', '.join(SCALE_MODES)} (or None: floor) for kind='mx'",
+            )
         else:
-            require(self.scale_mode is None, own, "scale_mode", self.scale_mode,
-                    "None for kind='nvfp4' (its E4M3 block scale rounds to nearest; scale modes round E8M0 scales)")
-            require(isinstance(self.scale, FloatFormat) and self.scale.radix == 2 and self.scale.zero
-                    and self.scale.has_nan, own, "scale", self.scale,
-                    "a radix-2 FloatFormat with a zero and a NaN code for kind='nvfp4'")
+            require(
+                self.scale_mode is None,
+                own,
+                "scale_mode",
+                self.scale_mode,
+                "None for kind='nvfp4' (its E4M3 block scale rounds to nearest; scale modes round E8M0 scales)",
+            )
+            require(
+                isinstance(self.scale, FloatFormat)
+                and self.scale.radix == 2
+                and self.scale.zero
+                and self.scale.has_nan,
+                own,
+                "scale",
+                self.scale,
+                "a radix-2 FloatFormat with a zero and a NaN code for kind='nvfp4'",
+            )
         if not self.name:
             suffix = "" if self.scale_mode in (None, "floor") else f"_{self.scale_mode}"
             object.__setattr__(self, "name", f"{self.kind}_{self.element.name}_b{self.block_size}{suffix}")
@@ -242,11 +268,14 @@ class BlockFormat(BuiltinFormat):
         n = codes.shape[-1]
         nb = -(-n // self.block_size)
         if scales.shape != (*codes.shape[:-1], nb):
-            raise ValueError(f"{self.name}: scales have shape {scales.shape}; codes of shape {codes.shape} "
-                             f"need {(*codes.shape[:-1], nb)} (one per block of {self.block_size})")
+            raise ValueError(
+                f"{self.name}: scales have shape {scales.shape}; codes of shape {codes.shape} "
+                f"need {(*codes.shape[:-1], nb)} (one per block of {self.block_size})"
+            )
         smax = 2**self.scale.bits - 1
-        check_range(scales, 0, smax, "scales", f"{self.scale.name} codes 0 .. {smax} "
-                    "(under jit only the low bits are read)")
+        check_range(
+            scales, 0, smax, "scales", f"{self.scale.name} codes 0 .. {smax} (under jit only the low bits are read)"
+        )
         cb, _ = _blocks(codes, self.block_size)
         q = self.element._decode(cb, jnp.float32)
         if self.kind == "mx":
@@ -275,8 +304,9 @@ class BlockFormat(BuiltinFormat):
         full = (1 << _bits.MANT) - 1
         max_fraction = int(np.float32(self.element_max).view(np.uint32)) & full
         mbits = self.element.mbits if isinstance(self.element, FloatFormat) else -self.element_exp
-        return {"floor": 0, "ceil": full, "rceil": full - max_fraction,
-                "even": 1 << (_bits.MANT - 1 - mbits)}[self.scale_mode]
+        return {"floor": 0, "ceil": full, "rceil": full - max_fraction, "even": 1 << (_bits.MANT - 1 - mbits)}[
+            self.scale_mode
+        ]
 
     def _mx_scale(self, xb):
         """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.
@@ -326,8 +356,9 @@ class BlockFormat(BuiltinFormat):
         # Reduced from the block maxima (behind a bitcast, which XLA does not fold into
         # one reduction over x): the tensor amax costs no extra pass over x.
         amax = jnp.max(amax_b, initial=jnp.float32(0))
-        s = jnp.maximum(_div(amax, jnp.float32(self.scale.max_value * self.element.max_value)),
-                        jnp.float32(_NV_TENSOR_FLOOR))
+        s = jnp.maximum(
+            _div(amax, jnp.float32(self.scale.max_value * self.element.max_value)), jnp.float32(_NV_TENSOR_FLOOR)
+        )
         # The barrier keeps XLA from merging (a / b) / s into a / (b * s), another rounding.
         bsf = _div(lax.optimization_barrier(_div(amax_b, jnp.float32(self.element.max_value))), s)
         bs_code = self.scale._encode(bsf, True, "nearest", None)
@@ -339,8 +370,9 @@ class BlockFormat(BuiltinFormat):
 def _blocks(x, block_size: int):
     """``x`` as (..., nblocks, block_size), zero-padded at the end of the last axis."""
     if x.ndim == 0:
-        raise ValueError("x has shape (); allowed: block formats need an array with at least one axis "
-                         "(blocks run along the last)")
+        raise ValueError(
+            "x has shape (); allowed: block formats need an array with at least one axis (blocks run along the last)"
+        )
     n = x.shape[-1]
     pad = -n % block_size
     if pad:
@@ -414,7 +446,7 @@ def with_scale_mode(fmt: BlockFormat | str, scale_mode: str) -> BlockFormat:
     if not isinstance(fmt, BlockFormat):
         raise TypeError(f"with_scale_mode fmt={fmt!r} is invalid; allowed: an MX BlockFormat or its name")
     suffix = f"_{fmt.scale_mode}"
-    base = fmt.name[:-len(suffix)] if fmt.scale_mode != "floor" and fmt.name.endswith(suffix) else fmt.name
+    base = fmt.name[: -len(suffix)] if fmt.scale_mode != "floor" and fmt.name.endswith(suffix) else fmt.name
     fmt = dataclasses.replace(fmt, scale_mode=scale_mode)  # validates scale_mode (None reads as floor)
     return dataclasses.replace(fmt, name=base if fmt.scale_mode == "floor" else f"{base}_{fmt.scale_mode}")
 

@@ -34,17 +34,43 @@ MAX_ENTRIES = 256  # codes are uint8
 
 # QLoRA's NormalFloat4 (Dettmers et al. 2023), as bitsandbytes ships it (float32 values).
 NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 # AbnormalFloat4 for blocks of 64 (Yoshida 2023, "NF4 Isn't Information Theoretically
 # Optimal (and that's Good)"), as bitsandbytes ships it; bitsandbytes stores the table
 # descending, here codes index the ascending table.
 AF4_B64_VALUES = (
-    -1.0, -0.69441008, -0.51243739, -0.3736951, -0.25607552, -0.14982478, -0.04934812, 0.0,
-    0.04273164, 0.12934483, 0.21961274, 0.31675666, 0.42563882, 0.55496234, 0.72424863, 1.0,
+    -1.0,
+    -0.69441008,
+    -0.51243739,
+    -0.3736951,
+    -0.25607552,
+    -0.14982478,
+    -0.04934812,
+    0.0,
+    0.04273164,
+    0.12934483,
+    0.21961274,
+    0.31675666,
+    0.42563882,
+    0.55496234,
+    0.72424863,
+    1.0,
 )
 
 
@@ -75,22 +101,41 @@ class CodebookFormat(BuiltinFormat):
         v = values
         ok = isinstance(v, (tuple, list, np.ndarray)) and 2 <= len(v) <= MAX_ENTRIES
         require(ok, own, "values", v, f"a sequence of 2..{MAX_ENTRIES} numbers")
-        require(all(isinstance(e, (int, float, np.floating, np.integer)) and not isinstance(e, bool) for e in v),
-                own, "values", v, "real numbers (not bools or strings)")
+        require(
+            all(isinstance(e, (int, float, np.floating, np.integer)) and not isinstance(e, bool) for e in v),
+            own,
+            "values",
+            v,
+            "real numbers (not bools or strings)",
+        )
         with np.errstate(over="ignore"):
             t = np.asarray(v, np.float64).astype(np.float32)
         require(bool(np.isfinite(t).all()), own, "values", v, "finite numbers inside float32's range")
         # Stochastic rounding takes differences of neighbours in float32; CPUs flush subnormal results.
-        require(bool(((t == 0) | (np.abs(t) >= 2.0**-100)).all()), own, "values", v,
-                "zero or magnitudes >= 2^-100 (so gaps between neighbours stay float32 normals)")
-        require(bool((np.diff(t) > 0).all()), own, "values", v,
-                "strictly ascending numbers that stay distinct in float32")
+        require(
+            bool(((t == 0) | (np.abs(t) >= 2.0**-100)).all()),
+            own,
+            "values",
+            v,
+            "zero or magnitudes >= 2^-100 (so gaps between neighbours stay float32 normals)",
+        )
+        require(
+            bool((np.diff(t) > 0).all()), own, "values", v, "strictly ascending numbers that stay distinct in float32"
+        )
         object.__setattr__(self, "table", tuple(float(e) + 0.0 for e in t))  # + 0.0: -0 becomes +0
         c = tuple(range(len(t))) if codes is None else codes
-        ok = isinstance(c, (tuple, list)) and len(c) == len(t) and all(
-            isinstance(e, (int, np.integer)) and not isinstance(e, bool) and 0 <= e < MAX_ENTRIES for e in c)
-        require(ok and len(set(c)) == len(c), own, "codes", c,
-                f"None or {len(t)} distinct integers in [0, {MAX_ENTRIES - 1}], one per value")
+        ok = (
+            isinstance(c, (tuple, list))
+            and len(c) == len(t)
+            and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) and 0 <= e < MAX_ENTRIES for e in c)
+        )
+        require(
+            ok and len(set(c)) == len(c),
+            own,
+            "codes",
+            c,
+            f"None or {len(t)} distinct integers in [0, {MAX_ENTRIES - 1}], one per value",
+        )
         object.__setattr__(self, "codes", tuple(int(e) for e in c))
         require(isinstance(name, str), own, "name", name, "a string")
         object.__setattr__(self, "name", name or f"codebook{len(t)}")
@@ -191,8 +236,9 @@ class CodebookFormat(BuiltinFormat):
         return jnp.where(jnp.isnan(xf), xf, q).astype(x.dtype)
 
     def _decode(self, codes, dtype):
-        return jnp.take(jnp.asarray(self._decode_table), codes.astype(jnp.int32), mode="fill",
-                        fill_value=jnp.nan).astype(dtype)
+        return jnp.take(
+            jnp.asarray(self._decode_table), codes.astype(jnp.int32), mode="fill", fill_value=jnp.nan
+        ).astype(dtype)
 
     def _values(self) -> np.ndarray:
         return self._table.copy()

@@ -15,8 +15,8 @@ from jax import lax
 
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
-from lowbit.formats.minifloat import _random, _round_int, _uniform
 from lowbit.formats._checks import check_bool, check_int, check_name, require
+from lowbit.formats.minifloat import _random, _round_int, _uniform
 from lowbit.formats.protocol import BuiltinFormat
 
 
@@ -44,8 +44,13 @@ class IntFormat(BuiltinFormat):
         check_bool(own, "narrow", self.narrow)
         check_name(own, self.name)
         check_int(own, "bits", self.bits, 2 if self.signed else 1, 16)
-        require(self.signed or not self.narrow or self.bits >= 2, own, "narrow", self.narrow,
-                "False for a 1-bit unsigned format (narrow would leave only 0)")
+        require(
+            self.signed or not self.narrow or self.bits >= 2,
+            own,
+            "narrow",
+            self.narrow,
+            "False for a 1-bit unsigned format (narrow would leave only 0)",
+        )
         if not self.name:
             kind = "int" if self.signed else "uint"
             object.__setattr__(self, "name", f"{kind}{self.bits}" + ("_narrow" if self.narrow else ""))

@@ -76,36 +76,60 @@ class FloatFormat(BuiltinFormat):
         check_name(own, self.name)
         check_int(own, "radix", self.radix, 2, 4)
         require(self.radix in (2, 4), own, "radix", self.radix, "2 or 4")
-        require(isinstance(self.specials, str) and self.specials in SPECIALS, own, "specials", self.specials,
-                ", ".join(SPECIALS))
+        require(
+            isinstance(self.specials, str) and self.specials in SPECIALS,
+            own,
+            "specials",
+            self.specials,
+            ", ".join(SPECIALS),
+        )
         require(self.bits <= 16, own, "bits", self.bits, "sign + ebits + mbits <= 16")
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.ebits - 1) - 1)
         check_int(own, "bias", self.bias, -256, 256)
         require(
             self.signed or self.specials in ("ieee", "fn", "finite"),
-            own, "specials", self.specials, "ieee, fn or finite for an unsigned format",
+            own,
+            "specials",
+            self.specials,
+            "ieee, fn or finite for an unsigned format",
         )
         require(
             self.specials != "ieee" or self.mbits >= 1,
-            own, "mbits", self.mbits, ">= 1 with specials='ieee' (the top exponent holds inf and NaN)",
+            own,
+            "mbits",
+            self.mbits,
+            ">= 1 with specials='ieee' (the top exponent holds inf and NaN)",
         )
         require(
             self.specials != "ieee" or self.ebits >= 2,
-            own, "ebits", self.ebits, ">= 2 with specials='ieee' (one exponent bit leaves no normal binade)",
+            own,
+            "ebits",
+            self.ebits,
+            ">= 2 with specials='ieee' (one exponent bit leaves no normal binade)",
         )
         # Without a zero, the negative-zero code would be -min (E8M0 is unsigned for this reason).
         require(self.zero or not self.signed, own, "zero", self.zero, "False only for an unsigned format")
-        require(self.max_code >= (1 if self.zero else 0), own, "specials", self.specials,
-                "a policy that leaves at least one positive finite value for these widths")
+        require(
+            self.max_code >= (1 if self.zero else 0),
+            own,
+            "specials",
+            self.specials,
+            "a policy that leaves at least one positive finite value for these widths",
+        )
         smallest = self.grid_value(1 if self.zero else 0)
         # CPUs flush float32 subnormal arithmetic to zero: radix-2 grids handle those
         # inputs on integer bits, but overflow tests and radix-4 tables need normals.
         floor = 2.0**-126 if self.radix == 2 else 2.0**-100
         require(
-            self.max_value <= _F32_MAX and self.max_value >= 2.0**-126 and smallest >= 2.0**-149
-            and np.float32(smallest) == smallest and (self.radix == 2 or smallest >= floor),
-            own, "bias", self.bias,
+            self.max_value <= _F32_MAX
+            and self.max_value >= 2.0**-126
+            and smallest >= 2.0**-149
+            and np.float32(smallest) == smallest
+            and (self.radix == 2 or smallest >= floor),
+            own,
+            "bias",
+            self.bias,
             "a bias that keeps every value exact in float32, the largest >= 2^-126"
             + (" and the smallest >= 2^-100 (radix 4)" if self.radix == 4 else "")
             + f" (here the values would span {smallest:.3g} .. {self.max_value:.3g})",
@@ -220,7 +244,9 @@ class FloatFormat(BuiltinFormat):
     def _adder_rounds(self) -> bool:
         """Whether ``_round_adder`` is exact for this format (see there)."""
         return (
-            self.radix == 2 and self.mbits >= 1 and self.zero
+            self.radix == 2
+            and self.mbits >= 1
+            and self.zero
             and self.min_value / 2 >= 2.0**-126
             and self._over_bound is not None
             and math.log2(self._over_bound) + _bits.MANT - self.mbits <= 127
@@ -329,7 +355,7 @@ class FloatFormat(BuiltinFormat):
         return np.unique(t[np.isfinite(t)]).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _decode_table(fmt: FloatFormat) -> np.ndarray:
     table = np.empty(1 << fmt.bits, np.float32)
     nmag = 1 << (fmt.ebits + fmt.mbits)
@@ -517,8 +543,7 @@ def _round_f32_subnormal(fmt: FloatFormat, n, rounding, rbits):
     r = _round_bits(n, jnp.clip(step_exp, 0, 31).astype(jnp.uint32), rounding, rbits)
     er = -118 - lax.clz(r).astype(jnp.int32)
     normal_mag = lax.shift_left(er + fmt.bias, m) | (
-        lax.shift_right_logical(r, jnp.clip(er - m + 149, 0, 31).astype(jnp.uint32)).astype(jnp.int32)
-        & ((1 << m) - 1)
+        lax.shift_right_logical(r, jnp.clip(er - m + 149, 0, 31).astype(jnp.uint32)).astype(jnp.int32) & ((1 << m) - 1)
     )
     if fmt.zero:
         sub = er < emin

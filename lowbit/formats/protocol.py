@@ -62,8 +62,11 @@ class Format(Protocol):
 
 def missing_members(obj) -> list[str]:
     """The :class:`Format` members ``obj`` lacks (empty when it implements the protocol)."""
-    return [m for m in ("name", "bits", "max_value", "has_nan", "encode", "decode", "quantize", "values")
-            if not hasattr(obj, m)]
+    return [
+        m
+        for m in ("name", "bits", "max_value", "has_nan", "encode", "decode", "quantize", "values")
+        if not hasattr(obj, m)
+    ]
 
 
 class BuiltinFormat:

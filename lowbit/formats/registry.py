@@ -80,18 +80,22 @@ def register(name: str, fmt) -> None:
     if not isinstance(name, str):
         raise TypeError(f"register name={name!r} is invalid; allowed: a string")
     if not _NAME.fullmatch(name):
-        raise ValueError(f"register name={name!r} is invalid; allowed: a letter, then letters, digits, "
-                         "'_', '.' or '-'")
+        raise ValueError(f"register name={name!r} is invalid; allowed: a letter, then letters, digits, '_', '.' or '-'")
     if _P3109.fullmatch(name):
-        raise ValueError(f"register name={name!r} is invalid; allowed: any name but p3109_k{{K}}p{{P}} "
-                         "(reserved for formats.p3109)")
+        raise ValueError(
+            f"register name={name!r} is invalid; allowed: any name but p3109_k{{K}}p{{P}} (reserved for formats.p3109)"
+        )
     missing = [] if isinstance(fmt, BuiltinFormat) else missing_members(fmt)
     if missing:
-        raise TypeError(f"register fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: an "
-                        "object implementing lowbit.formats.Format")
+        raise TypeError(
+            f"register fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: an "
+            "object implementing lowbit.formats.Format"
+        )
     if name in _REGISTRY and _REGISTRY[name] != fmt:
-        raise ValueError(f"register name={name!r} is invalid; allowed: a new name ({name!r} is already "
-                         f"registered to {_REGISTRY[name]!r})")
+        raise ValueError(
+            f"register name={name!r} is invalid; allowed: a new name ({name!r} is already "
+            f"registered to {_REGISTRY[name]!r})"
+        )
     _REGISTRY[name] = fmt
 
 

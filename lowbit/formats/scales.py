@@ -15,7 +15,9 @@ def _reduce_axes(w, axis):
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"axis={axis!r} is invalid; allowed: an integer or None")
     if not -w.ndim <= axis < w.ndim:
-        raise ValueError(f"axis={axis} is out of range for a {w.ndim}-d array; allowed: [{-w.ndim}, {w.ndim - 1}] or None")
+        raise ValueError(
+            f"axis={axis} is out of range for a {w.ndim}-d array; allowed: [{-w.ndim}, {w.ndim - 1}] or None"
+        )
     axis = axis % w.ndim
     return tuple(i for i in range(w.ndim) if i != axis)
 

@@ -9,5 +9,23 @@ from lowbit.nn.layers import QConv, QDotGeneral, QEinsum, QEinsumOp, QLinear
 from lowbit.nn.quantize import LINEN_COLLECTIONS, discover, is_quantized, ops, quantize
 from lowbit.nn.variables import OpState, OverwriteWithGradient, QuantKey
 
-__all__ = ["LINEN_COLLECTIONS", "NotQuantizedError", "OpState", "OverwriteWithGradient", "QConv", "QDotGeneral", "QEinsum", "QEinsumOp", "QLinear", "QuantKey",
-           "describe", "discover", "einsum_dimension_numbers", "export", "is_quantized", "models", "ops", "quantize"]
+__all__ = [
+    "LINEN_COLLECTIONS",
+    "NotQuantizedError",
+    "OpState",
+    "OverwriteWithGradient",
+    "QConv",
+    "QDotGeneral",
+    "QEinsum",
+    "QEinsumOp",
+    "QLinear",
+    "QuantKey",
+    "describe",
+    "discover",
+    "einsum_dimension_numbers",
+    "export",
+    "is_quantized",
+    "models",
+    "ops",
+    "quantize",
+]

@@ -67,20 +67,31 @@ class Description:
         """A ``rich.table.Table`` of every op, float ones included."""
         from rich.table import Table
 
-        t = Table(title=f"lowbit.quantize: recipe {self.recipe!r} ({len(self.quantized)} quantized ops, "
-                        f"{len(self.unmatched)} float)")
+        t = Table(
+            title=f"lowbit.quantize: recipe {self.recipe!r} ({len(self.quantized)} quantized ops, "
+            f"{len(self.unmatched)} float)"
+        )
         for col in ("op", "kind", "lhs", "rhs", "dlhs", "drhs", "rule"):
             t.add_column(col)
         for d in sorted(self.quantized + self.unmatched, key=lambda d: _order(self, d)):
-            t.add_row(f"{d.path or '<root>'}:{d.key}", d.kind, d.lhs, d.rhs, d.dlhs, d.drhs,
-                      "float" if d.rule is None else f"{d.rule} {d.selector}")
+            t.add_row(
+                f"{d.path or '<root>'}:{d.key}",
+                d.kind,
+                d.lhs,
+                d.rhs,
+                d.dlhs,
+                d.drhs,
+                "float" if d.rule is None else f"{d.rule} {d.selector}",
+            )
         return t
 
     def summary(self, width: int = 100) -> str:
         """One short block per rule (the ops it quantizes and their quantizers), lines at most ``width`` wide."""
         ordered = sorted(self.quantized + self.unmatched, key=lambda d: _order(self, d))
-        lines = [f"lowbit.quantize: recipe {self.recipe!r}: {len(self.quantized)} ops quantized, "
-                 f"{len(self.unmatched)} float (.table() lists every op)"]
+        lines = [
+            f"lowbit.quantize: recipe {self.recipe!r}: {len(self.quantized)} ops quantized, "
+            f"{len(self.unmatched)} float (.table() lists every op)"
+        ]
         rules = sorted({d.rule for d in self.quantized})
         for rule in rules:
             ops = [d for d in ordered if d.rule == rule]
@@ -110,7 +121,7 @@ class Description:
 
 
 def _clip(line: str, width: int) -> str:
-    return line if len(line) <= width else line[:width - 1] + "…"
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _names(prefix: str, ops, width: int) -> str:
@@ -145,21 +156,35 @@ def _quantizer(qz) -> str:
 
 
 def _entry(recipe: Recipe, op: q.Op) -> OpDescription:
-    base = dict(path=op.path, key=op.key, kind=op.call.kind, weighted=op.call.weighted, lhs_shape=op.lhs_shape,
-                rhs_shape=op.rhs_shape, rule=op.rule)
+    base = dict(
+        path=op.path,
+        key=op.key,
+        kind=op.call.kind,
+        weighted=op.call.weighted,
+        lhs_shape=op.lhs_shape,
+        rhs_shape=op.rhs_shape,
+        rule=op.rule,
+    )
     if op.rule is None:
         return OpDescription(**base)
     rule = recipe.rules[op.rule]
     cfg = oprule.retarget(rule.dot, op.call, len(op.lhs_shape), len(op.rhs_shape))
     learned = op.call.weighted
     lhs = ([f"{rule.act} {rule.act_bits}-bit"] if learned and rule.act != "none" else []) + (
-        [_quantizer(cfg.lhs)] if cfg.lhs is not None or not (learned and rule.act != "none") else [])
+        [_quantizer(cfg.lhs)] if cfg.lhs is not None or not (learned and rule.act != "none") else []
+    )
     rhs = ([f"{rule.weight} {rule.weight_bits}-bit"] if learned and rule.weight != "none" else []) + (
-        [_quantizer(cfg.rhs)] if cfg.rhs is not None or not (learned and rule.weight != "none") else [])
+        [_quantizer(cfg.rhs)] if cfg.rhs is not None or not (learned and rule.weight != "none") else []
+    )
     grad = " GradScale" + (" TPR" if cfg.tpr else "") if cfg.grad_scale else ""
-    return OpDescription(**base, selector=rule.selector(), lhs=" + ".join(lhs), rhs=" + ".join(rhs),
-                         dlhs=_quantizer(cfg.dlhs_grad) + (grad if cfg.dlhs_grad is not None else ""),
-                         drhs=_quantizer(cfg.drhs_grad) + (grad if cfg.drhs_grad is not None else ""))
+    return OpDescription(
+        **base,
+        selector=rule.selector(),
+        lhs=" + ".join(lhs),
+        rhs=" + ".join(rhs),
+        dlhs=_quantizer(cfg.dlhs_grad) + (grad if cfg.dlhs_grad is not None else ""),
+        drhs=_quantizer(cfg.drhs_grad) + (grad if cfg.drhs_grad is not None else ""),
+    )
 
 
 def describe(model, *example_args, **example_kwargs) -> Description:
@@ -201,7 +226,8 @@ def describe(model, *example_args, **example_kwargs) -> Description:
     else:
         ops = q.linen_ops(model, example_args, example_kwargs)
     entries = [_entry(recipe, op) for op in ops]
-    desc = Description(recipe.name, tuple(e for e in entries if e.rule is not None),
-                       tuple(e for e in entries if e.rule is None))
+    desc = Description(
+        recipe.name, tuple(e for e in entries if e.rule is not None), tuple(e for e in entries if e.rule is None)
+    )
     object.__setattr__(desc, "_order", {(e.path, e.key): i for i, e in enumerate(entries)})
     return desc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def einsum_dimension_numbers(spec: str):
     """Translate ``"bhqd,bhkd->bhqk"``-style specs for ``lax.dot_general``.
 

@@ -47,12 +47,17 @@ def weight(module: nnx.Module, op: Op) -> nnx.Param:
     Raises:
       ValueError: not exactly one of the module's own parameters has the rhs's shape.
     """
-    found = [v for name, v in vars(module).items()
-             if isinstance(v, nnx.Param) and not name.startswith("lowbit_") and tuple(v[...].shape) == op.rhs_shape]
+    found = [
+        v
+        for name, v in vars(module).items()
+        if isinstance(v, nnx.Param) and not name.startswith("lowbit_") and tuple(v[...].shape) == op.rhs_shape
+    ]
     if len(found) != 1:
         what = "no parameter" if not found else f"{len(found)} parameters"
-        raise ValueError(f"op {op_name(op.path, op.key)}: its module ({type(module).__name__}) has {what} shaped "
-                         f"like its rhs {op.rhs_shape}; allowed: exactly one (the weight it multiplies by)")
+        raise ValueError(
+            f"op {op_name(op.path, op.key)}: its module ({type(module).__name__}) has {what} shaped "
+            f"like its rhs {op.rhs_shape}; allowed: exactly one (the weight it multiplies by)"
+        )
     return found[0]
 
 
@@ -74,8 +79,9 @@ def weights(qmodel: nnx.Module) -> list[tuple[str, Op, nnx.Param, bool]]:
     if not isinstance(qmodel, nnx.Module) or not is_quantized(qmodel):
         raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: an NNX model from lowbit.quantize")
     if not ops(qmodel):
-        raise ValueError("export: the model's ops are not discovered yet; call it once (or lowbit.describe(model, "
-                         "x)) first")
+        raise ValueError(
+            "export: the model's ops are not discovered yet; call it once (or lowbit.describe(model, x)) first"
+        )
     modules = {"/".join(map(str, path)): m for path, m in nnx.iter_modules(qmodel)}
     found = [op for op in ops(qmodel) if op.call.weighted]
     out, seen = [], set()

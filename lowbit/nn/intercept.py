@@ -63,25 +63,51 @@ from lowbit.recipes import op as oprule
 from lowbit.recipes.rules import OpInfo, Recipe
 from lowbit.training.qdot import conv_key
 
-__all__ = ["LAYER_ATTRIBUTES", "ORIGINALS", "UNKNOWN", "NotQuantizedError", "Recorded", "active",
-           "assign_positions", "conv_general_dilated", "dot_general", "einsum", "float_operands", "install",
-           "matmul", "never_silent", "patched", "plan", "staged"]
+__all__ = [
+    "LAYER_ATTRIBUTES",
+    "ORIGINALS",
+    "UNKNOWN",
+    "NotQuantizedError",
+    "Recorded",
+    "active",
+    "assign_positions",
+    "conv_general_dilated",
+    "dot_general",
+    "einsum",
+    "float_operands",
+    "install",
+    "matmul",
+    "never_silent",
+    "patched",
+    "plan",
+    "staged",
+]
 
 # The functions lowbit replaces, as they were at import time.
-ORIGINALS = dict(dot_general=lax.dot_general, einsum=jnp.einsum, matmul=jnp.matmul,
-                 conv_general_dilated=lax.conv_general_dilated)
+ORIGINALS = dict(
+    dot_general=lax.dot_general, einsum=jnp.einsum, matmul=jnp.matmul, conv_general_dilated=lax.conv_general_dilated
+)
 _ARRAY_TYPES = (jax._src.array.ArrayImpl, jax._src.core.Tracer)
 # Primitives whose output is the operand's values rearranged or cast: a weight stays a weight through them.
-_VIEWS = (_lax.convert_element_type_p, _lax.transpose_p, _lax.reshape_p, _lax.squeeze_p, _lax.broadcast_in_dim_p,
-          _lax.copy_p, _lax.reduce_precision_p)
+_VIEWS = (
+    _lax.convert_element_type_p,
+    _lax.transpose_p,
+    _lax.reshape_p,
+    _lax.squeeze_p,
+    _lax.broadcast_in_dim_p,
+    _lax.copy_p,
+    _lax.reduce_precision_p,
+)
 # Frames of JAX re-evaluating a jaxpr it already traced (jvp/transpose/partial eval of scan, remat,
 # custom_vjp bodies): products bound there were seen, or deliberately left alone, when first traced.
 _EVALUATORS = frozenset({"eval_jaxpr", "jaxpr_as_fun", "backward_pass", "_eval_jaxpr_padded"})
 _JAX_DIR = os.path.dirname(jax.__file__)
 # lowbit's own numerics: a product issued there (a quantized op JAX re-traces for a scan's or remat's
 # derivative, say) is never one of the model's ops.
-_LOWBIT_NUMERICS = tuple(os.path.join(os.path.dirname(os.path.dirname(__file__)), d) + os.sep
-                         for d in ("formats", "quant", "training", "recipes"))
+_LOWBIT_NUMERICS = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), d) + os.sep
+    for d in ("formats", "quant", "training", "recipes")
+)
 _CUSTOM_AD = os.path.join(_JAX_DIR, "_src", "custom_derivatives.py")
 
 UNKNOWN = object()  # a lookup's answer for an op the model's plan does not contain
@@ -376,7 +402,7 @@ def _stack_shape(module, weight, frame: _Frame) -> tuple:
     value = weight.get_value() if hasattr(weight, "get_value") else weight
     if outer is None or outer.ndim <= value.ndim:
         return ()
-    return tuple(outer.shape[:outer.ndim - value.ndim])
+    return tuple(outer.shape[: outer.ndim - value.ndim])
 
 
 def _variable_name(module, variable) -> str | None:
@@ -388,8 +414,7 @@ def _variable_name(module, variable) -> str | None:
     return None
 
 
-def dispatch(frame: _Frame, call: oprule.OpCall | None, reason: str, kind: str, lhs, rhs, fn: Callable,
-             depth: int = 3):
+def dispatch(frame: _Frame, call: oprule.OpCall | None, reason: str, kind: str, lhs, rhs, fn: Callable, depth: int = 3):
     """Run one intercepted op: recorded, quantized by its rule, or in float, and note what happened.
 
     Args:
@@ -422,9 +447,17 @@ def dispatch(frame: _Frame, call: oprule.OpCall | None, reason: str, kind: str, 
     rec = None
     if frame.mode != "run":
         owner = frame.owners.get(id(weight))
-        rec = Recorded(module, module._lowbit_path, key, call, lhs, rhs, (lhs.shape, rhs.shape),
-                       weight=None if owner is None else (owner._lowbit_path, _variable_name(owner, weight)),
-                       stack=_stack_shape(module, weight, frame) if frame.mode == "record" else ())
+        rec = Recorded(
+            module,
+            module._lowbit_path,
+            key,
+            call,
+            lhs,
+            rhs,
+            (lhs.shape, rhs.shape),
+            weight=None if owner is None else (owner._lowbit_path, _variable_name(owner, weight)),
+            stack=_stack_shape(module, weight, frame) if frame.mode == "record" else (),
+        )
         frame.recorded.append(rec)
     if frame.mode == "record":
         frame.seen[name] = "float"
@@ -454,8 +487,10 @@ def never_silent(frame: _Frame, planned: dict[str, int | None], *, strict: bool)
     for name, rule in planned.items():
         if rule is not None and frame.seen.get(name) != "quantized":
             why = frame.seen.get(name)
-            problems.append(f"{name} (rule {rule}) did not run through its quantizer: "
-                            + ("this pass never ran it" if why is None else why))
+            problems.append(
+                f"{name} (rule {rule}) did not run through its quantizer: "
+                + ("this pass never ran it" if why is None else why)
+            )
     for name, status in frame.seen.items():
         if status in ("quantized", "float") or name in planned and status != "unknown":
             continue
@@ -469,9 +504,12 @@ def never_silent(frame: _Frame, planned: dict[str, int | None], *, strict: bool)
             problems.append(f"{name} cannot be quantized: {status}")
     if not problems:
         return
-    message = ("lowbit: the quantized model did not compute what its recipe "
-               f"{frame.recipe.name!r} says:\n  " + "\n  ".join(problems)
-               + "\n(lowbit.quantize(..., strict=False) turns this into a warning)")
+    message = (
+        "lowbit: the quantized model did not compute what its recipe "
+        f"{frame.recipe.name!r} says:\n  "
+        + "\n  ".join(problems)
+        + "\n(lowbit.quantize(..., strict=False) turns this into a warning)"
+    )
     if strict:
         raise NotQuantizedError(message)
     warnings.warn(message, stacklevel=4)
@@ -495,15 +533,25 @@ _EXTRA = "it sets arguments lowbit's quantized product does not take"
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     """``lax.dot_general``, intercepted."""
+
     def fn(a, b):
-        return ORIGINALS["dot_general"](a, b, dimension_numbers, precision=precision,
-                                        preferred_element_type=preferred_element_type, **kw)
+        return ORIGINALS["dot_general"](
+            a, b, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw
+        )
 
     frame = _live()
     if frame is None:
         return fn(lhs, rhs)
-    call = None if _extra(kw) else oprule.OpCall(kind="dot_general", dn=_dn(dimension_numbers), precision=precision,
-                                                 preferred_element_type=preferred_element_type)
+    call = (
+        None
+        if _extra(kw)
+        else oprule.OpCall(
+            kind="dot_general",
+            dn=_dn(dimension_numbers),
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    )
     return dispatch(frame, call, _EXTRA, "dot_general", lhs, rhs, fn)
 
 
@@ -518,8 +566,8 @@ def _explicit(spec: str, ndims: tuple[int, int]) -> str | None:
     ns = [nd - len(p.replace("...", "")) if "..." in p else 0 for p, nd in zip(parts, ndims)]
     if min(ns) < 0:
         return None
-    ell = "".join(free[:max(ns)])  # numpy aligns ellipsis dims from the right
-    parts = [p.replace("...", ell[len(ell) - n:]) for p, n in zip(parts, ns)]
+    ell = "".join(free[: max(ns)])  # numpy aligns ellipsis dims from the right
+    parts = [p.replace("...", ell[len(ell) - n :]) for p, n in zip(parts, ns)]
     if arrow:
         out = out.replace("...", ell)
     else:  # numpy's implicit output: the ellipsis, then the labels seen once, sorted
@@ -548,13 +596,19 @@ def einsum(subscripts, *operands, **kw):
         reason = f"its spec {subscripts!r} is not a product lowbit can express"
         # Broadcasting labels (size 1 against n) are einsum's, not dot_general's.
         if dn is not None and all(a.shape[i] == b.shape[j] for i, j in zip(dn[0][0] + dn[1][0], dn[0][1] + dn[1][1])):
-            call = oprule.OpCall(kind="einsum", dn=dn, perm=perm, precision=kw.get("precision"),
-                                 preferred_element_type=kw.get("preferred_element_type"))
+            call = oprule.OpCall(
+                kind="einsum",
+                dn=dn,
+                perm=perm,
+                precision=kw.get("precision"),
+                preferred_element_type=kw.get("preferred_element_type"),
+            )
     return dispatch(frame, call, reason, "einsum", a, b, fn)
 
 
 def matmul(a, b, *, precision=None, preferred_element_type=None, **kw):
     """``jnp.matmul`` and ``@``, intercepted (shapes lowbit cannot express go through the primitive hook)."""
+
     def fn(x, y):
         return ORIGINALS["matmul"](x, y, precision=precision, preferred_element_type=preferred_element_type, **kw)
 
@@ -573,14 +627,32 @@ def matmul(a, b, *, precision=None, preferred_element_type=None, **kw):
     return dispatch(frame, call, _EXTRA, "dot_general", a, b, fn)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None, **kw):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    **kw,
+):
     """``lax.conv_general_dilated``, intercepted."""
-    kwargs = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-                  rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                  feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                  precision=precision, preferred_element_type=preferred_element_type)
+    kwargs = dict(
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
     def fn(x, y):
         return ORIGINALS["conv_general_dilated"](x, y, **kwargs, **kw)
@@ -621,8 +693,12 @@ def _hook_product(prim, kind: str) -> None:
         else:
             call, reason = None, _EXTRA
             if not _extra(extra):
-                call = oprule.OpCall(kind=kind, dn=_dn(params["dimension_numbers"]), precision=params["precision"],
-                                     preferred_element_type=params["preferred_element_type"])
+                call = oprule.OpCall(
+                    kind=kind,
+                    dn=_dn(params["dimension_numbers"]),
+                    precision=params["precision"],
+                    preferred_element_type=params["preferred_element_type"],
+                )
         return dispatch(frame, call, reason, kind, *args, fn)
 
     prim.bind = bind
@@ -694,9 +770,11 @@ def plan(recipe: Recipe, recorded: list[Recorded], *, narrowed: bool) -> list[in
         if i in chosen:
             continue
         missing = [k for k in (rule.kinds or ()) if k not in kinds]
-        why = (f"the model runs no {', '.join(missing)} op" if missing else "it matches no op")
+        why = f"the model runs no {', '.join(missing)} op" if missing else "it matches no op"
         warnings.warn(f"recipe {recipe.name!r}: rule {i} {rule.selector()} is unused: {why}", stacklevel=4)
     if narrowed and recipe.rules and all(c is None for c in chosen):
-        raise ValueError(f"quantize: include/exclude leave no op of the model to quantize (recipe {recipe.name!r}; "
-                         f"op paths: {', '.join(sorted({i.path or '<root>' for i in infos}))})")
+        raise ValueError(
+            f"quantize: include/exclude leave no op of the model to quantize (recipe {recipe.name!r}; "
+            f"op paths: {', '.join(sorted({i.path or '<root>' for i in infos}))})"
+        )
     return chosen

@@ -42,8 +42,9 @@ class QDotGeneral:
             )
 
     def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
-        return quantized_dot_general(lhs, rhs, dimension_numbers, self.config, precision=precision,
-                                     preferred_element_type=preferred_element_type)
+        return quantized_dot_general(
+            lhs, rhs, dimension_numbers, self.config, precision=precision, preferred_element_type=preferred_element_type
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +58,9 @@ class QEinsumOp:
 
     def __call__(self, spec, lhs, rhs, precision=None, preferred_element_type=None, **_):
         dn, perm = einsum_dimension_numbers(spec)
-        out = quantized_dot_general(lhs, rhs, dn, self.config, precision=precision,
-                                    preferred_element_type=preferred_element_type)
+        out = quantized_dot_general(
+            lhs, rhs, dn, self.config, precision=precision, preferred_element_type=preferred_element_type
+        )
         return out if perm is None else jnp.transpose(out, perm)
 
 
@@ -87,11 +89,25 @@ class QLinear(_Quantized):
       param_dtype, compute_dtype: storage and product dtypes.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, rule: Rule, rngs: nnx.Rngs, use_bias: bool = True,
-                 param_dtype=jnp.float32, compute_dtype=jnp.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rule: Rule,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+    ):
         kernel = nnx.initializers.lecun_normal()(rngs.params(), (in_features, out_features), param_dtype)
-        super().__init__(rule, oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())), weighted=True), kernel,
-                         compute_dtype, rngs)
+        super().__init__(
+            rule,
+            oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())), weighted=True),
+            kernel,
+            compute_dtype,
+            rngs,
+        )
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
@@ -127,12 +143,28 @@ class QConv(_Quantized):
       rule, rngs, use_bias, param_dtype, compute_dtype: as for ``QLinear``.
     """
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=(3, 3), strides=(1, 1), padding="SAME", *,
-                 rule: Rule, rngs: nnx.Rngs, use_bias: bool = True, param_dtype=jnp.float32,
-                 compute_dtype=jnp.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size=(3, 3),
+        strides=(1, 1),
+        padding="SAME",
+        *,
+        rule: Rule,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+    ):
         kernel = nnx.initializers.lecun_normal()(rngs.params(), (*kernel_size, in_features, out_features), param_dtype)
-        call = oprule.OpCall(kind="conv", conv=conv_key(dict(
-            window_strides=tuple(strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))), weighted=True)
+        call = oprule.OpCall(
+            kind="conv",
+            conv=conv_key(
+                dict(window_strides=tuple(strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            ),
+            weighted=True,
+        )
         super().__init__(rule, call, kernel, compute_dtype, rngs)
         self.kernel = nnx.Param(kernel)
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
@@ -140,5 +172,3 @@ class QConv(_Quantized):
     def __call__(self, x):
         y = self._run(x, self.kernel[...])
         return y if self.bias is None else y + self.bias[...].astype(y.dtype)
-
-

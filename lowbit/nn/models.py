@@ -30,8 +30,14 @@ class MLP(Configured, nnx.Module):
       hidden: widths of the hidden layers.
     """
 
-    def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int, rngs: nnx.Rngs,
-                 hidden: tuple[int, ...] = (256, 128)):
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        rngs: nnx.Rngs,
+        hidden: tuple[int, ...] = (256, 128),
+    ):
         sizes = (math.prod(image_shape), *hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
@@ -55,16 +61,24 @@ class CNN(Configured, nnx.Module):
       hidden: width of the dense hidden layer.
     """
 
-    def __init__(self, *, image_shape: tuple[int, int, int], num_classes: int, rngs: nnx.Rngs,
-                 channels: tuple[int, int] = (16, 32), hidden: int = 128):
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        rngs: nnx.Rngs,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 128,
+    ):
         h, w, c = image_shape
         self.conv1 = nnx.Conv(c, channels[0], (3, 3), rngs=rngs)
         self.conv2 = nnx.Conv(channels[0], channels[1], (3, 3), strides=(2, 2), rngs=rngs)
         flat = math.ceil(h / 2) * math.ceil(w / 2) * channels[1]
         self.fc = nnx.Linear(flat, hidden, rngs=rngs)
         self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
-        self._config = config_tuple(image_shape=tuple(image_shape), num_classes=num_classes,
-                                    channels=tuple(channels), hidden=hidden)
+        self._config = config_tuple(
+            image_shape=tuple(image_shape), num_classes=num_classes, channels=tuple(channels), hidden=hidden
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = jax.nn.relu(self.conv1(images.astype(jnp.float32)))

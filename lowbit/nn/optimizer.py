@@ -72,7 +72,8 @@ def _is_leaf(x) -> bool:
 def _is_carried(path, leaf) -> bool:
     """An ``OverwriteWithGradient`` variable, or a leaf of the linen ``lowbit_overwrite`` collection."""
     return isinstance(leaf, OverwriteWithGradient) or any(
-        getattr(k, "key", None) == LINEN_COLLECTIONS["overwrite"] for k in path)
+        getattr(k, "key", None) == LINEN_COLLECTIONS["overwrite"] for k in path
+    )
 
 
 def _without(tree, carried: tuple[bool, ...]):
@@ -82,7 +83,8 @@ def _without(tree, carried: tuple[bool, ...]):
         raise ValueError(
             f"lowbit.optimizer: got a tree of {len(leaves)} leaves, but the optimizer state was created for "
             f"{len(carried)}. Create the optimizer after the model's first call (lowbit.quantize adds the quantizer "
-            "state then), with the same filter as the gradients (wrt=nnx.Param).")
+            "state then), with the same filter as the gradients (wrt=nnx.Param)."
+        )
     return treedef.unflatten([optax.MaskedNode() if c else x for x, c in zip(leaves, carried)])
 
 
@@ -115,11 +117,14 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformationE
     def update(updates, state: OverwriteState, params=None, **extra_args):
         carried = state.carried
         if any(carried) and params is None:
-            raise ValueError("lowbit.optimizer: update(grads, state, params) needs params (the state's update is "
-                             "its gradient minus its value); nnx.Optimizer passes them")
+            raise ValueError(
+                "lowbit.optimizer: update(grads, state, params) needs params (the state's update is "
+                "its gradient minus its value); nnx.Optimizer passes them"
+            )
         grads = _without(updates, carried)
-        inner_updates, inner = tx.update(grads, state.inner, None if params is None else _without(params, carried),
-                                         **extra_args)
+        inner_updates, inner = tx.update(
+            grads, state.inner, None if params is None else _without(params, carried), **extra_args
+        )
         if not any(carried):
             return inner_updates, OverwriteState(inner, carried)
         finite = all_finite(grads)

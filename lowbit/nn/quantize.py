@@ -37,16 +37,33 @@ from lowbit.recipes import op as oprule
 from lowbit.recipes import resolve
 from lowbit.recipes.rules import Recipe
 
-__all__ = ["LINEN_COLLECTIONS", "Op", "discover", "intercepting", "is_quantized", "op_name", "ops", "quantize",
-           "recipe_of"]
+__all__ = [
+    "LINEN_COLLECTIONS",
+    "Op",
+    "discover",
+    "intercepting",
+    "is_quantized",
+    "op_name",
+    "ops",
+    "quantize",
+    "recipe_of",
+]
 
 # Linen collections of the quantizer state, by state category (``lowbit.recipes.op.CATEGORIES``).
 LINEN_COLLECTIONS = {"param": "lowbit_params", "overwrite": "lowbit_overwrite", "rng": "lowbit_rng"}
 _STATE_PREFIX = "lowbit_"
 
 
-def quantize(model, recipe: Recipe | str, *example_args, include: str | None = None, exclude: str | None = None,
-             seed: int = 0, plan: Mapping[str, int] | None = None, strict: bool = True):
+def quantize(
+    model,
+    recipe: Recipe | str,
+    *example_args,
+    include: str | None = None,
+    exclude: str | None = None,
+    seed: int = 0,
+    plan: Mapping[str, int] | None = None,
+    strict: bool = True,
+):
     """A quantized version of ``model``: its matmuls and convolutions run through ``recipe``.
 
     Args:
@@ -116,8 +133,10 @@ def _check_plan(recipe: Recipe, plan) -> tuple | None:
         if not isinstance(name, str) or ":" not in name:
             raise ValueError(f"plan: op name {name!r} is invalid; allowed: 'path:key' (e.g. 'blocks/0/attn:einsum1')")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(recipe.rules):
-            raise ValueError(f"plan[{name!r}]={index!r} is invalid; allowed: a rule index in "
-                             f"[0, {len(recipe.rules)}) of recipe {recipe.name!r}")
+            raise ValueError(
+                f"plan[{name!r}]={index!r} is invalid; allowed: a rule index in "
+                f"[0, {len(recipe.rules)}) of recipe {recipe.name!r}"
+            )
     return tuple(sorted(plan.items()))
 
 
@@ -142,8 +161,9 @@ def _choose(qmodel, recorded: list[intercept.Recorded]) -> list[int | None]:
     names = [op_name(r.path, r.key) for r in recorded]
     missing = sorted(set(fixed) - set(names))
     if missing:
-        raise ValueError(f"plan names ops the forward pass does not run: {', '.join(missing)} "
-                         f"(its ops: {', '.join(names)})")
+        raise ValueError(
+            f"plan names ops the forward pass does not run: {', '.join(missing)} (its ops: {', '.join(names)})"
+        )
     return [fixed.get(n) for n in names]
 
 
@@ -177,17 +197,25 @@ def _point_layers_at_interceptors(module) -> None:
             object.__setattr__(module, attr, fn) if isinstance(module, linen.Module) else setattr(module, attr, fn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _quantized_class(cls: type) -> type:
     """``cls`` with ``__call__`` and every public method of the user's classes run under interception.
 
     Cached, so two quantized copies of one class share a graph definition type.
     """
-    names = {"__call__"} | {n for klass in cls.__mro__ if not klass.__module__.startswith(("flax.", "builtins"))
-                            for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    names = {"__call__"} | {
+        n
+        for klass in cls.__mro__
+        if not klass.__module__.startswith(("flax.", "builtins"))
+        for n, v in vars(klass).items()
+        if callable(v) and not n.startswith("_")
+    }
     wrapped = {n: _intercepted_method(getattr(cls, n)) for n in names if hasattr(cls, n)}
-    return type(cls.__name__, (cls,), {**wrapped, "__module__": cls.__module__,
-                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})"})
+    return type(
+        cls.__name__,
+        (cls,),
+        {**wrapped, "__module__": cls.__module__, "__qualname__": f"lowbit.quantize({cls.__qualname__})"},
+    )
 
 
 def _intercepted_method(method):
@@ -223,7 +251,7 @@ def _advance_keys(qmodel, frame) -> None:
     for path, module in nnx.iter_modules(qmodel):
         if not isinstance(module, OpState) or not isinstance(getattr(module, "sr_key", None), QuantKey):
             continue
-        name = op_name("/".join(map(str, path[:-1])), str(path[-1])[len(_STATE_PREFIX):])
+        name = op_name("/".join(map(str, path[:-1])), str(path[-1])[len(_STATE_PREFIX) :])
         if frame.seen.get(name) != "quantized":
             continue
         data = module.sr_key[...]
@@ -330,8 +358,11 @@ def _record(qmodel: nnx.Module, method, args, kwargs) -> list[intercept.Recorded
     try:
         jax.eval_shape(trace, state, arrays)
     except Exception as e:
-        raise _prefixed(e, f"lowbit.quantize: while discovering the ops of {type(qmodel).__name__}."
-                           f"{method.__name__} (an abstract forward pass)") from e
+        raise _prefixed(
+            e,
+            f"lowbit.quantize: while discovering the ops of {type(qmodel).__name__}."
+            f"{method.__name__} (an abstract forward pass)",
+        ) from e
     return found
 
 
@@ -353,16 +384,21 @@ def _new_state(qmodel, rec: intercept.Recorded, rule_index: int, root: dict) -> 
     if not rec.stack:
         return OpState(oprule.state_init(rule, rec.call, weight, key))
     n = math.prod(rec.stack)
-    layers = weight.reshape(n, *weight.shape[len(rec.stack):])
+    layers = weight.reshape(n, *weight.shape[len(rec.stack) :])
     spec = oprule.state_init(rule, rec.call, layers[0], key)  # names and categories
     # Layer i's key is the one the same op of an unrolled copy (``blocks/i/...``) would get.
     prefix = _stack_root(qmodel, rec.path, rec.stack)
-    rest = rec.path[len(prefix):]
+    rest = rec.path[len(prefix) :]
     keys = jnp.stack([_op_key(qmodel._lowbit_seed, f"{prefix}/{i}{rest}".lstrip("/"), rec.key) for i in range(n)])
     values = jax.vmap(lambda w, k: {name: v for name, (_, v) in oprule.state_init(rule, rec.call, w, k).items()})(
-        layers, keys)
-    return OpState({name: (category, values[name].reshape(*rec.stack, *values[name].shape[1:]))
-                    for name, (category, _) in spec.items()})
+        layers, keys
+    )
+    return OpState(
+        {
+            name: (category, values[name].reshape(*rec.stack, *values[name].shape[1:]))
+            for name, (category, _) in spec.items()
+        }
+    )
 
 
 def _stack_root(qmodel, path: str, stack: tuple) -> str:
@@ -372,7 +408,7 @@ def _stack_root(qmodel, path: str, stack: tuple) -> str:
     for i in range(len(parts) + 1):
         prefix = "/".join(parts[:i])
         leaves = [v.get_value() for _, v in nnx.iter_graph(modules[prefix]) if isinstance(v, nnx.Param)]
-        if leaves and all(x.shape[:len(stack)] == stack for x in leaves):
+        if leaves and all(x.shape[: len(stack)] == stack for x in leaves):
             return prefix
     return path
 
@@ -409,12 +445,17 @@ def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept
     modules = {m._lowbit_path: m for _, m in nnx.iter_modules(qmodel) if not isinstance(m, OpState)}
     root = _root_params(qmodel)
     plans = {path: dict(getattr(m, "_lowbit_plan", ())) for path, m in modules.items()}
-    new = [(rec, index) for rec, index in zip(recorded, chosen)
-           if index is not None and not hasattr(modules[rec.path], _STATE_PREFIX + rec.key)]
+    new = [
+        (rec, index)
+        for rec, index in zip(recorded, chosen)
+        if index is not None and not hasattr(modules[rec.path], _STATE_PREFIX + rec.key)
+    ]
     if new and intercept.staged():
-        raise ValueError(f"lowbit: {', '.join(op_name(r.path, r.key) for r, _ in new)} need quantizer state that "
-                         "cannot be created inside a trace; call the model once outside jit with such arguments "
-                         "(or lowbit.describe(model, *example_args)) first")
+        raise ValueError(
+            f"lowbit: {', '.join(op_name(r.path, r.key) for r, _ in new)} need quantizer state that "
+            "cannot be created inside a trace; call the model once outside jit with such arguments "
+            "(or lowbit.describe(model, *example_args)) first"
+        )
     for rec, index in new:
         setattr(modules[rec.path], _STATE_PREFIX + rec.key, _new_state(qmodel, rec, index, root))
     for rec, index in zip(recorded, chosen):
@@ -422,8 +463,9 @@ def discover(qmodel: nnx.Module, *args, method=None, **kwargs) -> list[intercept
     for path, module in modules.items():
         module._lowbit_plan = tuple(plans[path].items())
     known = {(op.path, op.key) for op in ops(qmodel)}
-    qmodel._lowbit_ops = ops(qmodel) + tuple(Op.of(rec, index) for rec, index in zip(recorded, chosen)
-                                             if (rec.path, rec.key) not in known)
+    qmodel._lowbit_ops = ops(qmodel) + tuple(
+        Op.of(rec, index) for rec, index in zip(recorded, chosen) if (rec.path, rec.key) not in known
+    )
     planned = tuple((op_name(rec.path, rec.key), index) for rec, index in zip(recorded, chosen))
     qmodel._lowbit_calls = qmodel._lowbit_calls + ((_signature(method, args, kwargs), planned),)
     return recorded
@@ -441,7 +483,7 @@ class Op:
     rule: int | None
 
     @classmethod
-    def of(cls, rec: intercept.Recorded, rule: int | None) -> "Op":
+    def of(cls, rec: intercept.Recorded, rule: int | None) -> Op:
         return cls(rec.path, rec.key, rec.call, tuple(rec.shapes[0]), tuple(rec.shapes[1]), rule)
 
 
@@ -479,14 +521,24 @@ def intercepting(qmodel: nnx.Module, *, capture: bool = False, wrap: Callable | 
     if not isinstance(qmodel, nnx.Module) or not is_quantized(qmodel):
         raise TypeError(f"model={type(qmodel).__name__} is invalid; allowed: an NNX model from lowbit.quantize")
     if not ops(qmodel):
-        raise ValueError("intercepting: the model's ops are not discovered yet; call it once (or "
-                         "lowbit.nn.discover / lowbit.describe with an example input) first")
+        raise ValueError(
+            "intercepting: the model's ops are not discovered yet; call it once (or "
+            "lowbit.nn.discover / lowbit.describe with an example input) first"
+        )
     runner = _run_nnx_op
     if wrap is not None:
+
         def runner(module, key, rule, call, lhs, rhs):
             state = getattr(module, _STATE_PREFIX + key)
-            return wrap(functools.partial(_run_nnx_op, module, key, rule, call),
-                        op_name(module._lowbit_path, key), state, call, lhs, rhs)
+            return wrap(
+                functools.partial(_run_nnx_op, module, key, rule, call),
+                op_name(module._lowbit_path, key),
+                state,
+                call,
+                lhs,
+                rhs,
+            )
+
     with intercept.patched(qmodel._lowbit_recipe, "capture" if capture else "run", runner, _nnx_lookup) as frame:
         yield frame.recorded
     _advance_keys(qmodel, frame)
@@ -505,7 +557,7 @@ def _linen_fields(module: linen.Module) -> dict:
     return {f: getattr(module, f) for f in module.__dataclass_fields__ if f not in ("parent", "name")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int, strict: bool) -> type:
     """A subclass of linen module ``cls`` whose root ``__call__`` runs under interception.
 
@@ -517,10 +569,19 @@ def _linen_class(cls: type, recipe: Recipe, narrowed: bool, seed: int, strict: b
             return cls.__call__(self, *args, **kwargs)
         return _linen_forward(self, cls, args, kwargs)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                       "__qualname__": f"lowbit.quantize({cls.__qualname__})",
-                                       "_lowbit_recipe": recipe, "_lowbit_narrowed": narrowed,
-                                       "_lowbit_seed": seed, "_lowbit_strict": strict})
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "__call__": __call__,
+            "__module__": cls.__module__,
+            "__qualname__": f"lowbit.quantize({cls.__qualname__})",
+            "_lowbit_recipe": recipe,
+            "_lowbit_narrowed": narrowed,
+            "_lowbit_seed": seed,
+            "_lowbit_strict": strict,
+        },
+    )
 
 
 def _track(next_fun, args, kwargs, context):
@@ -563,8 +624,12 @@ def _linen_forward(root, cls, args, kwargs):
     def runner(module, key, rule, call, lhs, rhs):
         return _run_linen_op(module, key, rule, call, lhs, rhs, recipe, root._lowbit_seed)
 
-    with intercept.patched(recipe, "run", runner, lambda m, k: plan.get((m._lowbit_path, k), intercept.UNKNOWN)) \
-            as frame, linen.intercept_methods(_track):
+    with (
+        intercept.patched(
+            recipe, "run", runner, lambda m, k: plan.get((m._lowbit_path, k), intercept.UNKNOWN)
+        ) as frame,
+        linen.intercept_methods(_track),
+    ):
         object.__setattr__(root, "_lowbit_path", "")
         out = cls.__call__(root, *args, **kwargs)
     intercept.never_silent(frame, {op_name(*k): v for k, v in plan.items()}, strict=root._lowbit_strict)
@@ -583,5 +648,6 @@ def _run_linen_op(module, key, rule, call, lhs, rhs, recipe: Recipe, seed: int):
                 var.value = nxt
         else:
             values[name] = var.value
-    return oprule.run(rule, call, lhs, rhs, values, sr, recipe.policy.compute_dtype,
-                      name=op_name(module._lowbit_path, key))
+    return oprule.run(
+        rule, call, lhs, rhs, values, sr, recipe.policy.compute_dtype, name=op_name(module._lowbit_path, key)
+    )

@@ -127,8 +127,9 @@ class ViT(Configured, nnx.Module):
     ):
         h, w, c = image_shape
         patch_size = default_patch_size(image_shape) if patch_size is None else patch_size
-        for name, value in dict(num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth,
-                                heads=heads, mlp_dim=mlp_dim).items():
+        for name, value in dict(
+            num_classes=num_classes, patch_size=patch_size, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim
+        ).items():
             if value < 1:
                 raise ValueError(f"ViT: {name} must be >= 1, got {value}")
         if dim % heads:
@@ -137,8 +138,16 @@ class ViT(Configured, nnx.Module):
             raise ValueError(f"ViT: patch_size {patch_size} does not divide the {h}x{w} image")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"ViT: dropout must be in [0, 1), got {dropout}")
-        self._config = config_tuple(image_shape=(h, w, c), num_classes=num_classes, patch_size=patch_size, dim=dim,
-                                    depth=depth, heads=heads, mlp_dim=mlp_dim, dropout=dropout)
+        self._config = config_tuple(
+            image_shape=(h, w, c),
+            num_classes=num_classes,
+            patch_size=patch_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            dropout=dropout,
+        )
         self.patch_size = patch_size
         num_patches = (h // patch_size) * (w // patch_size)
         self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, rngs=rngs)

@@ -22,12 +22,21 @@ lists the CLI builds its parser from) loads without Flax.
 import importlib
 
 # name -> module that defines it
-_LAZY = {"quantize_model": "lowbit.ptq.calibrate", "PTQConfig": "lowbit.ptq.config",
-         "resolve_format": "lowbit.ptq.config", "accuracy": "lowbit.ptq.evaluate", "op_sqnr": "lowbit.ptq.evaluate",
-         "sqnr_db": "lowbit.ptq.evaluate", "CheckpointError": "lowbit.ptq.restore",
-         "find_checkpoint": "lowbit.ptq.restore", "load_model": "lowbit.ptq.restore",
-         "save_model": "lowbit.ptq.restore", "calibration_images": "lowbit.ptq.run", "ptq": "lowbit.ptq.run",
-         "write_report": "lowbit.ptq.run"}
+_LAZY = {
+    "quantize_model": "lowbit.ptq.calibrate",
+    "PTQConfig": "lowbit.ptq.config",
+    "resolve_format": "lowbit.ptq.config",
+    "accuracy": "lowbit.ptq.evaluate",
+    "op_sqnr": "lowbit.ptq.evaluate",
+    "sqnr_db": "lowbit.ptq.evaluate",
+    "CheckpointError": "lowbit.ptq.restore",
+    "find_checkpoint": "lowbit.ptq.restore",
+    "load_model": "lowbit.ptq.restore",
+    "save_model": "lowbit.ptq.restore",
+    "calibration_images": "lowbit.ptq.run",
+    "ptq": "lowbit.ptq.run",
+    "write_report": "lowbit.ptq.run",
+}
 
 __all__ = sorted(_LAZY)
 

@@ -32,15 +32,15 @@ import numpy as np
 from flax import nnx
 
 from lowbit import quant
-from lowbit.quant.calibrate import init as observer_init
-from lowbit.quant.calibrate import scale as observer_scale
-from lowbit.quant.calibrate import update as observer_update
-from lowbit.nn.quantize import Op, discover, op_name, ops, quantize
 from lowbit.nn.export import weight
+from lowbit.nn.quantize import Op, discover, op_name, ops, quantize
 from lowbit.ptq import vit
 from lowbit.ptq.capture import Operands, probe, record_traced
 from lowbit.ptq.config import PTQConfig
 from lowbit.ptq.noise import linear_like, noisy_bias_search, quantized_weight, set_noisy_bias, with_noisy_bias
+from lowbit.quant.calibrate import init as observer_init
+from lowbit.quant.calibrate import scale as observer_scale
+from lowbit.quant.calibrate import update as observer_update
 from lowbit.recipes import op as oprule
 from lowbit.recipes.rules import Recipe, Rule
 from lowbit.training.qdot import DotQuantConfig
@@ -69,8 +69,10 @@ class _Observed:
     """
 
     def __init__(self, name: str, operand: str, cfg: PTQConfig, after_layernorm: bool):
-        self.quantizers = tuple(vit.activation_quantizer(name, operand, cfg, nonnegative=sign,
-                                                         after_layernorm=after_layernorm) for sign in (False, True))
+        self.quantizers = tuple(
+            vit.activation_quantizer(name, operand, cfg, nonnegative=sign, after_layernorm=after_layernorm)
+            for sign in (False, True)
+        )
         self.static = not cfg.dynamic
         self.nonnegative = True
         self.states: tuple = ()
@@ -96,8 +98,10 @@ def _observe_batch(graphdef, state, specs, stats, images):
     for key, quantizers in specs:
         x = getattr(calls[key[0]], key[1])
         old = stats[key]
-        new[key] = dict(min=jnp.minimum(old["min"], jnp.min(x).astype(jnp.float32)),
-                        states=tuple(observer_update(qz, st, x) for qz, st in zip(quantizers, old["states"])))
+        new[key] = dict(
+            min=jnp.minimum(old["min"], jnp.min(x).astype(jnp.float32)),
+            states=tuple(observer_update(qz, st, x) for qz, st in zip(quantizers, old["states"])),
+        )
     return new, calls
 
 
@@ -142,10 +146,11 @@ def _best_twin_shift(qz, x) -> quant.Quantizer:
 def _fold(work, op: Op, name: str, cfg: PTQConfig, qz, params, sample: dict) -> tuple[float, dict[str, Any]]:
     """Fold a per-channel LayerNorm quantizer into the LayerNorm and the op's weight; the common step."""
     (lc, rc), (lb, _) = op.call.dn or ((None, ()), ((), ()))  # a convolution has no dot dimension numbers
-    if not (op.call.weighted and op.call.kind != "conv" and not lb and lc == (len(op.lhs_shape) - 1,)
-            and len(rc) == 1):
-        raise ValueError(f"PTQConfig.layernorm_ops: op {name} cannot fold per-channel LayerNorm steps (allowed: "
-                         "an op with a weight and one contracting axis, the last of its lhs)")
+    if not (op.call.weighted and op.call.kind != "conv" and not lb and lc == (len(op.lhs_shape) - 1,) and len(rc) == 1):
+        raise ValueError(
+            f"PTQConfig.layernorm_ops: op {name} cannot fold per-channel LayerNorm steps (allowed: "
+            "an op with a weight and one contracting axis, the last of its lhs)"
+        )
     r, step = vit.folding(qz, params)
     param = weight(vit.module_at(work, op.path), op)
     vit.fold_layernorm(vit.module_at(work, vit.layernorm_of(name, cfg)), param, r, rc[0])
@@ -154,8 +159,9 @@ def _fold(work, op: Op, name: str, cfg: PTQConfig, qz, params, sample: dict) -> 
     return step, dict(fold_ratio_max=float(np.max(r) / np.min(r)))
 
 
-def _freeze(work, op: Op, name: str, operand: str, cfg: PTQConfig, obs: _Observed,
-            sample: dict) -> tuple[quant.Quantizer, dict[str, Any]]:
+def _freeze(
+    work, op: Op, name: str, operand: str, cfg: PTQConfig, obs: _Observed, sample: dict
+) -> tuple[quant.Quantizer, dict[str, Any]]:
     """The frozen quantizer of one activation operand (folding a per-channel one first)."""
     qz = obs.quantizer
     if cfg.dynamic:
@@ -229,9 +235,14 @@ def quantize_model(model: nnx.Module, images: np.ndarray, cfg: PTQConfig) -> tup
         else:
             rhs, _ = _freeze(work, op, name, "rhs", cfg, observed[name, "rhs"], sample)
         plan[name] = len(rules)
-        rules.append(Rule(path=re.escape(op.path), kinds=(op.call.kind,),
-                          operands="weight" if op.call.weighted else "activation",
-                          dot=DotQuantConfig(lhs=lhs, rhs=rhs)))
+        rules.append(
+            Rule(
+                path=re.escape(op.path),
+                kinds=(op.call.kind,),
+                operands="weight" if op.call.weighted else "activation",
+                dot=DotQuantConfig(lhs=lhs, rhs=rhs),
+            )
+        )
         rows.append(dict(row, lhs=_describe(lhs), rhs=_describe(rhs)))
     recipe = Recipe(name=f"ptq-{cfg.label}", rules=tuple(rules))
     quantized = quantize(work, recipe, plan=plan)
@@ -251,8 +262,9 @@ def _add_noisy_biases(quantized, found, rules, plan, rows, sample, cfg: PTQConfi
         if not (linear_like(op.call, x.ndim, w.ndim) and rule.dot.lhs.kind == "uniform"):
             continue
         config = oprule.retarget(rule.dot, op.call, x.ndim, w.ndim)
-        noise, amplitude = noisy_bias_search(config, x, w, op.call.dn, rule.dot.lhs.fixed_scale,
-                                             jax.random.fold_in(key, i))
+        noise, amplitude = noisy_bias_search(
+            config, x, w, op.call.dn, rule.dot.lhs.fixed_scale, jax.random.fold_in(key, i)
+        )
         row["noisy_bias"] = amplitude
         if noise is not None:
             set_noisy_bias(_module_state(quantized, op), noise, quantized_weight(config, jnp.asarray(w, jnp.float32)))

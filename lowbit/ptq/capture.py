@@ -39,8 +39,9 @@ class Operands(NamedTuple):
 def probe(model: nnx.Module, example) -> nnx.Module:
     """``model`` (float, unchanged) quantized with ``FLOAT`` and its ops discovered on ``example`` inputs."""
     if is_quantized(model):
-        raise ValueError(f"model is already quantized (recipe {recipe_of(model).name!r}); PTQ starts from the "
-                         "float model")
+        raise ValueError(
+            f"model is already quantized (recipe {recipe_of(model).name!r}); PTQ starts from the float model"
+        )
     probed = quantize(model, FLOAT)
     discover(probed, jnp.asarray(example))
     return probed

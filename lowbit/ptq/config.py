@@ -17,8 +17,19 @@ from lowbit.formats._checks import check_int, require
 from lowbit.quant.quantizer import DATA_SCALES
 from lowbit.recipes.rules import compile_regex
 
-__all__ = ["CALIBRATIONS", "GELU", "GELU_OPS", "LAYERNORM", "LAYERNORM_OPS", "METHODS", "PTQConfig", "SOFTMAX",
-           "SOFTMAX_OPS", "WEIGHT_CALIBRATIONS", "resolve_format"]
+__all__ = [
+    "CALIBRATIONS",
+    "GELU",
+    "GELU_OPS",
+    "LAYERNORM",
+    "LAYERNORM_OPS",
+    "METHODS",
+    "PTQConfig",
+    "SOFTMAX",
+    "SOFTMAX_OPS",
+    "WEIGHT_CALIBRATIONS",
+    "resolve_format",
+]
 
 # The one list of calibration sources (the clip sources a static quantizer calibrates); the CLI uses it too.
 CALIBRATIONS = DATA_SCALES
@@ -33,8 +44,11 @@ _OWN = "PTQConfig"
 SOFTMAX_OPS = r"(.*/)?attn:einsum1"  # lhs of AV: the attention probabilities
 GELU_OPS = r"(.*/)?mlp_out:dot_general0"  # lhs of the MLP's output layer: GELU outputs
 # (op regex, path of the LayerNorm whose output is the op's lhs; ``\1`` is the regex's first group)
-LAYERNORM_OPS = ((r"(.*/)?attn/qkv:dot_general0", r"\1norm1"), (r"(.*/)?mlp_in:dot_general0", r"\1norm2"),
-                 (r"head:dot_general0", "norm"))
+LAYERNORM_OPS = (
+    (r"(.*/)?attn/qkv:dot_general0", r"\1norm1"),
+    (r"(.*/)?mlp_in:dot_general0", r"\1norm2"),
+    (r"head:dot_general0", "norm"),
+)
 _INT = re.compile(r"(u?)int(\d+)")
 
 
@@ -48,12 +62,15 @@ def resolve_format(name: str):
     if name not in formats.names() and m and 2 <= int(m.group(2)) <= 16:
         return formats.IntFormat(bits=int(m.group(2)), signed=not m.group(1), name=name)
     if name not in formats.names() and not name.startswith("p3109_"):
-        raise ValueError(f"unknown format {name!r}; allowed: intN/uintN (N in 2..16) or one of "
-                         + ", ".join(formats.names()))
+        raise ValueError(
+            f"unknown format {name!r}; allowed: intN/uintN (N in 2..16) or one of " + ", ".join(formats.names())
+        )
     fmt = formats.get(name)
     if not isinstance(fmt, (formats.FloatFormat, formats.IntFormat)):
-        raise ValueError(f"format {name!r} is not a scalar integer or float format (block and 1-2 bit formats "
-                         "bring their own scales; PTQ needs one it can scale)")
+        raise ValueError(
+            f"format {name!r} is not a scalar integer or float format (block and 1-2 bit formats "
+            "bring their own scales; PTQ needs one it can scale)"
+        )
     return fmt
 
 
@@ -122,8 +139,13 @@ class PTQConfig:
         resolve_format(self.weights)
         a = resolve_format(self.activations)
         require(self.calibration in CALIBRATIONS, _OWN, "calibration", self.calibration, ", ".join(CALIBRATIONS))
-        require(self.weight_calibration is None or self.weight_calibration in WEIGHT_CALIBRATIONS, _OWN,
-                "weight_calibration", self.weight_calibration, "None or " + ", ".join(WEIGHT_CALIBRATIONS))
+        require(
+            self.weight_calibration is None or self.weight_calibration in WEIGHT_CALIBRATIONS,
+            _OWN,
+            "weight_calibration",
+            self.weight_calibration,
+            "None or " + ", ".join(WEIGHT_CALIBRATIONS),
+        )
         require(self.granularity in GRANULARITIES, _OWN, "granularity", self.granularity, ", ".join(GRANULARITIES))
         if self.granularity == "group":
             check_int(_OWN, "group_size", self.group_size, 1)
@@ -135,10 +157,14 @@ class PTQConfig:
         require(self.layernorm in LAYERNORM, _OWN, "layernorm", self.layernorm, ", ".join(LAYERNORM))
         compile_regex(_OWN, "softmax_ops", self.softmax_ops)
         compile_regex(_OWN, "gelu_ops", self.gelu_ops)
-        if not (isinstance(self.layernorm_ops, tuple) and all(
-                isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], str) for p in self.layernorm_ops)):
-            raise TypeError(f"{_OWN}.layernorm_ops={self.layernorm_ops!r} is invalid; allowed: a tuple of "
-                            "(op regex, LayerNorm path) pairs")
+        if not (
+            isinstance(self.layernorm_ops, tuple)
+            and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], str) for p in self.layernorm_ops)
+        ):
+            raise TypeError(
+                f"{_OWN}.layernorm_ops={self.layernorm_ops!r} is invalid; allowed: a tuple of "
+                "(op regex, LayerNorm path) pairs"
+            )
         for pattern, _ in self.layernorm_ops:
             compile_regex(_OWN, "layernorm_ops", pattern)
         for field in ("dynamic", "noisy_bias"):
@@ -147,16 +173,34 @@ class PTQConfig:
         check_int(_OWN, "samples", self.samples, 1)
         check_int(_OWN, "batch_size", self.batch_size, 1)
         integer = isinstance(a, formats.IntFormat) and a.signed
-        for field, value, plain in (("softmax", self.softmax, "uniform"), ("gelu", self.gelu, "uniform"),
-                                    ("layernorm", self.layernorm, "tensor")):
+        for field, value, plain in (
+            ("softmax", self.softmax, "uniform"),
+            ("gelu", self.gelu, "uniform"),
+            ("layernorm", self.layernorm, "tensor"),
+        ):
             if value not in (plain, "channel"):
-                require(integer and a.bits >= 3, _OWN, field, value,
-                        f"{plain!r} with activations {self.activations} ({value} needs a signed integer "
-                        "format of at least 3 bits)")
-        require(not (self.dynamic and self.noisy_bias), _OWN, "noisy_bias", True,
-                "False with dynamic=True (the noise is sized by a calibrated, static step)")
-        require(not (self.dynamic and self.layernorm != "tensor"), _OWN, "layernorm", self.layernorm,
-                "'tensor' with dynamic=True (folding uses calibrated per-channel ranges)")
+                require(
+                    integer and a.bits >= 3,
+                    _OWN,
+                    field,
+                    value,
+                    f"{plain!r} with activations {self.activations} ({value} needs a signed integer "
+                    "format of at least 3 bits)",
+                )
+        require(
+            not (self.dynamic and self.noisy_bias),
+            _OWN,
+            "noisy_bias",
+            True,
+            "False with dynamic=True (the noise is sized by a calibrated, static step)",
+        )
+        require(
+            not (self.dynamic and self.layernorm != "tensor"),
+            _OWN,
+            "layernorm",
+            self.layernorm,
+            "'tensor' with dynamic=True (folding uses calibrated per-channel ranges)",
+        )
 
     @property
     def weight_format(self):

@@ -66,9 +66,19 @@ def _loss(graphdef, state, features, skip_tokens, entropy_weight, tv_weight, z, 
     return ce - entropy_weight * entropy + tv_weight * _total_variation(x)
 
 
-def synthesize(model: nnx.Module, n: int, *, steps: int = 200, batch_size: int = 64, learning_rate: float = 0.1,
-               entropy_weight: float = 1.0, tv_weight: float = 0.05, seed: int = 0,
-               feature_ops: str = FEATURE_OPS, skip_tokens: int = 1) -> np.ndarray:
+def synthesize(
+    model: nnx.Module,
+    n: int,
+    *,
+    steps: int = 200,
+    batch_size: int = 64,
+    learning_rate: float = 0.1,
+    entropy_weight: float = 1.0,
+    tv_weight: float = 0.05,
+    seed: int = 0,
+    feature_ops: str = FEATURE_OPS,
+    skip_tokens: int = 1,
+) -> np.ndarray:
     """``n`` synthetic calibration images for ``model`` (a float NNX classifier, unchanged).
 
     Args:
@@ -99,12 +109,14 @@ def synthesize(model: nnx.Module, n: int, *, steps: int = 200, batch_size: int =
     probed = probe(model, jnp.zeros((1, *shape), jnp.float32))
     features = [name for name in names(probed) if re.fullmatch(feature_ops, name)]
     if not features:
-        raise ValueError(f"synthesize: feature_ops={feature_ops!r} matches no op of the model (its ops: "
-                         f"{', '.join(names(probed))})")
+        raise ValueError(
+            f"synthesize: feature_ops={feature_ops!r} matches no op of the model (its ops: {', '.join(names(probed))})"
+        )
     graphdef, state = nnx.split(probed)
     tx = optax.adam(learning_rate)
-    grad = jax.jit(jax.grad(functools.partial(_loss, graphdef, state, tuple(features), skip_tokens, entropy_weight,
-                                              tv_weight)))
+    grad = jax.jit(
+        jax.grad(functools.partial(_loss, graphdef, state, tuple(features), skip_tokens, entropy_weight, tv_weight))
+    )
 
     @jax.jit
     def update(z, opt_state, labels):

@@ -38,8 +38,10 @@ def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
     pad = -n % batch_size
     xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     ys = np.concatenate([y, np.full(pad, -1, y.dtype)])  # label -1 never matches a prediction
-    batches = ((jnp.asarray(xs[i : i + batch_size]), jnp.asarray(ys[i : i + batch_size]))
-               for i in range(0, n + pad, batch_size))
+    batches = (
+        (jnp.asarray(xs[i : i + batch_size]), jnp.asarray(ys[i : i + batch_size]))
+        for i in range(0, n + pad, batch_size)
+    )
     correct = sum(int(_correct(graphdef, state, bx, by)) for bx, by in batches)
     return correct / n
 
@@ -85,8 +87,11 @@ def _errors(float_graphdef, float_state, quant_graphdef, quant_state, images):
         lhs, rhs = got[name].lhs, got[name].rhs
         dot = recipe.rules[op.rule].dot if op.rule is not None else DotQuantConfig()
         cfg = oprule.retarget(dot, op.call, lhs.ndim, rhs.ndim)
-        out[name] = dict(sqnr_db=_power(reference[name].out, got[name].out),
-                         lhs_sqnr_db=_operand_power(cfg.lhs, lhs), rhs_sqnr_db=_operand_power(cfg.rhs, rhs))
+        out[name] = dict(
+            sqnr_db=_power(reference[name].out, got[name].out),
+            lhs_sqnr_db=_operand_power(cfg.lhs, lhs),
+            rhs_sqnr_db=_operand_power(cfg.rhs, rhs),
+        )
     return out
 
 
@@ -111,8 +116,10 @@ def op_sqnr(float_model: nnx.Module, quant_model: nnx.Module, images: np.ndarray
     images = jnp.asarray(images)
     powers = _errors(*nnx.split(probe(float_model, images[:1])), *nnx.split(quant_model), images)
     names = [op_name(op.path, op.key) for op in ops(quant_model)]
-    return [dict(name=n, **{k: None if v is None else _db(float(v[0]), float(v[1])) for k, v in powers[n].items()})
-            for n in names]
+    return [
+        dict(name=n, **{k: None if v is None else _db(float(v[0]), float(v[1])) for k, v in powers[n].items()})
+        for n in names
+    ]
 
 
 def plot_ops(rows: list[dict[str, Any]], path: str | Path, title: str) -> bool:
@@ -125,8 +132,11 @@ def plot_ops(rows: list[dict[str, Any]], path: str | Path, title: str) -> bool:
     xs = np.arange(len(rows))
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2), 4), layout="constrained")
     ax = fig.subplots()
-    for key, label, marker in (("sqnr_db", "op output (accumulated)", "o"),
-                               ("lhs_sqnr_db", "input activation", "s"), ("rhs_sqnr_db", "weight / 2nd operand", "^")):
+    for key, label, marker in (
+        ("sqnr_db", "op output (accumulated)", "o"),
+        ("lhs_sqnr_db", "input activation", "s"),
+        ("rhs_sqnr_db", "weight / 2nd operand", "^"),
+    ):
         ys = [r[key] if r[key] is not None and math.isfinite(r[key]) else np.nan for r in rows]
         ax.plot(xs, ys, marker=marker, label=label)
     ax.set_xticks(xs, names, rotation=60, ha="right", fontsize=8)

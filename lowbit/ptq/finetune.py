@@ -94,15 +94,21 @@ class FinetuneConfig:
 
     def __post_init__(self):
         require(self.method in METHODS, _OWN, "method", self.method, ", ".join(METHODS))
-        require(isinstance(self.noise_activations, bool), _OWN, "noise_activations", self.noise_activations,
-                "True or False")
+        require(
+            isinstance(self.noise_activations, bool), _OWN, "noise_activations", self.noise_activations, "True or False"
+        )
         check_int(_OWN, "seed", self.seed, 0)
         compile_regex(_OWN, "softmax_ops", self.softmax_ops)
         resolve_format(self.target_format)
         for field in ("outlier_weight", "outlier_threshold", "learning_rate", "weight_decay"):
             value = getattr(self, field)
-            require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, _OWN, field, value,
-                    "a finite number >= 0")
+            require(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                _OWN,
+                field,
+                value,
+                "a finite number >= 0",
+            )
         check_int(_OWN, "epochs", self.epochs, 1)
         check_int(_OWN, "batch_size", self.batch_size, 1)
 
@@ -185,7 +191,8 @@ def _loss(graphdef, cfg: FinetuneConfig, params, rest, x, y, key):
 
 def _step(graphdef, cfg, tx, params, rest, opt_state, x, y, key):
     grads, (ce, penalty, rest) = jax.grad(functools.partial(_loss, graphdef, cfg), has_aux=True)(
-        params, rest, x, y, key)
+        params, rest, x, y, key
+    )
     # optax mixes float32 hyperparameters with the parameters (strict promotion rejects that).
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -227,21 +234,32 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
     for epoch in range(cfg.epochs):
         ces, penalties = [], []
         for x, y in lowbit_data.batches(dataset.x_train, dataset.y_train, cfg.batch_size, seed=(cfg.seed, epoch)):
-            params, rest, opt_state, ce, penalty = step(params, rest, opt_state, jnp.asarray(x), jnp.asarray(y),
-                                                        jax.random.fold_in(key, n))
+            params, rest, opt_state, ce, penalty = step(
+                params, rest, opt_state, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, n)
+            )
             ces.append(float(ce))
             penalties.append(float(penalty))
             n += 1
         nnx.update(work, params, rest)
-        history.append(dict(epoch=epoch + 1, loss=float(np.mean(ces)), penalty=float(np.mean(penalties)),
-                            test_accuracy=accuracy(work, dataset.x_test, dataset.y_test)))
+        history.append(
+            dict(
+                epoch=epoch + 1,
+                loss=float(np.mean(ces)),
+                penalty=float(np.mean(penalties)),
+                test_accuracy=accuracy(work, dataset.x_test, dataset.y_test),
+            )
+        )
         work.train()
     # The rule quantizes nothing, so its ops have no state: the float model's variables are all there is.
     nnx.update(model, nnx.state(work, nnx.Variable))
     model.eval()
-    return dict(config=dataclasses.asdict(cfg), float_accuracy_before=before,
-                float_accuracy=history[-1]["test_accuracy"], train_time_s=time.perf_counter() - start,
-                history=history)
+    return dict(
+        config=dataclasses.asdict(cfg),
+        float_accuracy_before=before,
+        float_accuracy=history[-1]["test_accuracy"],
+        train_time_s=time.perf_counter() - start,
+        history=history,
+    )
 
 
 def operand_range_ratio(model: nnx.Module, images, softmax_ops: str = SOFTMAX_OPS) -> float:

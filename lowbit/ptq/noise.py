@@ -30,8 +30,15 @@ from lowbit.nn import intercept
 from lowbit.nn.quantize import intercepting
 from lowbit.training.qdot import DotQuantConfig, quantized_dot_general
 
-__all__ = ["adaptive_noise", "linear_like", "noisy_bias_search", "quantization_step", "quantized_weight",
-           "set_noisy_bias", "with_noisy_bias"]
+__all__ = [
+    "adaptive_noise",
+    "linear_like",
+    "noisy_bias_search",
+    "quantization_step",
+    "quantized_weight",
+    "set_noisy_bias",
+    "with_noisy_bias",
+]
 
 
 def _grid(fmt) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +104,7 @@ def _noisy(run, name, state, call, lhs, rhs):
     return out - state.noisy_correction[...].astype(out.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _noisy_class(cls: type) -> type:
     """``cls`` (a quantized model class) whose calls apply the ops' noisy biases."""
 
@@ -107,8 +114,11 @@ def _noisy_class(cls: type) -> type:
         with intercepting(self, wrap=_noisy):
             return cls.__call__(self, *args, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                       "__qualname__": f"{cls.__qualname__}+noisy_bias"})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}+noisy_bias"},
+    )
 
 
 def with_noisy_bias(qmodel: nnx.Module) -> nnx.Module:
@@ -128,8 +138,7 @@ def _output_error(lhs, rhs, dn, config, noise, w_q, reference):
     return jnp.sum(jnp.square(out - reference))
 
 
-def noisy_bias_search(config: DotQuantConfig, lhs, rhs, dn, step: float, key,
-                      amplitudes=(0.5, 1.0), draws: int = 4):
+def noisy_bias_search(config: DotQuantConfig, lhs, rhs, dn, step: float, key, amplitudes=(0.5, 1.0), draws: int = 4):
     """The noisy bias with the least output error on a calibration batch, or None if no noise is better.
 
     Candidates are ``U(-a * step / 2, a * step / 2)`` per input channel for each

@@ -84,7 +84,8 @@ def _spec(path: Path, meta: dict[str, Any]) -> str:
         raise CheckpointError(
             f"checkpoint {path} is not a lowbit model checkpoint (format {meta.get('format')!r}, model "
             f"{model_meta.get('type')!r}; expected format {_FORMAT} and a built-in model "
-            f"({', '.join(BUILT_IN)}) or a 'spec' naming the factory)")
+            f"({', '.join(BUILT_IN)}) or a 'spec' naming the factory)"
+        )
     return spec
 
 
@@ -98,8 +99,10 @@ def _build(path: Path, meta: dict[str, Any]) -> tuple[nnx.Module, Any, tuple]:
         model = models.factory(spec)(**kwargs, rngs=nnx.Rngs(0))
         image_shape = tuple(kwargs["image_shape"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: model {spec!r} with config {config!r} and recipe "
-                              f"{meta.get('recipe')!r} cannot be rebuilt ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {path}: model {spec!r} with config {config!r} and recipe "
+            f"{meta.get('recipe')!r} cannot be rebuilt ({e})"
+        ) from e
     if not isinstance(model, nnx.Module):
         raise CheckpointError(f"checkpoint {path}: model {spec!r} built a {type(model).__name__}, not an NNX module")
     return model, recipe, image_shape
@@ -116,8 +119,11 @@ def _template(model: nnx.Module, recipe, hparams: dict[str, Any], image_shape):
 
 def _float_state(qmodel: nnx.Module) -> nnx.State:
     """The variables of ``qmodel`` that its float model has: all but the ops' quantizer state."""
-    flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(qmodel))
-            if not any(isinstance(k, str) and k.startswith("lowbit_") for k in p)]
+    flat = [
+        (p, v)
+        for p, v in nnx.to_flat_state(nnx.state(qmodel))
+        if not any(isinstance(k, str) and k.startswith("lowbit_") for k in p)
+    ]
     return nnx.from_flat_state(flat)
 
 
@@ -149,8 +155,15 @@ def load_model(path: str | Path) -> tuple[nnx.Module, dict[str, Any]]:
     return model, meta
 
 
-def save_model(model: nnx.Module, out: str | Path, epoch: int, metadata: dict[str, Any], *, recipe: str = "fp32",
-               spec: str | None = None) -> Path:
+def save_model(
+    model: nnx.Module,
+    out: str | Path,
+    epoch: int,
+    metadata: dict[str, Any],
+    *,
+    recipe: str = "fp32",
+    spec: str | None = None,
+) -> Path:
     """Write float ``model`` as ``out/checkpoints/epoch_NNNN`` in the layout ``load_model`` reads.
 
     The optimiser state is written fresh (zero moments): a fine-tuned model is
@@ -176,8 +189,9 @@ def save_model(model: nnx.Module, out: str | Path, epoch: int, metadata: dict[st
         raise ValueError(f"recipe={recipe!r} is invalid; allowed: a float recipe (fp32, bf16, fp16)")
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "image_shape" not in config:
-        raise ValueError(f"model {type(model).__name__} has no config (its constructor arguments, image_shape "
-                         "included) to save")
+        raise ValueError(
+            f"model {type(model).__name__} has no config (its constructor arguments, image_shape included) to save"
+        )
     _, state = _template(model, recipe_obj, dict(metadata.get("hparams") or {}), tuple(config["image_shape"]))
     model_meta = dict(type=type(model).__name__, config=config) | ({"spec": spec} if spec is not None else {})
     meta = dict(metadata, format=_FORMAT, recipe=recipe_obj.name, model=model_meta)

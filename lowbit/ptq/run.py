@@ -26,8 +26,14 @@ def calibration_images(dataset: Dataset, samples: int, seed: int = 0) -> np.ndar
     return dataset.x_train[np.random.default_rng(seed).choice(len(dataset.x_train), n, replace=False)]
 
 
-def ptq(model: nnx.Module, dataset: Dataset, cfg: PTQConfig, *, images: np.ndarray | None = None,
-        float_accuracy: float | None = None) -> tuple[nnx.Module, dict[str, Any]]:
+def ptq(
+    model: nnx.Module,
+    dataset: Dataset,
+    cfg: PTQConfig,
+    *,
+    images: np.ndarray | None = None,
+    float_accuracy: float | None = None,
+) -> tuple[nnx.Module, dict[str, Any]]:
     """Quantize a copy of ``model`` with ``cfg`` and score it on ``dataset``'s test set.
 
     Args:
@@ -52,9 +58,16 @@ def ptq(model: nnx.Module, dataset: Dataset, cfg: PTQConfig, *, images: np.ndarr
     test_accuracy = accuracy(quantized, dataset.x_test, dataset.y_test)
     errors = {r["name"]: r for r in op_sqnr(model, quantized, dataset.x_test[:SQNR_IMAGES])}
     per_op = [dict(row, **errors[row["name"]]) for row in rows]
-    metrics = dict(config=cfg.to_json(), label=cfg.label, dataset=dataset.name, calibration_images=len(images),
-                   float_accuracy=float_accuracy, test_accuracy=test_accuracy,
-                   accuracy_drop_points=100 * (float_accuracy - test_accuracy), ops=per_op)
+    metrics = dict(
+        config=cfg.to_json(),
+        label=cfg.label,
+        dataset=dataset.name,
+        calibration_images=len(images),
+        float_accuracy=float_accuracy,
+        test_accuracy=test_accuracy,
+        accuracy_drop_points=100 * (float_accuracy - test_accuracy),
+        ops=per_op,
+    )
     return quantized, metrics
 
 
@@ -77,9 +90,11 @@ def write_report(out: str | Path, metrics: dict[str, Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "metrics.json"]
     written[0].write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))
-    title = (f"{metrics['label']} {metrics['config']['weights']}/{metrics['config']['activations']}, "
-             f"{metrics['config']['calibration']}: {100 * metrics['test_accuracy']:.2f}% "
-             f"(float {100 * metrics['float_accuracy']:.2f}%)")
+    title = (
+        f"{metrics['label']} {metrics['config']['weights']}/{metrics['config']['activations']}, "
+        f"{metrics['config']['calibration']}: {100 * metrics['test_accuracy']:.2f}% "
+        f"(float {100 * metrics['float_accuracy']:.2f}%)"
+    )
     if plot_ops(metrics["ops"], out / "layer_sqnr.png", title):
         written.append(out / "layer_sqnr.png")
     return written

@@ -18,15 +18,27 @@ __all__ = ["SETTINGS", "markdown", "sweep"]
 
 # (setting, family, weights, activations)
 SETTINGS = (
-    ("W8A8", "int", "int8", "int8"), ("W8A8", "float", "float8_e4m3fn", "float8_e4m3fn"),
-    ("W6A6", "int", "int6", "int6"), ("W6A6", "float", "float6_e2m3fn", "float6_e2m3fn"),
-    ("W4A8", "int", "int4", "int8"), ("W4A8", "float", "float4_e2m1fn", "float8_e4m3fn"),
-    ("W4A4", "int", "int4", "int4"), ("W4A4", "float", "float4_e2m1fn", "float4_e2m1fn"),
+    ("W8A8", "int", "int8", "int8"),
+    ("W8A8", "float", "float8_e4m3fn", "float8_e4m3fn"),
+    ("W6A6", "int", "int6", "int6"),
+    ("W6A6", "float", "float6_e2m3fn", "float6_e2m3fn"),
+    ("W4A8", "int", "int4", "int8"),
+    ("W4A8", "float", "float4_e2m1fn", "float8_e4m3fn"),
+    ("W4A4", "int", "int4", "int4"),
+    ("W4A4", "float", "float4_e2m1fn", "float4_e2m1fn"),
 )
 
 
-def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETTINGS, calibrations=CALIBRATIONS,
-          images: np.ndarray | None = None, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def sweep(
+    model: nnx.Module,
+    dataset: Dataset,
+    base: PTQConfig,
+    *,
+    settings=SETTINGS,
+    calibrations=CALIBRATIONS,
+    images: np.ndarray | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """Score every setting x calibration method.
 
     Args:
@@ -48,8 +60,9 @@ def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETT
     float_accuracy = accuracy(model, dataset.x_test, dataset.y_test)
     rows = []
     for setting, family, weights, activations in settings:
-        row = dict(setting=setting, family=family, weights=weights, activations=activations, accuracy={},
-                   min_sqnr_db={})
+        row = dict(
+            setting=setting, family=family, weights=weights, activations=activations, accuracy={}, min_sqnr_db={}
+        )
         for method in calibrations:
             cfg = dataclasses.replace(base, weights=weights, activations=activations, calibration=method)
             _, metrics = ptq(model, dataset, cfg, images=images, float_accuracy=float_accuracy)
@@ -58,18 +71,27 @@ def sweep(model: nnx.Module, dataset: Dataset, base: PTQConfig, *, settings=SETT
             log(f"{setting} {weights}/{activations} {method}: {100 * metrics['test_accuracy']:.2f}%")
         rows.append(row)
     shared = {k: v for k, v in base.to_json().items() if k not in ("weights", "activations", "calibration")}
-    return dict(dataset=dataset.name, float_accuracy=float_accuracy, calibration_images=len(images), base=shared,
-                calibrations=list(calibrations), rows=rows)
+    return dict(
+        dataset=dataset.name,
+        float_accuracy=float_accuracy,
+        calibration_images=len(images),
+        base=shared,
+        calibrations=list(calibrations),
+        rows=rows,
+    )
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The sweep as a Markdown table: test accuracy (%) and, in brackets, points lost to float."""
     fa = result["float_accuracy"]
     methods = result["calibrations"]
-    lines = [f"Float accuracy {100 * fa:.2f}% ({result['dataset']}, {result['calibration_images']} calibration "
-             "images); cells: PTQ test accuracy % (change vs float, points).", "",
-             "| setting | weights | activations | " + " | ".join(methods) + " |",
-             "|---|---|---|" + "---:|" * len(methods)]
+    lines = [
+        f"Float accuracy {100 * fa:.2f}% ({result['dataset']}, {result['calibration_images']} calibration "
+        "images); cells: PTQ test accuracy % (change vs float, points).",
+        "",
+        "| setting | weights | activations | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---:|" * len(methods),
+    ]
     for row in result["rows"]:
         cells = [f"{100 * a:.2f} ({100 * (a - fa):+.2f})" for a in (row["accuracy"][m] for m in methods)]
         lines.append(f"| {row['setting']} | {row['weights']} | {row['activations']} | " + " | ".join(cells) + " |")

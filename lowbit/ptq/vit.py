@@ -37,11 +37,18 @@ import numpy as np
 from flax import nnx
 
 from lowbit import formats
-from lowbit.quant import QParams, Quantizer
 from lowbit.ptq.config import PTQConfig
+from lowbit.quant import QParams, Quantizer
 
-__all__ = ["activation_quantizer", "fixed_quantizer", "fold_layernorm", "folding", "layernorm_of", "module_at",
-           "weight_quantizer"]
+__all__ = [
+    "activation_quantizer",
+    "fixed_quantizer",
+    "fold_layernorm",
+    "folding",
+    "layernorm_of",
+    "module_at",
+    "weight_quantizer",
+]
 
 
 def _unsigned(fmt):
@@ -68,8 +75,9 @@ def _kind(name: str, operand: str, cfg: PTQConfig, after_layernorm: bool) -> dic
     if operand != "lhs":
         return {}
     if re.fullmatch(cfg.softmax_ops, name):
-        return {"log2": dict(kind="log2"), "twin": dict(kind="twin_uniform", twin_split="magnitude"),
-                "uniform": {}}[cfg.softmax]
+        return {"log2": dict(kind="log2"), "twin": dict(kind="twin_uniform", twin_split="magnitude"), "uniform": {}}[
+            cfg.softmax
+        ]
     if cfg.gelu == "twin" and re.fullmatch(cfg.gelu_ops, name):
         return dict(kind="twin_uniform", twin_split="sign")
     if cfg.layernorm != "tensor" and after_layernorm:
@@ -78,8 +86,9 @@ def _kind(name: str, operand: str, cfg: PTQConfig, after_layernorm: bool) -> dic
     return {}
 
 
-def activation_quantizer(name: str, operand: str, cfg: PTQConfig, *, nonnegative: bool = False,
-                         after_layernorm: bool = False) -> Quantizer:
+def activation_quantizer(
+    name: str, operand: str, cfg: PTQConfig, *, nonnegative: bool = False, after_layernorm: bool = False
+) -> Quantizer:
     """The activation quantizer of one operand: an observer's (static) or the dynamic one.
 
     Args:
@@ -94,8 +103,13 @@ def activation_quantizer(name: str, operand: str, cfg: PTQConfig, *, nonnegative
     """
     kw = _kind(name, operand, cfg, after_layernorm)
     fmt = cfg.activation_format
-    if (nonnegative and isinstance(fmt, formats.IntFormat) and fmt.signed
-            and kw.get("twin_split") != "sign" and kw.get("granularity") != "channel"):
+    if (
+        nonnegative
+        and isinstance(fmt, formats.IntFormat)
+        and fmt.signed
+        and kw.get("twin_split") != "sign"
+        and kw.get("granularity") != "channel"
+    ):
         fmt = _unsigned(fmt)
     source = cfg.calibration
     if source == "kl" and kw:

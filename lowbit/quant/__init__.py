@@ -12,11 +12,33 @@ from lowbit.quant.packing import pack, unpack
 from lowbit.quant.params import QParams
 from lowbit.quant.qtensor import QTensor
 from lowbit.quant.quantizer import (
-    GRANULARITIES, KINDS, SCALE_FORMATS, SCALES, TWIN_SPLITS, ZERO_POINT_RANGES, Quantizer,
+    GRANULARITIES,
+    KINDS,
+    SCALE_FORMATS,
+    SCALES,
+    TWIN_SPLITS,
+    ZERO_POINT_RANGES,
+    Quantizer,
 )
 
 __all__ = [
-    "GRANULARITIES", "KINDS", "SCALE_FORMATS", "SCALES", "TWIN_SPLITS", "ZERO_POINT_RANGES",
-    "CalibrationState", "Observer", "QParams", "QTensor", "Quantizer",
-    "calibrate", "dequantize", "fake_quant", "observer", "pack", "qparams", "quantize", "unpack",
+    "GRANULARITIES",
+    "KINDS",
+    "SCALE_FORMATS",
+    "SCALES",
+    "TWIN_SPLITS",
+    "ZERO_POINT_RANGES",
+    "CalibrationState",
+    "Observer",
+    "QParams",
+    "QTensor",
+    "Quantizer",
+    "calibrate",
+    "dequantize",
+    "fake_quant",
+    "observer",
+    "pack",
+    "qparams",
+    "quantize",
+    "unpack",
 ]

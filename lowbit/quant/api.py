@@ -30,11 +30,15 @@ def _check_call(q: Quantizer, x, scale, state):
         raise TypeError(f"quantizer has type {type(q).__name__}; allowed: lowbit.quant.Quantizer")
     x = check_float_input(x)
     if (scale is not None) != (q.scale in ("learned", "delayed")):
-        raise ValueError(f"scale= is {'missing' if scale is None else 'given'} with Quantizer.scale={q.scale!r}; "
-                         "allowed: scale= exactly when scale='learned' or 'delayed'")
+        raise ValueError(
+            f"scale= is {'missing' if scale is None else 'given'} with Quantizer.scale={q.scale!r}; "
+            "allowed: scale= exactly when scale='learned' or 'delayed'"
+        )
     if (state is not None) != q.static:
-        raise ValueError(f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
-                         "allowed: state= (a CalibrationState or QParams) exactly when static=True")
+        raise ValueError(
+            f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
+            "allowed: state= (a CalibrationState or QParams) exactly when static=True"
+        )
     if scale is not None:
         scale = check_float_input(scale, "scale")
         want = layout(q, x.shape).scale_shape
@@ -43,9 +47,11 @@ def _check_call(q: Quantizer, x, scale, state):
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(f"scale has shape {scale.shape}; allowed: a shape that broadcasts to the scales' "
-                             f"kept-dims shape {want} (granularity={q.granularity!r}, axis={q.axis} on x of "
-                             f"shape {x.shape})")
+            raise ValueError(
+                f"scale has shape {scale.shape}; allowed: a shape that broadcasts to the scales' "
+                f"kept-dims shape {want} (granularity={q.granularity!r}, axis={q.axis} on x of "
+                f"shape {x.shape})"
+            )
     return x
 
 
@@ -149,8 +155,9 @@ def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize(q, x, key, scale, state):
     if is_block(q.format):
-        codes, *scales_ = formats.encode(_block_format(q), _to_blocks(q, x), saturate=q.saturate,
-                                         rounding=q.rounding, key=key)
+        codes, *scales_ = formats.encode(
+            _block_format(q), _to_blocks(q, x), saturate=q.saturate, rounding=q.rounding, key=key
+        )
         ts = scales_[1] if len(scales_) > 1 else None
         return QTensor(pack_codes(q, codes), scales_[0], None, ts, None, q, x.shape, x.dtype)
     _, xw, p = _prepare(q, x, scale, state)

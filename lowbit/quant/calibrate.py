@@ -67,16 +67,19 @@ class Observer(NamedTuple):
 
 def _require_static(q):
     if not q.static:
-        raise ValueError(f"Quantizer.static={q.static} is invalid for calibration; allowed: True "
-                         "(a dynamic quantizer takes its scale from every call)")
+        raise ValueError(
+            f"Quantizer.static={q.static} is invalid for calibration; allowed: True "
+            "(a dynamic quantizer takes its scale from every call)"
+        )
 
 
 def init(q, x) -> CalibrationState:
     shape = layout(q, x.shape).scale_shape
     zeros = jnp.zeros(shape, jnp.float32)
     nbins = KL_BINS if q.scale == "kl" else 0
-    return CalibrationState(jnp.zeros((), jnp.int32), zeros, zeros, jnp.zeros(nbins, jnp.int32),
-                            jnp.zeros((), jnp.float32))
+    return CalibrationState(
+        jnp.zeros((), jnp.int32), zeros, zeros, jnp.zeros(nbins, jnp.int32), jnp.zeros((), jnp.float32)
+    )
 
 
 def update(q, state: CalibrationState, x) -> CalibrationState:

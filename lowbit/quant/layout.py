@@ -38,8 +38,10 @@ class Layout:
 def normalize_axis(axis: int, ndim: int) -> int:
     """``axis`` in ``[0, ndim)``; ValueError outside ``[-ndim, ndim)``."""
     if not -ndim <= axis < ndim:
-        raise ValueError(f"Quantizer.axis={axis} is out of range for an array of rank {ndim}; "
-                         f"allowed: an integer in [{-ndim}, {ndim - 1}]")
+        raise ValueError(
+            f"Quantizer.axis={axis} is out of range for an array of rank {ndim}; "
+            f"allowed: an integer in [{-ndim}, {ndim - 1}]"
+        )
     return axis % ndim
 
 
@@ -62,9 +64,10 @@ def layout(q, shape) -> Layout:
         return Layout(shape, shape, tuple(i for i in range(ndim) if i != a), a)
     n, g = shape[a], q.group_size
     if n % g:
-        raise ValueError(f"Quantizer.group_size={g} does not divide axis {q.axis} of shape {shape}; "
-                         f"allowed: a divisor of {n}")
-    work = shape[:a] + (n // g, g) + shape[a + 1:]
+        raise ValueError(
+            f"Quantizer.group_size={g} does not divide axis {q.axis} of shape {shape}; allowed: a divisor of {n}"
+        )
+    work = shape[:a] + (n // g, g) + shape[a + 1 :]
     return Layout(shape, work, (a + 1,), a)
 
 
@@ -76,8 +79,10 @@ def tiled_shape(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[i
     """
     (bm, bn), lead = block_shape, tuple(shape[:-2])
     if len(shape) < 2 or shape[-2] % bm or shape[-1] % bn:
-        raise ValueError(f"Quantizer.block_shape={block_shape} does not tile an array of shape {tuple(shape)}; "
-                         "allowed: at least two axes, the last two multiples of the tile's rows and columns")
+        raise ValueError(
+            f"Quantizer.block_shape={block_shape} does not tile an array of shape {tuple(shape)}; "
+            "allowed: at least two axes, the last two multiples of the tile's rows and columns"
+        )
     return lead + (shape[-2] // bm, bm, shape[-1] // bn, bn)
 
 

@@ -138,27 +138,40 @@ class Quantizer:
         fmt = _resolve_format(self.format)
         object.__setattr__(self, "format", fmt)
         element = isinstance(fmt, formats.Format) and not isinstance(fmt, formats.AdaptiveFloat)
-        require(element or is_block(fmt), _OWN, "format", fmt,
-                "an element format (lowbit.formats.Format: FloatFormat, IntFormat, BinaryFormat, "
-                "CodebookFormat or a user's) or a block format (AdaptiveFloat scales itself: "
-                "use its base format with scale_format='e8m0')")
+        require(
+            element or is_block(fmt),
+            _OWN,
+            "format",
+            fmt,
+            "an element format (lowbit.formats.Format: FloatFormat, IntFormat, BinaryFormat, "
+            "CodebookFormat or a user's) or a block format (AdaptiveFloat scales itself: "
+            "use its base format with scale_format='e8m0')",
+        )
         require(self.granularity in GRANULARITIES, _OWN, "granularity", self.granularity, ", ".join(GRANULARITIES))
         check_int(_OWN, "axis", self.axis, -64, 63)
         if self.granularity == "group":
             check_int(_OWN, "group_size", self.group_size, 1)
         else:
-            require(self.group_size is None, _OWN, "group_size", self.group_size,
-                    "None unless granularity='group'")
+            require(self.group_size is None, _OWN, "group_size", self.group_size, "None unless granularity='group'")
         self._check_block_shape()
         require(self.scale in SCALES, _OWN, "scale", self.scale, ", ".join(SCALES))
         p = self.percentile
-        require(isinstance(p, (int, float, np.floating, np.integer)) and not isinstance(p, bool)
-                and 0 < p <= 100, _OWN, "percentile", p, "a number in (0, 100]")
-        require(self.scale_format in SCALE_FORMATS, _OWN, "scale_format", self.scale_format,
-                ", ".join(SCALE_FORMATS))
+        require(
+            isinstance(p, (int, float, np.floating, np.integer)) and not isinstance(p, bool) and 0 < p <= 100,
+            _OWN,
+            "percentile",
+            p,
+            "a number in (0, 100]",
+        )
+        require(self.scale_format in SCALE_FORMATS, _OWN, "scale_format", self.scale_format, ", ".join(SCALE_FORMATS))
         check_bool(_OWN, "symmetric", self.symmetric)
-        require(self.zero_point_range in ZERO_POINT_RANGES, _OWN, "zero_point_range", self.zero_point_range,
-                ", ".join(ZERO_POINT_RANGES))
+        require(
+            self.zero_point_range in ZERO_POINT_RANGES,
+            _OWN,
+            "zero_point_range",
+            self.zero_point_range,
+            ", ".join(ZERO_POINT_RANGES),
+        )
         require(self.rounding in ROUNDINGS, _OWN, "rounding", self.rounding, ", ".join(ROUNDINGS))
         check_bool(_OWN, "saturate", self.saturate)
         check_bool(_OWN, "static", self.static)
@@ -181,24 +194,48 @@ class Quantizer:
         if self.amax_reduction is None:
             object.__setattr__(self, "amax_reduction", "max")
         check_int(_OWN, "amax_history", self.amax_history, 1, 1 << 16)
-        require(self.amax_reduction in AMAX_REDUCTIONS, _OWN, "amax_reduction", self.amax_reduction,
-                ", ".join(AMAX_REDUCTIONS))
+        require(
+            self.amax_reduction in AMAX_REDUCTIONS,
+            _OWN,
+            "amax_reduction",
+            self.amax_reduction,
+            ", ".join(AMAX_REDUCTIONS),
+        )
         # One amax per tensor, a magnitude: what the history holds.
         for field, want in (("granularity", "tensor"), ("kind", "uniform"), ("symmetric", True)):
-            require(getattr(self, field) == want, _OWN, field, getattr(self, field),
-                    f"{want!r} with scale='delayed' (the amax history holds one magnitude per tensor)")
+            require(
+                getattr(self, field) == want,
+                _OWN,
+                field,
+                getattr(self, field),
+                f"{want!r} with scale='delayed' (the amax history holds one magnitude per tensor)",
+            )
 
     def _check_block_shape(self):
         bs = self.block_shape
         if self.granularity != "block":
             require(bs is None, _OWN, "block_shape", bs, "None unless granularity='block'")
             return
-        ok = (isinstance(bs, tuple) and len(bs) == 2
-              and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= 1 << 16 for n in bs))
-        require(ok, _OWN, "block_shape", bs, "a tuple (rows, cols) of two integers in [1, 65536] with "
-                "granularity='block' (1-D blocks are granularity='group')")
-        require(self.axis == -1, _OWN, "axis", self.axis,
-                "-1 with granularity='block' (the tiles span the last two axes: move other axes there)")
+        ok = (
+            isinstance(bs, tuple)
+            and len(bs) == 2
+            and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= 1 << 16 for n in bs)
+        )
+        require(
+            ok,
+            _OWN,
+            "block_shape",
+            bs,
+            "a tuple (rows, cols) of two integers in [1, 65536] with "
+            "granularity='block' (1-D blocks are granularity='group')",
+        )
+        require(
+            self.axis == -1,
+            _OWN,
+            "axis",
+            self.axis,
+            "-1 with granularity='block' (the tiles span the last two axes: move other axes there)",
+        )
 
     def _check_fixed_scale(self):
         s = self.fixed_scale
@@ -206,49 +243,109 @@ class Quantizer:
             require(s is None, _OWN, "fixed_scale", s, "None unless scale='fixed'")
             return
         ok = isinstance(s, (int, float, np.floating, np.integer)) and not isinstance(s, bool)
-        require(ok and math.isfinite(s) and s > 0, _OWN, "fixed_scale", s,
-                "a positive finite number (the step) with scale='fixed'")
+        require(
+            ok and math.isfinite(s) and s > 0,
+            _OWN,
+            "fixed_scale",
+            s,
+            "a positive finite number (the step) with scale='fixed'",
+        )
 
     def _check_combinations(self, fmt):
         integer = isinstance(fmt, formats.IntFormat)
         if is_block(fmt):
-            require(self.granularity in ("tensor", "block"), _OWN, "granularity", self.granularity,
-                    f"'tensor' (1-D blocks along axis) or 'block' (2-D tiles) with block format {fmt.name}")
-            for field, default in (("scale", "absmax"), ("scale_format", "float32"),
-                                   ("symmetric", True), ("static", False), ("kind", "uniform")):
-                require(getattr(self, field) == default, _OWN, field, getattr(self, field),
-                        f"{default!r} with block format {fmt.name} (its blocks carry their own scales)")
+            require(
+                self.granularity in ("tensor", "block"),
+                _OWN,
+                "granularity",
+                self.granularity,
+                f"'tensor' (1-D blocks along axis) or 'block' (2-D tiles) with block format {fmt.name}",
+            )
+            for field, default in (
+                ("scale", "absmax"),
+                ("scale_format", "float32"),
+                ("symmetric", True),
+                ("static", False),
+                ("kind", "uniform"),
+            ):
+                require(
+                    getattr(self, field) == default,
+                    _OWN,
+                    field,
+                    getattr(self, field),
+                    f"{default!r} with block format {fmt.name} (its blocks carry their own scales)",
+                )
             return
         if self.static:
-            require(self.scale in DATA_SCALES, _OWN, "static", True,
-                    "False unless scale is data-driven (" + ", ".join(DATA_SCALES) + ")")
+            require(
+                self.scale in DATA_SCALES,
+                _OWN,
+                "static",
+                True,
+                "False unless scale is data-driven (" + ", ".join(DATA_SCALES) + ")",
+            )
         if self.zero_point_range == "restricted":
-            require(integer and fmt.signed, _OWN, "zero_point_range", "restricted",
-                    "'full' unless the format is a signed integer")
+            require(
+                integer and fmt.signed,
+                _OWN,
+                "zero_point_range",
+                "restricted",
+                "'full' unless the format is a signed integer",
+            )
         if not self.symmetric:
-            require(integer and self.kind in ("uniform", "ptf"), _OWN, "symmetric", False,
-                    "True unless kind is uniform or ptf with an integer format")
+            require(
+                integer and self.kind in ("uniform", "ptf"),
+                _OWN,
+                "symmetric",
+                False,
+                "True unless kind is uniform or ptf with an integer format",
+            )
         if self.scale == "kl":
-            require(self.granularity == "tensor" and self.symmetric and self.kind == "uniform", _OWN, "scale",
-                    "kl", "kl with granularity='tensor', symmetric=True and kind='uniform' only")
+            require(
+                self.granularity == "tensor" and self.symmetric and self.kind == "uniform",
+                _OWN,
+                "scale",
+                "kl",
+                "kl with granularity='tensor', symmetric=True and kind='uniform' only",
+            )
             require(fmt.bits <= 8, _OWN, "scale", "kl", "kl with formats of at most 8 bits (128 levels for int8)")
         if self.kind == "uniform":
             return
         require(integer, _OWN, "format", fmt, f"an IntFormat (the code width) with kind={self.kind!r}")
         if self.kind == "log2":
             require(self.rounding == "nearest", _OWN, "rounding", self.rounding, "nearest with kind='log2'")
-            require(fmt.bits - fmt.signed >= 2, _OWN, "format", fmt.name,
-                    "a format with at least 2 magnitude bits with kind='log2'")
+            require(
+                fmt.bits - fmt.signed >= 2,
+                _OWN,
+                "format",
+                fmt.name,
+                "a format with at least 2 magnitude bits with kind='log2'",
+            )
         elif self.kind == "twin_uniform":
             if self.twin_split == "sign":
                 require(fmt.signed, _OWN, "format", fmt.name, "a signed integer format with twin_split='sign'")
-            require(fmt.bits - fmt.signed >= 2, _OWN, "format", fmt.name,
-                    "a format with at least 2 magnitude bits with kind='twin_uniform'")
+            require(
+                fmt.bits - fmt.signed >= 2,
+                _OWN,
+                "format",
+                fmt.name,
+                "a format with at least 2 magnitude bits with kind='twin_uniform'",
+            )
         else:  # ptf
-            require(self.granularity == "channel", _OWN, "granularity", self.granularity,
-                    "channel with kind='ptf' (axis holds the channels)")
-            require(self.scale in ("absmax", "percentile"), _OWN, "scale", self.scale,
-                    "absmax or percentile with kind='ptf'")
+            require(
+                self.granularity == "channel",
+                _OWN,
+                "granularity",
+                self.granularity,
+                "channel with kind='ptf' (axis holds the channels)",
+            )
+            require(
+                self.scale in ("absmax", "percentile"),
+                _OWN,
+                "scale",
+                self.scale,
+                "absmax or percentile with kind='ptf'",
+            )
 
     # ----- derived, static properties -----------------------------------------------
     @property
@@ -268,7 +365,7 @@ class Quantizer:
         if self.kind == "log2":
             return 1.0
         if self.kind == "twin_uniform":
-            return float(2 ** self.index_bits - 1)
+            return float(2**self.index_bits - 1)
         return float(self.format.max_value)
 
     @property

@@ -36,6 +36,7 @@ def _finite_extreme(op, x, reduce, magnitude=False):
     there the plain reduction runs first and the filtered one only if its
     result is not finite. Both read ``x`` itself, so nothing is materialized.
     """
+
     def filtered(v):
         return op(_finite(jnp.abs(v) if magnitude else v, 0), axis=reduce, keepdims=True, initial=0)
 

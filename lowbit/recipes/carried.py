@@ -49,8 +49,7 @@ __all__ = ["managed", "watch"]
 
 # Set by ``managed``: the caller overwrites the state with its gradient itself.
 _MANAGED = contextvars.ContextVar("lowbit_carried_managed", default=False)
-_FIX = ("wrap your optax transform with lowbit.optimizer: nnx.Optimizer(model, lowbit.optimizer(tx), "
-        "wrt=nnx.Param)")
+_FIX = "wrap your optax transform with lowbit.optimizer: nnx.Optimizer(model, lowbit.optimizer(tx), wrt=nnx.Param)"
 
 
 def _label(name: str) -> str:
@@ -73,15 +72,16 @@ def _report_invalid(name: str, valid: dict) -> None:
     warnings.warn(
         f"lowbit: {_label(name)}: its gradient-carried quantizer state ({', '.join(bad)}) was trained like a weight "
         "(a GradScale off the powers of two, or an amax history with a negative entry). Its gradient is its new "
-        f"value, which an optimizer must take, not step along: {_FIX}.", stacklevel=2)
+        f"value, which an optimizer must take, not step along: {_FIX}.",
+        stacklevel=2,
+    )
 
 
 def _check_valid(name: str, carried: dict[str, jax.Array]) -> None:
     """Warn (once the program runs) if ``carried`` cannot have come from an overwrite."""
     valid = {k: _valid(k, v) for k, v in carried.items()}
     ok = functools.reduce(jnp.logical_and, valid.values())
-    lax.cond(ok, lambda: None,
-             lambda: jax.debug.callback(functools.partial(_report_invalid, name), valid))
+    lax.cond(ok, lambda: None, lambda: jax.debug.callback(functools.partial(_report_invalid, name), valid))
 
 
 @contextlib.contextmanager
@@ -124,7 +124,9 @@ def _watch_fwd(name, check, out, carried):
             f"lowbit: {_label(name)} is differentiated but its gradient-carried quantizer state ({', '.join(frozen)}) "
             "is not, so this gradient cannot update it and it keeps its value. In a training step, differentiate "
             "it too (it is an nnx.Param, which nnx.grad differentiates by default; in linen, the "
-            f"'lowbit_overwrite' collection) and {_FIX}.", stacklevel=2)
+            f"'lowbit_overwrite' collection) and {_FIX}.",
+            stacklevel=2,
+        )
     return out.value, ({k: v.value for k, v in carried.items()} if check else None)
 
 

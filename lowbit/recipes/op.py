@@ -82,7 +82,7 @@ class OpCall:
         return dict(lhs=(lc[-1], lf[-1]), rhs=(rc[-1], rf[-1]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _retarget(q: Quantizer | None, contract: int, channel: int) -> Quantizer | None:
     """``q`` with its axis on the operand's contracting (blocks, groups) or channel axis.
 
@@ -107,8 +107,9 @@ def retarget(config: DotQuantConfig, call: OpCall, lhs_ndim: int, rhs_ndim: int)
     config = dataclasses.replace(config, lhs=_retarget(config.lhs, *ax["lhs"]), rhs=_retarget(config.rhs, *ax["rhs"]))
     if config.placement == "gemm":
         return config
-    return dataclasses.replace(config, drhs_lhs=_retarget(config.drhs_lhs, *ax["lhs"]),
-                               dlhs_rhs=_retarget(config.dlhs_rhs, *ax["rhs"]))
+    return dataclasses.replace(
+        config, drhs_lhs=_retarget(config.drhs_lhs, *ax["lhs"]), dlhs_rhs=_retarget(config.dlhs_rhs, *ax["rhs"])
+    )
 
 
 def _learned(rule: Rule, call: OpCall) -> bool:
@@ -188,18 +189,31 @@ def _real_lsq(rule: Rule, cfg: DotQuantConfig, state):
     (``matmul="real"``): on this CPU the real int8 forward did not shorten the
     int8_lsq step (its backward stays float32).
     """
-    if not (rule.act == "lsq" and rule.weight == "lsq" and cfg.lhs is None and cfg.rhs is None
-            and cfg.matmul == "real"):
+    if not (
+        rule.act == "lsq" and rule.weight == "lsq" and cfg.lhs is None and cfg.rhs is None and cfg.matmul == "real"
+    ):
         return cfg, {}
-    real = dataclasses.replace(cfg, lhs=Quantizer(format=IntFormat(bits=rule.act_bits), scale="learned"),
-                               rhs=Quantizer(format=IntFormat(bits=rule.weight_bits), scale="learned"))
+    real = dataclasses.replace(
+        cfg,
+        lhs=Quantizer(format=IntFormat(bits=rule.act_bits), scale="learned"),
+        rhs=Quantizer(format=IntFormat(bits=rule.weight_bits), scale="learned"),
+    )
     if not uses_real_matmul(real):
         return cfg, {}
     return real, dict(lhs_scale=_positive(state["act_step"]), rhs_scale=_positive(state["weight_step"]))
 
 
-def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[str, jax.Array],
-        key: jax.Array | None, compute_dtype, *, name: str = "") -> jax.Array:
+def run(
+    rule: Rule,
+    call: OpCall,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    state: dict[str, jax.Array],
+    key: jax.Array | None,
+    compute_dtype,
+    *,
+    name: str = "",
+) -> jax.Array:
     """The op's product under ``rule``.
 
     Args:
@@ -230,9 +244,18 @@ def run(rule: Rule, call: OpCall, lhs: jax.Array, rhs: jax.Array, state: dict[st
     if call.kind == "conv":
         out = quantized_conv(lhs, rhs, cfg, key=key, grad_scale=gs, amax_history=hists, **dict(call.conv))
     else:
-        out = quantized_dot_general(lhs, rhs, call.dn, cfg, key=key, grad_scale=gs, amax_history=hists,
-                                    precision=call.precision,
-                                    preferred_element_type=call.preferred_element_type, **scales)
+        out = quantized_dot_general(
+            lhs,
+            rhs,
+            call.dn,
+            cfg,
+            key=key,
+            grad_scale=gs,
+            amax_history=hists,
+            precision=call.precision,
+            preferred_element_type=call.preferred_element_type,
+            **scales,
+        )
         if call.perm is not None:
             out = jnp.transpose(out, call.perm)
     if carried:

@@ -44,8 +44,9 @@ def _fp(name, fwd_fmt, grad_fmt, summary, **scaling) -> Recipe:
     """
     act, grad = _q(fwd_fmt, **scaling), _q(grad_fmt, **scaling)
     weight = _q(fwd_fmt, granularity="channel")
-    return Recipe(name=name, rules=(Rule(**ACTIVATIONS, dot=_dot(act, grad)), Rule(dot=_dot(act, grad, weight))),
-                  summary=summary)
+    return Recipe(
+        name=name, rules=(Rule(**ACTIVATIONS, dot=_dot(act, grad)), Rule(dot=_dot(act, grad, weight))), summary=summary
+    )
 
 
 def _absmax_int(weight_bits: int) -> Recipe:
@@ -60,9 +61,12 @@ def _absmax_int(weight_bits: int) -> Recipe:
     return Recipe(
         name=f"int{weight_bits}",
         rules=(Rule(**ACTIVATIONS, dot=_dot(act, None)), Rule(dot=_dot(act, None, weight))),
-        summary=(("weights", f"int{weight_bits} per-channel absmax"), ("activations", "int8 per-tensor absmax"),
-                 ("activation products (attention)", "int8 per-tensor absmax"),
-                 ("gradients", "float32 (int8 dots forward)")),
+        summary=(
+            ("weights", f"int{weight_bits} per-channel absmax"),
+            ("activations", "int8 per-tensor absmax"),
+            ("activation products (attention)", "int8 per-tensor absmax"),
+            ("gradients", "float32 (int8 dots forward)"),
+        ),
     )
 
 
@@ -72,8 +76,17 @@ def _bf16() -> DotQuantConfig:
     return DotQuantConfig(lhs=q, rhs=q, dlhs_grad=q, drhs_grad=q)
 
 
-def _block(name, fmt, summary, *, grad_rounding="stochastic", placement="gemm", weight_tile=None, rht_block=None,
-           bf16_last=False) -> Recipe:
+def _block(
+    name,
+    fmt,
+    summary,
+    *,
+    grad_rounding="stochastic",
+    placement="gemm",
+    weight_tile=None,
+    rht_block=None,
+    bf16_last=False,
+) -> Recipe:
     """MX / NVFP4 on both operands of every GEMM (forward, input gradient, weight gradient) of every op.
 
     With ``placement="gemm"`` each GEMM blocks both of its operands along its own
@@ -110,13 +123,17 @@ def _fp4() -> Recipe:
     int8 = _q("int8")
     return Recipe(
         name="fp4",
-        rules=(Rule(**EDGE, dot=_dot(None, _q("float8_e5m2")), weight="sawb", weight_bits=8, act="pact", act_bits=8),
-               Rule(**ACTIVATIONS, dot=dataclasses.replace(grads, lhs=int8, rhs=int8)),
-               Rule(dot=grads, weight="sawb", weight_bits=4, act="pact", act_bits=4)),
-        summary=(("weights", "4-bit SAWB (16 levels on [-a, a], a from SAWB; first/last layer: 8-bit)"),
-                 ("activations", "4-bit PACT, learned clip a, signed (first/last layer: 8-bit)"),
-                 ("activation products (attention)", "int8 per-tensor absmax"),
-                 ("gradients", "fp4_radix4, GradScale + two-phase rounding (first/last layer: e5m2)")),
+        rules=(
+            Rule(**EDGE, dot=_dot(None, _q("float8_e5m2")), weight="sawb", weight_bits=8, act="pact", act_bits=8),
+            Rule(**ACTIVATIONS, dot=dataclasses.replace(grads, lhs=int8, rhs=int8)),
+            Rule(dot=grads, weight="sawb", weight_bits=4, act="pact", act_bits=4),
+        ),
+        summary=(
+            ("weights", "4-bit SAWB (16 levels on [-a, a], a from SAWB; first/last layer: 8-bit)"),
+            ("activations", "4-bit PACT, learned clip a, signed (first/last layer: 8-bit)"),
+            ("activation products (attention)", "int8 per-tensor absmax"),
+            ("gradients", "fp4_radix4, GradScale + two-phase rounding (first/last layer: e5m2)"),
+        ),
     )
 
 
@@ -127,10 +144,17 @@ def _lsq(bits: int) -> Recipe:
     return Recipe(
         name=f"int{bits}_lsq",
         # Activation products at 8 bits, as in fp4.
-        rules=rules + (Rule(**ACTIVATIONS, dot=_dot(_q("int8"), None)),
-                       Rule(weight="lsq", weight_bits=bits, act="lsq", act_bits=bits)),
-        summary=(("weights", f"int{bits}, LSQ learned step{edge}"), ("activations", f"int{bits}, LSQ learned step{edge}"),
-                 ("activation products (attention)", "int8 per-tensor absmax"), ("gradients", "float32")),
+        rules=rules
+        + (
+            Rule(**ACTIVATIONS, dot=_dot(_q("int8"), None)),
+            Rule(weight="lsq", weight_bits=bits, act="lsq", act_bits=bits),
+        ),
+        summary=(
+            ("weights", f"int{bits}, LSQ learned step{edge}"),
+            ("activations", f"int{bits}, LSQ learned step{edge}"),
+            ("activation products (attention)", "int8 per-tensor absmax"),
+            ("gradients", "float32"),
+        ),
     )
 
 
@@ -139,11 +163,17 @@ def _low_bit_weights(name: str, rule: str, label: str) -> Recipe:
     int8 = _q("int8")
     return Recipe(
         name=name,
-        rules=(Rule(**EDGE, dot=_dot(int8, None, _q("int8", granularity="channel"))),
-               Rule(**ACTIVATIONS, dot=_dot(int8, None)),
-               Rule(dot=DotQuantConfig(lhs=int8), weight=rule)),
-        summary=(("weights", f"{label} (first/last layer: int8 per channel)"), ("activations", "int8 per-tensor absmax"),
-                 ("activation products (attention)", "int8 per-tensor absmax"), ("gradients", "float32")),
+        rules=(
+            Rule(**EDGE, dot=_dot(int8, None, _q("int8", granularity="channel"))),
+            Rule(**ACTIVATIONS, dot=_dot(int8, None)),
+            Rule(dot=DotQuantConfig(lhs=int8), weight=rule),
+        ),
+        summary=(
+            ("weights", f"{label} (first/last layer: int8 per channel)"),
+            ("activations", "int8 per-tensor absmax"),
+            ("activation products (attention)", "int8 per-tensor absmax"),
+            ("gradients", "float32"),
+        ),
     )
 
 
@@ -151,49 +181,110 @@ def _registry() -> dict[str, Recipe]:
     e4m3, e5m2 = "float8_e4m3fn", "float8_e5m2"
     return {
         "fp32": Recipe(name="fp32", summary=(("everything", "float32"),)),
-        "bf16": Recipe(name="bf16", policy=get_policy("bf16"),
-                       summary=(("params", "float32"), ("compute", "bfloat16"), ("output", "float32"))),
-        "fp16": Recipe(name="fp16", policy=get_policy("fp16"), loss_scale="dynamic",
-                       summary=(("params", "float32"), ("compute", "float16, dynamic loss scaling"),
-                                ("output", "float32"))),
-        "fp8": _fp("fp8", e4m3, e5m2, (("weights", "e4m3, per-channel current scaling"),
-                                       ("activations", "e4m3, per-tensor current scaling"),
-                                       ("gradients", "e5m2, per-tensor current scaling"))),
-        "fp8_delayed": _fp("fp8_delayed", e4m3, e5m2, (
-            ("weights", "e4m3, per-channel current scaling"),
-            ("activations", f"e4m3, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)"),
-            ("gradients", f"e5m2, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)")),
-            scale="delayed"),
-        "fp6": _fp("fp6", "float6_e2m3fn", "float6_e3m2fn",
-                   (("weights", "e2m3, per-channel"), ("activations", "e2m3, per-tensor"),
-                    ("gradients", "e3m2, per-tensor"))),
+        "bf16": Recipe(
+            name="bf16",
+            policy=get_policy("bf16"),
+            summary=(("params", "float32"), ("compute", "bfloat16"), ("output", "float32")),
+        ),
+        "fp16": Recipe(
+            name="fp16",
+            policy=get_policy("fp16"),
+            loss_scale="dynamic",
+            summary=(("params", "float32"), ("compute", "float16, dynamic loss scaling"), ("output", "float32")),
+        ),
+        "fp8": _fp(
+            "fp8",
+            e4m3,
+            e5m2,
+            (
+                ("weights", "e4m3, per-channel current scaling"),
+                ("activations", "e4m3, per-tensor current scaling"),
+                ("gradients", "e5m2, per-tensor current scaling"),
+            ),
+        ),
+        "fp8_delayed": _fp(
+            "fp8_delayed",
+            e4m3,
+            e5m2,
+            (
+                ("weights", "e4m3, per-channel current scaling"),
+                (
+                    "activations",
+                    f"e4m3, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)",
+                ),
+                ("gradients", f"e5m2, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)"),
+            ),
+            scale="delayed",
+        ),
+        "fp6": _fp(
+            "fp6",
+            "float6_e2m3fn",
+            "float6_e3m2fn",
+            (("weights", "e2m3, per-channel"), ("activations", "e2m3, per-tensor"), ("gradients", "e3m2, per-tensor")),
+        ),
         "fp4": _fp4(),
         # TransformerEngine's MXFP8BlockScaling: E4M3 everywhere, scales amax/448 rounded up (cuBLAS, JAX).
-        "mxfp8": _block("mxfp8", formats.with_scale_mode("mxfp8_e4m3", "rceil"), (
-            ("weights, activations, gradients",
-             "MXFP8 (E4M3, 32-blocks, E8M0 scale rounded up: rceil), round to nearest"),
-            ("GEMMs", "all three of every op, each blocked along its own contraction")), grad_rounding="nearest"),
+        "mxfp8": _block(
+            "mxfp8",
+            formats.with_scale_mode("mxfp8_e4m3", "rceil"),
+            (
+                (
+                    "weights, activations, gradients",
+                    "MXFP8 (E4M3, 32-blocks, E8M0 scale rounded up: rceil), round to nearest",
+                ),
+                ("GEMMs", "all three of every op, each blocked along its own contraction"),
+            ),
+            grad_rounding="nearest",
+        ),
         # Tseng et al. 2025 (MXFP4 training): stochastic rounding and an RHT in the backward pass.
-        "mxfp4": _block("mxfp4", formats.with_scale_mode("mxfp4_e2m1", "rceil"), (
-            ("weights, activations", "MXFP4 (E2M1, 32-blocks, E8M0 scale rounded up: rceil)"),
-            ("gradients", "MXFP4, stochastic rounding"),
-            ("GEMMs", ("each blocked along its own contraction; weight gradient of dot products: 32-point random "
-                       "Hadamard transform on both inputs"))), rht_block=32),
+        "mxfp4": _block(
+            "mxfp4",
+            formats.with_scale_mode("mxfp4_e2m1", "rceil"),
+            (
+                ("weights, activations", "MXFP4 (E2M1, 32-blocks, E8M0 scale rounded up: rceil)"),
+                ("gradients", "MXFP4, stochastic rounding"),
+                (
+                    "GEMMs",
+                    (
+                        "each blocked along its own contraction; weight gradient of dot products: 32-point random "
+                        "Hadamard transform on both inputs"
+                    ),
+                ),
+            ),
+            rht_block=32,
+        ),
         # NVIDIA's NVFP4 pretraining recipe (2025): linear layers in NVFP4, attention and the final ~15% of the
         # linear layers in BF16 (on lowbit's positions, which know no blocks: the last weighted op).
-        "nvfp4": _block("nvfp4", "nvfp4", (
-            ("activations", "NVFP4 (E2M1, 1x16 blocks, E4M3 + FP32 scale)"),
-            ("weights", "NVFP4 in 16x16 blocks (one quantized weight in forward and input gradient)"),
-            ("gradients", "NVFP4 1x16, stochastic rounding"),
-            ("GEMMs", ("each blocked along its own contraction; weight gradient of dot products: 16-point random "
-                       "Hadamard transform on both inputs")),
-            ("last layer, activation products (attention)", "BF16")),
-            weight_tile=(16, 16), rht_block=16, bf16_last=True),
-        "nvfp4_v0": _block("nvfp4_v0", "nvfp4", (
-            ("weights, activations", "NVFP4 (E2M1, 16-blocks, E4M3 + FP32 scale)"),
-            ("gradients", "NVFP4, stochastic rounding, blocks along the last axis"),
-            ("GEMMs", "backward reuses the forward's quantized operands (lowbit before issue 19)")),
-            placement="quantizer"),
+        "nvfp4": _block(
+            "nvfp4",
+            "nvfp4",
+            (
+                ("activations", "NVFP4 (E2M1, 1x16 blocks, E4M3 + FP32 scale)"),
+                ("weights", "NVFP4 in 16x16 blocks (one quantized weight in forward and input gradient)"),
+                ("gradients", "NVFP4 1x16, stochastic rounding"),
+                (
+                    "GEMMs",
+                    (
+                        "each blocked along its own contraction; weight gradient of dot products: 16-point random "
+                        "Hadamard transform on both inputs"
+                    ),
+                ),
+                ("last layer, activation products (attention)", "BF16"),
+            ),
+            weight_tile=(16, 16),
+            rht_block=16,
+            bf16_last=True,
+        ),
+        "nvfp4_v0": _block(
+            "nvfp4_v0",
+            "nvfp4",
+            (
+                ("weights, activations", "NVFP4 (E2M1, 16-blocks, E4M3 + FP32 scale)"),
+                ("gradients", "NVFP4, stochastic rounding, blocks along the last axis"),
+                ("GEMMs", "backward reuses the forward's quantized operands (lowbit before issue 19)"),
+            ),
+            placement="quantizer",
+        ),
         "int8": _absmax_int(8),
         "int4": _absmax_int(4),
         "int8_lsq": _lsq(8),
@@ -211,7 +302,7 @@ def names() -> list[str]:
     return list(_all())
 
 
-def resolve(recipe: "Recipe | str") -> Recipe:
+def resolve(recipe: Recipe | str) -> Recipe:
     """``recipe`` itself, or the named recipe.
 
     Raises:

@@ -47,7 +47,7 @@ def compile_regex(owner: str, field: str, pattern) -> re.Pattern:
         raise ValueError(f"{owner}.{field}={pattern!r} is not a valid regular expression: {e}") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compile(pattern: str) -> re.Pattern:
     return re.compile(pattern)
 
@@ -154,7 +154,7 @@ class Rule:
         parts += [f"position={self.position}"] if self.position != "any" else []
         return "Rule(" + ", ".join(parts) + ")"
 
-    def with_matmul(self, mode: str) -> "Rule":
+    def with_matmul(self, mode: str) -> Rule:
         """This rule with its product set to ``mode`` where the operands allow it.
 
         ``real`` applies where both forward quantizers are integer or float8
@@ -204,12 +204,12 @@ class Recipe:
         """A fresh loss-scale state for this recipe."""
         return DynamicLossScale() if self.loss_scale == "dynamic" else NoOpLossScale()
 
-    def with_matmul(self, mode: str) -> "Recipe":
+    def with_matmul(self, mode: str) -> Recipe:
         """This recipe with every rule's product set to ``mode`` (``fake``, ``real`` or ``auto``)."""
         require(mode in MATMULS, "Recipe", "matmul", mode, ", ".join(MATMULS))
         return dataclasses.replace(self, rules=tuple(r.with_matmul(mode) for r in self.rules))
 
-    def narrowed(self, include: str | None = None, exclude: str | None = None) -> "Recipe":
+    def narrowed(self, include: str | None = None, exclude: str | None = None) -> Recipe:
         """This recipe restricted to op paths that match ``include`` and not ``exclude``.
 
         Both are regexes searched (``re.search``) in the op's module path, the
@@ -219,8 +219,9 @@ class Recipe:
             return self
         inc = compile_regex("quantize", "include", include) if include is not None else None
         exc = compile_regex("quantize", "exclude", exclude) if exclude is not None else None
-        return dataclasses.replace(self, rules=tuple(
-            dataclasses.replace(r, path=_narrow(r.path, inc, exc)) for r in self.rules))
+        return dataclasses.replace(
+            self, rules=tuple(dataclasses.replace(r, path=_narrow(r.path, inc, exc)) for r in self.rules)
+        )
 
     @property
     def quantized(self) -> bool:
@@ -231,5 +232,6 @@ class Recipe:
 def _narrow(path: str, inc: re.Pattern | None, exc: re.Pattern | None) -> str:
     """One regex: ``path`` (fullmatch) and, as lookaheads, ``include`` found and ``exclude`` absent."""
     look = (f"(?=.*(?:{inc.pattern}))" if inc is not None else "") + (
-        f"(?!.*(?:{exc.pattern}))" if exc is not None else "")
+        f"(?!.*(?:{exc.pattern}))" if exc is not None else ""
+    )
     return f"{look}(?:{path})"

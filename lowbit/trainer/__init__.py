@@ -12,5 +12,15 @@ from lowbit.trainer.lock import TrainingError
 from lowbit.trainer.loop import train
 from lowbit.trainer.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
 
-__all__ = ["CheckpointError", "IncompatibleCheckpointError", "TrainState", "TrainingError", "checkpoint",
-           "init_state", "make_eval_step", "make_optimizer", "make_train_step", "train"]
+__all__ = [
+    "CheckpointError",
+    "IncompatibleCheckpointError",
+    "TrainState",
+    "TrainingError",
+    "checkpoint",
+    "init_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "train",
+]

@@ -41,8 +41,17 @@ import numpy as np
 from lowbit.trainer import metadata as schema
 from lowbit.trainer.lock import pid_alive
 
-__all__ = ["FORMAT", "CheckpointError", "IncompatibleCheckpointError", "checkpoints", "latest", "remove",
-           "restore", "restore_latest", "save"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "IncompatibleCheckpointError",
+    "checkpoints",
+    "latest",
+    "remove",
+    "restore",
+    "restore_latest",
+    "save",
+]
 
 FORMAT = 2
 """Checkpoint layout version; 2 covers the metadata by the checksum and records ``step``."""
@@ -61,8 +70,9 @@ class IncompatibleCheckpointError(CheckpointError):
     """An intact checkpoint of a different run (recipe, model, hyperparameters, structure)."""
 
 
-def save(directory: str | Path, epoch: int, tree: Any, metadata: Mapping[str, Any], *, step: int = 0,
-         keep: int = 1) -> Path:
+def save(
+    directory: str | Path, epoch: int, tree: Any, metadata: Mapping[str, Any], *, step: int = 0, keep: int = 1
+) -> Path:
     """Writes ``tree`` as a checkpoint in ``directory``, then keeps only the newest ``keep``.
 
     Args:
@@ -148,8 +158,9 @@ def remove(path: str | Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def restore(path: str | Path, template: Any, expected: Mapping[str, Any],
-            check: Callable[[dict[str, Any]], None] | None = None) -> tuple[Any, dict[str, Any]]:
+def restore(
+    path: str | Path, template: Any, expected: Mapping[str, Any], check: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Reads a checkpoint back into the structure of ``template``.
 
     Args:
@@ -185,7 +196,8 @@ def restore(path: str | Path, template: Any, expected: Mapping[str, Any],
         if (diff := _difference(key, meta.get(key), want)) is not None:
             name, have, want = diff
             raise IncompatibleCheckpointError(
-                f"checkpoint {path} is incompatible: {name} is {have!r} there but {want!r} in this run")
+                f"checkpoint {path} is incompatible: {name} is {have!r} there but {want!r} in this run"
+            )
     names, arrays = _flatten(template)
     _check_leaves(path, meta["leaves"], _leaf_specs(names, arrays))
     abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in zip(names, arrays)}
@@ -198,15 +210,19 @@ def restore(path: str | Path, template: Any, expected: Mapping[str, Any],
         raise CheckpointError(f"checkpoint {path}: cannot read the arrays ({type(e).__name__}: {e})") from e
     values = [np.asarray(restored[n]) for n in names]
     if _digest({k: v for k, v in meta.items() if k != "sha256"}, values) != meta["sha256"]:
-        raise CheckpointError(f"checkpoint {path}: metadata or array data does not match its checksum "
-                              "(edited or corrupt files)")
+        raise CheckpointError(
+            f"checkpoint {path}: metadata or array data does not match its checksum (edited or corrupt files)"
+        )
     leaves = jax.tree.leaves(template)
     return jax.tree.unflatten(jax.tree.structure(template), [_unraw(v, t) for v, t in zip(values, leaves)]), meta
 
 
-def restore_latest(directory: str | Path, template: Any, expected: Mapping[str, Any],
-                   check: Callable[[dict[str, Any]], None] | None = None
-                   ) -> tuple[Any, dict[str, Any], Path] | None:
+def restore_latest(
+    directory: str | Path,
+    template: Any,
+    expected: Mapping[str, Any],
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[Any, dict[str, Any], Path] | None:
     """Restores the newest intact checkpoint in ``directory``, skipping damaged ones.
 
     Each damaged checkpoint skipped (unreadable, failing its schema or checksum,
@@ -325,10 +341,10 @@ def _check_leaves(path: Path, saved: list[list], want: list[list]) -> None:
         if match != spec:
             raise IncompatibleCheckpointError(
                 f"checkpoint {path} is incompatible: {spec[0]!r} is {match[2]}{match[1]} there, "
-                f"{spec[2]}{spec[1]} in this run")
+                f"{spec[2]}{spec[1]} in this run"
+            )
     if by_name:
-        raise IncompatibleCheckpointError(
-            f"checkpoint {path} is incompatible: unexpected leaves {sorted(by_name)[:5]}")
+        raise IncompatibleCheckpointError(f"checkpoint {path} is incompatible: unexpected leaves {sorted(by_name)[:5]}")
 
 
 def _digest(meta: Mapping[str, Any], arrays: list[np.ndarray]) -> str:

@@ -53,7 +53,8 @@ class RunLock:
                     who = "this process" if holder == os.getpid() else f"process {holder}"
                     raise TrainingError(
                         f"{self.path.parent} is in use by {who} (lock file {self.path}); wait for it to finish, "
-                        "or use another out_dir") from None
+                        "or use another out_dir"
+                    ) from None
                 if holder is None and _age(self.path) < _STALE_UNREADABLE_S:
                     time.sleep(0.1)  # its owner is between creating and writing it
                     continue

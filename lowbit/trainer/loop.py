@@ -140,9 +140,23 @@ def train(
         dataset, model or hyperparameters).
     """
     recipe = _check_recipe(model, recipe)
-    _check_args(model, recipe, epochs=epochs, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
-                weight_decay=weight_decay, warmup=warmup, out_dir=out_dir, resume=resume, overwrite=overwrite,
-                keep=keep, max_skipped=max_skipped, devices=devices, progress=progress)
+    _check_args(
+        model,
+        recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        out_dir=out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        keep=keep,
+        max_skipped=max_skipped,
+        devices=devices,
+        progress=progress,
+    )
     steps_per_epoch = _check_data(dataset, batch_size)
     mesh = _mesh(devices, batch_size)
     ops = None
@@ -153,15 +167,51 @@ def train(
     _check_model(model, dataset, batch_size, recipe.policy)
     out = _prepare_out_dir(out_dir)
     with RunLock(out) if out is not None else contextlib.nullcontext():
-        return _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops if progress else None,
-                      epochs=epochs, batch_size=batch_size,
-                      seed=seed, learning_rate=learning_rate, weight_decay=weight_decay, warmup=warmup,
-                      resume=resume, overwrite=overwrite, keep=keep, max_skipped=max_skipped, devices=devices,
-                      progress=progress)
+        return _train(
+            model,
+            dataset,
+            recipe,
+            mesh,
+            out,
+            steps_per_epoch,
+            ops if progress else None,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            resume=resume,
+            overwrite=overwrite,
+            keep=keep,
+            max_skipped=max_skipped,
+            devices=devices,
+            progress=progress,
+        )
 
 
-def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, batch_size, seed, learning_rate,
-           weight_decay, warmup, resume, overwrite, keep, max_skipped, devices, progress) -> dict[str, Any]:
+def _train(
+    model,
+    dataset,
+    recipe,
+    mesh,
+    out,
+    steps_per_epoch,
+    ops,
+    *,
+    epochs,
+    batch_size,
+    seed,
+    learning_rate,
+    weight_decay,
+    warmup,
+    resume,
+    overwrite,
+    keep,
+    max_skipped,
+    devices,
+    progress,
+) -> dict[str, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     policy = recipe.policy
@@ -170,12 +220,26 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
     warmup_steps = min(round(warmup * steps_per_epoch), total_steps)
     tx = make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps)
     graphdef, state = init_state(model, tx, policy=policy, loss_scale=recipe.make_loss_scale())
-    hparams = dict(epochs=epochs, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
-                   weight_decay=weight_decay, warmup=warmup)
+    hparams = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup=warmup,
+    )
     # Through JSON so tuples compare equal to the lists a checkpoint reads back.
-    expected = json.loads(json.dumps(dict(
-        recipe=recipe.name, dataset=dataset.name, hparams=hparams, steps_per_epoch=steps_per_epoch,
-        model=dict(type=type(model).__name__, config=_json_or_none(getattr(model, "config", None))))))
+    expected = json.loads(
+        json.dumps(
+            dict(
+                recipe=recipe.name,
+                dataset=dataset.name,
+                hparams=hparams,
+                steps_per_epoch=steps_per_epoch,
+                model=dict(type=type(model).__name__, config=_json_or_none(getattr(model, "config", None))),
+            )
+        )
+    )
 
     ckpt_dir = out / _CHECKPOINTS if out is not None else None
     start_epoch, start_step, history, step_times, elapsed, partial = 0, 0, [], [], 0.0, None
@@ -201,10 +265,16 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
     state = jax.device_put(state, replicated)
     skipped_total = int(state.opt_state.total_notfinite)
 
-    step = jax.jit(make_train_step(graphdef, tx, policy=policy),
-                   in_shardings=(replicated, sharded, sharded), out_shardings=(replicated, replicated))
-    evaluate = jax.jit(make_eval_step(graphdef, policy=policy),
-                       in_shardings=(replicated, sharded, sharded, sharded), out_shardings=replicated)
+    step = jax.jit(
+        make_train_step(graphdef, tx, policy=policy),
+        in_shardings=(replicated, sharded, sharded),
+        out_shardings=(replicated, replicated),
+    )
+    evaluate = jax.jit(
+        make_eval_step(graphdef, policy=policy),
+        in_shardings=(replicated, sharded, sharded, sharded),
+        out_shardings=replicated,
+    )
     test_batches = _padded_batches(dataset.x_test, dataset.y_test, batch_size)
     timer = _StepTimer(step_times)
     stopped_at, stop_signal = None, None
@@ -212,8 +282,14 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
     remaining = total_steps - start_epoch * steps_per_epoch - start_step
 
     def save(epoch: int, step_in_epoch: int, partial: dict | None) -> None:
-        meta = dict(expected, history=history, step_times_ms=step_times, train_time_s=elapsed, partial=partial,
-                    lowbit_version=_version())
+        meta = dict(
+            expected,
+            history=history,
+            step_times_ms=step_times,
+            train_time_s=elapsed,
+            partial=partial,
+            lowbit_version=_version(),
+        )
         checkpoint.save(ckpt_dir, epoch, state, report.to_json(meta), step=step_in_epoch, keep=keep)
 
     with StopRequest() as stop, report.Progress(progress, remaining) as bar:
@@ -224,8 +300,9 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
             run = partial if first else dict(losses=[], correct=0, skipped=0, time_s=0.0)
             partial = None
             t0 = time.perf_counter()
-            batches = itertools.islice(lowbit_data.batches(dataset.x_train, dataset.y_train, batch_size,
-                                                           seed=(seed, epoch)), first, None)
+            batches = itertools.islice(
+                lowbit_data.batches(dataset.x_train, dataset.y_train, batch_size, seed=(seed, epoch)), first, None
+            )
             done, timed_before = first, len(step_times)
             for x, y in batches:
                 with timer:
@@ -241,12 +318,15 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
                         raise TrainingError(
                             f"train: {skipped_total} steps skipped for a non-finite loss or gradient, more than "
                             f"max_skipped={limit} (at epoch {epoch + 1} step {done}); the data, labels or "
-                            "learning rate produce NaN/inf")
+                            "learning rate produce NaN/inf"
+                        )
                 else:
                     run["losses"].append(loss)
-                bar.step(f"epoch {epoch + 1}/{epochs}",
-                         f"loss {_mean(run['losses']):.4f}  acc {run['correct'] / (done * batch_size):.3f}  "
-                         f"{batch_size / timer.last:,.0f} img/s")
+                bar.step(
+                    f"epoch {epoch + 1}/{epochs}",
+                    f"loss {_mean(run['losses']):.4f}  acc {run['correct'] / (done * batch_size):.3f}  "
+                    f"{batch_size / timer.last:,.0f} img/s",
+                )
                 if stop.requested and done < steps_per_epoch:
                     break
             session_time = time.perf_counter() - t0
@@ -260,42 +340,72 @@ def _train(model, dataset, recipe, mesh, out, steps_per_epoch, ops, *, epochs, b
             correct_test = sum(int(evaluate(state, *(jax.device_put(a, sharded) for a in b))) for b in test_batches)
             run["time_s"] += (eval_time := time.perf_counter() - t0 - session_time)
             elapsed += eval_time
-            history.append(dict(epoch=epoch + 1, loss=_mean(run["losses"]),
-                                train_acc=run["correct"] / (steps_per_epoch * batch_size),
-                                test_accuracy=correct_test / len(dataset.x_test), time_s=run["time_s"],
-                                skipped=run["skipped"]))
+            history.append(
+                dict(
+                    epoch=epoch + 1,
+                    loss=_mean(run["losses"]),
+                    train_acc=run["correct"] / (steps_per_epoch * batch_size),
+                    test_accuracy=correct_test / len(dataset.x_test),
+                    time_s=run["time_s"],
+                    skipped=run["skipped"],
+                )
+            )
             if run["skipped"]:
-                warnings.warn(f"epoch {epoch + 1}/{epochs}: {run['skipped']} of {steps_per_epoch} steps skipped for "
-                              f"a non-finite loss or gradient ({skipped_total} in the run; it fails past "
-                              f"max_skipped={limit})", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"epoch {epoch + 1}/{epochs}: {run['skipped']} of {steps_per_epoch} steps skipped for "
+                    f"a non-finite loss or gradient ({skipped_total} in the run; it fails past "
+                    f"max_skipped={limit})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             wall = time.perf_counter() - session_start
             eta = wall / session_steps * (total_steps - (epoch + 1) * steps_per_epoch) if session_steps else math.nan
             h, timed = history[-1], step_times[timed_before:]  # the compiling step is not timed
             speed = 1e3 * batch_size * len(timed) / sum(timed) if timed else math.nan
-            bar.line(f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  train acc {h['train_acc']:.3f}  "
-                     f"test acc {h['test_accuracy']:.3f}  {_fmt(speed, ',.0f')} img/s  "
-                     f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}")
+            bar.line(
+                f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  train acc {h['train_acc']:.3f}  "
+                f"test acc {h['test_accuracy']:.3f}  {_fmt(speed, ',.0f')} img/s  "
+                f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}"
+            )
             if ckpt_dir is not None:
                 save(epoch + 1, 0, None)
             if stop.requested and epoch + 1 < epochs:
                 stopped_at, stop_signal = dict(epoch=epoch + 1, step=0), stop.requested
                 break
         if stopped_at is not None:
-            shown_epoch, shown_step = ((stopped_at["epoch"] + 1, stopped_at["step"]) if stopped_at["step"]
-                                       else (stopped_at["epoch"], steps_per_epoch))
+            shown_epoch, shown_step = (
+                (stopped_at["epoch"] + 1, stopped_at["step"])
+                if stopped_at["step"]
+                else (stopped_at["epoch"], steps_per_epoch)
+            )
             where = f"stopped at epoch {shown_epoch}/{epochs} step {shown_step}/{steps_per_epoch} ({stop_signal})"
-            bar.line(f"{where}; resume with --resume" if ckpt_dir is not None else f"{where}; no out_dir, nothing saved")
+            bar.line(
+                f"{where}; resume with --resume" if ckpt_dir is not None else f"{where}; no out_dir, nothing saved"
+            )
 
     nnx.update(model, state.params, state.overwrite, state.rest)
     model.eval()
     last = history[-1] if history else dict(test_accuracy=None, loss=None)
-    metrics = report.to_json(dict(
-        recipe=recipe.name, dataset=dataset.name, **hparams, devices=devices, model=expected["model"],
-        lowbit_version=_version(), test_accuracy=last["test_accuracy"], train_time_s=elapsed,
-        step_time_ms=statistics.median(step_times) if step_times else None, final_loss=last["loss"],
-        skipped_steps=int(state.opt_state.total_notfinite), max_skipped=limit, history=history,
-        stopped=stopped_at is not None, stopped_at=stopped_at, curves=None,
-    ))
+    metrics = report.to_json(
+        dict(
+            recipe=recipe.name,
+            dataset=dataset.name,
+            **hparams,
+            devices=devices,
+            model=expected["model"],
+            lowbit_version=_version(),
+            test_accuracy=last["test_accuracy"],
+            train_time_s=elapsed,
+            step_time_ms=statistics.median(step_times) if step_times else None,
+            final_loss=last["loss"],
+            skipped_steps=int(state.opt_state.total_notfinite),
+            max_skipped=limit,
+            history=history,
+            stopped=stopped_at is not None,
+            stopped_at=stopped_at,
+            curves=None,
+        )
+    )
     if out is not None:
         metrics = report.write_report(out, metrics)
     return metrics
@@ -337,16 +447,20 @@ class _StepTimer:
 def _check_recipe(model, recipe) -> recipes.Recipe:
     """The recipe (resolved from its name) after checking that ``model`` is trained the way it says."""
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"train: model must be a flax.nnx.Module (a linen model: wrap it with "
-                        f"flax.nnx.bridge.ToNNX), got {type(model).__name__}")
+        raise TypeError(
+            f"train: model must be a flax.nnx.Module (a linen model: wrap it with "
+            f"flax.nnx.bridge.ToNNX), got {type(model).__name__}"
+        )
     recipe = recipes.resolve(recipe)
     own = _model_recipe(model)
     if own is not None and own.name != recipe.name:
         raise ValueError(f"train: recipe={recipe.name!r} but the model was quantized with {own.name!r}")
     explicit = any(isinstance(m, (QLinear, QEinsum, QConv)) for _, m in nnx.iter_modules(model))
     if own is None and recipe.quantized and not explicit:
-        raise ValueError(f"train: recipe={recipe.name!r} quantizes, but the model is a float model: pass "
-                         f"lowbit.quantize(model, {recipe.name!r})")
+        raise ValueError(
+            f"train: recipe={recipe.name!r} quantizes, but the model is a float model: pass "
+            f"lowbit.quantize(model, {recipe.name!r})"
+        )
     return recipe
 
 
@@ -363,8 +477,7 @@ def _check_args(model, recipe, **args) -> None:
     for name in ("resume", "overwrite", "progress"):
         if not isinstance(args[name], bool):
             raise TypeError(f"train: {name} must be True or False, got {args[name]!r}")
-    for name, lo in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("keep", 1), ("seed", 0),
-                     ("max_skipped", 0)):
+    for name, lo in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("keep", 1), ("seed", 0), ("max_skipped", 0)):
         value = args[name]
         if name == "max_skipped" and value is None:
             continue
@@ -384,8 +497,9 @@ def _check_args(model, recipe, **args) -> None:
     if args["resume"] and out_dir is None:
         raise ValueError("train: resume=True needs out_dir (where the checkpoints are)")
     if args["resume"] and args["overwrite"]:
-        raise ValueError("train: resume=True continues the run in out_dir and overwrite=True replaces it; "
-                         "pass one of them")
+        raise ValueError(
+            "train: resume=True continues the run in out_dir and overwrite=True replaces it; pass one of them"
+        )
 
 
 def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
@@ -396,16 +510,20 @@ def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     for split in ("train", "test"):
         x, y = np.asarray(getattr(dataset, f"x_{split}")), np.asarray(getattr(dataset, f"y_{split}"))
         if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4:
-            raise TypeError(f"train: dataset.x_{split} must be float images of shape (N, H, W, C), "
-                            f"got {x.dtype}{list(x.shape)}")
+            raise TypeError(
+                f"train: dataset.x_{split} must be float images of shape (N, H, W, C), got {x.dtype}{list(x.shape)}"
+            )
         if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
-            raise TypeError(f"train: dataset.y_{split} must be integer labels of shape ({len(x)},), "
-                            f"got {y.dtype}{list(y.shape)}")
+            raise TypeError(
+                f"train: dataset.y_{split} must be integer labels of shape ({len(x)},), got {y.dtype}{list(y.shape)}"
+            )
         if len(x) == 0:
             raise ValueError(f"train: dataset.x_{split} is empty")
         if (bad := np.flatnonzero((y < 0) | (y >= classes))).size:
-            raise ValueError(f"train: dataset.y_{split} has {bad.size} labels outside [0, {classes}) "
-                             f"(num_classes={classes}), e.g. {int(y[bad[0]])} at index {int(bad[0])}")
+            raise ValueError(
+                f"train: dataset.y_{split} has {bad.size} labels outside [0, {classes}) "
+                f"(num_classes={classes}), e.g. {int(y[bad[0]])} at index {int(bad[0])}"
+            )
     if batch_size > len(dataset.x_train):
         raise ValueError(f"train: batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
     return len(dataset.x_train) // batch_size
@@ -422,13 +540,17 @@ def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: in
     try:
         logits = jax.eval_shape(forward, state, images)
     except Exception as e:  # whatever the user's model raises, say where it came from
-        raise ValueError(f"train: the model cannot be applied to a batch of images of shape {list(images.shape)} "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"train: the model cannot be applied to a batch of images of shape {list(images.shape)} "
+            f"({type(e).__name__}: {e})"
+        ) from e
     shape = getattr(logits, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != batch_size or shape[1] < dataset.num_classes:
-        raise ValueError(f"train: the model maps a batch of shape {list(images.shape)} to "
-                         f"{list(shape) if shape is not None else type(logits).__name__}; expected logits of shape "
-                         f"[{batch_size}, classes] with classes >= dataset.num_classes={dataset.num_classes}")
+        raise ValueError(
+            f"train: the model maps a batch of shape {list(images.shape)} to "
+            f"{list(shape) if shape is not None else type(logits).__name__}; expected logits of shape "
+            f"[{batch_size}, classes] with classes >= dataset.num_classes={dataset.num_classes}"
+        )
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike | None) -> Path | None:
@@ -453,10 +575,11 @@ def _clear_earlier_run(out: Path, *, overwrite: bool, resume: bool) -> None:
         return
     if not overwrite:
         listed = ", ".join([f"{_CHECKPOINTS}/{p.name}" for p in found[:3]] + [p.name for p in reports])
-        hint = ("there is no checkpoint to resume" if resume
-                else "pass resume=True (--resume) to continue it")
-        raise ValueError(f"train: out_dir {out} already holds a run ({listed}); {hint}, or overwrite=True "
-                         "(--overwrite) to delete it, or choose another out_dir")
+        hint = "there is no checkpoint to resume" if resume else "pass resume=True (--resume) to continue it"
+        raise ValueError(
+            f"train: out_dir {out} already holds a run ({listed}); {hint}, or overwrite=True "
+            "(--overwrite) to delete it, or choose another out_dir"
+        )
     for path in found:
         checkpoint.remove(path)
     for path in reports:
@@ -485,8 +608,9 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple
     mask = np.arange(len(x) + pad) < len(x)
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
     y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    return [(x[i : i + batch_size], y[i : i + batch_size], mask[i : i + batch_size])
-            for i in range(0, len(x), batch_size)]
+    return [
+        (x[i : i + batch_size], y[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(x), batch_size)
+    ]
 
 
 def _version() -> str:

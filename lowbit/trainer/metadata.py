@@ -26,16 +26,24 @@ def check_checkpoint(meta: Any, format_version: int) -> None:
     if not isinstance(meta, dict):
         raise ValueError(f"the file holds a {type(meta).__name__}, not a JSON object")
     if meta.get("format") != format_version:
-        raise ValueError(f"format is {meta.get('format')!r}; this lowbit reads checkpoint format {format_version} "
-                         "(a checkpoint written by another lowbit version)")
+        raise ValueError(
+            f"format is {meta.get('format')!r}; this lowbit reads checkpoint format {format_version} "
+            "(a checkpoint written by another lowbit version)"
+        )
     _int(meta, "epoch", 0)
     _int(meta, "step", 0)
     leaves = _field(meta, "leaves")
     if not isinstance(leaves, list):
         raise ValueError(f"leaves is {leaves!r}; allowed: a list of [name, shape, dtype]")
     for i, leaf in enumerate(leaves):
-        if not (isinstance(leaf, list) and len(leaf) == 3 and isinstance(leaf[0], str) and isinstance(leaf[2], str)
-                and isinstance(leaf[1], list) and all(_is_int(d) and d >= 0 for d in leaf[1])):
+        if not (
+            isinstance(leaf, list)
+            and len(leaf) == 3
+            and isinstance(leaf[0], str)
+            and isinstance(leaf[2], str)
+            and isinstance(leaf[1], list)
+            and all(_is_int(d) and d >= 0 for d in leaf[1])
+        ):
             raise ValueError(f"leaves[{i}] is {leaf!r}; allowed: [name, list of sizes >= 0, dtype name]")
     if not (isinstance(sha := _field(meta, "sha256"), str) and _SHA256.fullmatch(sha)):
         raise ValueError(f"sha256 is {sha!r}; allowed: 64 lowercase hex digits")
@@ -87,8 +95,11 @@ def check_run(meta: Mapping[str, Any]) -> None:
         if not (isinstance(partial, dict) and set(partial) == _PARTIAL_KEYS):
             raise ValueError(f"partial is {_short(partial)}; allowed: an object with keys {sorted(_PARTIAL_KEYS)}")
         losses = partial["losses"]
-        if not (isinstance(losses, list) and len(losses) <= step
-                and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in losses)):
+        if not (
+            isinstance(losses, list)
+            and len(losses) <= step
+            and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in losses)
+        ):
             raise ValueError(f"partial.losses is {_short(losses)}; allowed: at most {step} finite numbers >= 0")
         _int(partial, "correct", 0, step * batch_size, where="partial.")
         _int(partial, "skipped", 0, step, where="partial.")

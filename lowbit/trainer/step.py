@@ -84,9 +84,7 @@ def make_optimizer(
       The optimizer, wrapped by ``skip_nonfinite``: a step with a non-finite
       gradient changes nothing and is counted in ``total_notfinite``.
     """
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1)
-    )
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
     adamw = optax.adamw(schedule, weight_decay=weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p))
     return skip_nonfinite(adamw)
 
@@ -152,23 +150,24 @@ def make_train_step(
             rest = _split(model)[3]
             return state.loss_scale.scale(loss), (loss, logits, rest)
 
-        (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(
-            (state.params, state.overwrite))
+        (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)((state.params, state.overwrite))
         grads = state.loss_scale.unscale(grads)
         finite = all_finite(grads) & jnp.isfinite(loss)
         # A NaN loss can come with finite gradients (an out-of-range label, a masked
         # NaN): poisoning the gradients makes the optimizer's finite check skip the
         # step and count it with the others in total_notfinite.
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan) if jnp.issubdtype(g.dtype, jnp.floating)
-                             else g, grads)
+        grads = jax.tree.map(
+            lambda g: jnp.where(finite, g, jnp.nan) if jnp.issubdtype(g.dtype, jnp.floating) else g, grads
+        )
         # optax.adamw mixes its float32 hyperparameters and counters with the
         # parameters, which jax_numpy_dtype_promotion="strict" rejects.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         # A skipped step must not adopt GradScale values computed from inf/NaN gradients.
-        overwrite = jax.tree.map(lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
-                                 new_overwrite, state.overwrite)
+        overwrite = jax.tree.map(
+            lambda new, old: jnp.where(finite, new.astype(old.dtype), old), new_overwrite, state.overwrite
+        )
         new_state = TrainState(params, overwrite, rest, opt_state, state.loss_scale.adjust(finite))
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
         return new_state, dict(loss=loss, correct=correct, skipped=~finite)

@@ -60,8 +60,10 @@ _DTYPE_FORMATS = {
     np.dtype(np.float16): FloatFormat(name="float16", ebits=5, mbits=10),
 }
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
-_FLOAT_ALLOWED = ("a signed lowbit FloatFormat (e.g. FloatFormat(ebits=5, mbits=10)), a user format, a registered "
-                  "float format name, or the dtype float32, bfloat16 or float16 (or its name)")
+_FLOAT_ALLOWED = (
+    "a signed lowbit FloatFormat (e.g. FloatFormat(ebits=5, mbits=10)), a user format, a registered "
+    "float format name, or the dtype float32, bfloat16 or float16 (or its name)"
+)
 _INT_OVERFLOWS = ("saturate", "wrap")
 _FLOAT_ROUNDINGS = ("nearest", "toward_zero")
 
@@ -132,16 +134,31 @@ class Accumulator:
         check_int(own, "chunk", self.chunk, 1)
         if self.promote_every is not None:
             check_int(own, "promote_every", self.promote_every, self.chunk)
-            require(self.promote_every % self.chunk == 0, own, "promote_every", self.promote_every,
-                    f"None or a multiple of chunk={self.chunk}")
+            require(
+                self.promote_every % self.chunk == 0,
+                own,
+                "promote_every",
+                self.promote_every,
+                f"None or a multiple of chunk={self.chunk}",
+            )
         if isinstance(self.fmt, (int, np.integer)) and not isinstance(self.fmt, bool):
             check_int(own, "fmt", self.fmt, 2, 32)
             promote = 32 if self.promote_fmt is None else self.promote_fmt
             check_int(own, "promote_fmt", promote, 2, 32)
-            require(self.overflow in _INT_OVERFLOWS, own, "overflow", self.overflow,
-                    "'saturate' or 'wrap' for an integer accumulator")
-            require(self.rounding == "nearest", own, "rounding", self.rounding,
-                    "'nearest' (the default) for an integer accumulator: integer sums are exact")
+            require(
+                self.overflow in _INT_OVERFLOWS,
+                own,
+                "overflow",
+                self.overflow,
+                "'saturate' or 'wrap' for an integer accumulator",
+            )
+            require(
+                self.rounding == "nearest",
+                own,
+                "rounding",
+                self.rounding,
+                "'nearest' (the default) for an integer accumulator: integer sums are exact",
+            )
             object.__setattr__(self, "fmt", int(self.fmt))
             object.__setattr__(self, "promote_fmt", int(promote))
             return
@@ -149,14 +166,34 @@ class Accumulator:
         promote = _F32 if self.promote_fmt is None else _float_level(own, "promote_fmt", self.promote_fmt)
         object.__setattr__(self, "promote_fmt", promote)
         rounded = not (isinstance(self.fmt, np.dtype) and isinstance(promote, np.dtype))
-        require(self.overflow in (None, "saturate"), own, "overflow", self.overflow,
-                "None or 'saturate' for a float accumulator")
-        require(self.overflow is None or rounded, own, "overflow", self.overflow,
-                "None when fmt and promote_fmt are float32 (float32 overflows to inf as IEEE)")
-        require(isinstance(self.rounding, str) and self.rounding in _FLOAT_ROUNDINGS, own, "rounding",
-                self.rounding, ", ".join(_FLOAT_ROUNDINGS))
-        require(self.rounding == "nearest" or rounded, own, "rounding", self.rounding,
-                "'nearest' when fmt and promote_fmt are float32 (float32 adds round to nearest)")
+        require(
+            self.overflow in (None, "saturate"),
+            own,
+            "overflow",
+            self.overflow,
+            "None or 'saturate' for a float accumulator",
+        )
+        require(
+            self.overflow is None or rounded,
+            own,
+            "overflow",
+            self.overflow,
+            "None when fmt and promote_fmt are float32 (float32 overflows to inf as IEEE)",
+        )
+        require(
+            isinstance(self.rounding, str) and self.rounding in _FLOAT_ROUNDINGS,
+            own,
+            "rounding",
+            self.rounding,
+            ", ".join(_FLOAT_ROUNDINGS),
+        )
+        require(
+            self.rounding == "nearest" or rounded,
+            own,
+            "rounding",
+            self.rounding,
+            "'nearest' when fmt and promote_fmt are float32 (float32 adds round to nearest)",
+        )
 
     @property
     def integer(self) -> bool:
@@ -237,15 +274,23 @@ def accumulated_dot_general(lhs, rhs, dimension_numbers, acc: Accumulator, prefe
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         # Read before jnp.asarray, which would narrow float64 silently (lists: numpy's reading).
         dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
-        ok = (jnp.issubdtype(dtype, jnp.integer) if acc.integer
-              else jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 4)
+        ok = (
+            jnp.issubdtype(dtype, jnp.integer)
+            if acc.integer
+            else jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize <= 4
+        )
         if not ok:
             allowed = "an integer dtype" if acc.integer else "a float dtype of at most 32 bits"
             raise TypeError(f"{name} has dtype {dtype}; allowed for Accumulator(fmt={acc.fmt!r}): {allowed}")
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     # lax's own checks of the dimension numbers, and its result shape and dtype.
-    out = jax.eval_shape(functools.partial(lax.dot_general, dimension_numbers=dimension_numbers,
-                                           preferred_element_type=preferred_element_type), lhs, rhs)
+    out = jax.eval_shape(
+        functools.partial(
+            lax.dot_general, dimension_numbers=dimension_numbers, preferred_element_type=preferred_element_type
+        ),
+        lhs,
+        rhs,
+    )
     (lc, rc), (lb, rb) = dimension_numbers
     dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
     return _emulate(lhs, rhs, dims, acc, out.shape, out.dtype)
@@ -269,8 +314,9 @@ def _emulate(lhs, rhs, dims, acc: Accumulator, out_shape, out_dtype):
         return jnp.moveaxis(x, (2, 3), (0, 1))
 
     def chunk_step(s, ab):
-        c = lax.dot_general(*ab, (((2,), (2,)), ((0,), (0,))), precision=lax.Precision.HIGHEST,
-                            preferred_element_type=wide)  # HIGHEST: no TF32/bf16 passes on GPUs
+        c = lax.dot_general(
+            *ab, (((2,), (2,)), ((0,), (0,))), precision=lax.Precision.HIGHEST, preferred_element_type=wide
+        )  # HIGHEST: no TF32/bf16 passes on GPUs
         return _add(acc, acc.fmt, s, c), None
 
     def interval_step(total, ab):

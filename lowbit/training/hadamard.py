@@ -42,7 +42,7 @@ __all__ = ["RHT", "rht", "rht_dot_operands", "rht_inverse", "rht_signs"]
 PRODUCTS = ("fwd", "dlhs", "drhs")  # a quantized matmul's forward, input-gradient and weight-gradient products
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sylvester(block: int) -> np.ndarray:
     """The Sylvester Hadamard matrix of order ``block`` (a power of two) as float32 +-1 (read-only)."""
     h = np.ones((1, 1), np.float32)
@@ -92,9 +92,12 @@ class RHT:
     block: int = 16
 
     def __post_init__(self):
-        ok = (isinstance(self.products, tuple) and len(self.products) > 0
-              and all(isinstance(p, str) and p in PRODUCTS for p in self.products)
-              and len(set(self.products)) == len(self.products))
+        ok = (
+            isinstance(self.products, tuple)
+            and len(self.products) > 0
+            and all(isinstance(p, str) and p in PRODUCTS for p in self.products)
+            and len(set(self.products)) == len(self.products)
+        )
         require(ok, "RHT", "products", self.products, f"a non-empty tuple of distinct names in {', '.join(PRODUCTS)}")
         _check_block("RHT", self.block)
 
@@ -107,15 +110,20 @@ def _apply(owner: str, x, axis, key, block, inverse: bool) -> jax.Array:
     check_int(owner, "axis", axis, -x.ndim, x.ndim - 1)
     axis = axis % x.ndim
     n = x.shape[axis]
-    require(n % block == 0, owner, "axis", axis,
-            f"an axis whose length is a multiple of block={block} (x has shape {x.shape}, length {n})")
+    require(
+        n % block == 0,
+        owner,
+        "axis",
+        axis,
+        f"an axis whose length is a multiple of block={block} (x has shape {x.shape}, length {n})",
+    )
     # float64 stays float64 (tests under x64); narrower floats are rotated in float32.
     dtype = x.dtype if x.dtype.itemsize > 4 else jnp.dtype(jnp.float32)
     h = jnp.asarray(_sylvester(block), dtype)
     signs = rht_signs(key, block).astype(dtype)
     # Row-vector blocks: forward b @ (D H), inverse b @ (D H)^T = b @ (H D). Signs scale H's rows or columns.
     m = h * signs[None, :] if inverse else signs[:, None] * h
-    rest = x.shape[:axis] + x.shape[axis + 1:]
+    rest = x.shape[:axis] + x.shape[axis + 1 :]
     blocks = jnp.moveaxis(x, axis, -1).astype(dtype).reshape(rest + (n // block, block))
     y = lax.dot_general(blocks, m, (((blocks.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
     # The 1/sqrt(block) scale comes last: one rounding per element, and none when block is a power of 4.

@@ -103,8 +103,13 @@ MATMULS = ("fake", "real", "auto")
 PLACEMENTS = ("gemm", "quantizer")
 # Storage dtypes of the real matmul path; 4- and 2-bit integers ride in int8
 # containers, which every backend multiplies natively.
-REAL_DTYPES = {"int8": jnp.int8, "int4": jnp.int8, "int2": jnp.int8,
-               "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}
+REAL_DTYPES = {
+    "int8": jnp.int8,
+    "int4": jnp.int8,
+    "int2": jnp.int8,
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "float8_e5m2": jnp.float8_e5m2,
+}
 
 
 def _name(q) -> str:
@@ -113,8 +118,13 @@ def _name(q) -> str:
 
 def real_ok(q) -> bool:
     """Whether quantizer ``q`` can feed the real matmul path (symmetric uniform int8/int4/int2/float8)."""
-    return (q is not None and q.kind == "uniform" and q.symmetric and q.granularity in ("tensor", "channel")
-            and getattr(q.format, "name", None) in REAL_DTYPES)
+    return (
+        q is not None
+        and q.kind == "uniform"
+        and q.symmetric
+        and q.granularity in ("tensor", "channel")
+        and getattr(q.format, "name", None) in REAL_DTYPES
+    )
 
 
 # The one block-scaled GEMM of jax.nn.scaled_dot_general that lowbit's emulation matches bit for bit in its
@@ -139,12 +149,19 @@ def uses_block_kernel(config: DotQuantConfig, lhs_shape: tuple[int, ...], dimens
     """
     (lc, _), _ = dimension_numbers
     mx = all(q is not None and dataclasses.replace(q, axis=-1) == _KERNEL_MXFP8 for q in (config.lhs, config.rhs))
-    return (jax.default_backend() != "cpu" and config.matmul != "fake" and config.placement == "gemm"
-            and config.accumulator is None and not _rotates(config, "fwd") and mx
-            and len(lc) == 1 and lhs_shape[lc[0]] % _KERNEL_MXFP8.format.block_size == 0)
+    return (
+        jax.default_backend() != "cpu"
+        and config.matmul != "fake"
+        and config.placement == "gemm"
+        and config.accumulator is None
+        and not _rotates(config, "fwd")
+        and mx
+        and len(lc) == 1
+        and lhs_shape[lc[0]] % _KERNEL_MXFP8.format.block_size == 0
+    )
 
 
-def uses_real_matmul(config: "DotQuantConfig") -> bool:
+def uses_real_matmul(config: DotQuantConfig) -> bool:
     """Whether ``config`` runs the forward product on integer/float8 operands (see ``matmul``)."""
     if config.matmul == "fake" or config.accumulator is not None or not (real_ok(config.lhs) and real_ok(config.rhs)):
         return False  # nothing quantizes an operand here (an LSQ layer supplies its own grid), or it is emulated
@@ -211,42 +228,59 @@ class DotQuantConfig:
         if self.matmul not in MATMULS:
             raise ValueError(f"DotQuantConfig.matmul={self.matmul!r} is invalid; allowed: {', '.join(MATMULS)}")
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"DotQuantConfig.placement={self.placement!r} is invalid; allowed: "
-                             f"{', '.join(PLACEMENTS)}")
+            raise ValueError(
+                f"DotQuantConfig.placement={self.placement!r} is invalid; allowed: {', '.join(PLACEMENTS)}"
+            )
         if self.matmul == "real" and not all(q is None or real_ok(q) for q in (self.lhs, self.rhs)):
             raise ValueError(
                 "DotQuantConfig.matmul='real' needs symmetric uniform lhs and rhs quantizers of a format in "
-                f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})")
+                f"{', '.join(REAL_DTYPES)} (got lhs={_name(self.lhs)}, rhs={_name(self.rhs)})"
+            )
         if self.accumulator is not None:
             if not isinstance(self.accumulator, Accumulator):
-                raise TypeError(f"DotQuantConfig.accumulator={self.accumulator!r} is invalid; allowed: None or a "
-                                "lowbit.training.Accumulator")
+                raise TypeError(
+                    f"DotQuantConfig.accumulator={self.accumulator!r} is invalid; allowed: None or a "
+                    "lowbit.training.Accumulator"
+                )
             if self.accumulator.integer:
-                raise ValueError(f"DotQuantConfig.accumulator={self.accumulator!r} is invalid; allowed: a float "
-                                 "Accumulator (the products take fake-quantized float operands)")
+                raise ValueError(
+                    f"DotQuantConfig.accumulator={self.accumulator!r} is invalid; allowed: a float "
+                    "Accumulator (the products take fake-quantized float operands)"
+                )
             if self.matmul == "real":
-                raise ValueError("DotQuantConfig.matmul='real' is invalid with an accumulator; allowed: 'auto' or "
-                                 "'fake' (the emulated accumulator sums the fake-quantized operands)")
+                raise ValueError(
+                    "DotQuantConfig.matmul='real' is invalid with an accumulator; allowed: 'auto' or "
+                    "'fake' (the emulated accumulator sums the fake-quantized operands)"
+                )
         if self.rht is not None:
             if not isinstance(self.rht, RHT):
-                raise TypeError(f"DotQuantConfig.rht={self.rht!r} is invalid; allowed: None or a "
-                                "lowbit.training.hadamard.RHT")
+                raise TypeError(
+                    f"DotQuantConfig.rht={self.rht!r} is invalid; allowed: None or a lowbit.training.hadamard.RHT"
+                )
             if self.placement != "gemm":
-                raise ValueError(f"DotQuantConfig.rht={self.rht!r} is invalid with placement={self.placement!r}; "
-                                 "allowed: placement='gemm' (a rotated product quantizes its own operands)")
+                raise ValueError(
+                    f"DotQuantConfig.rht={self.rht!r} is invalid with placement={self.placement!r}; "
+                    "allowed: placement='gemm' (a rotated product quantizes its own operands)"
+                )
         if self.tpr and not self.grad_scale:
             raise ValueError("DotQuantConfig.tpr=True needs grad_scale=True (the odd grid is 2x the GradScale step)")
         for field in ("dlhs_rhs", "drhs_lhs"):
             if _delayed(getattr(self, field)):
-                raise ValueError(f"DotQuantConfig.{field} has scale='delayed'; allowed: delayed scaling on lhs, rhs, "
-                                 "dlhs_grad and drhs_grad only (they own the histories)")
+                raise ValueError(
+                    f"DotQuantConfig.{field} has scale='delayed'; allowed: delayed scaling on lhs, rhs, "
+                    "dlhs_grad and drhs_grad only (they own the histories)"
+                )
         grads = [q for q in (self.dlhs_grad, self.drhs_grad) if _delayed(q)]
         if grads and self.grad_scale:
-            raise ValueError("DotQuantConfig.grad_scale=True sets the gradient quantizers' scale; allowed: "
-                             "dlhs_grad/drhs_grad without scale='delayed' when grad_scale=True")
+            raise ValueError(
+                "DotQuantConfig.grad_scale=True sets the gradient quantizers' scale; allowed: "
+                "dlhs_grad/drhs_grad without scale='delayed' when grad_scale=True"
+            )
         if len({q.amax_history for q in grads}) > 1:
-            raise ValueError("DotQuantConfig.dlhs_grad and drhs_grad share one amax history (both quantize the "
-                             f"gradient); allowed: equal amax_history (got {[q.amax_history for q in grads]})")
+            raise ValueError(
+                "DotQuantConfig.dlhs_grad and drhs_grad share one amax history (both quantize the "
+                f"gradient); allowed: equal amax_history (got {[q.amax_history for q in grads]})"
+            )
 
     @property
     def amax_histories(self) -> dict[str, int]:
@@ -270,17 +304,20 @@ def _histories(config: DotQuantConfig, amax_history) -> tuple:
     want = config.amax_histories
     given = {} if amax_history is None else amax_history
     if not isinstance(given, dict) or set(given) != set(want):
-        raise ValueError(f"amax_history={None if amax_history is None else sorted(given)} does not match the "
-                         f"config's delayed sites; allowed: a dict with keys {sorted(want)}"
-                         + (" (or None)" if not want else ""))
+        raise ValueError(
+            f"amax_history={None if amax_history is None else sorted(given)} does not match the "
+            f"config's delayed sites; allowed: a dict with keys {sorted(want)}" + (" (or None)" if not want else "")
+        )
     hists = []
     for site in ("lhs", "rhs", "grad"):
         h = given.get(site)
         if h is not None:
             h = jnp.asarray(h)
             if h.shape != (want[site],) or h.dtype != jnp.float32:
-                raise ValueError(f"amax_history[{site!r}] has shape {h.shape} and dtype {h.dtype}; allowed: "
-                                 f"float32 of shape ({want[site]},)")
+                raise ValueError(
+                    f"amax_history[{site!r}] has shape {h.shape} and dtype {h.dtype}; allowed: "
+                    f"float32 of shape ({want[site]},)"
+                )
         hists.append(h)
     return tuple(hists)
 
@@ -293,13 +330,17 @@ def _check_dims(lhs, rhs, dimension_numbers):
             f"dimension_numbers={dimension_numbers!r} is invalid; allowed: "
             "((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))"
         ) from None
-    for name, dims, arr in (("lhs_contracting", lc, lhs), ("rhs_contracting", rc, rhs),
-                            ("lhs_batch", lb, lhs), ("rhs_batch", rb, rhs)):
+    for name, dims, arr in (
+        ("lhs_contracting", lc, lhs),
+        ("rhs_contracting", rc, rhs),
+        ("lhs_batch", lb, lhs),
+        ("rhs_batch", rb, rhs),
+    ):
         if any(not (0 <= d < arr.ndim) for d in dims):
             raise ValueError(f"{name}={tuple(dims)} is out of range for an operand of rank {arr.ndim}")
     if len(lc) != len(rc) or len(lb) != len(rb):
         raise ValueError(f"dimension_numbers={dimension_numbers!r}: contracting/batch dims must pair up")
-    for (a, b) in zip(list(lc) + list(lb), list(rc) + list(rb)):
+    for a, b in zip(list(lc) + list(lb), list(rc) + list(rb)):
         if lhs.shape[a] != rhs.shape[b]:
             raise ValueError(f"lhs dim {a} (size {lhs.shape[a]}) does not match rhs dim {b} (size {rhs.shape[b]})")
     return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
@@ -314,18 +355,29 @@ def _fq(q, x, key, scale=None):
     # last block; zeros change no tile's (or the tensor's) absmax, so whole tiles quantize as they would alone.
     rows, cols = _pad_rows_cols(q, x.shape)
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows), (0, cols)])
-    return quant.fake_quant(q, padded, key, scale=scale)[..., :x.shape[-2], :x.shape[-1]]
+    return quant.fake_quant(q, padded, key, scale=scale)[..., : x.shape[-2], : x.shape[-1]]
 
 
 def _pad_rows_cols(q, shape) -> tuple[int, int] | None:
-    """The zeros that complete ``shape``'s last two axes to whole ``q.block_shape`` tiles, or None if none are needed."""
+    """The zeros completing ``shape``'s last two axes to whole ``q.block_shape`` tiles, or None if none are needed."""
     pad = tuple(-n % b for n, b in zip(shape[-2:], q.block_shape))
     return pad if any(pad) else None
 
 
-def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *, key=None,
-                          grad_scale=None, amax_history=None, lhs_scale=None, rhs_scale=None, precision=None,
-                          preferred_element_type=None):
+def quantized_dot_general(
+    lhs,
+    rhs,
+    dimension_numbers,
+    config: DotQuantConfig,
+    *,
+    key=None,
+    grad_scale=None,
+    amax_history=None,
+    lhs_scale=None,
+    rhs_scale=None,
+    precision=None,
+    preferred_element_type=None,
+):
     """``lax.dot_general`` with quantized operands and gradients.
 
     Args:
@@ -350,8 +402,9 @@ def quantized_dot_general(lhs, rhs, dimension_numbers, config: DotQuantConfig, *
     """
     dn = _check_dims(lhs, rhs, dimension_numbers)
     key, gs, hists = _state_args(config, key, grad_scale, amax_history)
-    scales = tuple(None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32))
-                   for s in (lhs_scale, rhs_scale))
+    scales = tuple(
+        None if s is None else lax.stop_gradient(jnp.asarray(s, jnp.float32)) for s in (lhs_scale, rhs_scale)
+    )
     product = _Dot(dn, precision, preferred_element_type, config.accumulator)
     return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales, hists)
 
@@ -369,8 +422,7 @@ def _state_args(config: DotQuantConfig, key, grad_scale, amax_history):
     return key, gs, hists
 
 
-def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, amax_history=None,
-                   **conv_kwargs):
+def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, amax_history=None, **conv_kwargs):
     """``lax.conv_general_dilated`` with quantized operands and gradients.
 
     The same forward / dlhs / drhs quantizers, GradScale and two-phase rounding as
@@ -396,12 +448,15 @@ def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=Non
       ValueError: ``config.accumulator`` is set, or ``config.rht`` rotates ``drhs``.
     """
     if config.accumulator is not None:
-        raise ValueError(f"DotQuantConfig.accumulator={config.accumulator!r} is not supported for convolutions; "
-                         "allowed there: None")
+        raise ValueError(
+            f"DotQuantConfig.accumulator={config.accumulator!r} is not supported for convolutions; allowed there: None"
+        )
     if config.rht is not None and "drhs" in config.rht.products:
-        raise ValueError(f"DotQuantConfig.rht.products={config.rht.products!r} is not supported for convolutions "
-                         "(the weight gradient pairs shifted windows: no rotation cancels); allowed there: "
-                         "'fwd', 'dlhs'")
+        raise ValueError(
+            f"DotQuantConfig.rht.products={config.rht.products!r} is not supported for convolutions "
+            "(the weight gradient pairs shifted windows: no rotation cancels); allowed there: "
+            "'fwd', 'dlhs'"
+        )
     key, gs, hists = _state_args(config, key, grad_scale, amax_history)
     product = _Conv(conv_key(conv_kwargs))
     return _qprod(product, config, False, lhs, rhs, key, gs, (None, None), hists)
@@ -492,9 +547,14 @@ class _Dot(NamedTuple):
         rf = tuple(d for d in range(rhs_ndim) if d not in rc and d not in rb)
         g_lf = tuple(range(len(lb), len(lb) + len(lf)))
         g_rf = tuple(range(len(lb) + len(lf), len(lb) + len(lf) + len(rf)))
-        return dict(lhs=Axes(tuple(lc), lf), rhs=Axes(tuple(rc), rf),
-                    dlhs_grad=Axes(g_rf, g_lf), dlhs_rhs=Axes(rf, tuple(rc)),
-                    drhs_lhs=Axes(lf, tuple(lc)), drhs_grad=Axes(g_lf, g_rf))
+        return dict(
+            lhs=Axes(tuple(lc), lf),
+            rhs=Axes(tuple(rc), rf),
+            dlhs_grad=Axes(g_rf, g_lf),
+            dlhs_rhs=Axes(rf, tuple(rc)),
+            drhs_lhs=Axes(lf, tuple(lc)),
+            drhs_grad=Axes(g_lf, g_rf),
+        )
 
 
 class _Conv(NamedTuple):
@@ -518,9 +578,14 @@ class _Conv(NamedTuple):
         spec = dict(self.kwargs).get("dimension_numbers")
         dn = lax.conv_dimension_numbers((1,) * lhs_ndim, (1,) * rhs_ndim, spec)
         (ln, lc, *ls), (ro, ri, *_), (on, oc, *os_) = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-        return dict(lhs=Axes((lc,), (ln,)), rhs=Axes((ri,), (ro,)),
-                    dlhs_grad=Axes((oc,), (on,)), dlhs_rhs=Axes((ro,), (ri,)),
-                    drhs_lhs=Axes((ln, *ls), (lc,)), drhs_grad=Axes((on, *os_), (oc,)))
+        return dict(
+            lhs=Axes((lc,), (ln,)),
+            rhs=Axes((ri,), (ro,)),
+            dlhs_grad=Axes((oc,), (on,)),
+            dlhs_rhs=Axes((ro,), (ri,)),
+            drhs_lhs=Axes((ln, *ls), (lc,)),
+            drhs_grad=Axes((on, *os_), (oc,)),
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -546,8 +611,10 @@ def _real_operand(q, x, key, scale):
 def _out_scale(step, ndim_out, own_batch, own_free, own_contract, lhs_side, n_other_free):
     """Reshape an operand's kept-dims step to broadcast against the dot_general output."""
     if any(step.shape[d] != 1 for d in own_contract):
-        raise ValueError("matmul='real' needs scales that are constant along the contracting dims "
-                         f"(scale shape {step.shape}, contracting dims {own_contract})")
+        raise ValueError(
+            "matmul='real' needs scales that are constant along the contracting dims "
+            f"(scale shape {step.shape}, contracting dims {own_contract})"
+        )
     dims = [step.shape[d] for d in own_batch]
     free = [step.shape[d] for d in own_free]
     dims += free + [1] * n_other_free if lhs_side else [1] * n_other_free + free
@@ -564,9 +631,16 @@ def _real_dot(product, q_lhs, q_rhs, lhs, rhs, k_lhs, k_rhs, scales):
     out = lax.dot_general(cl, cr, dn, precision=precision, preferred_element_type=acc)
     lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
     rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
-    out = (out.astype(jnp.float32) * _out_scale(sl, out.ndim, lb, lf, lc, True, len(rf))
-           * _out_scale(sr, out.ndim, rb, rf, rc, False, len(lf)))
-    return out.astype(pet or jnp.result_type(lhs.dtype, rhs.dtype)), _Narrow(cl, sl, jnp.zeros((), lhs.dtype)), _Narrow(cr, sr, jnp.zeros((), rhs.dtype))
+    out = (
+        out.astype(jnp.float32)
+        * _out_scale(sl, out.ndim, lb, lf, lc, True, len(rf))
+        * _out_scale(sr, out.ndim, rb, rf, rc, False, len(lf))
+    )
+    return (
+        out.astype(pet or jnp.result_type(lhs.dtype, rhs.dtype)),
+        _Narrow(cl, sl, jnp.zeros((), lhs.dtype)),
+        _Narrow(cr, sr, jnp.zeros((), rhs.dtype)),
+    )
 
 
 def _block_kernel(product: _Dot, lhs, rhs):
@@ -601,7 +675,7 @@ def _split(config: DotQuantConfig, key) -> tuple:
     return formats.split_key(key, N_KEYS) if config.stochastic or config.rht is not None else (key,) * N_KEYS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _on_axis(q, axis: int):
     return q if q.axis == axis else dataclasses.replace(q, axis=axis)
 
@@ -612,17 +686,21 @@ def _per_tensor(q) -> bool:
 
 def _one_dim(dims: tuple[int, ...], q, what: str) -> None:
     if not dims:
-        raise ValueError(f"Quantizer(format={q.format.name}, granularity={q.granularity!r}) needs a {what} dim "
-                         "in every product it quantizes an operand of; this product has none; allowed there: "
-                         "granularity='tensor'")
+        raise ValueError(
+            f"Quantizer(format={q.format.name}, granularity={q.granularity!r}) needs a {what} dim "
+            "in every product it quantizes an operand of; this product has none; allowed there: "
+            "granularity='tensor'"
+        )
 
 
 def _check_tiles(q, ndim: int, axes: Axes) -> None:
     """2-D blocks tile the last two axes: the product must contract one of them."""
     if q is not None and q.granularity == "block" and not {ndim - 2, ndim - 1} & set(axes.contract):
-        raise ValueError(f"Quantizer.block_shape={q.block_shape} tiles the last two axes of an operand of rank "
-                         f"{ndim}, but a product contracts its dims {axes.contract}; allowed: 2-D blocks on "
-                         "operands whose every product contracts one of their last two axes (a weight)")
+        raise ValueError(
+            f"Quantizer.block_shape={q.block_shape} tiles the last two axes of an operand of rank "
+            f"{ndim}, but a product contracts its dims {axes.contract}; allowed: 2-D blocks on "
+            "operands whose every product contracts one of their last two axes (a weight)"
+        )
 
 
 def _placement(config: DotQuantConfig, q, ndim: int, axes: Axes):
@@ -645,7 +723,7 @@ def _on_flattened(fn, x, dims: tuple[int, ...]):
     """``fn`` applied to ``x`` with ``dims`` moved last (in that order) and flattened into one axis, then moved back."""
     perm = [d for d in range(x.ndim) if d not in dims] + list(dims)
     moved = jnp.transpose(x, perm)
-    y = fn(moved.reshape(*moved.shape[:x.ndim - len(dims)], -1))
+    y = fn(moved.reshape(*moved.shape[: x.ndim - len(dims)], -1))
     return jnp.transpose(y.reshape(moved.shape), np.argsort(perm))
 
 
@@ -774,8 +852,10 @@ def _qprod_bwd(product, config, real, res, g):
     new_gs = gs
     if h_grad is not None:  # delayed gradient scaling: one history for g, each quantizer its own reduction
         current = delayed.amax(config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad, g)
-        g_dlhs, g_drhs = (_quantize(config, q, gp, ax, k, scale=delayed.step(q, h_grad) if _delayed(q) else None)
-                          for q, gp, ax, k in ((config.dlhs_grad, g_l, ax_l, k1), (config.drhs_grad, g_r, ax_r, k2)))
+        g_dlhs, g_drhs = (
+            _quantize(config, q, gp, ax, k, scale=delayed.step(q, h_grad) if _delayed(q) else None)
+            for q, gp, ax, k in ((config.dlhs_grad, g_l, ax_l, k1), (config.drhs_grad, g_r, ax_r, k2))
+        )
         h_grad = delayed.update(h_grad, current)
     elif config.grad_scale:
         new_gs = gradscale_update(gs, jnp.max(jnp.abs(g)), config.dlhs_grad.format.max_value)

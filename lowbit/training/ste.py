@@ -56,7 +56,6 @@ SAWB_COEFFICIENTS: Mapping[int, tuple[float, float]] = types.MappingProxyType(
 """SAWB (c1, c2) per bit width (Choi et al. 2018), fitted for 2^bits levels on [-α, α]."""
 
 
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -100,9 +99,7 @@ def _check_broadcasts_to(param: jax.Array, shape: tuple[int, ...], name: str) ->
 def _sum_to_shape(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Adjoint of broadcasting ``shape`` up to ``a.shape``: sum the broadcast axes."""
     lead = a.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, d in enumerate(shape) if d == 1 and a.shape[lead + i] != 1
-    )
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and a.shape[lead + i] != 1)
     return jnp.sum(a, axis=axes).reshape(shape)
 
 
@@ -183,9 +180,7 @@ def _clipped_ste_bwd(quantize_fn, lo, hi, inside, g):
 _clipped_ste.defvjp(_clipped_ste_fwd, _clipped_ste_bwd)
 
 
-def clipped_ste(
-    x: jax.Array, quantize_fn: Callable[[jax.Array], jax.Array], lo: float, hi: float
-) -> jax.Array:
+def clipped_ste(x: jax.Array, quantize_fn: Callable[[jax.Array], jax.Array], lo: float, hi: float) -> jax.Array:
     """Clipped straight-through estimator: identity gradient only inside ``[lo, hi]``.
 
     Forward: ``y = quantize_fn(x)``, cast back to ``x.dtype``.
