@@ -44,7 +44,7 @@ DATASETS = {
     "fashion-mnist": dict(
         model=dict(patch_size=7, dim=64, depth=2, heads=4, mlp_dim=128),
         epochs=10,
-        recipes=["fp32", "fp8", "fp8_delayed", "fp4", "nvfp4", "int8", "int4_lsq"],
+        recipes=["fp32", "fp8", "fp8_delayed", "fp4", "mxfp8", "mxfp4", "nvfp4", "nvfp4_v0", "int8", "int4_lsq"],
     ),
 }
 TRAIN = dict(batch_size=64, learning_rate=3e-3, weight_decay=0.05, warmup=2.0)  # lowbit train's defaults
@@ -150,6 +150,7 @@ def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[di
                     step_time_ms=statistics.median(r["step_time_ms"] for r in runs),
                     train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
                     skipped_steps=sum(r["skipped_steps"] for r in runs),
+                    commits=sorted({r.get("lowbit_commit", "?") for r in runs}),
                 )
             )
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
@@ -176,8 +177,8 @@ def table(ds: str, rows: list[dict], epochs: int) -> str:
         f"### {ds} ({epochs} epochs, model {DATASETS[ds]['model']})",
         "",
         "| recipe | seeds | test accuracy (%) | before (QLinear ViT) | gap to fp32 (points) | target | step (ms) "
-        "| train time (s) | skipped steps |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "| train time (s) | skipped steps | commit |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
@@ -185,7 +186,7 @@ def table(ds: str, rows: list[dict], epochs: int) -> str:
         before = "—" if not r.get("before") else f"{r['before'][0]:.2f} ± {r['before'][1]:.2f}"
         lines.append(
             f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
-            f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} |"
+            f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} | {', '.join(r['commits'])} |"
         )
     return "\n".join(lines)
 
@@ -273,10 +274,15 @@ def write_report(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", default="digits,fashion-mnist", help="comma-separated (default: both)")
-    ap.add_argument("--recipes", help="comma-separated (default: every recipe on digits, 7 on Fashion-MNIST)")
+    ap.add_argument("--recipes", help="comma-separated (default: every recipe on digits, 10 on Fashion-MNIST)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
     ap.add_argument("--epochs", type=int, help="override the per-dataset epochs")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the records")
+    ap.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train again even where a record exists (the code changed); the newest record of a run counts",
+    )
     ap.add_argument("--quick", action="store_true", help="digits, 3 epochs, seed 0, 4 recipes; *_quick.* files")
     args = ap.parse_args(argv)
 
@@ -297,12 +303,13 @@ def main(argv=None) -> None:
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
 
     def current(records, api=API):
-        """The records of this configuration (others, e.g. another --epochs, stay in the file)."""
-        return [
-            r
+        """The newest record of each run of this configuration (others, e.g. another --epochs, stay in the file)."""
+        newest = {
+            r["key"]: r
             for r in records
             if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]], api)
-        ]
+        }
+        return list(newest.values())
 
     if not args.report:
         for ds_name in datasets:
@@ -311,10 +318,13 @@ def main(argv=None) -> None:
             todo = [(seed, name) for seed in seeds for name in names]
             for i, (seed, name) in enumerate(todo):
                 key = config_key(ds_name, name, seed, epochs_for[ds_name])
-                if any(r["key"] == key for r in read_records(jsonl)):
+                done = [r for r in read_records(jsonl) if r["key"] == key]
+                if done and (not args.rerun or done[-1].get("lowbit_commit") == commit):
                     continue
                 print(f"[{ds_name} {i + 1}/{len(todo)}] {name} seed {seed} ...", flush=True)
-                ckpt = RESULTS / "runs" / ds_name / name / f"seed{seed}" if ds_name == "fashion-mnist" else None
+                # Per commit: a rerun must not resume the finished checkpoint of older code.
+                run_dir = RESULTS / "runs" / ds_name / name / f"seed{seed}-{commit}"
+                ckpt = run_dir if ds_name == "fashion-mnist" else None
                 t0 = time.perf_counter()
                 m = run_one(dataset, name, seed, epochs_for[ds_name], ckpt)
                 if m["stopped"]:  # a signal stopped it: not a result; its checkpoint resumes it next time
