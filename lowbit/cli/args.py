@@ -48,6 +48,22 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # lowbit.trainer.MAX_SEED (not imported: that would start jax before --devices)
+SEED_RANGE = "an integer in [0, 2**63 - 1]"
+
+
+def seed_value(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63 - 1] (jax keys and numpy generators take 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise argparse.ArgumentTypeError(f"expected {SEED_RANGE}, got {shown!r}")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     try:

@@ -14,7 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit.cli.args import InputError, absolute_path, check_output_dir, fail, nonnegative_float, positive_int
+from lowbit.cli.args import (
+    InputError,
+    absolute_path,
+    check_output_dir,
+    fail,
+    nonnegative_float,
+    positive_int,
+    seed_value,
+)
 from lowbit.cli.output import plural
 from lowbit.ptq.config import CALIBRATIONS, GELU, LAYERNORM, METHODS, SOFTMAX, WEIGHT_CALIBRATIONS
 
@@ -40,7 +48,9 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", type=absolute_path, help="directory with the dataset files (default: the dataset's usual place)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="calibration sample / data order seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="calibration sample / data order seed, 0 .. 2**63-1 (default: 0)"
+    )
 
 
 def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

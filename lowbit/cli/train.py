@@ -18,7 +18,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from lowbit.cli.args import (
     nonnegative_float,
     nonnegative_int,
     positive_int,
+    seed_value,
 )
 from lowbit.cli.output import Panel, plot_bars, plural, print_table, written
 from lowbit.data import DATASETS
@@ -51,7 +52,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Train a model on a dataset in one recipe; writes checkpoints, metrics.json and curves.png.",
     )
     parser.add_argument("--recipe", default="fp32", help="training recipe: {recipes} (default: fp32)")
-    parser.add_argument("--seed", type=int, default=0, help="model init and data order seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="model init and data order seed, 0 .. 2**63-1 (default: 0)"
+    )
     parser.add_argument(
         "--out", type=absolute_path, help="output directory (default: runs/<recipe>-<dataset>-seed<seed>)"
     )
@@ -164,15 +167,35 @@ def _train_command(args: argparse.Namespace) -> int:
     except TrainingError as e:
         return fail("train", e, status=1)
     if not metrics["stopped"]:
-        print(
-            f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
-            f"seed {metrics['seed']}: test accuracy {100 * metrics['test_accuracy']:.2f}%, "
-            f"final loss {metrics['final_loss']:.4f}, {metrics['train_time_s']:.1f} s "
-            f"({metrics['step_time_ms']:.1f} ms/step), {plural(metrics['skipped_steps'], 'skipped step')}"
-        )
+        print(_summary(metrics))
     print(written([out / "metrics.json", out / "curves.png"], since))
     # A stopped run is unfinished: a script's next command (`&& lowbit ptq ...`) must not run.
     return _STOPPED if metrics["stopped"] else 0
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    """The one-line result of ``lowbit train``; a value the run could not measure shows as ``n/a``.
+
+    ``final_loss`` is None (null in metrics.json) when every step of the last
+    epoch was skipped for a non-finite loss; ``step_time_ms`` when no step after
+    the compiling one was timed.
+    """
+    loss = metrics["final_loss"]
+    if loss is None:
+        last = (metrics.get("history") or [{}])[-1]
+        loss_text = "final loss n/a (every step of the last epoch was skipped"
+        loss_text += f": {last['skipped']} steps)" if "skipped" in last else ")"
+    else:
+        loss_text = f"final loss {loss:.4f}"
+    step = metrics["step_time_ms"]
+    step_text = "n/a ms/step" if step is None else f"{step:.1f} ms/step"
+    accuracy = metrics["test_accuracy"]
+    accuracy_text = "n/a" if accuracy is None else f"{100 * accuracy:.2f}%"
+    return (
+        f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
+        f"seed {metrics['seed']}: test accuracy {accuracy_text}, {loss_text}, {metrics['train_time_s']:.1f} s "
+        f"({step_text}), {plural(metrics['skipped_steps'], 'skipped step')}"
+    )
 
 
 def _compare_command(args: argparse.Namespace) -> int:
@@ -180,7 +203,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
     try:
         names = _split(args.recipes, str, "--recipes")
-        seeds = _split(args.seeds, int, "--seeds")
+        seeds = _split(args.seeds, seed_value, "--seeds")
         _use_devices(args)
         recipes = _recipes(args, names)
         out = args.out or absolute_path(f"runs/compare-{args.dataset}")
@@ -225,9 +248,11 @@ def _compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str, kind: type, flag: str) -> list:
+def _split(text: str, kind: Callable[[str], Any], flag: str) -> list:
     try:
         items = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError as e:  # one item out of range (a seed)
+        raise InputError(f"{flag} {text!r}: {e}") from None
     except ValueError:
         raise InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
     if not items or len(set(items)) != len(items):

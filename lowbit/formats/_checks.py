@@ -49,6 +49,14 @@ def check_name(owner: str, value: Any) -> None:
         raise TypeError(f"{owner}.name={value!r} is invalid; allowed: a string")
 
 
+def _is_key_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` is a typed ``jax.random`` key dtype (``key<fry>``...)."""
+    try:
+        return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    except TypeError:
+        return False
+
+
 def check_float_input(x: Any, what: str = "x") -> jnp.ndarray:
     """Return ``x`` as a jax array of float32, bfloat16 or float16, else ``TypeError``.
 
@@ -63,6 +71,11 @@ def check_float_input(x: Any, what: str = "x") -> jnp.ndarray:
             f"{what} has type {type(x).__name__}; allowed: a jax or numpy array of {_ALLOWED_FLOATS} "
             f"(Python floats are float64: convert explicitly, e.g. jnp.asarray({what}, jnp.float32), "
             "accepting that it rounds each value to float32)"
+        )
+    if _is_key_dtype(dtype):
+        raise TypeError(
+            f"{what} is an array of jax.random keys (dtype {dtype}); allowed: a jax or numpy array of "
+            f"{_ALLOWED_FLOATS} (a key goes to key=..., not {what})"
         )
     try:
         dtype = jnp.dtype(dtype)

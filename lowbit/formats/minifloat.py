@@ -75,6 +75,9 @@ class FloatFormat(BuiltinFormat):
         check_bool(own, "zero", self.zero)
         check_name(own, self.name)
         check_int(own, "radix", self.radix, 2, 4)
+        # NumPy integers pass the checks; stored as Python ints (ldexp and hashing need them).
+        for field in ("ebits", "mbits", "radix"):
+            object.__setattr__(self, field, int(getattr(self, field)))
         require(self.radix in (2, 4), own, "radix", self.radix, "2 or 4")
         require(
             isinstance(self.specials, str) and self.specials in SPECIALS,
@@ -87,6 +90,7 @@ class FloatFormat(BuiltinFormat):
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.ebits - 1) - 1)
         check_int(own, "bias", self.bias, -256, 256)
+        object.__setattr__(self, "bias", int(self.bias))
         require(
             self.signed or self.specials in ("ieee", "fn", "finite"),
             own,

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+import numpy as np
 
 from lowbit.formats.codebook import AF4, FP4_E2M1_CODEBOOK, NF4
 from lowbit.formats.integer import BinaryFormat, IntFormat
 from lowbit.formats.minifloat import FloatFormat
 from lowbit.formats.protocol import BuiltinFormat, missing_members
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _f(name, ebits, mbits, bias, specials, **kw):
@@ -22,10 +29,11 @@ def p3109(k: int, p: int) -> FloatFormat:
     Raises:
       ValueError: K outside 3..16 or P outside 1..K-1.
     """
-    if not (isinstance(k, int) and 3 <= k <= 16):
+    if not (_is_int(k) and 3 <= k <= 16):
         raise ValueError(f"p3109 K={k!r} is invalid; allowed: an integer in [3, 16]")
-    if not (isinstance(p, int) and 1 <= p <= k - 1):
+    if not (_is_int(p) and 1 <= p <= k - 1):
         raise ValueError(f"p3109 P={p!r} is invalid; allowed: an integer in [1, {k - 1}] for K={k}")
+    k, p = int(k), int(p)  # NumPy integers pass on as Python ints
     return _f(f"p3109_k{k}p{p}", k - p, p - 1, 2 ** (k - p - 1), "p3109")
 
 
@@ -73,9 +81,12 @@ def register(name: str, fmt) -> None:
       fmt: an object implementing ``lowbit.formats.Format`` (or a block format).
 
     Raises:
-      ValueError: a malformed, reserved or taken name.
-      TypeError: ``name`` is not a string, or ``fmt`` lacks members of the
-        protocol (the message lists them).
+      ValueError: a malformed, reserved or taken name; ``fmt.bits`` outside
+        1..16 or ``fmt.max_value`` not positive and finite.
+      TypeError: ``name`` is not a string; ``fmt`` is a class, not an
+        instance, or lacks members of the protocol (the message lists them);
+        ``fmt.bits`` not an integer, ``fmt.max_value`` not a number,
+        ``fmt.has_nan`` not a bool or ``fmt.name`` not a string.
     """
     if not isinstance(name, str):
         raise TypeError(f"register name={name!r} is invalid; allowed: a string")
@@ -85,18 +96,48 @@ def register(name: str, fmt) -> None:
         raise ValueError(
             f"register name={name!r} is invalid; allowed: any name but p3109_k{{K}}p{{P}} (reserved for formats.p3109)"
         )
+    if isinstance(fmt, type):
+        raise TypeError(
+            f"register fmt={fmt!r} is a class; allowed: an instance of a class implementing "
+            f"lowbit.formats.Format (e.g. {fmt.__name__}(...))"
+        )
     missing = [] if isinstance(fmt, BuiltinFormat) else missing_members(fmt)
     if missing:
         raise TypeError(
             f"register fmt={fmt!r} is not a format (it lacks {', '.join(missing)}); allowed: an "
             "object implementing lowbit.formats.Format"
         )
+    if not isinstance(fmt, BuiltinFormat):  # lowbit's own formats check their fields when built
+        check_members(fmt, f"register fmt={fmt!r}:")
     if name in _REGISTRY and _REGISTRY[name] != fmt:
         raise ValueError(
             f"register name={name!r} is invalid; allowed: a new name ({name!r} is already "
             f"registered to {_REGISTRY[name]!r})"
         )
     _REGISTRY[name] = fmt
+
+
+def check_members(fmt, where: str) -> None:
+    """The values of a user format's data members: ``bits`` an integer in 1..16,
+    ``max_value`` a positive finite number, ``has_nan`` a bool, ``name`` a string.
+
+    Raises:
+      TypeError: a member of the wrong type (a bool given as 0/1 or "yes" included).
+      ValueError: ``bits`` or ``max_value`` out of range.
+    """
+    name, bits, max_value, has_nan = fmt.name, fmt.bits, fmt.max_value, fmt.has_nan
+    if not isinstance(name, str):
+        raise TypeError(f"{where} name={name!r} is invalid; allowed: a string")
+    if not _is_int(bits):
+        raise TypeError(f"{where} bits={bits!r} is invalid; allowed: an integer in [1, 16]")
+    if not 1 <= bits <= 16:
+        raise ValueError(f"{where} bits={bits!r} is invalid; allowed: an integer in [1, 16]")
+    if isinstance(max_value, (bool, np.bool_)) or not isinstance(max_value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where} max_value={max_value!r} is invalid; allowed: a positive finite float")
+    if not (math.isfinite(max_value) and max_value > 0):
+        raise ValueError(f"{where} max_value={max_value!r} is invalid; allowed: a positive finite float")
+    if not isinstance(has_nan, bool):
+        raise TypeError(f"{where} has_nan={has_nan!r} is invalid; allowed: True or False (a bool)")
 
 
 def names() -> list[str]:

@@ -15,29 +15,35 @@ one loadable. A writer removes only its own temporary directories and those of
 processes that no longer exist, never another live process's write.
 
 Restoring checks everything it can before trusting the data: the metadata parses
-and passes its schema (``lowbit.trainer.metadata``), the run description matches,
-the leaves match the expected structure, and the metadata and restored bytes hash
-to the recorded digest. Any failure is a :class:`CheckpointError` naming the path
+and passes its schema (``lowbit.trainer.metadata``), the metadata and restored
+bytes hash to the recorded digest, and only then the run description matches and
+the leaves match the expected structure (so an edited field is damage, not a
+different run). Any failure is a :class:`CheckpointError` naming the path
 and what is wrong; :class:`IncompatibleCheckpointError` (a subclass) means the
 checkpoint is intact but belongs to a different run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
+import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lowbit.trainer import interrupt
 from lowbit.trainer import metadata as schema
 from lowbit.trainer.lock import pid_alive
 
@@ -60,6 +66,8 @@ _PATTERN = re.compile(r"epoch_(\d{4,})(?:_step_(\d{4,}))?")
 _PRIVATE = re.compile(r"\.(?:tmp|del)-(\d+)-[0-9a-f]{32}(?:-.*)?")
 _METADATA = "metadata.json"
 _STATE = "state"
+_QUIET_SETTLE_S = 0.25  # a failed restore waits until tensorstore's late reports stop this long ...
+_QUIET_MAX_S = 2.0  # ... or this long at most
 
 
 class CheckpointError(ValueError):
@@ -112,22 +120,25 @@ def save(
     _sweep(directory)
     # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed checkpoint.
     tmp = directory / f"{_private('tmp')}-{final.name}"
-    try:
-        tmp.mkdir()
-        import orbax.checkpoint as ocp  # deferred: only runs that checkpoint pay for the import
+    # SIGINT/SIGTERM wait for the write (interrupt.deferred): a Ctrl-C inside orbax's
+    # threads would print their tracebacks and leave the temporary directory behind.
+    with interrupt.deferred():
+        try:
+            tmp.mkdir()
+            import orbax.checkpoint as ocp  # deferred: only runs that checkpoint pay for the import
 
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / _STATE, dict(zip(names, arrays)))
-            checkpointer.wait_until_finished()
-        (tmp / _METADATA).write_text(json.dumps(record, indent=1, allow_nan=False))
-        _fsync_tree(tmp)
-        if final.exists():  # a stray or abandoned checkpoint of the same name
-            remove(final)
-        os.rename(tmp, final)
-        _fsync(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            with ocp.StandardCheckpointer() as checkpointer:
+                checkpointer.save(tmp / _STATE, dict(zip(names, arrays)))
+                checkpointer.wait_until_finished()
+            (tmp / _METADATA).write_text(json.dumps(record, indent=1, allow_nan=False))
+            _fsync_tree(tmp)
+            if final.exists():  # a stray or abandoned checkpoint of the same name
+                remove(final)
+            os.rename(tmp, final)
+            _fsync(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     key = _order(final.name)
     older = [p for p in checkpoints(directory) if _order(p.name) <= key]
     for old in older[keep:]:
@@ -179,7 +190,9 @@ def restore(
       IncompatibleCheckpointError: A metadata entry differs from ``expected``,
         or leaves differ in name, shape or dtype from ``template``.
       CheckpointError: Missing or unreadable files, metadata that fails its
-        schema, or metadata or restored bytes that fail the checksum.
+        schema, or metadata or restored bytes that fail the checksum. The
+        checksum is checked before compatibility, so an edited metadata field
+        (a hand-changed ``recipe``) is damage, not a different run.
     """
     path = Path(path).resolve()
     try:
@@ -192,6 +205,30 @@ def restore(
             check(meta)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {_METADATA} is invalid: {e}") from None
+    # The checksum first, compatibility second: an edited field (a recipe changed by
+    # hand) is damage, to skip, not a different run, to refuse. So the arrays are read
+    # in the shapes the checkpoint records, not the template's.
+    saved = meta["leaves"]
+    try:
+        abstract = {n: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for n, shape, dtype in saved}
+    except TypeError as e:
+        raise CheckpointError(
+            f"checkpoint {path}: {_METADATA} is invalid: leaves name an unknown dtype ({e})"
+        ) from None
+    if len(abstract) != len(saved):
+        raise CheckpointError(f"checkpoint {path}: {_METADATA} is invalid: leaves has repeated names")
+    try:
+        import orbax.checkpoint as ocp
+
+        with _quiet_failed_reads(), ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / _STATE, abstract)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(f"checkpoint {path}: cannot read the arrays ({type(e).__name__}: {e})") from e
+    values = {n: np.asarray(restored[n]) for n in abstract}
+    if _digest({k: v for k, v in meta.items() if k != "sha256"}, list(values.values())) != meta["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path}: metadata or array data does not match its checksum (edited or corrupt files)"
+        )
     for key, want in expected.items():
         if (diff := _difference(key, meta.get(key), want)) is not None:
             name, have, want = diff
@@ -199,22 +236,45 @@ def restore(
                 f"checkpoint {path} is incompatible: {name} is {have!r} there but {want!r} in this run"
             )
     names, arrays = _flatten(template)
-    _check_leaves(path, meta["leaves"], _leaf_specs(names, arrays))
-    abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in zip(names, arrays)}
-    try:
-        import orbax.checkpoint as ocp
-
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / _STATE, abstract)
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise CheckpointError(f"checkpoint {path}: cannot read the arrays ({type(e).__name__}: {e})") from e
-    values = [np.asarray(restored[n]) for n in names]
-    if _digest({k: v for k, v in meta.items() if k != "sha256"}, values) != meta["sha256"]:
-        raise CheckpointError(
-            f"checkpoint {path}: metadata or array data does not match its checksum (edited or corrupt files)"
-        )
+    _check_leaves(path, saved, _leaf_specs(names, arrays))
     leaves = jax.tree.leaves(template)
-    return jax.tree.unflatten(jax.tree.structure(template), [_unraw(v, t) for v, t in zip(values, leaves)]), meta
+    return jax.tree.unflatten(jax.tree.structure(template), [_unraw(values[n], t) for n, t in zip(names, leaves)]), meta
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """Keeps tensorstore's "Event loop is closed" reports out of a failed restore's output.
+
+    When one array of a damaged checkpoint fails to read, orbax closes its event
+    loop while other reads are still in flight; each of those then reports a
+    ``RuntimeError: Event loop is closed`` from tensorstore's threads through
+    ``sys.unraisablehook`` (dozens of tracebacks burying the one useful
+    warning), for a few milliseconds after the failure. Only those reports are
+    dropped, and only until they stop arriving; anything else goes to the
+    previous hook.
+    """
+    previous = sys.unraisablehook
+    last = [time.monotonic()]
+
+    def hook(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            last[0] = time.monotonic()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        last[0] = time.monotonic()
+        deadline = last[0] + _QUIET_MAX_S
+        while time.monotonic() < deadline and time.monotonic() - last[0] < _QUIET_SETTLE_S:
+            time.sleep(_QUIET_SETTLE_S / 5)
+        raise
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
 
 
 def restore_latest(

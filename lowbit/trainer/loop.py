@@ -13,7 +13,10 @@ Safe to stop and rerun:
 * An ``out_dir`` holding an earlier run is never silently reused: pass
   ``resume=True`` or ``overwrite=True``. A lock file keeps a second process out.
 * Steps with a non-finite loss or gradient are skipped, counted, warned about
-  once per epoch, and fail the run past ``max_skipped``.
+  once per epoch, and fail the run past ``max_skipped``. So are steps on a batch
+  with NaN/inf pixels, whatever the recipe (a quantizer would saturate an inf
+  silently); such images, in the training or the test data, are reported
+  before training starts.
 
 Data parallelism is GSPMD: a ``Mesh`` with a ``data`` axis, batches sharded along
 it and the state replicated.
@@ -50,9 +53,11 @@ from lowbit.trainer.lock import RunLock, TrainingError
 from lowbit.trainer.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
 from lowbit.training.policy import Policy
 
-__all__ = ["TrainState", "TrainingError", "make_optimizer", "train"]
+__all__ = ["MAX_SEED", "TrainState", "TrainingError", "check_seed", "make_optimizer", "train"]
 
 _CHECKPOINTS = "checkpoints"
+MAX_SEED = 2**63 - 1
+"""The largest ``seed`` (jax keys and numpy generators take 64-bit seeds)."""
 _REPORTS = ("metrics.json", "curves.png")
 
 
@@ -90,14 +95,18 @@ def train(
         quantizes nothing (``fp32``, ``bf16``, ``fp16``). It is updated in place
         with the final (or, when stopped, the current) state and left in eval mode.
       dataset: Training and test data (``lowbit.data.load``); integer labels in
-        ``[0, dataset.num_classes)``.
+        ``[0, dataset.num_classes)``. Images with NaN or inf pixels are
+        reported up front with a warning, whatever the recipe: a training
+        batch holding one is skipped like a step with a non-finite loss, and
+        such a test image is scored as misclassified.
       recipe: A ``lowbit.recipes.Recipe`` or its name: the precision policy and
         the loss scale; for a model from ``lowbit.quantize``, the recipe it was
         quantized with.
       epochs: Passes over the training set.
       batch_size: Global batch (split across ``devices``); the last partial
         batch of each epoch is dropped.
-      seed: Data order: epoch ``e`` is shuffled with ``seed=(seed, e)``.
+      seed: Data order: epoch ``e`` is shuffled with ``seed=(seed, e)``; an
+        integer in ``[0, 2**63 - 1]``.
       learning_rate: Peak learning rate.
       weight_decay: AdamW decoupled weight decay (matrices only).
       warmup: Linear warmup length in epochs (may be fractional).
@@ -129,10 +138,12 @@ def train(
 
     Raises:
       TypeError: An argument of the wrong type (a bool given as 0/1 or "yes"
-        included), or non-integer labels.
-      ValueError: Invalid arguments or data (labels out of range, a model whose
-        output does not fit), too few devices, an unwritable ``out_dir``, or one
-        holding an earlier run without ``resume``/``overwrite``.
+        included), a ``dataset`` that is not a Dataset, or non-integer labels.
+      ValueError: Invalid arguments or data (labels out of range, a seed
+        outside ``[0, 2**63 - 1]``, a model that does not take the images or
+        whose output does not fit: checked before the model's first call),
+        too few devices, an unwritable ``out_dir``, or one holding an earlier
+        run without ``resume``/``overwrite``.
       TrainingError: Another process is using ``out_dir``, or more than
         ``max_skipped`` steps were skipped.
       checkpoint.CheckpointError: ``resume`` found only damaged checkpoints, or
@@ -162,9 +173,16 @@ def train(
     ops = None
     if is_quantized(model) and not quantized_ops(model):
         # A quantized model creates its quantizer state on its first call; it must
-        # exist before the model is split, not appear inside the traced step.
-        ops = describe(model, recipe.policy.cast_to_compute(dataset.x_train[:1]))
+        # exist before the model is split, not appear inside the traced step. That
+        # call is the shape check's first half: a model that does not take the
+        # images fails here with the shape check's message, not a raw jax error.
+        first = dataset.x_train[:1]
+        try:
+            ops = describe(model, recipe.policy.cast_to_compute(first))
+        except Exception as e:
+            raise _does_not_fit(first.shape, e) from e
     _check_model(model, dataset, batch_size, recipe.policy)
+    _warn_nonfinite(dataset)
     out = _prepare_out_dir(out_dir)
     with RunLock(out) if out is not None else contextlib.nullcontext():
         return _train(
@@ -281,7 +299,7 @@ def _train(
     session_start, session_steps = time.perf_counter(), 0
     remaining = total_steps - start_epoch * steps_per_epoch - start_step
 
-    def save(epoch: int, step_in_epoch: int, partial: dict | None) -> None:
+    def save(stop: StopRequest, epoch: int, step_in_epoch: int, partial: dict | None) -> None:
         meta = dict(
             expected,
             history=history,
@@ -290,7 +308,8 @@ def _train(
             partial=partial,
             lowbit_version=_version(),
         )
-        checkpoint.save(ckpt_dir, epoch, state, report.to_json(meta), step=step_in_epoch, keep=keep)
+        with stop.shielded():  # a second Ctrl-C during the write stops the run after it, cleanly
+            checkpoint.save(ckpt_dir, epoch, state, report.to_json(meta), step=step_in_epoch, keep=keep)
 
     with StopRequest() as stop, report.Progress(progress, remaining) as bar:
         for line in messages:
@@ -335,7 +354,7 @@ def _train(
             if done < steps_per_epoch:  # stopped mid-epoch
                 stopped_at, stop_signal = dict(epoch=epoch, step=done), stop.requested
                 if ckpt_dir is not None:
-                    save(epoch, done, run)
+                    save(stop, epoch, done, run)
                 break
             correct_test = sum(int(evaluate(state, *(jax.device_put(a, sharded) for a in b))) for b in test_batches)
             run["time_s"] += (eval_time := time.perf_counter() - t0 - session_time)
@@ -368,7 +387,7 @@ def _train(
                 f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}"
             )
             if ckpt_dir is not None:
-                save(epoch + 1, 0, None)
+                save(stop, epoch + 1, 0, None)
             if stop.requested and epoch + 1 < epochs:
                 stopped_at, stop_signal = dict(epoch=epoch + 1, step=0), stop.requested
                 break
@@ -477,7 +496,7 @@ def _check_args(model, recipe, **args) -> None:
     for name in ("resume", "overwrite", "progress"):
         if not isinstance(args[name], bool):
             raise TypeError(f"train: {name} must be True or False, got {args[name]!r}")
-    for name, lo in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("keep", 1), ("seed", 0), ("max_skipped", 0)):
+    for name, lo in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("keep", 1), ("max_skipped", 0)):
         value = args[name]
         if name == "max_skipped" and value is None:
             continue
@@ -485,6 +504,7 @@ def _check_args(model, recipe, **args) -> None:
             raise TypeError(f"train: {name} must be an integer, got {value!r}")
         if value < lo:
             raise ValueError(f"train: {name} must be >= {lo}, got {value!r}")
+    check_seed(args["seed"], "train: seed")
     for name in ("learning_rate", "weight_decay", "warmup"):
         value = args[name]
         if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
@@ -502,8 +522,33 @@ def _check_args(model, recipe, **args) -> None:
         )
 
 
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as a Python int in ``[0, MAX_SEED]`` (NumPy integers accepted).
+
+    Raises:
+      TypeError: Not an integer (a bool included).
+      ValueError: Out of range (jax keys and numpy generators take 64-bit seeds).
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"{what}={seed!r} is invalid; allowed: an integer in [0, 2**63 - 1]")
+    if not 0 <= seed <= MAX_SEED:
+        # Python will not print ints past 4300 digits; the size is what matters.
+        shown = seed if int(seed).bit_length() <= 256 else f"<an integer of {int(seed).bit_length()} bits>"
+        raise ValueError(f"{what}={shown} is invalid; allowed: an integer in [0, 2**63 - 1]")
+    return int(seed)
+
+
+_DATASET_FIELDS = ("x_train", "y_train", "x_test", "y_test", "num_classes", "name")
+
+
 def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     """Validates images and labels; returns the number of steps per epoch."""
+    if missing := [f for f in _DATASET_FIELDS if not hasattr(dataset, f)]:
+        raise TypeError(
+            f"train: dataset must be a lowbit.data.Dataset (lowbit.data.load(...)) or an object with "
+            f"{', '.join(_DATASET_FIELDS)}; got {type(dataset).__name__}"
+            + ("" if dataset is None else f", which lacks {', '.join(missing)}")
+        )
     classes = dataset.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
         raise ValueError(f"train: dataset.num_classes must be an integer >= 1, got {classes!r}")
@@ -529,6 +574,40 @@ def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     return len(dataset.x_train) // batch_size
 
 
+def _warn_nonfinite(dataset: lowbit_data.Dataset) -> None:
+    """Reports NaN/inf pixels up front, whatever the recipe (a quantizer would saturate an inf unseen).
+
+    The train step skips a batch holding one (counted with the other skipped
+    steps); the eval step scores such a test image as misclassified.
+    """
+    for split, effect in (
+        # Worded without "skipped": the per-epoch warnings are the ones that count skipped steps.
+        ("train", "a step on a batch holding one is not applied (counted with the non-finite steps)"),
+        ("test", "each is scored as misclassified"),
+    ):
+        x = np.asarray(getattr(dataset, f"x_{split}"))
+        bad = np.concatenate(  # in chunks: no boolean copy the size of a large dataset
+            [
+                i + np.flatnonzero(~np.isfinite(x[i : i + 4096]).reshape(-1, x[0].size).all(axis=1))
+                for i in range(0, len(x), 4096)
+            ]
+        )
+        if bad.size:
+            warnings.warn(
+                f"train: dataset.x_{split} has {bad.size} of {len(x)} images with NaN or inf pixels "
+                f"(e.g. index {', '.join(map(str, bad[:3]))}); {effect}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _does_not_fit(shape: tuple[int, ...], error: Exception) -> ValueError:
+    """The shape check's error: the batch shape, then the first line of what the model raised."""
+    lines = str(error).strip().splitlines()
+    cause = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return ValueError(f"train: the model cannot be applied to a batch of images of shape {list(shape)} ({cause})")
+
+
 def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: int, policy: Policy) -> None:
     """Traces (without compiling or running) the model on one batch and checks its output shape."""
     graphdef, state = nnx.split(model)
@@ -540,10 +619,7 @@ def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: in
     try:
         logits = jax.eval_shape(forward, state, images)
     except Exception as e:  # whatever the user's model raises, say where it came from
-        raise ValueError(
-            f"train: the model cannot be applied to a batch of images of shape {list(images.shape)} "
-            f"({type(e).__name__}: {e})"
-        ) from e
+        raise _does_not_fit(images.shape, e) from e
     shape = getattr(logits, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != batch_size or shape[1] < dataset.num_classes:
         raise ValueError(

@@ -136,8 +136,9 @@ def make_train_step(
       ``x`` is a (B, H, W, C) image batch, ``y`` its (B,) int32 labels in
       ``[0, classes)``. ``metrics`` holds ``loss`` (mean cross-entropy, float32
       scalar), ``correct`` (int32 count of argmax hits) and ``skipped`` (bool: the
-      loss or a gradient was inf/NaN, so parameters, optimizer state and GradScale
-      were left unchanged; the loss scale still adjusts).
+      loss, a gradient or a pixel of ``x`` was inf/NaN, so parameters, optimizer
+      state and GradScale were left unchanged; the loss scale still adjusts,
+      except for non-finite pixels).
     """
 
     def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -152,7 +153,10 @@ def make_train_step(
 
         (grads, new_overwrite), (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)((state.params, state.overwrite))
         grads = state.loss_scale.unscale(grads)
-        finite = all_finite(grads) & jnp.isfinite(loss)
+        # NaN/inf pixels skip the step whatever the recipe: a quantizer saturates an
+        # inf input to a finite value, so the loss alone would not show it.
+        finite_input = jnp.all(jnp.isfinite(x))
+        finite = all_finite(grads) & jnp.isfinite(loss) & finite_input
         # A NaN loss can come with finite gradients (an out-of-range label, a masked
         # NaN): poisoning the gradients makes the optimizer's finite check skip the
         # step and count it with the others in total_notfinite.
@@ -168,7 +172,11 @@ def make_train_step(
         overwrite = jax.tree.map(
             lambda new, old: jnp.where(finite, new.astype(old.dtype), old), new_overwrite, state.overwrite
         )
-        new_state = TrainState(params, overwrite, rest, opt_state, state.loss_scale.adjust(finite))
+        # Bad data says nothing about the loss scale's range: it is left as it was.
+        loss_scale = jax.tree.map(
+            lambda new, old: jnp.where(finite_input, new, old), state.loss_scale.adjust(finite), state.loss_scale
+        )
+        new_state = TrainState(params, overwrite, rest, opt_state, loss_scale)
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
         return new_state, dict(loss=loss, correct=correct, skipped=~finite)
 
@@ -188,13 +196,15 @@ def make_eval_step(
     Returns:
       ``evaluate(state, x, y, mask) -> correct``, pure and ready for ``jax.jit``:
       the int32 count of examples where ``mask`` (a (B,) bool array; False marks
-      padding) is set and the argmax of the logits equals ``y``.
+      padding) is set, every pixel is finite (a NaN/inf image counts as
+      misclassified) and the argmax of the logits equals ``y``.
     """
 
     def evaluate(state: TrainState, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state.params, state.overwrite, state.rest, copy=True)
         model.eval()
         logits = model(policy.cast_to_compute(x))
-        return jnp.sum((jnp.argmax(logits, axis=-1) == y) & mask)
+        finite = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)  # NaN/inf images: misclassified
+        return jnp.sum((jnp.argmax(logits, axis=-1) == y) & mask & finite)
 
     return evaluate
