@@ -26,16 +26,24 @@ from lowbit import quant  # noqa: E402
 
 CASES = {
     # name: (Quantizer, target ratio or None, qwix equivalent as (qtype, channelwise_axes) or None)
-    "int8_per_channel": (quant.Quantizer(format="int8", granularity="channel", axis=-1), 0.9, ("int8", (1,))),
-    "int4_per_channel": (quant.Quantizer(format="int4", granularity="channel", axis=-1), 0.9, ("int4", (1,))),
+    "int8_per_channel": (quant.Quantizer(format="int8", granularity=quant.Channel(axis=-1)), 0.9, ("int8", (1,))),
+    "int4_per_channel": (quant.Quantizer(format="int4", granularity=quant.Channel(axis=-1)), 0.9, ("int4", (1,))),
     "fp8_e4m3_per_tensor": (quant.Quantizer(format="float8_e4m3fn"), 0.85, ("float8_e4m3fn", ())),
-    "int8_per_channel_axis0": (quant.Quantizer(format="int8", granularity="channel", axis=0), None, ("int8", (0,))),
-    "int4_group128": (quant.Quantizer(format="int4", granularity="group", axis=0, group_size=128), None, None),
-    "int8_per_channel_e8m0": (quant.Quantizer(format="int8", granularity="channel", scale_format="e8m0"), None, None),
-    "uint8_asym_per_channel": (quant.Quantizer(format="uint8", granularity="channel", symmetric=False), None, None),
+    "int8_per_channel_axis0": (quant.Quantizer(format="int8", granularity=quant.Channel(axis=0)), None, ("int8", (0,))),
+    "int4_group128": (quant.Quantizer(format="int4", granularity=quant.Group(size=128, axis=0)), None, None),
+    "int8_per_channel_e8m0": (
+        quant.Quantizer(format="int8", granularity=quant.Channel(), scale_format="e8m0"),
+        None,
+        None,
+    ),
+    "uint8_asym_per_channel": (
+        quant.Quantizer(format="uint8", granularity=quant.Channel(), kind=quant.Uniform(symmetric=False)),
+        None,
+        None,
+    ),
     # Diagnostics: the elementwise pass alone (a fixed step needs no reduction over x).
-    "int8_fixed_step": (quant.Quantizer(format="int8", scale="fixed", fixed_scale=0.03), None, None),
-    "fp8_e4m3_fixed_step": (quant.Quantizer(format="float8_e4m3fn", scale="fixed", fixed_scale=0.01), None, None),
+    "int8_fixed_step": (quant.Quantizer(format="int8", scale=quant.Fixed(step=0.03)), None, None),
+    "fp8_e4m3_fixed_step": (quant.Quantizer(format="float8_e4m3fn", scale=quant.Fixed(step=0.01)), None, None),
 }
 
 

@@ -60,7 +60,8 @@ from lowbit.formats import (
     FloatFormat,
     IntFormat,
 )
-from lowbit.quant.quantizer import DATA_SCALES, is_block
+from lowbit.quant.granularity import Block, Channel, Group, Tensor, is_block
+from lowbit.quant.sources import DATA_SCALES, KL, MSE, Fixed, Percentile
 
 __all__ = [
     "CHUNK",
@@ -116,8 +117,12 @@ def _is_element(fmt) -> bool:
 
 def _element(fmt):
     if not _is_element(fmt):
+        from lowbit.formats.protocol import missing_members
+
+        missing = missing_members(fmt)
+        lacks = f" (it lacks {', '.join(missing)})" if missing else ""
         raise TypeError(
-            f"{fmt!r} is not an element format; allowed: an object implementing "
+            f"{fmt!r} is not an element format{lacks}; allowed: an object implementing "
             "lowbit.formats.Format (FloatFormat, IntFormat, BinaryFormat, CodebookFormat or your "
             "own class; AdaptiveFloat and block formats scale themselves)"
         )
@@ -860,6 +865,17 @@ class _NewViolations(AssertionError):
         self.found = found
 
 
+def _count_arg(owner: str, field: str, value, lo: int, hi: int) -> int:
+    """An integer argument in [lo, hi] as a Python int: ``TypeError`` for a non-integer
+    (a bool, a float or a string such as ``"5"`` included), ``ValueError`` out of range."""
+    allowed = f"an integer in [{lo}, {hi}]"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}: {field}={value!r} is invalid; allowed: {allowed}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{owner}: {field}={value!r} is invalid; allowed: {allowed}")
+    return int(value)
+
+
 def check_format(fmt, *, examples: int = 100, seed: int = 0, reference=None) -> None:
     """Run the whole property suite on ``fmt`` and report every violated property at once.
 
@@ -887,9 +903,13 @@ def check_format(fmt, *, examples: int = 100, seed: int = 0, reference=None) -> 
     Raises:
       AssertionError: one message naming every violated property, each with
         up to four offending inputs.
-      TypeError: ``fmt`` is not an element format.
+      TypeError: ``fmt`` is not an element format (the message names the
+        members it lacks), or ``examples``/``seed`` is not an integer.
+      ValueError: ``examples`` below 1 or ``seed`` outside [0, 2^63 - 1].
     """
     fmt = _resolve(fmt)
+    examples = _count_arg("check_format", "examples", examples, 1, 2**31 - 1)
+    seed = _count_arg("check_format", "seed", seed, 0, 2**63 - 1)
     if reference is not None and not callable(reference):
         raise TypeError(f"reference={reference!r} is invalid; allowed: None or a callable (x: ndarray) -> ndarray")
     r = _Report(fmt)
@@ -956,7 +976,7 @@ _POW2_MAX = 16  # |k| of the powers of two 2^k that pow2_invariant multiplies by
 # Drawn magnitudes are 0 or within [2^-100, 2^12]: times 2^+-16 they stay float32
 # normals, far from E8M0's and NVFP4's scale clamps, so no check meets under/overflow.
 _TINY, _HUGE = 2.0**-100, 2.0**12
-_CLIPPING_SCALES = ("percentile", "mse", "kl")  # clips below the absmax, chosen from the data
+_CLIPPING_SCALES = (Percentile, MSE, KL)  # clips below the absmax, chosen from the data
 _SR_DRAWS = 1024  # stochastic roundings per set (two sets: see _check_unbiased)
 _SR_DELTA = 1e-12  # Hoeffding false-alarm probability per GEMM output
 _SR_COLUMNS = 4  # columns of the fixed matrix w of the GEMM
@@ -999,16 +1019,12 @@ def _describe(q) -> str:
 
 def _two_level(q) -> bool:
     """Whether a tensor-wide statistic sets one scale level of every group (NVFP4, ``e4m3`` steps, PTF)."""
-    return getattr(q.format, "kind", None) == "nvfp4" or q.scale_format == "e4m3" or q.kind == "ptf"
+    return getattr(q.format, "kind", None) == "nvfp4" or q.scale_format == "e4m3" or q.kind.name == "ptf"
 
 
 def _group_extent(q) -> int | None:
-    """Elements per scale group along ``q.axis`` for 1-D blocks and groups, else None."""
-    if q.granularity == "group":
-        return q.group_size
-    if q.granularity == "tensor" and is_block(q.format):
-        return q.format.block_size
-    return None
+    """Elements per scale group along the granularity's axis for 1-D blocks and groups, else None."""
+    return q.granularity.size if isinstance(q.granularity, Group) else None
 
 
 def _shape(q, ragged: bool = False) -> tuple[int, ...]:
@@ -1017,42 +1033,45 @@ def _shape(q, ragged: bool = False) -> tuple[int, ...]:
     With ``ragged`` (1-D block formats), the axis ends in a partial block instead,
     and the other axes have length 1: the check is about one row's last block.
     """
-    if q.granularity == "block":
-        bm, bn = q.block_shape
+    g = q.granularity
+    if isinstance(g, Block):
+        bm, bn = g.shape
         return (2 * bm, 2 * bn)
-    ndim = max(2, q.axis + 1 if q.axis >= 0 else -q.axis)
-    a = q.axis % ndim
+    axis = -1 if isinstance(g, Tensor) else g.axis
+    ndim = max(2, axis + 1 if axis >= 0 else -axis)
+    a = axis % ndim
     extent = _group_extent(q)
     if extent is not None:
         n = extent + extent // 2 + 1 if ragged else 2 * extent
     else:
-        n = 4 if q.granularity == "channel" else 16
+        n = 4 if isinstance(g, Channel) else 16
     return tuple(n if i == a else 1 if ragged else 3 for i in range(ndim))
 
 
 def _group_ids(q, shape) -> np.ndarray:
     """The scale group of every element of an array of ``shape``, as integer labels."""
     idx = np.indices(shape)
-    if q.granularity == "block":
-        bm, bn = q.block_shape
+    g = q.granularity
+    if isinstance(g, Block):
+        bm, bn = g.shape
         parts = [*idx[:-2], idx[-2] // bm, idx[-1] // bn]
+    elif isinstance(g, Group):
+        a = g.axis % len(shape)
+        parts = [*(idx[i] for i in range(len(shape)) if i != a), idx[a] // g.size]
+    elif isinstance(g, Channel):
+        parts = [idx[g.axis % len(shape)]]
     else:
-        a = q.axis % len(shape)
-        extent = _group_extent(q)
-        if extent is not None:
-            parts = [*(idx[i] for i in range(len(shape)) if i != a), idx[a] // extent]
-        else:
-            parts = [idx[a]] if q.granularity == "channel" else [np.zeros(shape, int)]
+        parts = [np.zeros(shape, int)]
     rows = np.stack([p.ravel() for p in parts], axis=1)
     return np.unique(rows, axis=0, return_inverse=True)[1].reshape(shape)
 
 
 def _applies(q, check: str, reference) -> str | None:
     """Why ``check`` does not apply to ``q`` (None when it does)."""
-    if check == "idempotent" and q.scale in _CLIPPING_SCALES:
+    if check == "idempotent" and isinstance(q.scale, _CLIPPING_SCALES):
         return (
             f"scale={q.scale!r} clips at a statistic of x that quantizing x changes, so q(q(x)) may clip "
-            "elsewhere (idempotence holds for absmax, fixed and none scales and block formats)"
+            "elsewhere (idempotence holds for Absmax() and Fixed() scales and block formats)"
         )
     if check == "idempotent" and q.rounding == "stochastic" and not _pow2_steps(q):
         return (
@@ -1060,10 +1079,10 @@ def _applies(q, check: str, reference) -> str | None:
             "from it is not a power of two, so the grid itself moves (idempotence holds for deterministic "
             "rounding, and for stochastic rounding with power-of-two or fixed steps)"
         )
-    if check == "pow2_invariant" and not (is_block(q.format) or q.scale in DATA_SCALES):
+    if check == "pow2_invariant" and not (is_block(q.format) or isinstance(q.scale, DATA_SCALES)):
         return (
             f"scale={q.scale!r} does not come from x, so q(x * 2^k) = q(x) * 2^k is not promised "
-            "(it holds for scales computed from x: absmax, percentile, mse, kl and block formats)"
+            "(it holds for scales computed from x: Absmax, Percentile, MSE, KL and block formats)"
         )
     if check == "padding" and (_group_extent(q) is None or not is_block(q.format) or q.format.block_size == 1):
         return (
@@ -1143,7 +1162,7 @@ def _pow2_steps(q) -> bool:
     """Whether ``q``'s steps are powers of two or fixed, so re-quantizing recomputes them exactly."""
     if is_block(q.format):
         return q.format.kind == "mx"
-    return q.pow2_step or q.scale == "fixed"
+    return q.pow2_step or isinstance(q.scale, Fixed)
 
 
 def _check_idempotent(q, x, key):
@@ -1168,7 +1187,7 @@ def _check_pow2(q, x, key, k: int):
 def _check_padding(q, x):
     """q(x) equals q(x zero-padded to whole blocks along the axis), cut back to x's length."""
     qn = q if q.rounding != "stochastic" else dataclasses.replace(q, rounding="nearest")
-    a = q.axis % x.ndim
+    a = q.granularity.axis % x.ndim
     n, b = x.shape[a], q.format.block_size
     widths = [(0, 0)] * x.ndim
     widths[a] = (0, -n % b)
@@ -1213,7 +1232,7 @@ def _widest_gap(q) -> float | None:
     None where the grid is not the element format's values times a scale (the
     non-uniform kinds) or has fewer than two positive values.
     """
-    if not is_block(q.format) and q.kind != "uniform":
+    if not is_block(q.format) and q.kind.name != "uniform":
         return None
     v = formats.values(q.format).astype(np.float64)
     pos = v[v > 0]
@@ -1411,11 +1430,10 @@ def check_quantizer(q, *, checks=None, examples: int | None = None, seed: int = 
     """
     if not isinstance(q, quant.Quantizer):
         raise TypeError(f"check_quantizer q has type {type(q).__name__}; allowed: a lowbit.quant.Quantizer")
-    if q.static or q.scale in ("learned", "delayed"):
+    if q.static or q.scale.given:
         raise ValueError(
-            f"check_quantizer needs scales computed inside fake_quant; q has scale={q.scale!r}, "
-            f"static={q.static}; allowed: a dynamic quantizer (absmax, percentile, mse, kl, fixed, "
-            "none, or a block format)"
+            f"check_quantizer needs scales computed inside fake_quant; q has scale={q.scale!r}; "
+            "allowed: a dynamic quantizer (Absmax, Percentile, MSE or KL without static, Fixed, or a block format)"
         )
     for name, v, lo in (("examples", examples, 1), ("seed", seed, 0)):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from lowbit import formats, quant
 from lowbit.formats import AdaptiveFloat, BinaryFormat, BlockFormat, FloatFormat, IntFormat
-from lowbit.quant import Quantizer
+from lowbit.quant import PTF, Absmax, Channel, Fixed, Group, Learned, Percentile, Quantizer, Twin, Uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +55,8 @@ LEGACY = jax.random.PRNGKey(0)
 AF = AdaptiveFloat(base=formats.get(E4))
 INT8 = Quantizer(format="int8")
 STOCH = Quantizer(format="int8", rounding="stochastic")
-LEARNED = Quantizer(format="int8", scale="learned", granularity="channel", axis=-1)
-STATIC = Quantizer(format="int8", static=True)
+LEARNED = Quantizer(format="int8", granularity=Channel(axis=-1), scale=Learned())
+STATIC = Quantizer(format="int8", scale=Absmax(static=True))
 
 
 def _same(ref):
@@ -366,28 +366,28 @@ QUANT_CALLS = [
     (
         "Quantizer granularity='row'",
         lambda: Quantizer(format="int8", granularity="row"),
-        Err(ValueError, r"\bgranularity\b"),
+        Err(TypeError, r"\bgranularity\b"),
     ),
     *[
-        (f"Quantizer axis={v!r}", (lambda v=v: Quantizer(format="int8", axis=v)), Err(ValueError, r"\baxis\b"))
+        (f"Quantizer axis={v!r}", (lambda v=v: Channel(axis=v)), Err(ValueError, r"\baxis\b"))
         for v in (1.5, 100, None, True)
     ],
     (
         "Quantizer group_size=0",
-        lambda: Quantizer(format="int8", granularity="group", group_size=0),
-        Err(ValueError, r"\bgroup_size\b"),
+        lambda: Quantizer(format="int8", granularity=Group(size=0)),
+        Err(ValueError, r"\bGroup\.size\b"),
     ),
     (
         "Quantizer group_size=4.0",
-        lambda: Quantizer(format="int8", granularity="group", group_size=4.0),
-        Err(ValueError, r"\bgroup_size\b"),
+        lambda: Quantizer(format="int8", granularity=Group(size=4.0)),
+        Err(ValueError, r"\bGroup\.size\b"),
     ),
-    ("Quantizer scale='max'", lambda: Quantizer(format="int8", scale="max"), Err(ValueError, r"\bscale\b")),
+    ("Quantizer scale='max'", lambda: Quantizer(format="int8", scale="max"), Err(TypeError, r"\bscale\b")),
     *[
         (
             f"Quantizer percentile={v!r}",
-            (lambda v=v: Quantizer(format="int8", scale="percentile", percentile=v)),
-            Err(ValueError, r"\bpercentile\b"),
+            (lambda v=v: Quantizer(format="int8", scale=Percentile(q=v))),
+            Err(ValueError, r"\bPercentile\.q\b"),
         )
         for v in (0, 101, "99", True, float("nan"))
     ],
@@ -396,28 +396,30 @@ QUANT_CALLS = [
         lambda: Quantizer(format="int8", scale_format="fp16"),
         Err(ValueError, r"\bscale_format\b"),
     ),
-    *_bool_cases("Quantizer", lambda **kw: Quantizer(format="int8", **kw), ("symmetric", "saturate", "static")),
+    *_bool_cases("Quantizer", lambda **kw: Quantizer(format="int8", **kw), ("saturate",)),
+    *_bool_cases("Uniform", lambda **kw: Uniform(**kw), ("symmetric",)),
+    *_bool_cases("Absmax", lambda **kw: Absmax(**kw), ("static",)),
     ("Quantizer rounding='up'", lambda: Quantizer(format="int8", rounding="up"), Err(ValueError, r"\brounding\b")),
     (
         "Quantizer fixed_scale=-1",
-        lambda: Quantizer(format="int8", scale="fixed", fixed_scale=-1.0),
-        Err(ValueError, r"\bfixed_scale\b"),
+        lambda: Quantizer(format="int8", scale=Fixed(step=-1.0)),
+        Err(ValueError, r"\bFixed\.step\b"),
     ),
     (
         "Quantizer fixed_scale=inf",
-        lambda: Quantizer(format="int8", scale="fixed", fixed_scale=float("inf")),
-        Err(ValueError, r"\bfixed_scale\b"),
+        lambda: Quantizer(format="int8", scale=Fixed(step=float("inf"))),
+        Err(ValueError, r"\bFixed\.step\b"),
     ),
-    ("Quantizer kind='cubic'", lambda: Quantizer(format="int8", kind="cubic"), Err(ValueError, r"\bkind\b")),
-    ("Quantizer twin_shift=0", lambda: Quantizer(format="int8", twin_shift=0), Err(ValueError, r"\btwin_shift\b")),
+    ("Quantizer kind='cubic'", lambda: Quantizer(format="int8", kind="cubic"), Err(TypeError, r"\bkind\b")),
+    ("Twin shift=0", lambda: Twin(shift=0), Err(ValueError, r"\bshift\b")),
     (
         "Quantizer ptf_max_power=99",
-        lambda: Quantizer(format="int8", ptf_max_power=99),
-        Err(ValueError, r"\bptf_max_power\b"),
+        lambda: PTF(max_power=99),
+        Err(ValueError, r"\bmax_power\b"),
     ),
     (
         "Quantizer zero_point_range='half'",
-        lambda: Quantizer(format="int8", zero_point_range="half"),
+        lambda: Quantizer(format="int8", kind=Uniform(zero_point_range="half")),
         Err(ValueError, r"\bzero_point_range\b"),
     ),
     ("fake_quant quantizer=str", lambda: quant.fake_quant("int8", X), Err(TypeError, r"\bquantizer\b")),
@@ -464,13 +466,13 @@ QUANT_CALLS = [
     ("fake_quant static no state", lambda: quant.fake_quant(STATIC, X), Err(ValueError, r"\bstate\b")),
     (
         "fake_quant axis out of range",
-        lambda: quant.fake_quant(Quantizer(format="int8", granularity="channel", axis=5), M),
+        lambda: quant.fake_quant(Quantizer(format="int8", granularity=Channel(axis=5)), M),
         Err(ValueError, r"\baxis\b"),
     ),
     (
         "fake_quant group does not divide",
-        lambda: quant.fake_quant(Quantizer(format="int8", granularity="group", group_size=3), M),
-        Err(ValueError, r"\bgroup_size\b"),
+        lambda: quant.fake_quant(Quantizer(format="int8", granularity=Group(size=3)), M),
+        Err(ValueError, r"\bGroup\.size\b"),
     ),
     ("fake_quant empty", lambda: quant.fake_quant(INT8, np.zeros((0, 4), np.float32)), _shape((0, 4))),
     ("quantize quantizer=None", lambda: quant.quantize(None, X), Err(TypeError, r"\bquantizer\b")),
@@ -616,9 +618,9 @@ _FLAGS = [
     ("zero", lambda v: FloatFormat(ebits=4, mbits=3, zero=v)),
     ("signed", lambda v: IntFormat(bits=8, signed=v)),
     ("narrow", lambda v: IntFormat(bits=8, narrow=v)),
-    ("symmetric", lambda v: Quantizer(format="int8", symmetric=v)),
+    ("symmetric", lambda v: Quantizer(format="int8", kind=Uniform(symmetric=v))),
     ("saturate", lambda v: Quantizer(format="int8", saturate=v)),
-    ("static", lambda v: Quantizer(format="int8", static=v)),
+    ("static", lambda v: Quantizer(format="int8", scale=Absmax(static=v))),
     ("saturate", lambda v: formats.quantize(E4, X, saturate=v)),
     ("saturate", lambda v: formats.encode(E4, X, saturate=v)),
 ]

@@ -169,7 +169,7 @@ def test_rht_rotates_both_operands_before_their_quantizers(products):
 def test_rotated_dgrad_requantizes_a_2d_weight():
     """2-D weight blocks are reused in dgrad, unless dgrad rotates: then it quantizes the rotated weight."""
     lhs, rhs, g = _normal(23, (32, 32)), _normal(24, (32, 32)), _normal(25, (32, 32))
-    w2d = quant.Quantizer(format=NV, granularity="block", block_shape=(16, 16))
+    w2d = quant.Quantizer(format=NV, granularity=quant.Block(shape=(16, 16)))
     nv = quant.Quantizer(format=NV)
     key = jax.random.key(8)
     k_dlhs = formats.split_key(key, N_KEYS)[7]
@@ -258,7 +258,7 @@ def test_nvfp4_recipe_is_nvidias_pretraining_recipe():
     assert bf16 == {"bfloat16"} and attention == last
     assert r.rules[r.match(_op(0))].dot == linear  # the first layer is NVFP4
     assert linear.lhs == quant.Quantizer(format="nvfp4")
-    assert linear.rhs == quant.Quantizer(format="nvfp4", granularity="block", block_shape=(16, 16))
+    assert linear.rhs == quant.Quantizer(format="nvfp4", granularity=quant.Block(shape=(16, 16)))
     assert linear.dlhs_grad == linear.drhs_grad == quant.Quantizer(format="nvfp4", rounding="stochastic")
     assert linear.rht == RHT(products=("drhs",), block=16) and linear.placement == "gemm"
     assert conv == dataclasses.replace(linear, rht=None)  # a conv's weight gradient is not rotated
@@ -295,7 +295,9 @@ def test_nvfp4_linear_op_against_hand_built_gemms():
         return quant.fake_quant(w2d, jnp.pad(v, ((0, 8), (0, 8))))[:24, :40]
 
     def sr(k, axis):  # stochastic rounding along ``axis`` with key ``k``
-        return lambda v: quant.fake_quant(quant.Quantizer(format=NV, rounding="stochastic", axis=axis), v, k)
+        return lambda v: quant.fake_quant(
+            quant.Quantizer(format=NV, granularity=quant.Group(axis=axis), rounding="stochastic"), v, k
+        )
 
     k_dgrad, k_wgrad, k_rot = keys[2], keys[3], keys[8]
     ref = _reference(

@@ -37,10 +37,11 @@ def run_dir(tmp_path_factory):
 
 
 def test_choices_are_the_library_lists():
-    from lowbit.quant.quantizer import DATA_SCALES
+    from lowbit.quant.sources import DATA_SCALES
 
     # One list each: the CLI takes the library's own (the calibration names are lowbit.quant's clip sources).
-    assert cli_ptq.CALIBRATIONS is config.CALIBRATIONS is DATA_SCALES
+    assert cli_ptq.CALIBRATIONS is config.CALIBRATIONS
+    assert tuple(config.SOURCES.values()) == DATA_SCALES
     assert (cli_ptq.SOFTMAX, cli_ptq.GELU, cli_ptq.LAYERNORM) == (config.SOFTMAX, config.GELU, config.LAYERNORM)
     assert cli_ptq.METHODS is finetune.METHODS
 
@@ -110,7 +111,9 @@ def _edited_copy(run_dir, tmp_path, edit):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m["model"]["config"].update(dim=32), "incompatible"),
+        # An edited model config is damage (the checksum covers the metadata), not another run; a real
+        # other-run checkpoint is IncompatibleCheckpointError (tests/test_checkpoint.py).
+        (lambda m: m["model"]["config"].update(dim=32), "does not match its checksum"),
         (lambda m: m["model"].update(type="ResNet"), "not a lowbit model checkpoint"),
         (lambda m: m.update(dataset="cifar10"), "does not match its checksum"),  # metadata is checksummed too
     ],

@@ -172,7 +172,7 @@ def test_invalid_tables_name_the_field(kwargs, match):
 
 
 def test_nf4_blockwise_absmax_as_qlora_stores_weights():
-    q = quant.Quantizer(format="nf4", granularity="group", group_size=64, axis=-1)
+    q = quant.Quantizer(format="nf4", granularity=quant.Group(size=64, axis=-1))
     w = jax.random.normal(jax.random.key(0), (8, 256), jnp.float32)
     y = quant.fake_quant(q, w)
     # QLoRA: per block of 64, x / absmax onto the nearest table entry, times absmax.

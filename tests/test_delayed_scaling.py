@@ -16,7 +16,7 @@ from flax import nnx
 import lowbit
 import lowbit.nn as lnn
 from lowbit import quant
-from lowbit.quant import Quantizer
+from lowbit.quant import Channel, Delayed, Fixed, Log2, Quantizer, Uniform
 from lowbit.trainer import checkpoint, init_state, make_optimizer, make_train_step
 from lowbit.training import delayed
 from lowbit.training.qdot import DotQuantConfig, quantized_conv, quantized_dot_general
@@ -26,45 +26,41 @@ DN = (((1,), (0,)), ((), ()))
 
 
 def _delayed(fmt, length=3, reduction="max"):
-    return Quantizer(format=fmt, scale="delayed", amax_history=length, amax_reduction=reduction)
+    return Quantizer(format=fmt, scale=Delayed(history=length, reduction=reduction))
 
 
 # ----- the Quantizer fields ----------------------------------------------------------------------
 
 
-def test_defaults_are_filled_only_for_delayed():
-    q = Quantizer(format=E4M3, scale="delayed")
-    assert (q.amax_history, q.amax_reduction) == (16, "max")
-    assert Quantizer(format=E4M3).amax_history is None
-    assert Quantizer(format=E4M3, scale="delayed") == q  # filled defaults keep equality and hashing
-    assert hash(Quantizer(format=E4M3, scale="delayed", amax_history=16)) == hash(q)
+def test_delayed_defaults():
+    q = Quantizer(format=E4M3, scale=Delayed())
+    assert (q.scale.history, q.scale.reduction) == (16, "max")
+    assert Quantizer(format=E4M3, scale=Delayed()) == q  # filled defaults keep equality and hashing
+    assert hash(Quantizer(format=E4M3, scale=Delayed(history=16))) == hash(q)
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "make, field",
     [
-        (dict(amax_history=8), "amax_history"),
-        (dict(amax_reduction="max"), "amax_reduction"),
-        (dict(scale="delayed", amax_history=0), "amax_history"),
-        (dict(scale="delayed", amax_history=True), "amax_history"),
-        (dict(scale="delayed", amax_history=2.0), "amax_history"),
-        (dict(scale="delayed", amax_reduction="mean"), "amax_reduction"),
-        (dict(scale="delayed", granularity="channel"), "granularity"),
-        (dict(scale="delayed", static=True), "static"),
+        (lambda: Delayed(history=0), "Delayed.history"),
+        (lambda: Delayed(history=True), "Delayed.history"),
+        (lambda: Delayed(history=2.0), "Delayed.history"),
+        (lambda: Delayed(reduction="mean"), "Delayed.reduction"),
+        (lambda: Quantizer(format=E4M3, granularity=Channel(), scale=Delayed()), "Quantizer.scale"),
     ],
 )
-def test_bad_delayed_fields_name_the_field(kwargs, field):
-    with pytest.raises((ValueError, TypeError), match=field):
-        Quantizer(format=E4M3, **kwargs)
+def test_bad_delayed_fields_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
 
 
 def test_delayed_needs_a_symmetric_uniform_grid():
-    with pytest.raises(ValueError, match="symmetric"):
-        Quantizer(format="int8", scale="delayed", symmetric=False)
-    with pytest.raises(ValueError, match="kind"):
-        Quantizer(format="int8", scale="delayed", kind="log2")
+    with pytest.raises(ValueError, match="symmetric Uniform"):
+        Quantizer(format="int8", scale=Delayed(), kind=Uniform(symmetric=False))
+    with pytest.raises(ValueError, match="symmetric Uniform"):
+        Quantizer(format="int8", scale=Delayed(), kind=Log2())
     with pytest.raises(ValueError, match="scale"):
-        Quantizer(format="mxfp4_e2m1", scale="delayed")
+        Quantizer(format="mxfp4_e2m1", scale=Delayed())
 
 
 def test_fake_quant_of_a_delayed_quantizer_takes_the_step():
@@ -72,7 +68,7 @@ def test_fake_quant_of_a_delayed_quantizer_takes_the_step():
     x = jnp.linspace(-3.0, 3.0, 64, dtype=jnp.float32)
     with pytest.raises(ValueError, match="scale= is missing"):
         quant.fake_quant(q, x)
-    fixed = Quantizer(format=E4M3, scale="fixed", fixed_scale=0.01)
+    fixed = Quantizer(format=E4M3, scale=Fixed(step=0.01))
     np.testing.assert_array_equal(quant.fake_quant(q, x, scale=jnp.float32(0.01)), quant.fake_quant(fixed, x))
 
 
@@ -169,7 +165,7 @@ def test_steps_match_a_hand_written_reference(reduction):
 
 
 def test_empty_history_is_the_unscaled_grid_and_a_history_of_the_own_amax_is_current_scaling():
-    """Dot and conv, bit for bit: empty history == ``scale="none"`` (step 1); history [amax(x)] == absmax scaling."""
+    """Dot and conv, bit for bit: empty history == ``Fixed()`` (step 1); history [amax(x)] == absmax scaling."""
 
     def cfg(**kw):
         return DotQuantConfig(
@@ -188,13 +184,13 @@ def test_empty_history_is_the_unscaled_grid_and_a_history_of_the_own_amax_is_cur
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
     t = jax.random.normal(jax.random.key(2), (2, 6, 6, 4)) * 1e-3  # the incoming gradient, well below 1
-    late = grads(cfg(scale="delayed", amax_history=3))
+    late = grads(cfg(scale=Delayed(history=3)))
     empty = {k: delayed.history_init(3) for k in ("lhs", "rhs", "grad")}
     own = {
         k: jnp.array([float(jnp.max(jnp.abs(v))), 0.0, 0.0], jnp.float32)
         for k, v in (("lhs", x), ("rhs", w), ("grad", t))
     }
-    for hist, ref in ((empty, cfg(scale="none")), (own, cfg())):
+    for hist, ref in ((empty, cfg(scale=Fixed())), (own, cfg())):
         (a, (ax, aw)), (b, (bx, bw)) = grads(ref)(x, w, t, None), late(x, w, t, hist)
         assert float(a) == float(b)
         np.testing.assert_array_equal(ax, bx)
@@ -221,7 +217,7 @@ def test_forward_only_call_leaves_no_trace_and_mismatched_histories_are_refused(
     [
         (dict(dlhs_rhs=_delayed(E4M3)), "dlhs_rhs"),
         (dict(drhs_lhs=_delayed(E4M3)), "drhs_lhs"),
-        (dict(dlhs_grad=_delayed(E5M2, 3), drhs_grad=_delayed(E5M2, 4)), "equal amax_history"),
+        (dict(dlhs_grad=_delayed(E5M2, 3), drhs_grad=_delayed(E5M2, 4)), "equal Delayed.history"),
         (dict(dlhs_grad=_delayed(E5M2), drhs_grad=_delayed(E5M2), grad_scale=True), "grad_scale"),
     ],
 )
@@ -232,7 +228,7 @@ def test_bad_delayed_configs(kwargs, match):
 
 def test_real_int8_product_with_delayed_scaling():
     """An int8 delayed quantizer feeds the real int8 dot; its output equals the fake product's."""
-    q = Quantizer(format="int8", scale="delayed", amax_history=2)
+    q = Quantizer(format="int8", scale=Delayed(history=2))
     x = jax.random.normal(jax.random.key(2), (4, 32))
     w = jax.random.normal(jax.random.key(3), (32, 8))
     hist = dict(lhs=jnp.array([5.0, 1.0], jnp.float32), rhs=jnp.array([0.0, 0.0], jnp.float32))

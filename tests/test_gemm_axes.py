@@ -180,15 +180,10 @@ def test_conv_nhwc():
 def test_groups_and_channels_follow_each_product():
     """Groups run along each contraction like blocks; channel scales along each operand's free dim."""
     lhs, rhs, g = _normal(12, (16, 32)), _normal(13, (32, 24)), _normal(14, (16, 24))
-    group = dict(format="int8", granularity="group", group_size=8)
-    channel = dict(format="float8_e4m3fn", granularity="channel")
-    by = lambda kw, axis: lambda x: quant.fake_quant(quant.Quantizer(**kw, axis=axis), x)
-    cfg = DotQuantConfig(
-        lhs=quant.Quantizer(**group),
-        rhs=quant.Quantizer(**channel),
-        dlhs_grad=quant.Quantizer(**group),
-        drhs_grad=quant.Quantizer(**group),
-    )
+    group = quant.Quantizer(format="int8", granularity=quant.Group(size=8))
+    channel = quant.Quantizer(format="float8_e4m3fn", granularity=quant.Channel())
+    by = lambda q, axis: lambda x: quant.fake_quant(q.along(axis), x)
+    cfg = DotQuantConfig(lhs=group, rhs=channel, dlhs_grad=group, drhs_grad=group)
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, cfg), lhs, rhs, g)
     ref = _reference(
         _dot(DN_LINEAR),
@@ -218,7 +213,7 @@ def test_float_backward_products_take_the_forward_copy():
 def test_quantizer_placement_keeps_the_old_numerics():
     """``placement='quantizer'``: every quantizer on its own axis, the backward reusing the forward's copies."""
     lhs, rhs, g = _normal(18, (16, 32)), _normal(19, (32, 48)), _normal(20, (16, 48))
-    fwd, w = quant.Quantizer(format=MX), quant.Quantizer(format=MX, axis=0)
+    fwd, w = quant.Quantizer(format=MX), quant.Quantizer(format=MX, granularity=quant.Group(axis=0))
     cfg = DotQuantConfig(lhs=fwd, rhs=w, dlhs_grad=fwd, drhs_grad=fwd, placement="quantizer")
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, cfg), lhs, rhs, g)
     ref = _reference(
@@ -246,7 +241,7 @@ def _fprop_and_dgrad_weights(weight_quantizer, w):
 def test_2d_blocks_give_one_weight_to_fprop_and_dgrad(fmt, tile):
     """NVFP4's 16x16 and DeepSeek-V3's 128x128 weight blocks: the forward's copy is the input gradient's."""
     w = _normal(21, (256, 256))
-    w2d = quant.Quantizer(format=fmt, granularity="block", block_shape=tile)
+    w2d = quant.Quantizer(format=fmt, granularity=quant.Block(shape=tile))
     fprop, dgrad = _fprop_and_dgrad_weights(w2d, w)
     np.testing.assert_array_equal(fprop, dgrad)
     np.testing.assert_array_equal(fprop, quant.fake_quant(w2d, w))
@@ -264,8 +259,8 @@ def test_1d_weight_blocks_differ_between_fprop_and_dgrad():
 def test_2d_blocks_must_tile_a_contracted_axis():
     """2-D tiles span the last two axes; an operand contracted elsewhere is refused, naming the field."""
     x, w = _normal(22, (16, 4, 4)), _normal(23, (16, 8))
-    w2d = quant.Quantizer(format="int8", granularity="block", block_shape=(4, 4))
-    with pytest.raises(ValueError, match=r"block_shape=\(4, 4\).*contracts its dims \(0,\)"):
+    w2d = quant.Quantizer(format="int8", granularity=quant.Block(shape=(4, 4)))
+    with pytest.raises(ValueError, match=r"Block\(shape=\(4, 4\)\).*contracts its dims \(0,\)"):
         quantized_dot_general(x, w, (((0,), (0,)), ((), ())), DotQuantConfig(lhs=w2d))
 
 

@@ -76,7 +76,7 @@ def test_quantized_matches_hand_written_forward_and_backward(dn, shape_l, shape_
 
 def test_gradient_quantizer_touches_the_gradient():
     # With rhs = I, dlhs = Q(g) exactly: every entry must lie on the scaled e5m2 grid.
-    grad = quant.Quantizer(format="float8_e5m2", scale="fixed", fixed_scale=1.0)
+    grad = quant.Quantizer(format="float8_e5m2", scale=quant.Fixed(step=1.0))
     cfg = DotQuantConfig(dlhs_grad=grad, drhs_grad=grad)
     lhs, eye = jnp.ones((4, 16), jnp.float32), jnp.eye(16, dtype=jnp.float32)
     g = jax.random.normal(jax.random.key(3), (4, 16), jnp.float32) * 0.37
@@ -135,7 +135,7 @@ def test_gradscale_rule(gmax, scale, expected):
 
 
 def _r4_config():
-    r4 = quant.Quantizer(format="fp4_radix4", scale="learned")
+    r4 = quant.Quantizer(format="fp4_radix4", scale=quant.Learned())
     return DotQuantConfig(dlhs_grad=r4, drhs_grad=r4, grad_scale=True, tpr=True)
 
 
@@ -185,14 +185,15 @@ def test_bad_input_errors():
 
 
 @pytest.mark.parametrize(
-    "fmt,granularity", [("int8", "tensor"), ("int8", "channel"), ("int4", "channel"), ("float8_e4m3fn", "tensor")]
+    "fmt,granularity",
+    [("int8", quant.Tensor()), ("int8", quant.Channel()), ("int4", quant.Channel()), ("float8_e4m3fn", quant.Tensor())],
 )
 @pytest.mark.parametrize("dn,shape_l,shape_r", CASES[:2])
 def test_real_matmul_matches_fake(fmt, granularity, dn, shape_l, shape_r):
     lhs, rhs = _operands(shape_l, shape_r, seed=7)
     lq = quant.Quantizer(format=fmt)
     # per output channel: the rhs's last (free) axis
-    rq = quant.Quantizer(format=fmt, granularity=granularity, axis=-1) if dn == DN_MATMUL else lq
+    rq = quant.Quantizer(format=fmt, granularity=granularity) if dn == DN_MATMUL else lq
     grad = quant.Quantizer(format="float8_e5m2")
     fake = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="fake")
     real = DotQuantConfig(lhs=lq, rhs=rq, dlhs_grad=grad, drhs_grad=grad, matmul="real")

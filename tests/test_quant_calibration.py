@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit import quant
-from lowbit.quant import Quantizer, scales
+from lowbit.quant import KL, MSE, Absmax, Channel, Percentile, Quantizer, Uniform, scales
 
 N = 4096
 
@@ -38,13 +38,13 @@ def test_percentile_and_mse_clip_outliers_below_absmax_with_less_error(seed):
     amax = float(jnp.max(jnp.abs(x)))
     absmax = Quantizer(format="int4")
     for source in (
-        Quantizer(format="int4", scale="percentile", percentile=99.9),
-        Quantizer(format="int4", scale="mse"),
+        Quantizer(format="int4", scale=Percentile(q=99.9)),
+        Quantizer(format="int4", scale=MSE()),
     ):
         assert _clip(source, x) < amax
         assert _mse(source, x) < _mse(absmax, x)
     # The search includes the absmax clip itself: never worse, at any width.
-    assert _mse(Quantizer(format="int8", scale="mse"), x) <= _mse(Quantizer(format="int8"), x)
+    assert _mse(Quantizer(format="int8", scale=MSE()), x) <= _mse(Quantizer(format="int8"), x)
 
 
 @given(seed=st.integers(0, 2**16))
@@ -56,7 +56,7 @@ def test_kl_threshold_inside_histogram_range_and_below_outliers(seed):
     t = float(scales.kl_threshold(scales.histogram(x, r), r, 128))
     assert 128 * float(r) / 2048 <= t <= float(r)  # at least `levels` bins are kept
     assert t < float(amax)  # the outliers are clipped
-    assert _clip(Quantizer(format="int8", scale="kl"), x) == pytest.approx(t, rel=1e-6)
+    assert _clip(Quantizer(format="int8", scale=KL()), x) == pytest.approx(t, rel=1e-6)
 
 
 def _kl_score(hist, i, levels, eps=1e-4):
@@ -116,7 +116,7 @@ def test_kl_gives_a_sane_clip_on_8_bit_pixels_and_digits(fmt):
     # onto the first few bins (it did at 4 bits: 0.024 on these pixels, a 10% accuracy W4A4 model).
     from lowbit import data
 
-    q = Quantizer(format=fmt, scale="kl")
+    q = Quantizer(format=fmt, scale=KL())
     assert _clip(q, _pixels(0)) >= 0.9
     digits = data.load("digits").x_train[:256]  # 17 values, k / 16
     assert _clip(q, jnp.asarray(digits)) >= 0.5
@@ -126,14 +126,14 @@ def test_kl_gives_a_sane_clip_on_8_bit_pixels_and_digits(fmt):
 @settings(max_examples=5)
 def test_kl_clip_for_fp4_on_gaussian_outliers_is_below_the_outliers_and_above_the_bulk(seed):
     x = _outliers(seed)
-    clip = _clip(Quantizer(format="float4_e2m1fn", scale="kl"), x)
+    clip = _clip(Quantizer(format="float4_e2m1fn", scale=KL()), x)
     assert 1.5 < clip < float(jnp.max(jnp.abs(x)))
 
 
 def test_kl_ignores_exact_zeros():
     x = jnp.asarray(np.random.default_rng(3).standard_normal(N).astype(np.float32))
     padded = jnp.concatenate([x, jnp.zeros(3 * N, jnp.float32)])
-    q = Quantizer(format="int4", scale="kl")
+    q = Quantizer(format="int4", scale=KL())
     assert _clip(q, padded) == _clip(q, x)
 
 
@@ -141,27 +141,27 @@ def test_kl_ignores_exact_zeros():
 def test_mse_clip_of_uniform_data_is_near_absmax(fmt, levels):
     # U(-1, 1) clipped at c with step c / M: error c^3 / (12 M^2) + (1 - c)^3 / 3, least at c = 2M / (2M + 1).
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, 4 * N).astype(np.float32))
-    assert _clip(Quantizer(format=fmt, scale="mse"), x) == pytest.approx(2 * levels / (2 * levels + 1), abs=0.015)
+    assert _clip(Quantizer(format=fmt, scale=MSE()), x) == pytest.approx(2 * levels / (2 * levels + 1), abs=0.015)
 
 
 def test_mse_clip_of_gaussian_int4_matches_known_optimum():
     # Banner et al. (ACIQ): the MSE-optimal clip of N(0, 1) for 16 uniform levels is about 2.55 sigma.
     x = jnp.asarray(np.random.default_rng(1).standard_normal(4 * N).astype(np.float32))
-    assert 2.2 <= _clip(Quantizer(format="int4", scale="mse"), x) <= 3.0
+    assert 2.2 <= _clip(Quantizer(format="int4", scale=MSE()), x) <= 3.0
 
 
 def test_percentile_of_uniform_data_and_percentile_100_is_absmax():
     x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (64, 64)).astype(np.float32))
-    assert _clip(Quantizer(format="int8", scale="percentile", percentile=90), x) == pytest.approx(0.9, abs=0.02)
-    for gran in (dict(), dict(granularity="channel", axis=0)):
-        p100 = quant.qparams(Quantizer(format="int8", scale="percentile", percentile=100, **gran), x)
+    assert _clip(Quantizer(format="int8", scale=Percentile(q=90)), x) == pytest.approx(0.9, abs=0.02)
+    for gran in (dict(), dict(granularity=Channel(axis=0))):
+        p100 = quant.qparams(Quantizer(format="int8", scale=Percentile(q=100), **gran), x)
         amax = quant.qparams(Quantizer(format="int8", **gran), x)
         np.testing.assert_array_equal(p100.step(), amax.step())
 
 
 def test_percentile_per_channel():
     x = np.random.default_rng(3).uniform(-1, 1, (512, 4)) * np.array([1, 2, 4, 8])
-    q = Quantizer(format="int8", scale="percentile", percentile=50, granularity="channel")
+    q = Quantizer(format="int8", granularity=Channel(), scale=Percentile(q=50))
     clips = np.asarray(quant.qparams(q, jnp.asarray(x, jnp.float32)).step()).ravel() * 127
     np.testing.assert_allclose(clips, np.percentile(np.abs(x), 50, axis=0), rtol=1e-5)
 
@@ -176,7 +176,7 @@ def _batches(seed, n=4, shape=(32, 16)):
 @settings(max_examples=10)
 def test_static_absmax_is_the_running_max(seed):
     batches = _batches(seed)
-    q = Quantizer(format="int8", granularity="channel", static=True)
+    q = Quantizer(format="int8", granularity=Channel(), scale=Absmax(static=True))
     state = quant.calibrate(q, lambda b: b * 2, batches)
     hand = np.max([np.max(np.abs(np.asarray(b) * 2), axis=0, keepdims=True) for b in batches], axis=0)
     np.testing.assert_array_equal(state.hi, hand)
@@ -184,7 +184,7 @@ def test_static_absmax_is_the_running_max(seed):
     params = quant.observer(q).scale(state)
     np.testing.assert_array_equal(
         params.step(),
-        quant.qparams(Quantizer(format="int8", granularity="channel"), jnp.concatenate(batches) * 2).step(),
+        quant.qparams(Quantizer(format="int8", granularity=Channel()), jnp.concatenate(batches) * 2).step(),
     )
     x = batches[0]
     np.testing.assert_array_equal(quant.fake_quant(q, x, state=state), quant.fake_quant(q, x, state=params))
@@ -192,7 +192,7 @@ def test_static_absmax_is_the_running_max(seed):
 
 def test_static_asymmetric_running_min_max():
     batches = _batches(1)
-    q = Quantizer(format="uint8", symmetric=False, static=True)
+    q = Quantizer(format="uint8", scale=Absmax(static=True), kind=Uniform(symmetric=False))
     state = quant.calibrate(q, lambda b: b, batches)
     assert float(state.lo.item()) == min(float(b.min()) for b in batches)
     assert float(state.hi.item()) == max(float(b.max()) for b in batches)
@@ -200,7 +200,7 @@ def test_static_asymmetric_running_min_max():
 
 def test_static_percentile_is_the_mean_of_batch_percentiles():
     batches = _batches(2)
-    q = Quantizer(format="int8", scale="percentile", percentile=99, static=True)
+    q = Quantizer(format="int8", scale=Percentile(q=99, static=True))
     state = quant.calibrate(q, lambda b: b, batches)
     hand = np.mean([np.percentile(np.abs(np.asarray(b)), 99) for b in batches])
     assert float(state.hi.item()) == pytest.approx(hand, rel=1e-5)
@@ -208,7 +208,7 @@ def test_static_percentile_is_the_mean_of_batch_percentiles():
 
 def test_static_kl_histogram_equals_histogram_of_all_batches_in_any_order():
     batches = _batches(3, n=5)
-    q = Quantizer(format="int8", scale="kl", static=True)
+    q = Quantizer(format="int8", scale=KL(static=True))
     fwd = quant.calibrate(q, lambda b: b, batches)
     rev = quant.calibrate(q, lambda b: b, batches[::-1])
     everything = jnp.concatenate(batches)
@@ -217,12 +217,12 @@ def test_static_kl_histogram_equals_histogram_of_all_batches_in_any_order():
     np.testing.assert_array_equal(fwd.hist, rev.hist)
     assert float(fwd.hist_range) == float(r) and int(fwd.hist.sum()) == everything.size
     # The same histogram gives the same threshold as dynamic KL on everything.
-    dyn = quant.qparams(Quantizer(format="int8", scale="kl"), everything)
+    dyn = quant.qparams(Quantizer(format="int8", scale=KL()), everything)
     np.testing.assert_array_equal(quant.observer(q).scale(fwd).step(), dyn.step())
 
 
 def test_calibrate_pytree_of_tensors_and_errors():
-    q = Quantizer(format="int8", static=True)
+    q = Quantizer(format="int8", scale=Absmax(static=True))
     states = quant.calibrate(q, lambda b: {"a": b, "b": b[:, :4] * 3}, _batches(4, n=2))
     assert set(states) == {"a", "b"} and isinstance(states["a"], quant.CalibrationState)
     with pytest.raises(ValueError, match="at least one batch"):
@@ -232,7 +232,7 @@ def test_calibrate_pytree_of_tensors_and_errors():
 
 
 def test_observer_is_an_explicit_pytree_state_under_jit():
-    q = Quantizer(format="int4", granularity="channel", axis=0, static=True)
+    q = Quantizer(format="int4", granularity=Channel(axis=0), scale=Absmax(static=True))
     obs = quant.observer(q)
     batches = _batches(5)
     state = obs.init(jax.ShapeDtypeStruct(batches[0].shape, jnp.float32))

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowbit import formats, quant
-from lowbit.quant import Quantizer, packing
+from lowbit.quant import PTF, Channel, Group, Quantizer, Twin, Uniform, packing
 
 SIZES = [0, 1, 5, 8, 13, 64]  # a few fixed sizes: each is one compilation
 
@@ -50,17 +50,17 @@ N = X.size
 @pytest.mark.parametrize(
     "kw,expected",
     [
-        (dict(format="int4", granularity="channel"), N // 2 + 48 * 4),
-        (dict(format="int4", granularity="channel", scale_format="e8m0"), N // 2 + 48),
-        (dict(format="int8", granularity="group", axis=0, group_size=16), N + (64 // 16) * 48 * 4),
+        (dict(format="int4", granularity=Channel()), N // 2 + 48 * 4),
+        (dict(format="int4", granularity=Channel(), scale_format="e8m0"), N // 2 + 48),
+        (dict(format="int8", granularity=Group(size=16, axis=0)), N + (64 // 16) * 48 * 4),
         (dict(format="float8_e4m3fn"), N + 4),
-        (dict(format="float6_e2m3fn", granularity="channel", axis=0), N * 6 // 8 + 64 * 4),
-        (dict(format="int2", granularity="channel", scale_format="e4m3"), N // 4 + 48 + 4),
-        (dict(format="binary", granularity="channel"), N // 8 + 48 * 4),
-        (dict(format="uint8", granularity="channel", symmetric=False), N + 48 * 4 + 48),
+        (dict(format="float6_e2m3fn", granularity=Channel(axis=0)), N * 6 // 8 + 64 * 4),
+        (dict(format="int2", granularity=Channel(), scale_format="e4m3"), N // 4 + 48 + 4),
+        (dict(format="binary", granularity=Channel()), N // 8 + 48 * 4),
+        (dict(format="uint8", granularity=Channel(), kind=Uniform(symmetric=False)), N + 48 * 4 + 48),
         (dict(format=formats.IntFormat(bits=12)), N * 2 + 4),
-        (dict(format="uint8", kind="ptf", granularity="channel", symmetric=False), N + 4 + 1 + 48),
-        (dict(format="uint4", kind="twin_uniform"), N // 2 + 4 + 1),
+        (dict(format="uint8", granularity=Channel(), kind=PTF(symmetric=False)), N + 4 + 1 + 48),
+        (dict(format="uint4", kind=Twin()), N // 2 + 4 + 1),
     ],
 )
 def test_qtensor_nbytes_is_true_storage(kw, expected):
@@ -69,7 +69,7 @@ def test_qtensor_nbytes_is_true_storage(kw, expected):
 
 
 def test_qtensor_is_a_pytree_with_static_metadata():
-    q = Quantizer(format="int4", granularity="channel")
+    q = Quantizer(format="int4", granularity=Channel())
     qt = quant.quantize(q, X)
     leaves, treedef = jax.tree_util.tree_flatten(qt)
     assert all(isinstance(leaf, jax.Array) for leaf in leaves) and len(leaves) == 2  # codes, scale

@@ -351,7 +351,7 @@ def test_user_format_is_a_format_registers_and_quantizes():
     formats.register("user_lut4", USER)
     formats.register("user_lut4", USER)  # the same format again: a no-op
     assert formats.get("user_lut4") is USER and "user_lut4" in formats.names()
-    q = quant.Quantizer(format="user_lut4", granularity="channel", axis=-1)
+    q = quant.Quantizer(format="user_lut4", granularity=quant.Channel(axis=-1))
     w = jax.random.normal(jax.random.key(0), (16, 8), jnp.float32)
     y = quant.fake_quant(q, w)
     step = jnp.max(jnp.abs(w), axis=0, keepdims=True) / 8.0

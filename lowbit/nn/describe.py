@@ -141,18 +141,7 @@ def _order(desc: Description, d: OpDescription) -> int:
 
 
 def _quantizer(qz) -> str:
-    if qz is None:
-        return "float"
-    parts = [getattr(qz.format, "name", str(qz.format))]
-    if qz.granularity != "tensor":
-        parts.append(f"{qz.granularity}(axis {qz.axis})")
-    if qz.scale == "delayed":
-        parts.append(f"delayed({qz.amax_reduction}, {qz.amax_history})")
-    elif qz.scale != "absmax":
-        parts.append(qz.scale)
-    if qz.rounding != "nearest":
-        parts.append(qz.rounding)
-    return " ".join(parts)
+    return "float" if qz is None else str(qz)
 
 
 def _entry(recipe: Recipe, op: q.Op) -> OpDescription:

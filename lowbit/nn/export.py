@@ -14,7 +14,6 @@ the parameters). ``nbytes`` reports the true storage: packed codes plus scales.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -32,12 +31,12 @@ __all__ = ["EXPORTS", "bytes_per_parameter", "export", "fake_quant_weights", "lo
 # forward pass.
 EXPORTS = {
     "fp32": None,
-    "fp8": quant.Quantizer(format="float8_e4m3fn", granularity="channel"),
-    "fp4": quant.Quantizer(format="float4_e2m1fn", granularity="channel"),
-    "int8": quant.Quantizer(format="int8", granularity="channel"),
-    "int4": quant.Quantizer(format="int4", granularity="channel"),
-    "ternary": quant.Quantizer(format="ternary", granularity="channel", scale="learned"),
-    "binary": quant.Quantizer(format="binary", granularity="channel", scale="learned"),
+    "fp8": quant.Quantizer(format="float8_e4m3fn", granularity=quant.Channel()),
+    "fp4": quant.Quantizer(format="float4_e2m1fn", granularity=quant.Channel()),
+    "int8": quant.Quantizer(format="int8", granularity=quant.Channel()),
+    "int4": quant.Quantizer(format="int4", granularity=quant.Channel()),
+    "ternary": quant.Quantizer(format="ternary", granularity=quant.Channel(), scale=quant.Learned()),
+    "binary": quant.Quantizer(format="binary", granularity=quant.Channel(), scale=quant.Learned()),
 }
 
 
@@ -95,7 +94,7 @@ def weights(qmodel: nnx.Module) -> list[tuple[str, Op, nnx.Param, bool]]:
 
 def _quantizer(fmt: str, op: Op) -> quant.Quantizer | None:
     qz = EXPORTS[fmt]
-    return None if qz is None else dataclasses.replace(qz, axis=_channel_axis(op))
+    return None if qz is None else qz.along(_channel_axis(op))
 
 
 def _prepare(fmt: str, w, axis: int):

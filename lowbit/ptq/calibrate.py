@@ -5,7 +5,7 @@ runs it over the calibration images with every op recording its operands, and
 folds each activation operand (an op's lhs, and the rhs of a product of two
 activations such as attention's ``QK^T``) into a ``lowbit.quant`` observer.
 Each op then gets its own frozen ``Rule``: activations per tensor at the
-calibrated step (``scale="fixed"``), weights per channel (or group, or tensor)
+calibrated step (``Fixed(step)``), weights per channel (or group, or tensor)
 at a scale computed from the fixed weight. The rules form one recipe, applied by
 ``lowbit.quantize`` with an explicit plan (op name -> its rule) — a rule's
 selectors cannot tell apart two ops of one module (attention's two einsums),
@@ -139,7 +139,7 @@ def _errors(candidates, x):
 
 def _best_twin_shift(qz, x) -> quant.Quantizer:
     """PTQ4ViT's search of the fine range: the shift with the least squared error on ``x``."""
-    candidates = tuple(dataclasses.replace(qz, twin_shift=s) for s in _TWIN_SHIFTS)
+    candidates = tuple(dataclasses.replace(qz, kind=dataclasses.replace(qz.kind, shift=s)) for s in _TWIN_SHIFTS)
     return candidates[int(np.argmin(_errors(candidates, jnp.asarray(x, jnp.float32))))]
 
 
@@ -168,25 +168,25 @@ def _freeze(
         return qz, {}
     params = obs.params()
     info: dict[str, Any] = {}
-    if qz.granularity == "channel":
+    if isinstance(qz.granularity, quant.Channel):
         step, info = _fold(work, op, name, cfg, qz, params, sample)
         fixed = vit.fixed_quantizer(qz, params, step)
     else:
         fixed = vit.fixed_quantizer(qz, params)
-    if fixed.kind == "twin_uniform" and fixed.twin_split == "magnitude":
+    if isinstance(fixed.kind, quant.Twin) and fixed.kind.split == "magnitude":
         fixed = _best_twin_shift(fixed, getattr(sample[name], operand))
     if operand == "lhs":
-        info["step"] = fixed.fixed_scale
+        info["step"] = fixed.scale.step
     return fixed, info
 
 
 def _describe(qz: quant.Quantizer | None) -> str:
-    if qz is None:
-        return "float"
-    parts = [qz.format.name, qz.kind if qz.kind != "uniform" else "", qz.granularity, qz.scale]
-    if qz.kind == "twin_uniform":
-        parts.append(f"shift {qz.twin_shift}")
-    return " ".join(p for p in parts if p)
+    return "float" if qz is None else str(qz)
+
+
+def _fixed_step(qz: quant.Quantizer) -> float | None:
+    """The frozen step of a calibrated quantizer; None for a dynamic one."""
+    return qz.scale.step if isinstance(qz.scale, quant.Fixed) else None
 
 
 def _module_state(qmodel, op: Op):
@@ -259,11 +259,11 @@ def _add_noisy_biases(quantized, found, rules, plan, rows, sample, cfg: PTQConfi
         name = row["name"]
         x, w = sample[name].lhs, sample[name].rhs
         rule = rules[plan[name]]
-        if not (linear_like(op.call, x.ndim, w.ndim) and rule.dot.lhs.kind == "uniform"):
+        if not (linear_like(op.call, x.ndim, w.ndim) and isinstance(rule.dot.lhs.kind, quant.Uniform)):
             continue
         config = oprule.retarget(rule.dot, op.call, x.ndim, w.ndim)
         noise, amplitude = noisy_bias_search(
-            config, x, w, op.call.dn, rule.dot.lhs.fixed_scale, jax.random.fold_in(key, i)
+            config, x, w, op.call.dn, _fixed_step(rule.dot.lhs), jax.random.fold_in(key, i)
         )
         row["noisy_bias"] = amplitude
         if noise is not None:

@@ -14,7 +14,7 @@ import re
 
 from lowbit import formats
 from lowbit.formats._checks import check_int, require
-from lowbit.quant.quantizer import DATA_SCALES
+from lowbit.quant.sources import KL, MSE, Absmax, Percentile
 from lowbit.recipes.rules import compile_regex
 
 __all__ = [
@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 # The one list of calibration sources (the clip sources a static quantizer calibrates); the CLI uses it too.
-CALIBRATIONS = DATA_SCALES
+# The data-driven scale sources by the names the CLI and PTQConfig take.
+SOURCES = {"absmax": Absmax, "percentile": Percentile, "mse": MSE, "kl": KL}
+CALIBRATIONS = tuple(SOURCES)
 WEIGHT_CALIBRATIONS = tuple(c for c in CALIBRATIONS if c != "kl")  # kl is a per-tensor method; weights go per channel
 SOFTMAX = ("uniform", "log2", "twin")
 GELU = ("uniform", "twin")

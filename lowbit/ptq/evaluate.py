@@ -69,7 +69,7 @@ def _operand_power(qz, x):
     stochastic quantizers: the op's state or key, not the operand, decides)."""
     if qz is None:
         return _power(x, x)
-    if qz.scale in ("learned", "delayed") or qz.rounding == "stochastic":
+    if qz.scale.given or qz.rounding == "stochastic":
         return None
     return _power(x, quant.fake_quant(qz, x))
 

@@ -37,8 +37,21 @@ import numpy as np
 from flax import nnx
 
 from lowbit import formats
-from lowbit.ptq.config import PTQConfig
-from lowbit.quant import QParams, Quantizer
+from lowbit.ptq.config import SOURCES, PTQConfig
+from lowbit.quant import (
+    PTF,
+    Channel,
+    Fixed,
+    Group,
+    Log2,
+    Percentile,
+    QParams,
+    Quantizer,
+    Tensor,
+    Twin,
+    Uniform,
+)
+from lowbit.quant.sources import Scale
 
 __all__ = [
     "activation_quantizer",
@@ -71,19 +84,24 @@ def layernorm_of(name: str, cfg: PTQConfig) -> str | None:
 
 
 def _kind(name: str, operand: str, cfg: PTQConfig, after_layernorm: bool) -> dict:
-    """Quantizer fields beyond a per-tensor uniform grid for this operand."""
+    """Quantizer parts beyond a per-tensor uniform grid for this operand."""
     if operand != "lhs":
         return {}
     if re.fullmatch(cfg.softmax_ops, name):
-        return {"log2": dict(kind="log2"), "twin": dict(kind="twin_uniform", twin_split="magnitude"), "uniform": {}}[
-            cfg.softmax
-        ]
+        return {"log2": dict(kind=Log2()), "twin": dict(kind=Twin(split="magnitude")), "uniform": {}}[cfg.softmax]
     if cfg.gelu == "twin" and re.fullmatch(cfg.gelu_ops, name):
-        return dict(kind="twin_uniform", twin_split="sign")
+        return dict(kind=Twin(split="sign"))
     if cfg.layernorm != "tensor" and after_layernorm:
-        kind = dict(kind="ptf") if cfg.layernorm == "ptf" else {}
-        return dict(granularity="channel", axis=-1, **kind)
+        kind = dict(kind=PTF()) if cfg.layernorm == "ptf" else {}
+        return dict(granularity=Channel(axis=-1), **kind)
     return {}
+
+
+def source(name: str, cfg: PTQConfig, static: bool = False) -> Scale:
+    """The scale source of a calibration method's name (``PTQConfig.calibration``)."""
+    if name == "percentile":
+        return Percentile(q=cfg.percentile, static=static)
+    return SOURCES[name](static=static)
 
 
 def activation_quantizer(
@@ -107,16 +125,16 @@ def activation_quantizer(
         nonnegative
         and isinstance(fmt, formats.IntFormat)
         and fmt.signed
-        and kw.get("twin_split") != "sign"
-        and kw.get("granularity") != "channel"
+        and kw.get("kind") != Twin(split="sign")
+        and "granularity" not in kw
     ):
         fmt = _unsigned(fmt)
-    source = cfg.calibration
-    if source == "kl" and kw:
-        source = "mse"  # kl searches one magnitude clip of a uniform grid
-    if kw.get("kind") == "ptf" and source not in ("absmax", "percentile"):
-        source = "absmax"  # the factors already adapt to each channel's range
-    return Quantizer(format=fmt, scale=source, percentile=cfg.percentile, static=not cfg.dynamic, **kw)
+    method = cfg.calibration
+    if method == "kl" and kw:
+        method = "mse"  # kl searches one magnitude clip of a uniform grid
+    if isinstance(kw.get("kind"), PTF) and method not in ("absmax", "percentile"):
+        method = "absmax"  # the factors already adapt to each channel's range
+    return Quantizer(format=fmt, scale=source(method, cfg, static=not cfg.dynamic), **kw)
 
 
 def weight_quantizer(cfg: PTQConfig) -> Quantizer:
@@ -128,13 +146,8 @@ def weight_quantizer(cfg: PTQConfig) -> Quantizer:
     call, which for a fixed weight is a static scale (and costs nothing next to
     the activations).
     """
-    if cfg.granularity == "tensor":
-        kw = {}
-    elif cfg.granularity == "channel":
-        kw = dict(granularity="channel")
-    else:
-        kw = dict(granularity="group", group_size=cfg.group_size)
-    return Quantizer(format=cfg.weight_format, scale=cfg.weight_source, percentile=cfg.percentile, **kw)
+    granularity = {"tensor": Tensor(), "channel": Channel()}.get(cfg.granularity) or Group(size=cfg.group_size)
+    return Quantizer(format=cfg.weight_format, granularity=granularity, scale=source(cfg.weight_source, cfg))
 
 
 def fixed_quantizer(q: Quantizer, params: QParams, step: float | None = None) -> Quantizer:
@@ -147,16 +160,20 @@ def fixed_quantizer(q: Quantizer, params: QParams, step: float | None = None) ->
     """
     if step is None:
         step = float(np.max(np.asarray(params.step())))
-    kw = dict(granularity="tensor", axis=-1, kind="uniform" if q.kind == "ptf" else q.kind)
-    if q.kind == "twin_uniform" and q.twin_split == "sign":
+    kind = (
+        Uniform(symmetric=q.kind.symmetric, zero_point_range=q.kind.zero_point_range)
+        if isinstance(q.kind, PTF)
+        else q.kind
+    )
+    if isinstance(kind, Twin) and kind.split == "sign":
         # The calibrated ratio of the positive (coarse) to the negative (fine) step.
-        kw["twin_shift"] = int(np.clip(np.max(np.asarray(params.exponent)), 1, 30))
-    return dataclasses.replace(q, scale="fixed", fixed_scale=step, static=False, **kw)
+        kind = Twin(split="sign", shift=int(np.clip(np.max(np.asarray(params.exponent)), 1, 30)))
+    return dataclasses.replace(q, granularity=Tensor(), scale=Fixed(step=step), kind=kind)
 
 
 def folding(q: Quantizer, params: QParams) -> tuple[np.ndarray, float]:
     """``(r, step)`` of a per-channel quantizer: channel divisors ``r_c`` and the common per-tensor step."""
-    if q.kind == "ptf":
+    if isinstance(q.kind, PTF):
         r = np.exp2(np.asarray(params.exponent, np.float64)).ravel()
         return r.astype(np.float32), float(np.max(np.asarray(params.step())))
     steps = np.asarray(params.step(), np.float64).ravel()

@@ -7,7 +7,6 @@ same way and run the same float32 operations on them.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -17,27 +16,29 @@ import numpy as np
 
 from lowbit import formats
 from lowbit.formats._checks import check_float_input, check_rounding
-from lowbit.quant import kernels, scales
+from lowbit.quant import scales
 from lowbit.quant.calibrate import params_from_state
-from lowbit.quant.layout import from_tiles, layout, normalize_axis, to_tiles
+from lowbit.quant.granularity import is_block
+from lowbit.quant.layout import layout
 from lowbit.quant.params import QParams, from_step
 from lowbit.quant.qtensor import QTensor, load, pack_codes, store, unpack_codes
-from lowbit.quant.quantizer import Quantizer, is_block
+from lowbit.quant.quantizer import Quantizer
+from lowbit.quant.sources import Fixed
 
 
 def _check_call(q: Quantizer, x, scale, state):
     if not isinstance(q, Quantizer):
         raise TypeError(f"quantizer has type {type(q).__name__}; allowed: lowbit.quant.Quantizer")
     x = check_float_input(x)
-    if (scale is not None) != (q.scale in ("learned", "delayed")):
+    if (scale is not None) != q.scale.given:
         raise ValueError(
             f"scale= is {'missing' if scale is None else 'given'} with Quantizer.scale={q.scale!r}; "
-            "allowed: scale= exactly when scale='learned' or 'delayed'"
+            "allowed: scale= exactly when the source is Learned() or Delayed()"
         )
     if (state is not None) != q.static:
         raise ValueError(
-            f"state= is {'missing' if state is None else 'given'} with Quantizer.static={q.static}; "
-            "allowed: state= (a CalibrationState or QParams) exactly when static=True"
+            f"state= is {'missing' if state is None else 'given'} with Quantizer.scale={q.scale!r}; "
+            "allowed: state= (a CalibrationState or QParams) exactly when the source has static=True"
         )
     if scale is not None:
         scale = check_float_input(scale, "scale")
@@ -49,8 +50,7 @@ def _check_call(q: Quantizer, x, scale, state):
         if not ok:
             raise ValueError(
                 f"scale has shape {scale.shape}; allowed: a shape that broadcasts to the scales' "
-                f"kept-dims shape {want} (granularity={q.granularity!r}, axis={q.axis} on x of "
-                f"shape {x.shape})"
+                f"kept-dims shape {want} (granularity={q.granularity!r} on x of shape {x.shape})"
             )
     return x
 
@@ -58,11 +58,10 @@ def _check_call(q: Quantizer, x, scale, state):
 def _params(q, lay, xw, scale, state) -> QParams:
     if q.static:
         return params_from_state(q, state)
-    if q.scale in ("learned", "delayed", "fixed", "none"):
-        step = {"learned": scale, "delayed": scale, "fixed": q.fixed_scale, "none": 1.0}[q.scale]
-        step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), lay.scale_shape)
-        return from_step(q, step)
-    return scales.params(q, xw, lay.reduce)
+    if q.scale.data:
+        return scales.params(q, xw, lay.reduce)
+    step = q.scale.step if isinstance(q.scale, Fixed) else scale
+    return from_step(q, jnp.broadcast_to(jnp.asarray(step, jnp.float32), lay.scale_shape))
 
 
 def _prepare(q, x, scale, state):
@@ -71,35 +70,16 @@ def _prepare(q, x, scale, state):
     return lay, xw, _params(q, lay, xw, scale, state)
 
 
-def _block_format(q):
-    """The block format as it runs: with 2-D blocks, one block of ``rows * cols`` elements per tile."""
-    if q.granularity != "block":
-        return q.format
-    bm, bn = q.block_shape
-    return dataclasses.replace(q.format, block_size=bm * bn, name=f"{q.format.name}_{bm}x{bn}")
-
-
-def _to_blocks(q, x):
-    """``x`` with each block on the last axis (where block formats run): ``axis`` moved last, or 2-D tiles."""
-    if q.granularity == "block":
-        return to_tiles(x, q.block_shape)
-    return jnp.moveaxis(x, normalize_axis(q.axis, x.ndim), -1)
-
-
-def _from_blocks(q, y, shape):
-    """Inverse of ``_to_blocks`` for an array of logical ``shape``."""
-    if q.granularity == "block":
-        return from_tiles(y, shape, q.block_shape)
-    return jnp.moveaxis(y, -1, normalize_axis(q.axis, len(shape)))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _fake(q, x, key, scale, state):
     if is_block(q.format):
-        y = formats.quantize(_block_format(q), _to_blocks(q, x), saturate=q.saturate, rounding=q.rounding, key=key)
-        return _from_blocks(q, y, x.shape)
+        g = q.granularity
+        y = formats.quantize(
+            g.block_format(q.format), g.to_blocks(x), saturate=q.saturate, rounding=q.rounding, key=key
+        )
+        return g.from_blocks(y, x.shape)
     _, xw, p = _prepare(q, x, scale, state)
-    return kernels.fake(q, xw, p, q.rounding, key).reshape(x.shape).astype(x.dtype)
+    return q.kind.fake(q, xw, p, q.rounding, key).reshape(x.shape).astype(x.dtype)
 
 
 def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
@@ -112,12 +92,12 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
         silently: the computation is float32, and narrowing first rounds twice.
       key: one ``jax.random`` key (``jax.random.key`` or a legacy uint32[2]
         ``PRNGKey``), required for ``rounding="stochastic"``.
-      scale: the step for ``scale="learned"`` (or ``"delayed"``: the step from the
+      scale: the step for a ``Learned()`` source (or ``Delayed()``: the step from the
         amax history, ``lowbit.training.delayed.step``): a float32 (or bfloat16/float16)
         array broadcastable to the scales' kept-dims shape (per channel along
         axis 1 of a matrix: ``(1, C)`` or ``(C,)``); positive (not checked:
         it is usually traced).
-      state: for ``static=True``: a ``CalibrationState`` (from ``calibrate`` or
+      state: for a static source (``Absmax(static=True)``, ...): a ``CalibrationState`` (from ``calibrate`` or
         an ``Observer``) or the ``QParams`` derived from it.
 
     Returns:
@@ -126,7 +106,7 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
     Raises:
       TypeError: ``quantizer`` is not a ``Quantizer``; ``x`` or ``scale`` is
         not float32/bfloat16/float16; ``key`` is not a key.
-      ValueError: ``axis`` out of range, a group size that does not divide the
+      ValueError: an axis out of range, a group size that does not divide the
         axis, a missing key or a batch of keys, ``scale``/``state`` given where
         not expected, or a ``scale`` of the wrong shape.
     """
@@ -155,13 +135,14 @@ def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
 @functools.partial(jax.jit, static_argnums=0)
 def _quantize(q, x, key, scale, state):
     if is_block(q.format):
+        g = q.granularity
         codes, *scales_ = formats.encode(
-            _block_format(q), _to_blocks(q, x), saturate=q.saturate, rounding=q.rounding, key=key
+            g.block_format(q.format), g.to_blocks(x), saturate=q.saturate, rounding=q.rounding, key=key
         )
         ts = scales_[1] if len(scales_) > 1 else None
         return QTensor(pack_codes(q, codes), scales_[0], None, ts, None, q, x.shape, x.dtype)
     _, xw, p = _prepare(q, x, scale, state)
-    codes = kernels.encode(q, xw, p, q.rounding, key)
+    codes = q.kind.encode(q, xw, p, q.rounding, key)
     return QTensor(pack_codes(q, codes), quantizer=q, shape=x.shape, dtype=x.dtype, **store(q, p))
 
 
@@ -188,10 +169,11 @@ def _dequantize(qt: QTensor):
     q = qt.quantizer
     n = math.prod(qt.shape)
     if is_block(q.format):
-        moved = jax.eval_shape(functools.partial(_to_blocks, q), jax.ShapeDtypeStruct(qt.shape, qt.dtype)).shape
+        g = q.granularity
+        moved = jax.eval_shape(g.to_blocks, jax.ShapeDtypeStruct(qt.shape, qt.dtype)).shape
         codes = unpack_codes(q, qt.codes, n).reshape(moved)
         parts = (codes, qt.scale) if qt.tensor_scale is None else (codes, qt.scale, qt.tensor_scale)
-        return _from_blocks(q, formats.decode(_block_format(q), parts, dtype=qt.dtype), qt.shape)
+        return g.from_blocks(formats.decode(g.block_format(q.format), parts, dtype=qt.dtype), qt.shape)
     lay = layout(q, qt.shape)
     codes = unpack_codes(q, qt.codes, n).reshape(lay.work)
-    return kernels.decode(q, codes, load(qt)).reshape(qt.shape).astype(qt.dtype)
+    return q.kind.decode(q, codes, load(qt)).reshape(qt.shape).astype(qt.dtype)

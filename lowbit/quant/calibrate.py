@@ -28,7 +28,7 @@ from lowbit.formats._checks import check_float_input
 from lowbit.quant import scales
 from lowbit.quant.layout import layout
 from lowbit.quant.params import QParams, from_clip
-from lowbit.quant.quantizer import KL_BINS
+from lowbit.quant.sources import KL, Absmax
 
 
 class CalibrationState(NamedTuple):
@@ -68,15 +68,15 @@ class Observer(NamedTuple):
 def _require_static(q):
     if not q.static:
         raise ValueError(
-            f"Quantizer.static={q.static} is invalid for calibration; allowed: True "
-            "(a dynamic quantizer takes its scale from every call)"
+            f"Quantizer.scale={q.scale!r} is invalid for calibration; allowed: a data-driven source with "
+            "static=True, e.g. Absmax(static=True) (a dynamic quantizer takes its scale from every call)"
         )
 
 
 def init(q, x) -> CalibrationState:
     shape = layout(q, x.shape).scale_shape
     zeros = jnp.zeros(shape, jnp.float32)
-    nbins = KL_BINS if q.scale == "kl" else 0
+    nbins = scales.KL_BINS if isinstance(q.scale, KL) else 0
     return CalibrationState(
         jnp.zeros((), jnp.int32), zeros, zeros, jnp.zeros(nbins, jnp.int32), jnp.zeros((), jnp.float32)
     )
@@ -87,15 +87,15 @@ def update(q, state: CalibrationState, x) -> CalibrationState:
     lay = layout(q, x.shape)
     xw = x.astype(jnp.float32).reshape(lay.work)
     count = state.count + 1
-    if q.scale in ("absmax", "kl"):
+    if isinstance(q.scale, (Absmax, KL)):
         lo, hi = scales.absmax(q, xw, lay.reduce)
         lo, hi = jnp.minimum(state.lo, lo), jnp.maximum(state.hi, hi)
     else:
-        lo, hi = scales.statistic(q, xw, lay.reduce)
+        lo, hi = q.scale.clip(q, xw, lay.reduce)
         n = count.astype(jnp.float32)
         lo, hi = state.lo + (lo - state.lo) / n, state.hi + (hi - state.hi) / n
     hist, hist_range = state.hist, state.hist_range
-    if q.scale == "kl":
+    if isinstance(q.scale, KL):
         hist_range = jnp.maximum(hist_range, scales.histogram_range(jnp.max(hi)))
         hist = scales.rebin(hist, state.hist_range, hist_range) + scales.histogram(xw, hist_range)
     return CalibrationState(count, lo, hi, hist, hist_range)
@@ -103,7 +103,7 @@ def update(q, state: CalibrationState, x) -> CalibrationState:
 
 def scale(q, state: CalibrationState) -> QParams:
     lo, hi = state.lo, state.hi
-    if q.scale == "kl":
+    if isinstance(q.scale, KL):
         hi = jnp.minimum(scales.kl_threshold(state.hist, state.hist_range, scales.kl_levels(q.format)), hi)
         lo = -hi
     return from_clip(q, lo, hi)
@@ -117,7 +117,7 @@ def observer(q) -> Observer:
     """The observer of static quantizer ``q``.
 
     Raises:
-      ValueError: ``q.static`` is False.
+      ValueError: ``q`` is not static.
     """
     _require_static(q)
     return Observer(functools.partial(init, q), functools.partial(_update_jit, q), functools.partial(_scale_jit, q))
@@ -127,7 +127,7 @@ def calibrate(q, fn: Callable[[Any], Any], batches: Iterable[Any]):
     """Run ``fn`` over ``batches`` and fold every tensor it returns into running statistics.
 
     Args:
-      q: a static quantizer (``static=True``).
+      q: a static quantizer (a data-driven source with ``static=True``).
       fn: ``batch -> tensor`` (or a pytree of tensors, e.g. every activation a
         model records); each tensor keeps its own statistics.
       batches: an iterable of whatever ``fn`` takes.

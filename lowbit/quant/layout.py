@@ -39,8 +39,7 @@ def normalize_axis(axis: int, ndim: int) -> int:
     """``axis`` in ``[0, ndim)``; ValueError outside ``[-ndim, ndim)``."""
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"Quantizer.axis={axis} is out of range for an array of rank {ndim}; "
-            f"allowed: an integer in [{-ndim}, {ndim - 1}]"
+            f"axis={axis} is out of range for an array of rank {ndim}; allowed: an integer in [{-ndim}, {ndim - 1}]"
         )
     return axis % ndim
 
@@ -49,26 +48,10 @@ def layout(q, shape) -> Layout:
     """The layout of quantizer ``q`` on ``shape``.
 
     Raises:
-      ValueError: ``q.axis`` out of range, a group size that does not divide
-        the axis, or a ``block_shape`` that does not divide the last two axes.
+      ValueError: an axis out of range, a group size that does not divide the
+        axis, or a ``Block`` shape that does not tile the last two axes.
     """
-    shape = tuple(int(n) for n in shape)
-    ndim = len(shape)
-    if q.granularity == "tensor":
-        return Layout(shape, shape, tuple(range(ndim)), None)
-    if q.granularity == "block":
-        work = tiled_shape(shape, q.block_shape)
-        return Layout(shape, work, (ndim - 1, ndim + 1), None)
-    a = normalize_axis(q.axis, ndim)
-    if q.granularity == "channel":
-        return Layout(shape, shape, tuple(i for i in range(ndim) if i != a), a)
-    n, g = shape[a], q.group_size
-    if n % g:
-        raise ValueError(
-            f"Quantizer.group_size={g} does not divide axis {q.axis} of shape {shape}; allowed: a divisor of {n}"
-        )
-    work = shape[:a] + (n // g, g) + shape[a + 1 :]
-    return Layout(shape, work, (a + 1,), a)
+    return q.granularity.layout(tuple(int(n) for n in shape))
 
 
 def tiled_shape(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[int, ...]:
@@ -80,7 +63,7 @@ def tiled_shape(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[i
     (bm, bn), lead = block_shape, tuple(shape[:-2])
     if len(shape) < 2 or shape[-2] % bm or shape[-1] % bn:
         raise ValueError(
-            f"Quantizer.block_shape={block_shape} does not tile an array of shape {tuple(shape)}; "
+            f"Block.shape={block_shape} does not tile an array of shape {tuple(shape)}; "
             "allowed: at least two axes, the last two multiples of the tile's rows and columns"
         )
     return lead + (shape[-2] // bm, bm, shape[-1] // bn, bn)

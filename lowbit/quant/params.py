@@ -49,27 +49,32 @@ def round_step(q, num, den: float):
     ``e8m0`` takes the smallest power of two ``2^k`` with ``num <= den * 2^k``,
     exactly (exponent and mantissa compares), so nothing clips.
     """
-    num = _positive(jnp.asarray(num, jnp.float32))
+    raw = jnp.asarray(num, jnp.float32)
+    num = _positive(raw)
     if q.scale_format == "e8m0":
         num = jnp.maximum(num, jnp.float32(2.0**-126))  # the exact ratio needs normals
         return _arith.pow2(_arith.ceil_log2_ratio(num, jnp.float32(den))), None
     step = _arith.div(num, jnp.full(num.shape, den, jnp.float32))
     if q.scale_format == "float32":
         return step, None
-    ts = _positive(_arith.div(jnp.max(step), jnp.float32(E4M3.max_value)))
+    # The tensor scale comes from the groups that hold data: an all-zero group's placeholder step
+    # must not set it (it would make the real groups' steps depend on an empty one).
+    real = (raw > 0) & jnp.isfinite(raw)
+    ts = _positive(_arith.div(jnp.max(jnp.where(real, step, jnp.float32(0))), jnp.float32(E4M3.max_value)))
     scale = formats.quantize(E4M3, _arith.div(step, ts))
     # A step under E4M3's smallest value would round to 0: round it up instead (no clipping).
-    return jnp.maximum(scale, jnp.float32(E4M3.min_value)), ts
+    # An empty group quantizes to zeros at any step: it takes the tensor scale itself.
+    return jnp.where(real, jnp.maximum(scale, jnp.float32(E4M3.min_value)), jnp.float32(1)), ts
 
 
 def _symmetric(q, num, den: float) -> QParams:
     scale, ts = round_step(q, num, den)
-    exponent = jnp.full(scale.shape, q.twin_shift, jnp.int32) if q.kind == "twin_uniform" else None
+    exponent = jnp.full(scale.shape, q.kind.shift, jnp.int32) if q.kind.name == "twin" else None
     return QParams(scale, None, ts, exponent)
 
 
 def from_step(q, step) -> QParams:
-    """Parameters from a given step (``fixed``, ``learned``, ``none``): symmetric, no data."""
+    """Parameters from a given step (``Fixed``, ``Learned``, ``Delayed``): symmetric, no data."""
     return _symmetric(q, step, 1.0)
 
 
@@ -85,16 +90,16 @@ def from_clip(q, lo, hi, exponent_fn=None) -> QParams:
         ``[lo, hi]`` (static calibration keeps no data).
     """
     lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
-    if q.kind == "ptf":
+    if q.kind.name == "ptf":
         return _ptf(q, lo, hi, exponent_fn)
-    if q.kind == "twin_uniform" and q.twin_split == "sign":
+    if q.kind.name == "twin" and q.kind.split == "sign":
         scale, ts = round_step(q, hi, q.max_level)
         p = QParams(scale, None, ts)
         # Fine (negative) step s * 2^-m: the largest m whose range still covers |lo|.
         neg = _arith.div(jnp.maximum(-lo, jnp.float32(2.0**-100)), jnp.full(lo.shape, q.max_level, jnp.float32))
         m = jnp.clip(_arith.floor_log2_ratio(p.step(), neg), -_TWIN_SHIFT_LIMIT, _TWIN_SHIFT_LIMIT)
         return p._replace(exponent=m)
-    if q.symmetric:
+    if not q.signed_range:
         return _symmetric(q, hi, q.max_level)
     qmin, qmax = q.int_range
     scale, ts = round_step(q, hi - lo, float(qmax - qmin))
@@ -111,9 +116,9 @@ def zero_point(q, lo, step):
 
 def _ptf(q, lo, hi, exponent_fn):
     """FQ-ViT PTF: one layer step ``s = range / levels / 2^K``; channel ``c`` uses ``s * 2^a_c``."""
-    k = q.ptf_max_power
+    k = q.kind.max_power
     lo_t, hi_t = jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True)
-    if q.symmetric:
+    if q.kind.symmetric:
         scale, ts = round_step(q, hi_t, q.max_level * 2.0**k)
         p = QParams(scale, None, ts)
     else:
@@ -135,4 +140,4 @@ def _ptf_cover(q, p, lo, hi):
     need_hi = _arith.ceil_log2_ratio(jnp.maximum(hi, tiny), jnp.maximum((jnp.float32(qmax) - zp) * s, tiny))
     need_lo = _arith.ceil_log2_ratio(jnp.maximum(-lo, tiny), jnp.maximum((zp - jnp.float32(qmin)) * s, tiny))
     need = jnp.maximum(jnp.where(hi > 0, need_hi, 0), jnp.where(lo < 0, need_lo, 0))
-    return jnp.clip(need, 0, q.ptf_max_power)
+    return jnp.clip(need, 0, q.kind.max_power)

@@ -15,10 +15,12 @@ import numpy as np
 
 from lowbit import formats
 from lowbit.formats import _bits
-from lowbit.quant import _arith, kernels
+from lowbit.quant import _arith
 from lowbit.quant.params import from_clip
-from lowbit.quant.quantizer import KL_BINS
 from lowbit.quant.vit import ptf_search
+
+KL_BINS = 2048
+"""Histogram bins of the KL (entropy) search."""
 
 MSE_RATIOS = np.linspace(0.3, 1.0, 100, dtype=np.float32)
 """Clip ratios (of the absmax range) that the ``mse`` source tries."""
@@ -55,9 +57,8 @@ def absmax(q, x, reduce):
     return -hi, hi
 
 
-def percentile(q, x, reduce):
-    """The ``q.percentile`` percentile of ``|x|`` (signed range: of ``x`` at ``100 - p`` and ``p``)."""
-    p = float(q.percentile)
+def percentile(q, x, reduce, p: float):
+    """The ``p``-th percentile of ``|x|`` (signed range: of ``x`` at ``100 - p`` and ``p``)."""
     if q.signed_range:
         xs = _finite(x, jnp.nan)
         lo = jnp.nanpercentile(xs, 100.0 - p, axis=reduce, keepdims=True)
@@ -68,7 +69,7 @@ def percentile(q, x, reduce):
 
 
 def _params(q, x, reduce, lo, hi):
-    exponent_fn = ptf_search(q, x, reduce) if q.kind == "ptf" else None
+    exponent_fn = ptf_search(q, x, reduce) if q.kind.name == "ptf" else None
     return from_clip(q, lo, hi, exponent_fn)
 
 
@@ -83,7 +84,7 @@ def mse(q, x, reduce):
 
     def error(r):
         p = _params(q, x, reduce, lo * r, hi * r)
-        d = jnp.where(finite, kernels.fake(q, x, p, "nearest", None) - x, jnp.float32(0))
+        d = jnp.where(finite, q.kind.fake(q, x, p, "nearest", None) - x, jnp.float32(0))
         return jnp.sum(d * d, axis=reduce, keepdims=True)
 
     errs = jax.lax.map(error, jnp.asarray(MSE_RATIOS))
@@ -211,15 +212,7 @@ def kl(q, x, reduce):
     return -hi, hi
 
 
-SOURCES = {"absmax": absmax, "percentile": percentile, "mse": mse, "kl": kl}
-
-
-def statistic(q, x, reduce):
-    """The clip ``(lo, hi)`` of ``q.scale`` (a data-driven source) on float32 ``x``."""
-    return SOURCES[q.scale](q, x, reduce)
-
-
 def params(q, x, reduce):
-    """Dynamic parameters: the clip of ``x`` mapped onto the grid."""
-    lo, hi = statistic(q, x, reduce)
+    """Dynamic parameters: the clip of ``x`` (from ``q.scale``, a data-driven source) mapped onto the grid."""
+    lo, hi = q.scale.clip(q, x, reduce)
     return _params(q, x, reduce, lo, hi)

@@ -83,12 +83,12 @@ def twin_encode(q, x, p, rounding, key):
     grids. ``sign``: the sign bit picks the negative (fine) or positive
     (coarse) step and the rest is the index.
     """
-    nb = q.index_bits
+    nb = q.kind.index_bits(q)
     top = 2**nb - 1
     rbits = _arith.random_bits(key, x.shape)
     coarse, fine = _twin_steps(p)
     neg = x < 0
-    if q.twin_split == "sign":
+    if q.kind.split == "sign":
         n = _arith.round_int(_arith.div(jnp.abs(x), jnp.where(neg, fine, coarse)), rounding, rbits)
         mag = jnp.minimum(n, jnp.float32(top)).astype(jnp.int32)
         return _sign_code(q, neg, mag)
@@ -103,9 +103,9 @@ def twin_encode(q, x, p, rounding, key):
 def twin_decode(q, codes, p):
     neg, mag = _split_code(q, codes)
     coarse, fine = _twin_steps(p)
-    nb = q.index_bits
+    nb = q.kind.index_bits(q)
     idx = (mag & (2**nb - 1)).astype(jnp.float32)
-    if q.twin_split == "sign":
+    if q.kind.split == "sign":
         return _signed(neg, idx * jnp.where(neg, fine, coarse))
     return _signed(neg, idx * jnp.where((mag >> nb) != 0, coarse, fine))
 
@@ -121,7 +121,7 @@ def ptf_search(q, x, reduce):
 
     def choose(p):
         errs = []
-        for a in range(q.ptf_max_power + 1):
+        for a in range(q.kind.max_power + 1):
             y = int_fake(q, x, p.step() * jnp.float32(2.0**a), p.zero_point, "nearest", None)
             d = jnp.where(finite, y - x, jnp.float32(0))
             errs.append(jnp.sum(d * d, axis=reduce, keepdims=True))

@@ -30,8 +30,7 @@ from jax import lax
 
 from lowbit import formats
 from lowbit.formats import IntFormat
-from lowbit.quant import Quantizer
-from lowbit.quant.quantizer import is_block
+from lowbit.quant import Channel, Learned, Quantizer
 from lowbit.recipes import carried as carried_checks
 from lowbit.recipes.rules import Rule
 from lowbit.training import delayed
@@ -88,10 +87,9 @@ def _retarget(q: Quantizer | None, contract: int, channel: int) -> Quantizer | N
 
     Per-tensor scales and 2-D blocks (tiles of the last two axes) have no axis to set.
     """
-    if q is None or q.granularity == "block" or (q.granularity == "tensor" and not is_block(q.format)):
+    if q is None:
         return q
-    axis = channel if q.granularity == "channel" else contract
-    return q if q.axis == axis else dataclasses.replace(q, axis=axis)
+    return q.along(channel if isinstance(q.granularity, Channel) else contract)
 
 
 def retarget(config: DotQuantConfig, call: OpCall, lhs_ndim: int, rhs_ndim: int) -> DotQuantConfig:
@@ -195,8 +193,8 @@ def _real_lsq(rule: Rule, cfg: DotQuantConfig, state):
         return cfg, {}
     real = dataclasses.replace(
         cfg,
-        lhs=Quantizer(format=IntFormat(bits=rule.act_bits), scale="learned"),
-        rhs=Quantizer(format=IntFormat(bits=rule.weight_bits), scale="learned"),
+        lhs=Quantizer(format=IntFormat(bits=rule.act_bits), scale=Learned()),
+        rhs=Quantizer(format=IntFormat(bits=rule.weight_bits), scale=Learned()),
     )
     if not uses_real_matmul(real):
         return cfg, {}

@@ -12,8 +12,8 @@ import dataclasses
 
 from lowbit import formats
 from lowbit.formats import FloatFormat
-from lowbit.quant import Quantizer
-from lowbit.quant.quantizer import DEFAULT_AMAX_HISTORY
+from lowbit.quant import Block, Channel, Delayed, Fixed, Learned, Quantizer
+from lowbit.quant.sources import DEFAULT_AMAX_HISTORY
 from lowbit.recipes.rules import Recipe, Rule
 from lowbit.training.hadamard import RHT
 from lowbit.training.policy import get_policy
@@ -39,11 +39,11 @@ ACTIVATIONS = dict(operands="activation")  # products of two activations (attent
 def _fp(name, fwd_fmt, grad_fmt, summary, **scaling) -> Recipe:
     """FP8/FP6: per-tensor scaling forward (per-channel weights), its own format for gradients.
 
-    ``scaling`` (e.g. ``scale="delayed"``) applies to the per-tensor activation and
+    ``scaling`` (e.g. ``scale=Delayed()``) applies to the per-tensor activation and
     gradient quantizers; the default is current scaling (each tensor's own absmax).
     """
     act, grad = _q(fwd_fmt, **scaling), _q(grad_fmt, **scaling)
-    weight = _q(fwd_fmt, granularity="channel")
+    weight = _q(fwd_fmt, granularity=Channel())
     return Recipe(
         name=name, rules=(Rule(**ACTIVATIONS, dot=_dot(act, grad)), Rule(dot=_dot(act, grad, weight))), summary=summary
     )
@@ -57,7 +57,7 @@ def _absmax_int(weight_bits: int) -> Recipe:
     (int4 codes ride in int8); convolutions stay fake-quantized.
     """
     act = _q("int8")
-    weight = _q(f"int{weight_bits}", granularity="channel")
+    weight = _q(f"int{weight_bits}", granularity=Channel())
     return Recipe(
         name=f"int{weight_bits}",
         rules=(Rule(**ACTIVATIONS, dot=_dot(act, None)), Rule(dot=_dot(act, None, weight))),
@@ -72,7 +72,7 @@ def _absmax_int(weight_bits: int) -> Recipe:
 
 def _bf16() -> DotQuantConfig:
     """BF16 GEMMs: every operand of the three products rounded to bfloat16, float32 sums."""
-    q = _q(FloatFormat(name="bfloat16", ebits=8, mbits=7), scale="none")
+    q = _q(FloatFormat(name="bfloat16", ebits=8, mbits=7), scale=Fixed())
     return DotQuantConfig(lhs=q, rhs=q, dlhs_grad=q, drhs_grad=q)
 
 
@@ -104,7 +104,7 @@ def _block(
         of two activations (attention) run as BF16 GEMMs.
     """
     fwd, grad = _q(fmt), _q(fmt, rounding=grad_rounding)
-    weight = fwd if weight_tile is None else _q(fmt, granularity="block", block_shape=weight_tile)
+    weight = fwd if weight_tile is None else _q(fmt, granularity=Block(shape=weight_tile))
     dot = DotQuantConfig(lhs=fwd, rhs=weight, dlhs_grad=grad, drhs_grad=grad, placement=placement)
     rules = (Rule(dot=dot),)
     if rht_block is not None:
@@ -117,7 +117,7 @@ def _block(
 
 def _fp4() -> Recipe:
     """Sun et al. 2020: INT4 SAWB weights, INT4 PACT activations, radix-4 FP4 gradients with GradScale + TPR."""
-    r4 = _q("fp4_radix4", scale="learned")
+    r4 = _q("fp4_radix4", scale=Learned())
     grads = DotQuantConfig(dlhs_grad=r4, drhs_grad=r4, grad_scale=True, tpr=True)
     # Softmax probabilities on 7 int4 levels cost ~3 points on digits; 8-bit attention products keep the gap < 1.5.
     int8 = _q("int8")
@@ -164,7 +164,7 @@ def _low_bit_weights(name: str, rule: str, label: str) -> Recipe:
     return Recipe(
         name=name,
         rules=(
-            Rule(**EDGE, dot=_dot(int8, None, _q("int8", granularity="channel"))),
+            Rule(**EDGE, dot=_dot(int8, None, _q("int8", granularity=Channel()))),
             Rule(**ACTIVATIONS, dot=_dot(int8, None)),
             Rule(dot=DotQuantConfig(lhs=int8), weight=rule),
         ),
@@ -214,7 +214,7 @@ def _registry() -> dict[str, Recipe]:
                 ),
                 ("gradients", f"e5m2, per-tensor delayed scaling (max of a {DEFAULT_AMAX_HISTORY}-step amax history)"),
             ),
-            scale="delayed",
+            scale=Delayed(),
         ),
         "fp6": _fp(
             "fp6",

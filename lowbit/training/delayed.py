@@ -1,6 +1,6 @@
 """Delayed scaling: a per-tensor scale from an amax history (TransformerEngine's recipe).
 
-A ``Quantizer(scale="delayed", amax_history=L, amax_reduction=R)`` takes its
+A ``Quantizer(scale=Delayed(history=L, reduction=R))`` takes its
 clip not from the tensor it quantizes but from the absmaxes ("amaxes") of the
 same tensor in the ``L`` previous steps, as TransformerEngine's
 ``DelayedScaling`` and Flax's ``fp8_ops`` do. The scale is then known before
@@ -17,7 +17,7 @@ overwrite-with-gradient mechanism: a train step replaces the state by its
 
 Per step, for a tensor ``x`` with history ``h``:
 
-* ``amax = max |x|`` over its finite entries (as ``scale="absmax"``);
+* ``amax = max |x|`` over its finite entries (as ``Absmax()``);
 * ``clip = max(h)`` (``amax_reduction="max"``) or ``h[0]`` (``"most_recent"``);
 * ``step = clip / q.max_level`` (then rounded to ``q.scale_format``) and
   ``x`` is quantized with it, saturating values above the clip; **an empty
@@ -50,20 +50,20 @@ def history_init(length: int) -> jax.Array:
 
 
 def amax(q, x) -> jax.Array:
-    """The largest finite magnitude of ``x`` (float32 scalar; 0 if none), as ``scale="absmax"`` computes it."""
+    """The largest finite magnitude of ``x`` (float32 scalar; 0 if none), as ``Absmax()`` computes it."""
     return scales.absmax(q, jnp.asarray(x, jnp.float32), None)[1].reshape(())
 
 
 def reduce(q, history: jax.Array) -> jax.Array:
     """The clip ``history`` gives (float32 scalar): its ``max`` or its ``most_recent`` entry."""
-    return jnp.max(history) if q.amax_reduction == "max" else history[0]
+    return jnp.max(history) if q.scale.reduction == "max" else history[0]
 
 
 def step(q, history: jax.Array) -> jax.Array:
     """The step of delayed quantizer ``q``: the history's clip over ``q.max_level``, 1 for an empty history.
 
     Args:
-      q: a ``Quantizer`` with ``scale="delayed"``.
+      q: a ``Quantizer`` with ``scale=Delayed()``.
       history: its ``(L,)`` amax history.
 
     Returns:

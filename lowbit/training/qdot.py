@@ -74,7 +74,7 @@ product is ``jax.nn.scaled_dot_general``'s MXFP8 GEMM; it differs from the
 emulation only in the order of its float32 sums. The backward products stay
 emulated. On CPU (no lowering) everything is emulated.
 
-**Delayed scaling** (``Quantizer(scale="delayed")`` on ``lhs``, ``rhs``,
+**Delayed scaling** (``Quantizer(scale=Delayed())`` on ``lhs``, ``rhs``,
 ``dlhs_grad`` or ``drhs_grad``): pass ``amax_history``, one float32 ``(L,)``
 history per delayed site (``lhs``, ``rhs``, ``grad``; see ``delayed``). The
 updated histories leave the backward pass as their cotangents, like GradScale.
@@ -92,7 +92,6 @@ import numpy as np
 from jax import lax
 
 from lowbit import formats, quant
-from lowbit.quant.quantizer import is_block
 from lowbit.training import delayed
 from lowbit.training.accumulate import Accumulator, accumulated_dot_general
 from lowbit.training.gradscale import gradscale_update
@@ -120,9 +119,9 @@ def real_ok(q) -> bool:
     """Whether quantizer ``q`` can feed the real matmul path (symmetric uniform int8/int4/int2/float8)."""
     return (
         q is not None
-        and q.kind == "uniform"
-        and q.symmetric
-        and q.granularity in ("tensor", "channel")
+        and isinstance(q.kind, quant.Uniform)
+        and q.kind.symmetric
+        and isinstance(q.granularity, (quant.Tensor, quant.Channel))
         and getattr(q.format, "name", None) in REAL_DTYPES
     )
 
@@ -148,7 +147,7 @@ def uses_block_kernel(config: DotQuantConfig, lhs_shape: tuple[int, ...], dimens
       dimension_numbers: the forward product's, as ``lax.dot_general`` takes them.
     """
     (lc, _), _ = dimension_numbers
-    mx = all(q is not None and dataclasses.replace(q, axis=-1) == _KERNEL_MXFP8 for q in (config.lhs, config.rhs))
+    mx = all(q is not None and q.along(-1) == _KERNEL_MXFP8 for q in (config.lhs, config.rhs))
     return (
         jax.default_backend() != "cpu"
         and config.matmul != "fake"
@@ -189,7 +188,7 @@ class DotQuantConfig:
         state (``1/s``) instead of their own scale source.
       tpr: two-phase rounding of the gradient (odd grid for the drhs product).
       Any of ``lhs``, ``rhs``, ``dlhs_grad``, ``drhs_grad`` may use delayed
-      scaling (``scale="delayed"``); the two gradient quantizers then share one
+      scaling (``scale=Delayed()``); the two gradient quantizers then share one
       history (both quantize the incoming gradient).
       matmul: ``fake`` (dequantized operands in the compute dtype), ``real``
         (integer / float8 operands into ``lax.dot_general``, int32 or float32
@@ -267,26 +266,26 @@ class DotQuantConfig:
         for field in ("dlhs_rhs", "drhs_lhs"):
             if _delayed(getattr(self, field)):
                 raise ValueError(
-                    f"DotQuantConfig.{field} has scale='delayed'; allowed: delayed scaling on lhs, rhs, "
+                    f"DotQuantConfig.{field} has scale=Delayed(); allowed: delayed scaling on lhs, rhs, "
                     "dlhs_grad and drhs_grad only (they own the histories)"
                 )
         grads = [q for q in (self.dlhs_grad, self.drhs_grad) if _delayed(q)]
         if grads and self.grad_scale:
             raise ValueError(
                 "DotQuantConfig.grad_scale=True sets the gradient quantizers' scale; allowed: "
-                "dlhs_grad/drhs_grad without scale='delayed' when grad_scale=True"
+                "dlhs_grad/drhs_grad without Delayed() scales when grad_scale=True"
             )
-        if len({q.amax_history for q in grads}) > 1:
+        if len({q.scale.history for q in grads}) > 1:
             raise ValueError(
                 "DotQuantConfig.dlhs_grad and drhs_grad share one amax history (both quantize the "
-                f"gradient); allowed: equal amax_history (got {[q.amax_history for q in grads]})"
+                f"gradient); allowed: equal Delayed.history (got {[q.scale.history for q in grads]})"
             )
 
     @property
     def amax_histories(self) -> dict[str, int]:
         """The amax histories of the delayed sites: ``{"lhs" | "rhs" | "grad": length}``."""
         sites = dict(lhs=self.lhs, rhs=self.rhs, grad=self.dlhs_grad if _delayed(self.dlhs_grad) else self.drhs_grad)
-        return {site: q.amax_history for site, q in sites.items() if _delayed(q)}
+        return {site: q.scale.history for site, q in sites.items() if _delayed(q)}
 
     @property
     def stochastic(self) -> bool:
@@ -296,7 +295,7 @@ class DotQuantConfig:
 
 
 def _delayed(q) -> bool:
-    return q is not None and q.scale == "delayed"
+    return q is not None and isinstance(q.scale, quant.Delayed)
 
 
 def _histories(config: DotQuantConfig, amax_history) -> tuple:
@@ -349,7 +348,7 @@ def _check_dims(lhs, rhs, dimension_numbers):
 def _fq(q, x, key, scale=None):
     if q is None:
         return x
-    if q.granularity != "block" or not _pad_rows_cols(q, x.shape):
+    if not isinstance(q.granularity, quant.Block) or not _pad_rows_cols(q, x.shape):
         return quant.fake_quant(q, x, key, scale=scale)
     # Partial edge tiles (a layer's 10 classes, 4 input features): zeros fill them, as 1-D blocks pad their
     # last block; zeros change no tile's (or the tensor's) absmax, so whole tiles quantize as they would alone.
@@ -359,8 +358,8 @@ def _fq(q, x, key, scale=None):
 
 
 def _pad_rows_cols(q, shape) -> tuple[int, int] | None:
-    """The zeros completing ``shape``'s last two axes to whole ``q.block_shape`` tiles, or None if none are needed."""
-    pad = tuple(-n % b for n, b in zip(shape[-2:], q.block_shape))
+    """The zeros completing ``shape``'s last two axes to whole ``Block`` tiles, or None if none are needed."""
+    pad = tuple(-n % b for n, b in zip(shape[-2:], q.granularity.shape))
     return pad if any(pad) else None
 
 
@@ -392,7 +391,7 @@ def quantized_dot_general(
       amax_history: ``{site: float32 (L,) history}`` for the delayed sites of
         ``config`` (``config.amax_histories``), else ``None``. The updated
         histories are their cotangents (see ``delayed``).
-      lhs_scale, rhs_scale: steps of ``scale="learned"`` forward quantizers
+      lhs_scale, rhs_scale: steps of ``Learned()`` forward quantizers
         (e.g. LSQ steps; no gradient flows to them through this function).
       precision: passed to ``lax.dot_general``.
       preferred_element_type: result dtype (default: the operands' result type).
@@ -672,16 +671,34 @@ def _split(config: DotQuantConfig, key) -> tuple:
     ``split_key``'s child ``i`` does not depend on how many are split, so the
     quantizer sites get the keys they had before the RHT keys were added.
     """
-    return formats.split_key(key, N_KEYS) if config.stochastic or config.rht is not None else (key,) * N_KEYS
+    if not (config.stochastic or config.rht is not None):
+        return (key,) * N_KEYS
+    return tuple(_computed_once(k) for k in formats.split_key(key, N_KEYS))
+
+
+def _computed_once(key):
+    """``key`` itself (the same words), computed once instead of inside every elementwise pass that reads it.
+
+    XLA fuses the split's scalar hashing into each consumer, and a loop fusion
+    evaluates a broadcast operand per element: a stochastically rounded
+    gradient spent about two thirds of its per-element work re-deriving its key.
+    An integer remainder is an op XLA does not duplicate into a consumer that
+    reuses its elements; on 16-bit halves, ``% 0x10001`` leaves every word as it is.
+    """
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    m = jnp.uint32(0x10001)
+    data = (lax.rem(data >> 16, m) << 16) | lax.rem(data & jnp.uint32(0xFFFF), m)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key)) if typed else data
 
 
 @functools.cache
 def _on_axis(q, axis: int):
-    return q if q.axis == axis else dataclasses.replace(q, axis=axis)
+    return q.along(axis)
 
 
 def _per_tensor(q) -> bool:
-    return q.granularity == "tensor" and not is_block(q.format)
+    return isinstance(q.granularity, quant.Tensor)
 
 
 def _one_dim(dims: tuple[int, ...], q, what: str) -> None:
@@ -689,15 +706,15 @@ def _one_dim(dims: tuple[int, ...], q, what: str) -> None:
         raise ValueError(
             f"Quantizer(format={q.format.name}, granularity={q.granularity!r}) needs a {what} dim "
             "in every product it quantizes an operand of; this product has none; allowed there: "
-            "granularity='tensor'"
+            "granularity=Tensor()"
         )
 
 
 def _check_tiles(q, ndim: int, axes: Axes) -> None:
     """2-D blocks tile the last two axes: the product must contract one of them."""
-    if q is not None and q.granularity == "block" and not {ndim - 2, ndim - 1} & set(axes.contract):
+    if q is not None and isinstance(q.granularity, quant.Block) and not {ndim - 2, ndim - 1} & set(axes.contract):
         raise ValueError(
-            f"Quantizer.block_shape={q.block_shape} tiles the last two axes of an operand of rank "
+            f"Quantizer.granularity={q.granularity!r} tiles the last two axes of an operand of rank "
             f"{ndim}, but a product contracts its dims {axes.contract}; allowed: 2-D blocks on "
             "operands whose every product contracts one of their last two axes (a weight)"
         )
@@ -707,10 +724,10 @@ def _placement(config: DotQuantConfig, q, ndim: int, axes: Axes):
     """``(quantizer, flatten)``: ``q`` on one product's axes, and the contracted dims to flatten first (or None)."""
     if q is None or config.placement == "quantizer" or _per_tensor(q):
         return q, None
-    if q.granularity == "block":
+    if isinstance(q.granularity, quant.Block):
         _check_tiles(q, ndim, axes)
         return q, None
-    if q.granularity == "channel":  # an operand with no free dim falls back to its contraction (as OpCall.axes)
+    if isinstance(q.granularity, quant.Channel):  # no free dim: its contraction (as OpCall.axes)
         _one_dim(axes.free + axes.contract, q, "free or contracted")
         return _on_axis(q, (axes.free or axes.contract)[-1]), None
     _one_dim(axes.contract, q, "contracted")  # blocks of a block format, or groups
@@ -770,7 +787,7 @@ def _exact_reuse(q) -> bool:
     Per-tensor scales have no axis, 2-D blocks lie along both of a weight's
     axes, and a learned step belongs to the forward (the backward has no other).
     """
-    return _per_tensor(q) or q.granularity == "block" or q.scale == "learned"
+    return _per_tensor(q) or isinstance(q.granularity, quant.Block) or isinstance(q.scale, quant.Learned)
 
 
 # The backward product that takes each forward operand again.

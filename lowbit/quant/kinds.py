@@ -1,0 +1,240 @@
+"""What the grid is: uniform steps of an element format, or the ViT activation grids (log2, twin, PTF).
+
+Each kind checks its own fields and what it needs of its quantizer, and owns
+its kernels: ``fake`` (fake quantization), ``encode`` (codes) and ``decode``,
+all on float32 ``x`` in the work layout with ``QParams`` ``p``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lowbit import formats
+from lowbit.formats._checks import check_bool, check_int, require
+from lowbit.quant import uniform, vit
+from lowbit.quant.granularity import Channel
+from lowbit.quant.sources import Absmax, Percentile
+
+ZERO_POINT_RANGES = ("full", "restricted")
+TWIN_SPLITS = ("magnitude", "sign")
+
+
+def _integer(q) -> bool:
+    return isinstance(q.format, formats.IntFormat)
+
+
+def _require_integer(q, kind) -> None:
+    require(_integer(q), "Quantizer", "format", q.format, f"an IntFormat (the code width) with kind {kind}")
+
+
+def _require_magnitude_bits(q, kind) -> None:
+    fmt = q.format
+    require(fmt.bits - fmt.signed >= 2, "Quantizer", "format", fmt.name, f"at least 2 magnitude bits with kind {kind}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _IntegerGrid:
+    """Fields of the grids that may carry a zero point.
+
+    Attributes:
+      symmetric: zero at code 0; ``False`` adds an integer zero point so that
+        ``[min(x, 0), max(x, 0)]`` spans the integer grid (integer formats only).
+      zero_point_range: ``full`` uses every code of an integer format;
+        ``restricted`` drops the most negative one (int8: [-127, 127]).
+    """
+
+    symmetric: bool = True
+    zero_point_range: str = "full"
+
+    def __post_init__(self):
+        check_bool(type(self).__name__, "symmetric", self.symmetric)
+        require(
+            self.zero_point_range in ZERO_POINT_RANGES,
+            type(self).__name__,
+            "zero_point_range",
+            self.zero_point_range,
+            ", ".join(ZERO_POINT_RANGES),
+        )
+
+    def _check_grid(self, q) -> None:
+        if self.zero_point_range == "restricted":
+            require(
+                _integer(q) and q.format.signed,
+                type(self).__name__,
+                "zero_point_range",
+                "restricted",
+                "'full' unless the format is a signed integer",
+            )
+        if not self.symmetric:
+            require(_integer(q), type(self).__name__, "symmetric", False, "True unless the format is an integer")
+
+    @property
+    def signed_range(self) -> bool:
+        return not self.symmetric
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Uniform(_IntegerGrid):
+    """``step`` times the element format's grid (an integer grid, with a zero point when asymmetric)."""
+
+    name = "uniform"
+
+    def check(self, q) -> None:
+        self._check_grid(q)
+
+    def max_level(self, q) -> float:
+        return float(q.format.max_value)
+
+    def fake(self, q, x, p, rounding, key):
+        if _integer(q):
+            return uniform.int_fake(q, x, p.step(), p.zero_point, rounding, key)
+        return uniform.format_fake(q, x, p.step(), rounding, key)
+
+    def encode(self, q, x, p, rounding, key):
+        if _integer(q):
+            return uniform.int_encode(q, x, p.step(), p.zero_point, rounding, key)
+        return uniform.format_encode(q, x, p.step(), rounding, key)
+
+    def decode(self, q, codes, p):
+        if _integer(q):
+            return uniform.int_decode(q, codes, p.step(), p.zero_point)
+        return uniform.format_decode(q, codes, p.step())
+
+    def __str__(self) -> str:
+        parts = [] if self.symmetric else ["asymmetric"]
+        parts += [] if self.zero_point_range == "full" else ["restricted"]
+        return "uniform" + (f"({', '.join(parts)})" if parts else "")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Log2:
+    """FQ-ViT's log2 grid for post-softmax attention: levels ``step * 2^-k`` and zero."""
+
+    name = "log2"
+    signed_range = False
+
+    def check(self, q) -> None:
+        _require_integer(q, "Log2()")
+        require(q.rounding == "nearest", "Quantizer", "rounding", q.rounding, "nearest with kind Log2()")
+        _require_magnitude_bits(q, "Log2()")
+
+    def max_level(self, q) -> float:
+        return 1.0
+
+    def fake(self, q, x, p, rounding, key):
+        return vit.with_nan(x, self.decode(q, self.encode(q, x, p, rounding, key), p))
+
+    def encode(self, q, x, p, rounding, key):
+        return vit.log2_encode(q, x, p)
+
+    def decode(self, q, codes, p):
+        return vit.log2_decode(q, codes, p)
+
+    def __str__(self) -> str:
+        return "log2"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Twin:
+    """PTQ4ViT's twin uniform grid: two uniform ranges.
+
+    Attributes:
+      split: ``magnitude`` (a fine step below ``2^-shift`` of the range, a
+        coarse step above: post-softmax) or ``sign`` (one step for negatives,
+        one for positives, in a power-of-two ratio: post-GELU).
+      shift: the fine step is the coarse step times ``2^-shift``, 1..30.
+    """
+
+    split: str = "magnitude"
+    shift: int = 3
+    name = "twin"
+
+    def __post_init__(self):
+        require(self.split in TWIN_SPLITS, "Twin", "split", self.split, ", ".join(TWIN_SPLITS))
+        check_int("Twin", "shift", self.shift, 1, 30)
+        object.__setattr__(self, "shift", int(self.shift))
+
+    def check(self, q) -> None:
+        _require_integer(q, "Twin()")
+        if self.split == "sign":
+            require(
+                q.format.signed, "Quantizer", "format", q.format.name, "a signed integer format with Twin(split='sign')"
+            )
+        _require_magnitude_bits(q, "Twin()")
+
+    @property
+    def signed_range(self) -> bool:
+        return self.split == "sign"
+
+    def index_bits(self, q) -> int:
+        """Bits of the uniform index inside one range."""
+        return q.format.bits - 1 - (q.format.signed and self.split == "magnitude")
+
+    def max_level(self, q) -> float:
+        return float(2 ** self.index_bits(q) - 1)
+
+    def fake(self, q, x, p, rounding, key):
+        return vit.with_nan(x, self.decode(q, self.encode(q, x, p, rounding, key), p))
+
+    def encode(self, q, x, p, rounding, key):
+        return vit.twin_encode(q, x, p, rounding, key)
+
+    def decode(self, q, codes, p):
+        return vit.twin_decode(q, codes, p)
+
+    def __str__(self) -> str:
+        return f"twin({self.split}, shift {self.shift})"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PTF(_IntegerGrid):
+    """FQ-ViT's power-of-two factor for post-LayerNorm activations.
+
+    Channel ``c`` of the granularity's axis uses ``step * 2^a_c``, ``a_c`` in
+    ``0..max_power``; needs ``Channel`` granularity and an integer format.
+    """
+
+    max_power: int = 3
+    name = "ptf"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("PTF", "max_power", self.max_power, 1, 8)
+        object.__setattr__(self, "max_power", int(self.max_power))
+
+    def check(self, q) -> None:
+        _require_integer(q, "PTF()")
+        self._check_grid(q)
+        require(
+            isinstance(q.granularity, Channel),
+            "Quantizer",
+            "granularity",
+            q.granularity,
+            "Channel(axis) with kind PTF() (the axis holds the channels)",
+        )
+        require(
+            isinstance(q.scale, (Absmax, Percentile)),
+            "Quantizer",
+            "scale",
+            q.scale,
+            "Absmax() or Percentile() with kind PTF()",
+        )
+
+    def max_level(self, q) -> float:
+        return float(q.format.max_value)
+
+    def fake(self, q, x, p, rounding, key):
+        return uniform.int_fake(q, x, vit.ptf_step(p), p.zero_point, rounding, key)
+
+    def encode(self, q, x, p, rounding, key):
+        return uniform.int_encode(q, x, vit.ptf_step(p), p.zero_point, rounding, key)
+
+    def decode(self, q, codes, p):
+        return uniform.int_decode(q, codes, vit.ptf_step(p), p.zero_point)
+
+    def __str__(self) -> str:
+        return f"ptf(K={self.max_power}" + ("" if self.symmetric else ", asymmetric") + ")"
+
+
+Kind = Uniform | Log2 | Twin | PTF
+KINDS = (Uniform, Log2, Twin, PTF)
