@@ -228,16 +228,42 @@ class BlockFormat(BuiltinFormat):
 
     # ----- kernels ------------------------------------------------------------------
     def _quantize(self, x, saturate, rounding, key):
+        """Three steps, each done once: the block maxima (one reduction over ``x``), the per-block
+        factors (``1/X`` and ``X`` as the two exact powers of two ``_mul_pow2`` uses, or NVFP4's
+        ``d``; ``_per_block`` keeps XLA from recomputing them for every element), and one
+        elementwise pass that reads them broadcast along the blocks. The arithmetic per element
+        and per block is ``_mx_in`` / ``_nv_in``'s, in the same order: the same bits.
+        """
         xb, n = _blocks(x, self.block_size)
         if self.kind == "mx":
             code, _ = self._mx_scale(xb)
-            y = self._mx_in(xb, code, saturate)
-            q = self.element._quantize(y, saturate, rounding, key)
-            out = _mul_pow2(q, code - 127 + self.element_exp)
+            a1, a2 = _per_block(*_pow2_pair(127 - code - self.element_exp))
+            # _pow2_pair(code - 127 + element_exp), the inverse scale's, is (1/a2, 1/a1): two integer subtracts.
+            factors = (a1, a2, _inverse_pow2(a2), _inverse_pow2(a1))
         else:
-            y, d, _ = self._nv_in(xb, saturate)
-            out = self.element._quantize(y, saturate, rounding, key) * d
+            (d,) = _per_block(self._nv_divisor(_amax_bits(xb)[0]))
+            factors = (jnp.where(d > 0, d, jnp.float32(1)), d)
+        if n != xb.shape[-2] * xb.shape[-1] and rounding != "stochastic":
+            # A partial last block: the factors broadcast over x itself, so the padded copy feeds the
+            # reduction alone. (Stochastic rounding draws its words over the padded blocks.)
+            def spread(f):
+                full = jnp.broadcast_to(f, xb.shape)
+                return _unblock(full, n)
+
+            xf = x.astype(jnp.float32)
+            return self._elementwise(xf, tuple(spread(f) for f in factors), saturate, rounding, key).astype(x.dtype)
+        out = self._elementwise(xb.astype(jnp.float32), factors, saturate, rounding, key)
         return _unblock(out, n).astype(x.dtype)
+
+    def _elementwise(self, xf, factors, saturate, rounding, key):
+        """The per-element pass of ``_quantize``: float32 ``xf`` and the per-block factors broadcast to it."""
+        if self.kind == "mx":
+            a1, a2, b1, b2 = factors  # x / X = x * a1 * a2 and q * X = q * b1 * b2, as _mul_pow2
+            y = self._saturate_finite(xf * a1 * a2, saturate)
+            return self.element._quantize(y, saturate, rounding, key) * b1 * b2
+        d_safe, d = factors
+        y = self._saturate_finite(_div(xf, d_safe), saturate)
+        return self.element._quantize(y, saturate, rounding, key) * d
 
     def _encode(self, x, saturate, rounding, key):
         xb, n = _blocks(x, self.block_size)
@@ -352,6 +378,12 @@ class BlockFormat(BuiltinFormat):
         """
         xf = xb.astype(jnp.float32)
         amax_bits, has_nan = _amax_bits(xb)
+        d, (bs_code, s) = self._nv_divisor(amax_bits, codes=True)
+        y = self._saturate_finite(_div(xf, jnp.where(d > 0, d, jnp.float32(1))), saturate)
+        return y, d, (bs_code, s, has_nan)
+
+    def _nv_divisor(self, amax_bits, codes: bool = False):
+        """The per-block divisor ``d = bs * s`` from the blocks' amax bits (and, with ``codes``, ``(bs codes, s)``)."""
         amax_b = _bits.from_bits(amax_bits)
         # Reduced from the block maxima (behind a bitcast, which XLA does not fold into
         # one reduction over x): the tensor amax costs no extra pass over x.
@@ -361,10 +393,8 @@ class BlockFormat(BuiltinFormat):
         )
         # The barrier keeps XLA from merging (a / b) / s into a / (b * s), another rounding.
         bsf = _div(lax.optimization_barrier(_div(amax_b, jnp.float32(self.element.max_value))), s)
-        bs_code = self.scale._encode(bsf, True, "nearest", None)
         d = self.scale._quantize(bsf, True, "nearest", None) * s
-        y = self._saturate_finite(_div(xf, jnp.where(d > 0, d, jnp.float32(1))), saturate)
-        return y, d, (bs_code, s, has_nan)
+        return (d, (self.scale._encode(bsf, True, "nearest", None), s)) if codes else d
 
 
 def _blocks(x, block_size: int):
@@ -408,6 +438,31 @@ def _amax_bits(xb):
     finite = abits < u32(_bits.INF_BITS)
     amax_bits = jnp.max(jnp.where(finite, abits, u32(0)), axis=-1, keepdims=True)
     return amax_bits, jnp.any(abits > u32(_bits.INF_BITS), axis=-1, keepdims=True)
+
+
+def _per_block(*factors):
+    """The per-block float32 ``factors``, computed once per block (the same values, bit for bit).
+
+    XLA fuses cheap per-block arithmetic into the elementwise pass that
+    broadcasts it, and a loop fusion evaluates every operand per element: the
+    scale's bit manipulation would run ``block_size`` times per block.
+    ``optimization_barrier`` does not stop that (XLA removes barriers before
+    fusion); an integer remainder does, being one of the ops XLA will not
+    duplicate into a consumer that reuses its elements. ``bits % 0xFFFFFFFF`` is
+    ``bits`` for every pattern but 0xFFFFFFFF (a negative NaN, which no factor is).
+    """
+    return tuple(_bits.from_bits(lax.rem(_bits.to_bits(f), u32(0xFFFFFFFF))) for f in factors)
+
+
+def _inverse_pow2(p):
+    """``1 / p`` for a float32 power of two ``p = 2^e``, ``e`` in [-126, 126]: exact, from its exponent field."""
+    return _bits.from_bits(u32(254 << _bits.MANT) - _bits.to_bits(p))
+
+
+def _pow2_pair(k):
+    """The two float32 factors of ``_mul_pow2(v, k)``: ``v * a * b`` is ``_mul_pow2(v, k)``."""
+    half = lax.shift_right_arithmetic(k, jnp.int32(1))
+    return _bits.pow2(half), _bits.pow2(k - half)
 
 
 def _div(a, b):
