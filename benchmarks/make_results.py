@@ -11,6 +11,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ORDER = [
     "summary.md",
     "bench_intercept.md",
+    "bench_import.md",
     "bench_formats.md",
     "bench_quant.md",
     "bench_block.md",

@@ -113,7 +113,10 @@ def test_export_of_a_quantized_user_model():
     assert list(exported) == ["conv:conv0", "fc:dot_general0", "head:einsum0"]
     assert [t.quantizer.format.name for t in exported.values()] == ["int8", "int4", "int8"]
     # Per output channel: the conv's (H, W, I, O) kernel has one scale per O, the einsum weight one per k.
-    assert exported["conv:conv0"].quantizer.axis == 3 and exported["head:einsum0"].quantizer.axis == 1
+    assert (
+        exported["conv:conv0"].quantizer.granularity.axis == 3
+        and exported["head:einsum0"].quantizer.granularity.axis == 1
+    )
     loaded, reference = copy.deepcopy(qmodel), copy.deepcopy(qmodel)
     export.load(loaded, exported)
     export.fake_quant_weights(reference, "int4", edges="int8")

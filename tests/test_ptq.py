@@ -20,6 +20,7 @@ from lowbit.ptq.datafree import patch_similarity_entropy, synthesize
 from lowbit.ptq.finetune import FinetuneConfig, finetune
 from lowbit.ptq.noise import adaptive_noise, quantization_step, set_noisy_bias, with_noisy_bias
 from lowbit.ptq.outlier import outlier_penalty
+from lowbit.quant import Absmax, Channel, Fixed, Log2, Twin, Uniform
 from lowbit.trainer import loop
 
 PROJ, AV, MLP_OUT = "blocks/0/attn/proj:dot_general0", "blocks/0/attn:einsum1", "blocks/0/mlp_out:dot_general0"
@@ -55,13 +56,13 @@ def test_absmax_clip_is_the_running_max():
     batches = _batches(lambda k: jax.random.normal(k, (64, 32)))
     batches[2] = batches[2].at[3, 5].set(-9.0)  # the largest magnitude, in one batch only
     q = _calibrated(PROJ, "lhs", PTQConfig(activations="int8"), batches)
-    assert q.scale == "fixed" and q.fixed_scale == pytest.approx(9.0 / 127, rel=1e-6)
+    assert isinstance(q.scale, Fixed) and q.scale.step == pytest.approx(9.0 / 127, rel=1e-6)
 
 
 def test_percentile_clip_of_uniform_data():
     batches = _batches(lambda k: jax.random.uniform(k, (256, 64), minval=-2.0, maxval=2.0))
     q = _calibrated(PROJ, "lhs", PTQConfig(calibration="percentile", percentile=99.0), batches)
-    assert q.fixed_scale * 127 == pytest.approx(0.99 * 2.0, rel=0.01)
+    assert q.scale.step * 127 == pytest.approx(0.99 * 2.0, rel=0.01)
 
 
 @pytest.mark.parametrize(("bits", "lo", "hi"), [(4, 2.2, 2.9), (8, 3.5, 5.5)])
@@ -69,13 +70,13 @@ def test_mse_clip_of_a_gaussian_matches_the_known_optimum(bits, lo, hi):
     # Banner et al. (ACIQ): the MSE-optimal clip of N(0, 1) is ~2.55 sigma at 4 bits, ~4 sigma at 8 bits.
     batches = _batches(lambda k: jax.random.normal(k, (512, 64)))
     q = _calibrated(PROJ, "lhs", PTQConfig(activations=f"int{bits}", calibration="mse"), batches)
-    assert lo < q.fixed_scale * (2 ** (bits - 1) - 1) < hi
+    assert lo < q.scale.step * (2 ** (bits - 1) - 1) < hi
 
 
 def test_mse_clip_of_uniform_data_is_its_range():
     batches = _batches(lambda k: jax.random.uniform(k, (256, 64), minval=-1.0, maxval=1.0))
     q = _calibrated(PROJ, "lhs", PTQConfig(activations="int4", calibration="mse"), batches)
-    assert q.fixed_scale * 7 > 0.93  # nothing to clip: the optimum is (close to) the absmax
+    assert q.scale.step * 7 > 0.93  # nothing to clip: the optimum is (close to) the absmax
 
 
 def test_kl_clip_cuts_a_heavy_tail():
@@ -83,35 +84,35 @@ def test_kl_clip_cuts_a_heavy_tail():
     amax = max(float(jnp.max(jnp.abs(b))) for b in batches)
     q8 = _calibrated(PROJ, "lhs", PTQConfig(calibration="kl"), batches)
     q4 = _calibrated(PROJ, "lhs", PTQConfig(activations="int4", calibration="kl"), batches)
-    assert 4.0 < q4.fixed_scale * 7 < q8.fixed_scale * 127 < 0.9 * amax  # fewer levels, tighter clip
+    assert 4.0 < q4.scale.step * 7 < q8.scale.step * 127 < 0.9 * amax  # fewer levels, tighter clip
 
 
 def test_nonnegative_operands_get_the_unsigned_grid():
     probs = _batches(lambda k: jax.nn.softmax(jax.random.normal(k, (8, 2, 16, 16)), axis=-1))
     q = _calibrated(AV, "lhs", PTQConfig(activations="int4"), probs, nonnegative=True)
-    assert q.format.name == "uint4" and q.fixed_scale == pytest.approx(float(max(jnp.max(p) for p in probs)) / 15)
+    assert q.format.name == "uint4" and q.scale.step == pytest.approx(float(max(jnp.max(p) for p in probs)) / 15)
 
 
 def test_twin_gelu_gives_the_negative_side_a_fine_step():
     batches = _batches(lambda k: jax.nn.gelu(3 * jax.random.normal(k, (256, 64))))
     q = _calibrated(MLP_OUT, "lhs", PTQConfig(activations="int8", gelu="twin"), batches)
-    fine = q.fixed_scale * 2.0**-q.twin_shift
-    assert q.kind == "twin_uniform" and fine * 127 >= 0.17 > fine * 127 / 2  # covers GELU's minimum, tightly
+    fine = q.scale.step * 2.0**-q.kind.shift
+    assert isinstance(q.kind, Twin) and fine * 127 >= 0.17 > fine * 127 / 2  # covers GELU's minimum, tightly
 
 
 def test_vit_options_land_on_the_ops_the_regexes_name():
     cfg = PTQConfig(softmax="log2", gelu="twin", layernorm="channel")
-    assert vit.activation_quantizer(AV, "lhs", cfg).kind == "log2"
-    assert vit.activation_quantizer("blocks/3/attn:einsum0", "lhs", cfg).kind == "uniform"  # QK^T: not softmax
-    assert vit.activation_quantizer(MLP_OUT, "lhs", cfg).twin_split == "sign"
-    assert vit.activation_quantizer(AV, "rhs", cfg).kind == "uniform"  # V
+    assert vit.activation_quantizer(AV, "lhs", cfg).kind == Log2()
+    assert vit.activation_quantizer("blocks/3/attn:einsum0", "lhs", cfg).kind == Uniform()  # QK^T: not softmax
+    assert vit.activation_quantizer(MLP_OUT, "lhs", cfg).kind == Twin(split="sign")
+    assert vit.activation_quantizer(AV, "rhs", cfg).kind == Uniform()  # V
     assert vit.layernorm_of("blocks/2/attn/qkv:dot_general0", cfg) == "blocks/2/norm1"
     assert vit.layernorm_of("head:dot_general0", cfg) == "norm" and vit.layernorm_of(PROJ, cfg) is None
-    assert vit.activation_quantizer("head:dot_general0", "lhs", cfg, after_layernorm=True).granularity == "channel"
+    assert vit.activation_quantizer("head:dot_general0", "lhs", cfg, after_layernorm=True).granularity == Channel()
     # A model's own names: a softmax inside "mixer" modules.
     own = PTQConfig(softmax="log2", softmax_ops=r"mixer/\d+:einsum1")
-    assert vit.activation_quantizer("mixer/4:einsum1", "lhs", own).kind == "log2"
-    assert vit.activation_quantizer(AV, "lhs", own).kind == "uniform"
+    assert vit.activation_quantizer("mixer/4:einsum1", "lhs", own).kind == Log2()
+    assert vit.activation_quantizer(AV, "lhs", own).kind == Uniform()
 
 
 @pytest.mark.slow  # end to end on a trained ViT
@@ -214,8 +215,8 @@ def test_w8a8_keeps_accuracy(trained, w8a8):
     assert all(r["sqnr_db"] > 25 and r["rhs_sqnr_db"] > 35 for r in rows)
     # Every op got its own frozen activation scales; the original model is untouched (still float).
     rules = recipe_of(quantized).rules
-    assert len(rules) == len(VIT_OPS) and all(r.dot.lhs.scale == "fixed" for r in rules)
-    assert len({r.dot.lhs.fixed_scale for r in rules}) == len(rules)
+    assert len(rules) == len(VIT_OPS) and all(isinstance(r.dot.lhs.scale, Fixed) for r in rules)
+    assert len({r.dot.lhs.scale.step for r in rules}) == len(rules)
     assert not is_quantized(trained)
     # Pixels and softmax probabilities are never negative: the unsigned grid.
     by_name = {r["name"]: r for r in rows}
@@ -231,7 +232,7 @@ def test_w4a4_with_every_vit_option(trained, digits, w8a8):
     )
     quantized, rows = quantize_model(trained, digits.x_train[:128], cfg)
     by_name = {r["name"]: r for r in rows}
-    assert "twin_uniform" in by_name[AV]["lhs"] and "twin_uniform" in by_name[MLP_OUT]["lhs"]
+    assert "twin(magnitude" in by_name[AV]["lhs"] and "twin(sign" in by_name[MLP_OUT]["lhs"]
     assert by_name["blocks/0/attn/qkv:dot_general0"]["fold_ratio_max"] >= 1 and "noisy_bias" in by_name[PROJ]
     assert "fold_ratio_max" not in by_name[PROJ] and "noisy_bias" not in by_name[AV]  # einsums take no noise
     assert 0.3 < accuracy(quantized, digits.x_test, digits.y_test) <= w8a8[1]["test_accuracy"] + 0.01
@@ -258,7 +259,7 @@ def test_noisy_bias_is_removed_from_the_result():
 def test_dynamic_activations(trained, digits):
     quantized, rows = quantize_model(trained, digits.x_train[:64], PTQConfig(dynamic=True))
     lhs = recipe_of(quantized).rules[1].dot.lhs
-    assert lhs.scale == "absmax" and not lhs.static and all("step" not in r for r in rows)
+    assert lhs.scale == Absmax() and not lhs.static and all("step" not in r for r in rows)
     assert accuracy(quantized, digits.x_test, digits.y_test) > 0.8
 
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 import lowbit.nn as lnn
 from lowbit import recipes
+from lowbit.quant import Absmax, Channel, Delayed, Tensor
 from lowbit.recipes import op as oprule
 from lowbit.training.qdot import uses_real_matmul
 
@@ -102,11 +103,11 @@ def test_absmax_int_recipes_run_int8_dots(name, weight_bits):
     recipe = recipes.get(name)
     for rule in recipe.rules:
         cfg = rule.dot
-        assert cfg.lhs.format.name == "int8" and cfg.lhs.granularity == "tensor" and cfg.lhs.scale == "absmax"
+        assert cfg.lhs.format.name == "int8" and cfg.lhs.granularity == Tensor() and cfg.lhs.scale == Absmax()
         assert cfg.dlhs_grad is None and cfg.drhs_grad is None  # float gradients
         assert uses_real_matmul(cfg)
     weight = recipe.rules[-1].dot.rhs
-    assert (weight.format.name, weight.granularity) == (f"int{weight_bits}", "channel")
+    assert (weight.format.name, weight.granularity) == (f"int{weight_bits}", Channel())
 
     qm, desc = _quantized(name)
     fc = next(e for e in desc if e.path == "fc")
@@ -144,8 +145,8 @@ def test_fp8_delayed_differs_from_fp8_only_in_the_scale_source():
     for a, b in zip(fp8.rules, late.rules):
         for site in ("lhs", "dlhs_grad", "drhs_grad"):
             qa, qb = getattr(a.dot, site), getattr(b.dot, site)
-            assert qa.format == qb.format and qa.scale == "absmax" and qb.scale == "delayed"
-        assert a.dot.rhs == b.dot.rhs or (a.dot.rhs.scale, b.dot.rhs.scale) == ("absmax", "delayed")
+            assert qa.format == qb.format and qa.scale == Absmax() and isinstance(qb.scale, Delayed)
+        assert a.dot.rhs == b.dot.rhs or (a.dot.rhs.scale == Absmax() and isinstance(b.dot.rhs.scale, Delayed))
         assert b.dot.amax_histories  # state for the op
 
 

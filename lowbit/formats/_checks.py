@@ -106,7 +106,7 @@ def check_key(key: Any, what: str = "key") -> None:
                 "(to use one key per call, jax.vmap over the keys)"
             )
         return
-    if dtype is not None and jnp.dtype(dtype) == jnp.uint32 and len(shape) >= 1:
+    if dtype is not None and shape is not None and jnp.dtype(dtype) == jnp.uint32 and len(shape) >= 1:
         if shape != (2,):
             raise ValueError(
                 f"{what} has shape {shape}; allowed: {allowed} (to use one key per call, jax.vmap over the keys)"

@@ -330,9 +330,8 @@ class BlockFormat(BuiltinFormat):
         full = (1 << _bits.MANT) - 1
         max_fraction = int(np.float32(self.element_max).view(np.uint32)) & full
         mbits = self.element.mbits if isinstance(self.element, FloatFormat) else -self.element_exp
-        return {"floor": 0, "ceil": full, "rceil": full - max_fraction, "even": 1 << (_bits.MANT - 1 - mbits)}[
-            self.scale_mode
-        ]
+        carries = {"floor": 0, "ceil": full, "rceil": full - max_fraction, "even": 1 << (_bits.MANT - 1 - mbits)}
+        return carries[str(self.scale_mode)]
 
     def _mx_scale(self, xb):
         """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.

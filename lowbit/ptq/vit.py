@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,7 @@ from lowbit.quant import (
     Twin,
     Uniform,
 )
+from lowbit.quant.granularity import Granularity
 from lowbit.quant.sources import Scale
 
 __all__ = [
@@ -83,12 +85,13 @@ def layernorm_of(name: str, cfg: PTQConfig) -> str | None:
     return None
 
 
-def _kind(name: str, operand: str, cfg: PTQConfig, after_layernorm: bool) -> dict:
+def _kind(name: str, operand: str, cfg: PTQConfig, after_layernorm: bool) -> dict[str, Any]:
     """Quantizer parts beyond a per-tensor uniform grid for this operand."""
     if operand != "lhs":
         return {}
     if re.fullmatch(cfg.softmax_ops, name):
-        return {"log2": dict(kind=Log2()), "twin": dict(kind=Twin(split="magnitude")), "uniform": {}}[cfg.softmax]
+        softmax: dict[str, dict[str, Any]] = {"log2": dict(kind=Log2()), "twin": dict(kind=Twin(split="magnitude"))}
+        return softmax.get(cfg.softmax, {})
     if cfg.gelu == "twin" and re.fullmatch(cfg.gelu_ops, name):
         return dict(kind=Twin(split="sign"))
     if cfg.layernorm != "tensor" and after_layernorm:
@@ -146,7 +149,11 @@ def weight_quantizer(cfg: PTQConfig) -> Quantizer:
     call, which for a fixed weight is a static scale (and costs nothing next to
     the activations).
     """
-    granularity = {"tensor": Tensor(), "channel": Channel()}.get(cfg.granularity) or Group(size=cfg.group_size)
+    granularity: Granularity = Group(size=cfg.group_size)
+    if cfg.granularity == "tensor":
+        granularity = Tensor()
+    elif cfg.granularity == "channel":
+        granularity = Channel()
     return Quantizer(format=cfg.weight_format, granularity=granularity, scale=source(cfg.weight_source, cfg))
 
 

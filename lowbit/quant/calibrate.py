@@ -43,7 +43,7 @@ class CalibrationState(NamedTuple):
       hist_range: float32 scalar, a power of two (0 before the first batch).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # the field shadows tuple.count, as NamedTuples may
     lo: jax.Array
     hi: jax.Array
     hist: jax.Array
