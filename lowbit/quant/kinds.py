@@ -106,8 +106,15 @@ class Uniform(_IntegerGrid):
         return "uniform" + (f"({', '.join(parts)})" if parts else "")
 
 
+class _Coded:
+    """Kinds whose fake quantization is ``decode(encode(x))`` with NaN passed through (codes hold no NaN)."""
+
+    def fake(self, q, x, p, rounding, key):
+        return vit.with_nan(x, self.decode(q, self.encode(q, x, p, rounding, key), p))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Log2:
+class Log2(_Coded):
     """FQ-ViT's log2 grid for post-softmax attention: levels ``step * 2^-k`` and zero."""
 
     name = "log2"
@@ -121,9 +128,6 @@ class Log2:
     def max_level(self, q) -> float:
         return 1.0
 
-    def fake(self, q, x, p, rounding, key):
-        return vit.with_nan(x, self.decode(q, self.encode(q, x, p, rounding, key), p))
-
     def encode(self, q, x, p, rounding, key):
         return vit.log2_encode(q, x, p)
 
@@ -135,7 +139,7 @@ class Log2:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Twin:
+class Twin(_Coded):
     """PTQ4ViT's twin uniform grid: two uniform ranges.
 
     Attributes:
@@ -172,9 +176,6 @@ class Twin:
 
     def max_level(self, q) -> float:
         return float(2 ** self.index_bits(q) - 1)
-
-    def fake(self, q, x, p, rounding, key):
-        return vit.with_nan(x, self.decode(q, self.encode(q, x, p, rounding, key), p))
 
     def encode(self, q, x, p, rounding, key):
         return vit.twin_encode(q, x, p, rounding, key)

@@ -27,19 +27,27 @@ def _number(value) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Data:
-    """A data-driven source; ``static=True`` takes the clip from calibration instead of each call's ``x``."""
+class _Source:
+    """What every source answers: whether its clip comes from ``x`` (``data``), whether the
+    caller passes the step (``given``, as ``scale=``), and what it needs of its quantizer."""
 
-    static: bool = False
-    data: ClassVar[bool] = True
-    given: ClassVar[bool] = False  # the caller passes the step as scale=
-
-    def __post_init__(self):
-        check_bool(type(self).__name__, "static", self.static)
+    data: ClassVar[bool] = False
+    given: ClassVar[bool] = False
+    static: ClassVar[bool] = False
 
     def check(self, q) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Data(_Source):
+    """A data-driven source; ``static=True`` takes the clip from calibration instead of each call's ``x``."""
+
+    static: bool = False  # type: ignore[misc]  # a field here, a class constant on the other sources
+    data: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_bool(type(self).__name__, "static", self.static)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,13 +112,10 @@ class KL(_Data):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Fixed:
+class Fixed(_Source):
     """A constant step: ``x`` is quantized as ``Q(x / step) * step`` (``Fixed(step=1.0)`` is the bare format)."""
 
     step: float = 1.0
-    data: ClassVar[bool] = False
-    given: ClassVar[bool] = False
-    static: ClassVar[bool] = False
 
     def __post_init__(self):
         s = self.step
@@ -123,9 +128,6 @@ class Fixed:
         )
         object.__setattr__(self, "step", float(s))
 
-    def check(self, q) -> None:
-        pass
-
     @property
     def pow2(self) -> bool:
         """Whether the step is a power of two (then ``x * (1 / step)`` is exact)."""
@@ -136,22 +138,17 @@ class Fixed:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Learned:
+class Learned(_Source):
     """The caller passes the step: ``fake_quant(q, x, scale=step)`` (LSQ, PACT, SAWB, GradScale...)."""
 
-    data: ClassVar[bool] = False
     given: ClassVar[bool] = True
-    static: ClassVar[bool] = False
-
-    def check(self, q) -> None:
-        pass
 
     def __str__(self) -> str:
         return "learned"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Delayed:
+class Delayed(_Source):
     """TransformerEngine's delayed scaling, per tensor: the clip is the reduced amax history of earlier steps.
 
     ``lowbit.training.qdot`` keeps the history as op state (see
@@ -166,9 +163,7 @@ class Delayed:
 
     history: int = DEFAULT_AMAX_HISTORY
     reduction: str = "max"
-    data: ClassVar[bool] = False
     given: ClassVar[bool] = True
-    static: ClassVar[bool] = False
 
     def __post_init__(self):
         check_int("Delayed", "history", self.history, 1, 1 << 16)
