@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,8 @@ def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[di
                     train_time_s=statistics.fmean(r["train_time_s"] for r in runs),
                     skipped_steps=sum(r["skipped_steps"] for r in runs),
                     commits=sorted({r.get("lowbit_commit", "?") for r in runs}),
+                    # Records before 2026-12-07 did not keep their command line.
+                    commands=sorted({r.get("command", "?") for r in runs}),
                 )
             )
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
@@ -195,6 +198,9 @@ def table(ds: str, rows: list[dict], epochs: int) -> str:
             f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
             f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} | {', '.join(r['commits'])} |"
         )
+    commands = sorted({c for r in rows for c in r["commands"]})
+    lines += ["", "Commands that produced these rows (`?`: a record from before commands were kept):", ""]
+    lines += [f"- `{c}`" if c != "?" else "- ?" for c in commands]
     return "\n".join(lines)
 
 
@@ -308,6 +314,7 @@ def main(argv=None) -> None:
     }
     info = machine_info()
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
+    command = shlex.join(["python", "benchmarks/bench_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
 
     def current(records, api=API):
         """The newest record of each run of this configuration (others, e.g. another --epochs, stay in the file)."""
@@ -354,6 +361,7 @@ def main(argv=None) -> None:
                     wall_s=time.perf_counter() - t0,
                     load_average=_timing.load_average(),
                     lowbit_commit=commit,
+                    command=command,
                     date=_timing.machine_info()["date"],
                 )
                 with jsonl.open("a") as f:
