@@ -265,7 +265,7 @@ CONSTRUCTORS = [
     ("FloatFormat ebits=True", lambda: FloatFormat(ebits=True, mbits=3), Err(ValueError, r"\bebits\b")),
     *[
         (f"FloatFormat mbits={v!r}", (lambda v=v: FloatFormat(ebits=4, mbits=v)), Err(ValueError, r"\bmbits\b"))
-        for v in (-1, 16, 24, 10**9, 2.0, None)
+        for v in (-1, 24, 10**9, 2.0, None)  # up to 23: every value exact in float32
     ],
     *[
         (f"FloatFormat bias={v!r}", (lambda v=v: FloatFormat(ebits=5, mbits=2, bias=v)), Err(ValueError, r"\bbias\b"))

@@ -24,7 +24,7 @@ from lowbit import formats, recipes, testing
 from lowbit.cli import args as cli_args
 from lowbit.cli import train as cli_train
 from lowbit.cli.main import main
-from lowbit.formats import FloatFormat
+from lowbit.formats import FloatFormat, IntFormat
 from lowbit.trainer import checkpoint, loop, make_eval_step, make_optimizer, metadata
 from lowbit.trainer.checkpoint import CheckpointError
 from lowbit.trainer.interrupt import StopRequest, deferred
@@ -313,6 +313,8 @@ def test_numpy_integers_are_accepted_and_passed_on_as_ints():
     assert all(type(getattr(fmt, f)) is int for f in ("ebits", "mbits", "bias", "radix"))
     assert float(fmt.values()[-1]) == 448.0
     assert formats.p3109(np.int64(8), np.int64(3)) == formats.get("p3109_k8p3")
+    int4 = IntFormat(bits=np.int64(4))
+    assert int4 == IntFormat(bits=4) and type(int4.bits) is int and int4.name == "int4"
     with pytest.raises(ValueError, match="ebits=True is invalid; allowed: an integer"):
         FloatFormat(ebits=True, mbits=3)
 

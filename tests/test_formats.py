@@ -703,7 +703,7 @@ def test_rounding_argument_errors():
         (lambda: FloatFormat(ebits=0, mbits=3), "ebits"),
         (lambda: FloatFormat(ebits=4, mbits=-1), "mbits"),
         (lambda: FloatFormat(ebits=4, mbits=24), "mbits"),
-        (lambda: FloatFormat(ebits=8, mbits=8), "bits"),
+        (lambda: FloatFormat(ebits=5, mbits=12, radix=4), "bits"),  # radix 4 stays at 16 bits
         (lambda: FloatFormat(ebits=4, mbits=3, radix=3), "radix"),
         (lambda: FloatFormat(ebits=5, mbits=2, bias=-200), "bias"),
         (lambda: FloatFormat(ebits=5, mbits=2, bias=300), "bias"),

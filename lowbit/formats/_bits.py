@@ -16,22 +16,23 @@ INF_BITS = 0x7F800000
 MANT = 23  # float32 mantissa bits
 
 
-def u32(v: int) -> jnp.ndarray:
+def u32(v: int) -> jax.Array:
     """A uint32 scalar constant (keeps strict dtype promotion happy)."""
-    return jnp.uint32(v)
+    c: jax.Array = jnp.uint32(v)
+    return c
 
 
-def to_bits(x: jnp.ndarray) -> jnp.ndarray:
+def to_bits(x: jax.Array) -> jax.Array:
     """float32 -> uint32 bit pattern."""
     return lax.bitcast_convert_type(x, jnp.uint32)
 
 
-def from_bits(b: jnp.ndarray) -> jnp.ndarray:
+def from_bits(b: jax.Array) -> jax.Array:
     """uint32 bit pattern -> float32."""
     return lax.bitcast_convert_type(b, jnp.float32)
 
 
-def pow2(k: jnp.ndarray) -> jnp.ndarray:
+def pow2(k: jax.Array) -> jax.Array:
     """Exact 2^k as float32 for integer k in [-126, 127] (int32 array).
 
     Built from the exponent field, so it is exact and costs one shift; callers
@@ -40,7 +41,7 @@ def pow2(k: jnp.ndarray) -> jnp.ndarray:
     return from_bits(lax.shift_left((k + 127).astype(jnp.uint32), u32(MANT)))
 
 
-def exponent(x: jnp.ndarray) -> jnp.ndarray:
+def exponent(x: jax.Array) -> jax.Array:
     """floor(log2|x|) as int32 for finite nonzero float32 x (subnormals included)."""
     b = to_bits(x) & u32(ABS)
     field = lax.shift_right_logical(b, u32(MANT)).astype(jnp.int32)
@@ -48,20 +49,20 @@ def exponent(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(field == 0, -118 - lax.clz(b).astype(jnp.int32), field - 127)
 
 
-def _triple32(h: jnp.ndarray) -> jnp.ndarray:
+def _triple32(h: jax.Array) -> jax.Array:
     """Wellons' ``triple32`` integer hash of uint32 words (a bijection with full avalanche)."""
     for shift, mult in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
         h = (h ^ lax.shift_right_logical(h, u32(shift))) * u32(mult)
     return h ^ lax.shift_right_logical(h, u32(14))
 
 
-def _key_words(key) -> jnp.ndarray:
+def _key_words(key: jax.Array) -> jax.Array:
     """A key's data as a flat uint32 vector (typed keys and legacy uint32 keys alike)."""
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     return data.reshape(-1).astype(jnp.uint32)
 
 
-def random_bits(key, shape) -> jnp.ndarray:
+def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Uniform uint32 words of ``shape`` for stochastic rounding, reproducible for ``key``.
 
     ``jax.random.bits`` spends about 20 Threefry rounds per word, several times the
@@ -97,7 +98,7 @@ def random_bits(key, shape) -> jnp.ndarray:
     return _triple32(h * a + b)
 
 
-def split_key(key, n: int) -> tuple:
+def split_key(key: jax.Array, n: int) -> tuple[jax.Array, ...]:
     """``n`` keys derived from ``key`` for stochastic rounding, by hashing its data words.
 
     ``jax.random.split`` runs Threefry, which XLA:CPU lowers as a rolled loop of

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from lowbit.formats import _bits
 from lowbit.formats._checks import check_float_input, check_int, check_name, check_range, require
 from lowbit.formats.minifloat import FloatFormat
-from lowbit.formats.protocol import BuiltinFormat
+from lowbit.formats.protocol import BuiltinFormat, Encoded
 from lowbit.formats.scales import _reduce_axes
 
 RULES = ("max", "sqnr")
@@ -23,7 +25,7 @@ _MAX_SHIFT = 100  # bias shifts stay in [-100, 100]: 2^shift is a float32 normal
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AdaptiveFloat(BuiltinFormat):
+class AdaptiveFloat(BuiltinFormat[tuple[jax.Array, ...]]):
     """A minifloat whose bias is chosen per tensor or per channel from the data.
 
     Attributes:
@@ -41,7 +43,7 @@ class AdaptiveFloat(BuiltinFormat):
     search: tuple[int, ...] = (-1, 0, 1, 2)
     name: str = dataclasses.field(default="", compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         require(
             isinstance(self.base, FloatFormat) and self.base.radix == 2,
             "AdaptiveFloat",
@@ -80,13 +82,15 @@ class AdaptiveFloat(BuiltinFormat):
     def has_nan(self) -> bool:
         return self.base.has_nan
 
-    def _shifted(self, x, shift, saturate, rounding, key):
+    def _shifted(
+        self, x: jax.Array, shift: jax.Array, saturate: bool, rounding: str, key: jax.Array | None
+    ) -> jax.Array:
         """quantize(base, x * 2^shift) * 2^-shift, computed in float32."""
         xf = x.astype(jnp.float32)
         up, down = _pow2_pair(shift)
         return self.base._quantize(xf * up, saturate, rounding, key) * down
 
-    def _choose(self, x):
+    def _choose(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         red = _reduce_axes(xf, self.axis)
         # initial=0: an empty tensor (or channel) has amax 0 and keeps the base bias.
@@ -120,16 +124,16 @@ class AdaptiveFloat(BuiltinFormat):
                 best_d, best_err = jnp.where(better, cand, best_d), jnp.where(better, err, best_err)
         return best_d
 
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         return self._shifted(x, self._choose(x), saturate, rounding, key).astype(x.dtype)
 
-    def _encode(self, x, saturate, rounding, key):
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> tuple[jax.Array, ...]:
         d = self._choose(x)
         up, _ = _pow2_pair(d)
         codes = self.base._encode(x.astype(jnp.float32) * up, saturate, rounding, key)
         return codes, (self.base.bias + d).astype(jnp.int32)
 
-    def _decode(self, encoded, dtype):
+    def _decode(self, encoded: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
         if not isinstance(encoded, tuple) or len(encoded) != 2:
             raise ValueError(f"{self.name}: decode takes what encode returned, (codes, bias)")
         codes, bias = encoded
@@ -151,11 +155,11 @@ class AdaptiveFloat(BuiltinFormat):
         return self.base._values()
 
 
-def _pow2_pair(d):
+def _pow2_pair(d: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _bits.pow2(d), _bits.pow2(-d)
 
 
-def choose_bias(fmt: AdaptiveFloat, x):
+def choose_bias(fmt: AdaptiveFloat, x: ArrayLike) -> jax.Array:
     """The exponent bias ``fmt`` picks for ``x`` (int32; per channel if ``fmt.axis`` is set, kept dims).
 
     An empty ``x`` (or channel) keeps ``fmt.base.bias``.

@@ -8,20 +8,21 @@ runs its public protocol methods.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from lowbit.formats._checks import check_bool, check_codes, check_dtype, check_float_input, check_rounding
 from lowbit.formats.integer import BinaryFormat, IntFormat
 from lowbit.formats.minifloat import FloatFormat
-from lowbit.formats.protocol import BuiltinFormat, missing_members
+from lowbit.formats.protocol import AnyFormat, BuiltinFormat, C, Encoded, Format, codes_array, missing_members
 from lowbit.formats.registry import get
 
 
-def _resolve(fmt):
+def _resolve(fmt: str | AnyFormat) -> AnyFormat:
     """The format object of ``fmt`` (a name or a format); ``TypeError`` for anything else."""
     if isinstance(fmt, str):
         return get(fmt)
@@ -34,7 +35,28 @@ def _resolve(fmt):
     return fmt
 
 
-def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: jax.Array | None = None):
+# The overloads say what each kind of format encodes to: lowbit's own formats their ``C`` (codes,
+# or codes and scales), a user's Format codes, a name either.
+@overload
+def encode(
+    fmt: BuiltinFormat[C], x: ArrayLike, *, saturate: bool = ..., rounding: str = ..., key: jax.Array | None = ...
+) -> C: ...
+@overload
+def encode(
+    fmt: Format, x: ArrayLike, *, saturate: bool = ..., rounding: str = ..., key: jax.Array | None = ...
+) -> jax.Array: ...
+@overload
+def encode(
+    fmt: str | AnyFormat, x: ArrayLike, *, saturate: bool = ..., rounding: str = ..., key: jax.Array | None = ...
+) -> Encoded: ...
+def encode(
+    fmt: str | Format | BuiltinFormat[C],
+    x: ArrayLike,
+    *,
+    saturate: bool = False,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> Encoded:
     """Round ``x`` to ``fmt`` and return its bit patterns.
 
     Args:
@@ -53,21 +75,22 @@ def encode(fmt, x, *, saturate: bool = False, rounding: str = "nearest", key: ja
 
     Returns:
       Codes of ``x``'s shape, ``uint8`` for formats of at most 8 bits (value in
-      the low bits, sign at bit ``bits-1``), else ``uint16``. Scaled formats
+      the low bits, sign at bit ``bits-1``), ``uint16`` up to 16 bits, else
+      ``uint32`` (``FloatFormat`` goes up to 32 bits). Scaled formats
       return a tuple that ``decode`` takes back: adaptive bias ``(codes, bias)``,
       MX ``(codes, e8m0_scale_codes)``, NVFP4 ``(codes, e4m3_block_scale_codes,
       tensor_scale)``.
     """
-    fmt = _resolve(fmt)
-    x = check_float_input(x)
+    f = _resolve(fmt)
+    xa = check_float_input(x)
     check_bool("", "saturate", saturate)
     check_rounding(rounding, key)
-    if isinstance(fmt, BuiltinFormat):
-        return fmt._encode(x, saturate, rounding, key)
-    return fmt.encode(x, saturate=saturate, rounding=rounding, key=key)
+    if isinstance(f, BuiltinFormat):
+        return f._encode(xa, saturate, rounding, key)
+    return f.encode(xa, saturate=saturate, rounding=rounding, key=key)
 
 
-def decode(fmt, codes, *, dtype: Any = jnp.float32):
+def decode(fmt: str | AnyFormat, codes: Encoded | ArrayLike, *, dtype: DTypeLike = jnp.float32) -> jax.Array:
     """Values of ``codes`` (what ``encode`` returned) as ``dtype`` (float32, bfloat16 or float16).
 
     Codes are integers in ``[0, 2^bits - 1]``; concrete codes outside that
@@ -77,22 +100,28 @@ def decode(fmt, codes, *, dtype: Any = jnp.float32):
     (``code & (2^bits - 1)``), as they do the scale codes of block formats.
     """
     fmt = _resolve(fmt)
-    dtype = check_dtype(dtype)
+    out_dtype = check_dtype(dtype)
     if isinstance(codes, tuple) and isinstance(fmt, (FloatFormat, IntFormat, BinaryFormat)):
-        raise ValueError(
-            f"codes is a tuple; allowed for {fmt.name}: the codes array encode returned "
-            "(only scaled formats, adaptive and block, encode to a tuple)"
-        )
+        codes_array(codes, fmt.name)  # the error for a tuple
+    checked: Encoded
     if isinstance(codes, tuple) and codes:
-        codes = (check_codes(codes[0], fmt.bits), *(jnp.asarray(c) for c in codes[1:]))
+        checked = (check_codes(codes[0], fmt.bits), *(jnp.asarray(c) for c in codes[1:]))
     else:
-        codes = check_codes(codes, fmt.bits)
+        checked = check_codes(codes, fmt.bits)
     if isinstance(fmt, BuiltinFormat):
-        return fmt._decode(codes, dtype)
-    return fmt.decode(codes, dtype=dtype)
+        return fmt._decode(checked, out_dtype)
+    # A user format's codes are one array; a tuple goes to it as given (its own decode refuses it).
+    return fmt.decode(cast(jax.Array, checked), dtype=out_dtype)
 
 
-def quantize(fmt, x, *, saturate: bool = True, rounding: str = "nearest", key: jax.Array | None = None):
+def quantize(
+    fmt: str | AnyFormat,
+    x: ArrayLike,
+    *,
+    saturate: bool = True,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+) -> jax.Array:
     """Round ``x`` onto ``fmt``'s grid; the result has ``x``'s shape and dtype.
 
     Equal to ``decode(fmt, encode(fmt, x, ...))`` except that NaN always stays
@@ -108,7 +137,7 @@ def quantize(fmt, x, *, saturate: bool = True, rounding: str = "nearest", key: j
     return fmt.quantize(x, saturate=saturate, rounding=rounding, key=key)
 
 
-def values(fmt) -> np.ndarray:
+def values(fmt: str | AnyFormat) -> np.ndarray:
     """Every finite representable value of ``fmt``, ascending, as float32 numpy (zero as +0.0)."""
     fmt = _resolve(fmt)
     v = np.asarray(fmt._values() if isinstance(fmt, BuiltinFormat) else fmt.values(), np.float32)

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -105,19 +106,29 @@ from lowbit.formats._bits import u32
 from lowbit.formats._checks import check_int, check_name, check_range, require
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.minifloat import FloatFormat
-from lowbit.formats.protocol import BuiltinFormat
+from lowbit.formats.protocol import BuiltinFormat, Encoded
 from lowbit.formats.registry import get, register
 
 KINDS = ("mx", "nvfp4")
 SCALE_MODES = ("floor", "rceil", "ceil", "even")
-E8M0 = get("float8_e8m0fnu")
-E4M3 = get("float8_e4m3fn")
+
+
+def _float(name: str) -> FloatFormat:
+    """The registered minifloat ``name`` (as a ``FloatFormat``, which the registry's own entries are)."""
+    fmt = get(name)
+    if not isinstance(fmt, FloatFormat):
+        raise TypeError(f"{name} is registered as {fmt!r}; expected a FloatFormat")
+    return fmt
+
+
+E8M0 = _float("float8_e8m0fnu")
+E4M3 = _float("float8_e4m3fn")
 _E8M0_NAN = 0xFF
 _NV_TENSOR_FLOOR = 2.0**-126  # smallest float32 normal: keeps s usable on flush-to-zero hardware
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BlockFormat(BuiltinFormat):
+class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
     """A block-scaled format (hashable: usable as a static jit argument).
 
     Attributes:
@@ -144,7 +155,7 @@ class BlockFormat(BuiltinFormat):
     scale_mode: str | None = None
     name: str = dataclasses.field(default="", compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         own = "BlockFormat"
         check_name(own, self.name)
         require(isinstance(self.kind, str) and self.kind in KINDS, own, "kind", self.kind, ", ".join(KINDS))
@@ -227,7 +238,7 @@ class BlockFormat(BuiltinFormat):
         return int(np.floor(np.log2(self.element_max)))
 
     # ----- kernels ------------------------------------------------------------------
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         """Three steps, each done once: the block maxima (one reduction over ``x``), the per-block
         factors (``1/X`` and ``X`` as the two exact powers of two ``_mul_pow2`` uses, or NVFP4's
         ``d``; ``_per_block`` keeps XLA from recomputing them for every element), and one
@@ -235,6 +246,7 @@ class BlockFormat(BuiltinFormat):
         and per block is ``_mx_in`` / ``_nv_in``'s, in the same order: the same bits.
         """
         xb, n = _blocks(x, self.block_size)
+        factors: tuple[jax.Array, ...]
         if self.kind == "mx":
             code, _ = self._mx_scale(xb)
             a1, a2 = _per_block(*_pow2_pair(127 - code - self.element_exp))
@@ -246,7 +258,7 @@ class BlockFormat(BuiltinFormat):
         if n != xb.shape[-2] * xb.shape[-1] and rounding != "stochastic":
             # A partial last block: the factors broadcast over x itself, so the padded copy feeds the
             # reduction alone. (Stochastic rounding draws its words over the padded blocks.)
-            def spread(f):
+            def spread(f: jax.Array) -> jax.Array:
                 full = jnp.broadcast_to(f, xb.shape)
                 return _unblock(full, n)
 
@@ -255,7 +267,9 @@ class BlockFormat(BuiltinFormat):
         out = self._elementwise(xb.astype(jnp.float32), factors, saturate, rounding, key)
         return _unblock(out, n).astype(x.dtype)
 
-    def _elementwise(self, xf, factors, saturate, rounding, key):
+    def _elementwise(
+        self, xf: jax.Array, factors: tuple[jax.Array, ...], saturate: bool, rounding: str, key: jax.Array | None
+    ) -> jax.Array:
         """The per-element pass of ``_quantize``: float32 ``xf`` and the per-block factors broadcast to it."""
         if self.kind == "mx":
             a1, a2, b1, b2 = factors  # x / X = x * a1 * a2 and q * X = q * b1 * b2, as _mul_pow2
@@ -265,7 +279,7 @@ class BlockFormat(BuiltinFormat):
         y = self._saturate_finite(_div(xf, d_safe), saturate)
         return self.element._quantize(y, saturate, rounding, key) * d
 
-    def _encode(self, x, saturate, rounding, key):
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> tuple[jax.Array, ...]:
         xb, n = _blocks(x, self.block_size)
         no_nan_code = not self.element.has_nan
         if self.kind == "mx":
@@ -282,7 +296,7 @@ class BlockFormat(BuiltinFormat):
             bs_code = jnp.where(has_nan, self.scale.nan_code(), bs_code)
         return _unblock(codes, n), bs_code[..., 0].astype(self.scale.code_dtype), s
 
-    def _decode(self, encoded, dtype):
+    def _decode(self, encoded: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
         parts = "(codes, scales)" if self.kind == "mx" else "(codes, block_scales, tensor_scale)"
         if not isinstance(encoded, tuple) or len(encoded) != parts.count(",") + 1:
             raise ValueError(f"{self.name}: decode takes what encode returned, {parts}")
@@ -333,7 +347,7 @@ class BlockFormat(BuiltinFormat):
         carries = {"floor": 0, "ceil": full, "rceil": full - max_fraction, "even": 1 << (_bits.MANT - 1 - mbits)}
         return carries[str(self.scale_mode)]
 
-    def _mx_scale(self, xb):
+    def _mx_scale(self, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.
 
         With ``amax = (1 + f / 2^23) * 2^e``, every mode is ``k = e - emax``
@@ -351,11 +365,11 @@ class BlockFormat(BuiltinFormat):
         # Zero has no exponent; the clip alone would lift it for elements with emax < -24.
         return jnp.where(amax_bits == 0, 0, code), has_nan
 
-    def _mx_in(self, xb, code, saturate):
+    def _mx_in(self, xb: jax.Array, code: jax.Array, saturate: bool) -> jax.Array:
         """Element inputs ``x / X`` (integer elements: on their integer grid)."""
         return self._saturate_finite(_mul_pow2(xb.astype(jnp.float32), 127 - code - self.element_exp), saturate)
 
-    def _saturate_finite(self, y, saturate):
+    def _saturate_finite(self, y: jax.Array, saturate: bool) -> jax.Array:
         """Clip finite element inputs to the element max when the element kernel would not.
 
         Finite values saturate whatever ``saturate`` says (the module docstring
@@ -367,7 +381,9 @@ class BlockFormat(BuiltinFormat):
         return jnp.where(jnp.isinf(y), y, jnp.clip(y, -vmax, vmax))
 
     # ----- NVFP4 ------------------------------------------------------------------
-    def _nv_in(self, xb, saturate):
+    def _nv_in(
+        self, xb: jax.Array, saturate: bool
+    ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
         """Element inputs ``x / d``, the per-block divisor ``d = bs * s`` and ``(bs codes, s, has NaN)``.
 
         ``s`` is floored at the smallest float32 normal: below it (a tensor with
@@ -377,12 +393,23 @@ class BlockFormat(BuiltinFormat):
         """
         xf = xb.astype(jnp.float32)
         amax_bits, has_nan = _amax_bits(xb)
-        d, (bs_code, s) = self._nv_divisor(amax_bits, codes=True)
+        bsf, s = self._nv_block_scale(amax_bits)
+        d = self._nv_d(bsf, s)
+        bs_code = self.scale._encode(bsf, True, "nearest", None)
         y = self._saturate_finite(_div(xf, jnp.where(d > 0, d, jnp.float32(1))), saturate)
         return y, d, (bs_code, s, has_nan)
 
-    def _nv_divisor(self, amax_bits, codes: bool = False):
-        """The per-block divisor ``d = bs * s`` from the blocks' amax bits (and, with ``codes``, ``(bs codes, s)``)."""
+    def _nv_divisor(self, amax_bits: jax.Array) -> jax.Array:
+        """The per-block divisor ``d = bs * s`` from the blocks' amax bits."""
+        return self._nv_d(*self._nv_block_scale(amax_bits))
+
+    def _nv_d(self, bsf: jax.Array, s: jax.Array) -> jax.Array:
+        """``d = bs * s``: the block scale rounded to the scale format, times the tensor scale."""
+        d: jax.Array = self.scale._quantize(bsf, True, "nearest", None) * s
+        return d
+
+    def _nv_block_scale(self, amax_bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The unrounded block scales ``amax_block / 6 / s`` and the tensor scale ``s``."""
         amax_b = _bits.from_bits(amax_bits)
         # Reduced from the block maxima (behind a bitcast, which XLA does not fold into
         # one reduction over x): the tensor amax costs no extra pass over x.
@@ -391,12 +418,13 @@ class BlockFormat(BuiltinFormat):
             _div(amax, jnp.float32(self.scale.max_value * self.element.max_value)), jnp.float32(_NV_TENSOR_FLOOR)
         )
         # The barrier keeps XLA from merging (a / b) / s into a / (b * s), another rounding.
-        bsf = _div(lax.optimization_barrier(_div(amax_b, jnp.float32(self.element.max_value))), s)
-        d = self.scale._quantize(bsf, True, "nearest", None) * s
-        return (d, (self.scale._encode(bsf, True, "nearest", None), s)) if codes else d
+        per_elem = _div(amax_b, jnp.float32(self.element.max_value))
+        # jax 0.10 leaves lax.optimization_barrier unannotated (its signature is (operand, /)).
+        bsf = _div(lax.optimization_barrier(per_elem), s)  # type: ignore[no-untyped-call]
+        return bsf, s
 
 
-def _blocks(x, block_size: int):
+def _blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, int]:
     """``x`` as (..., nblocks, block_size), zero-padded at the end of the last axis."""
     if x.ndim == 0:
         raise ValueError(
@@ -409,13 +437,13 @@ def _blocks(x, block_size: int):
     return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size), n
 
 
-def _unblock(xb, n: int):
+def _unblock(xb: jax.Array, n: int) -> jax.Array:
     """Inverse of ``_blocks``: merge the block axes and cut the pad."""
     x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
     return x[..., :n] if x.shape[-1] != n else x
 
 
-def _mul_pow2(v, k):
+def _mul_pow2(v: jax.Array, k: jax.Array) -> jax.Array:
     """``v * 2^k`` for int32 ``k`` in [-252, 252], exact whenever the result is a float32 normal.
 
     Two factors because one float32 normal power of two reaches only
@@ -427,7 +455,7 @@ def _mul_pow2(v, k):
     return v * _bits.pow2(half) * _bits.pow2(k - half)
 
 
-def _amax_bits(xb):
+def _amax_bits(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per block (kept dims): the float32 bits of the largest finite magnitude, and whether a NaN is there.
 
     The integer max of non-negative float32 bit patterns is their float max, and
@@ -439,7 +467,7 @@ def _amax_bits(xb):
     return amax_bits, jnp.any(abits > u32(_bits.INF_BITS), axis=-1, keepdims=True)
 
 
-def _per_block(*factors):
+def _per_block(*factors: jax.Array) -> tuple[jax.Array, ...]:
     """The per-block float32 ``factors``, computed once per block (the same values, bit for bit).
 
     XLA fuses cheap per-block arithmetic into the elementwise pass that
@@ -453,18 +481,18 @@ def _per_block(*factors):
     return tuple(_bits.from_bits(lax.rem(_bits.to_bits(f), u32(0xFFFFFFFF))) for f in factors)
 
 
-def _inverse_pow2(p):
+def _inverse_pow2(p: jax.Array) -> jax.Array:
     """``1 / p`` for a float32 power of two ``p = 2^e``, ``e`` in [-126, 126]: exact, from its exponent field."""
     return _bits.from_bits(u32(254 << _bits.MANT) - _bits.to_bits(p))
 
 
-def _pow2_pair(k):
+def _pow2_pair(k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The two float32 factors of ``_mul_pow2(v, k)``: ``v * a * b`` is ``_mul_pow2(v, k)``."""
     half = lax.shift_right_arithmetic(k, jnp.int32(1))
     return _bits.pow2(half), _bits.pow2(k - half)
 
 
-def _div(a, b):
+def _div(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a / b``, correctly rounded where the backend's division is (XLA:CPU).
 
     XLA's algebraic simplifier rewrites ``a / constant`` and ``a / broadcast(b)``
@@ -496,13 +524,13 @@ def with_scale_mode(fmt: BlockFormat | str, scale_mode: str) -> BlockFormat:
       ValueError: an unknown name, or ``scale_mode`` is not one of
         ``SCALE_MODES`` or ``fmt`` is not an MX format (naming the field).
     """
-    fmt = get(fmt) if isinstance(fmt, str) else fmt
-    if not isinstance(fmt, BlockFormat):
-        raise TypeError(f"with_scale_mode fmt={fmt!r} is invalid; allowed: an MX BlockFormat or its name")
-    suffix = f"_{fmt.scale_mode}"
-    base = fmt.name[: -len(suffix)] if fmt.scale_mode != "floor" and fmt.name.endswith(suffix) else fmt.name
-    fmt = dataclasses.replace(fmt, scale_mode=scale_mode)  # validates scale_mode (None reads as floor)
-    return dataclasses.replace(fmt, name=base if fmt.scale_mode == "floor" else f"{base}_{fmt.scale_mode}")
+    found = get(fmt) if isinstance(fmt, str) else fmt
+    if not isinstance(found, BlockFormat):
+        raise TypeError(f"with_scale_mode fmt={found!r} is invalid; allowed: an MX BlockFormat or its name")
+    suffix = f"_{found.scale_mode}"
+    base = found.name[: -len(suffix)] if found.scale_mode != "floor" and found.name.endswith(suffix) else found.name
+    moded = dataclasses.replace(found, scale_mode=scale_mode)  # validates scale_mode (None reads as floor)
+    return dataclasses.replace(moded, name=base if moded.scale_mode == "floor" else f"{base}_{moded.scale_mode}")
 
 
 def _mx(name: str, element: FloatFormat | IntFormat) -> BlockFormat:
@@ -510,14 +538,14 @@ def _mx(name: str, element: FloatFormat | IntFormat) -> BlockFormat:
 
 
 MX_FORMATS = (
-    _mx("mxfp8_e4m3", get("float8_e4m3fn")),
-    _mx("mxfp8_e5m2", get("float8_e5m2")),
-    _mx("mxfp6_e3m2", get("float6_e3m2fn")),
-    _mx("mxfp6_e2m3", get("float6_e2m3fn")),
-    _mx("mxfp4_e2m1", get("float4_e2m1fn")),
+    _mx("mxfp8_e4m3", _float("float8_e4m3fn")),
+    _mx("mxfp8_e5m2", _float("float8_e5m2")),
+    _mx("mxfp6_e3m2", _float("float6_e3m2fn")),
+    _mx("mxfp6_e2m3", _float("float6_e2m3fn")),
+    _mx("mxfp4_e2m1", _float("float4_e2m1fn")),
     _mx("mxint8", IntFormat(bits=8, narrow=True)),
 )
-NVFP4 = BlockFormat(element=get("float4_e2m1fn"), block_size=16, scale=E4M3, kind="nvfp4", name="nvfp4")
+NVFP4 = BlockFormat(element=_float("float4_e2m1fn"), block_size=16, scale=E4M3, kind="nvfp4", name="nvfp4")
 
 for _fmt in (*MX_FORMATS, NVFP4):
     register(_fmt.name, _fmt)

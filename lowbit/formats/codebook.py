@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from lowbit.formats import _bits
 from lowbit.formats._checks import require
-from lowbit.formats.minifloat import _random, _uniform
-from lowbit.formats.protocol import BuiltinFormat
+from lowbit.formats.minifloat import U8, _random, _uniform
+from lowbit.formats.protocol import BuiltinFormat, Encoded, codes_array
 
 MAX_ENTRIES = 256  # codes are uint8
 
@@ -75,7 +77,7 @@ AF4_B64_VALUES = (
 
 
 @dataclasses.dataclass(frozen=True, init=False)
-class CodebookFormat(BuiltinFormat):
+class CodebookFormat(BuiltinFormat[jax.Array]):
     """A lookup-table element format (hashable: usable as a static jit argument).
 
     Built as ``CodebookFormat(values=..., codes=None, name="")``; ``values()``
@@ -96,7 +98,9 @@ class CodebookFormat(BuiltinFormat):
     codes: tuple[int, ...]
     name: str = dataclasses.field(compare=False)
 
-    def __init__(self, *, values, codes=None, name: str = ""):
+    def __init__(
+        self, *, values: Sequence[float] | np.ndarray, codes: Sequence[int] | None = None, name: str = ""
+    ) -> None:
         own = "CodebookFormat"
         v = values
         ok = isinstance(v, (tuple, list, np.ndarray)) and 2 <= len(v) <= MAX_ENTRIES
@@ -154,9 +158,9 @@ class CodebookFormat(BuiltinFormat):
     @property
     def has_nan(self) -> bool:
         """Whether some code is unused (unused codes decode to NaN)."""
-        return len(self.table) < 2**self.bits
+        return len(self.table) < 1 << self.bits
 
-    code_dtype = jnp.uint8
+    code_dtype = U8
 
     # ----- tables ------------------------------------------------------------------
     @functools.cached_property
@@ -192,7 +196,7 @@ class CodebookFormat(BuiltinFormat):
         return int(self._codes[np.argmin(np.abs(self._table))])
 
     # ----- kernels -------------------------------------------------------------------
-    def _index(self, xf, rounding, key):
+    def _index(self, xf: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
         """int32 table index of float32 ``xf`` (NaN: garbage, callers mask it).
 
         Comparisons run on order keys (``_order_key``), integers, because CPUs read
@@ -223,19 +227,20 @@ class CodebookFormat(BuiltinFormat):
         take_hi = jnp.where(xk >= 0, (xk >= hi) | (lo < 0), (hi <= 0) & (xk > lo))
         return below + take_hi.astype(jnp.int32)
 
-    def _encode(self, x, saturate, rounding, key):
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         del saturate  # every input maps onto the table: a codebook has no overflow code
         xf = x.astype(jnp.float32)
         codes = jnp.take(jnp.asarray(self._codes), self._index(xf, rounding, key))
         return jnp.where(jnp.isnan(xf), jnp.uint8(self._nan_code), codes)
 
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         del saturate
         xf = x.astype(jnp.float32)
         q = jnp.take(jnp.asarray(self._table), self._index(xf, rounding, key))
         return jnp.where(jnp.isnan(xf), xf, q).astype(x.dtype)
 
-    def _decode(self, codes, dtype):
+    def _decode(self, encoded: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
+        codes = codes_array(encoded, self.name)
         return jnp.take(
             jnp.asarray(self._decode_table), codes.astype(jnp.int32), mode="fill", fill_value=jnp.nan
         ).astype(dtype)
@@ -256,7 +261,7 @@ FP4_E2M1_CODEBOOK = CodebookFormat(
 )
 
 
-def _order_key(bits):
+def _order_key(bits: jax.Array) -> jax.Array:
     """float32 bits (uint32) -> int32 keys ordered as the floats are (-0 and +0 share key 0)."""
     b = lax.bitcast_convert_type(bits, jnp.int32)
     return jnp.where(b < 0, -(b & 0x7FFFFFFF), b)

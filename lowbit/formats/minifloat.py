@@ -21,26 +21,45 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from lowbit.formats import _bits
 from lowbit.formats._bits import u32
 from lowbit.formats._checks import check_bool, check_int, check_name, require
-from lowbit.formats.protocol import BuiltinFormat
+from lowbit.formats.protocol import BuiltinFormat, Encoded, codes_array
 
 SPECIALS = ("ieee", "fn", "fnuz", "finite", "p3109")
 _F32_MAX = float(np.finfo(np.float32).max)
+# Width limits. Every value must be exact in float32, so a radix-2 grid has at most
+# float32's 23 fraction bits and 8 exponent bits: 32 bits with the sign (e8m23 is
+# float32 itself). Those formats round on the float32 bit pattern and decode by
+# integer arithmetic, so no kernel depends on the width. Tables of every code
+# (``decode_table``, ``values``) stop at 16 bits (65536 entries): past that a table
+# is 2^17 .. 2^32 entries, so they refuse instead. Radix-4 grids round against a
+# table of every magnitude, so they keep the 16-bit cap.
+MAX_MBITS = 23
+MAX_BITS = 32
+TABLE_BITS = 16
+# The code dtypes (jax's scalar types, typed as the dtype-likes they are).
+U8: DTypeLike = jnp.uint8
+U16: DTypeLike = jnp.uint16
+U32: DTypeLike = jnp.uint32
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FloatFormat(BuiltinFormat):
+@dataclasses.dataclass(frozen=True, kw_only=True, init=False)
+class FloatFormat(BuiltinFormat[jax.Array]):
     """A minifloat element format (hashable: usable as a static jit argument).
 
     Attributes:
       ebits: exponent field width, 1..8 (float32 holds at most 2^8 binades).
-      mbits: mantissa (fraction) field width, 0..15 (at most 16 bits in all).
+      mbits: mantissa (fraction) field width, 0..23 (float32's fraction width),
+        so at most 32 bits in all; radix-4 formats at most 16 bits in all.
+        Codes are uint8 up to 8 bits, uint16 up to 16, uint32 above; formats
+        wider than 16 bits have no ``decode_table``/``values`` (2^bits entries).
       bias: exponent bias in [-256, 256]; ``None`` means the IEEE default
         ``2^(ebits-1) - 1``. Every value must be exact in float32 (checked).
       radix: 2, or 4 (exponent steps of 4x, as in Sun et al. 2020's radix-4 FP4).
@@ -56,21 +75,40 @@ class FloatFormat(BuiltinFormat):
 
     ebits: int
     mbits: int
-    bias: int | None = None
+    bias: int  # an int once built (None at construction means the IEEE default)
     radix: int = 2
     specials: str = "ieee"
     signed: bool = True
     zero: bool = True
     name: str = dataclasses.field(default="", compare=False)
 
-    def __post_init__(self):
+    def __init__(
+        self,
+        *,
+        ebits: int,
+        mbits: int,
+        bias: int | None = None,
+        radix: int = 2,
+        specials: str = "ieee",
+        signed: bool = True,
+        zero: bool = True,
+        name: str = "",
+    ) -> None:
+        # Written out, not generated, so that ``bias`` may be None here and is an int once built.
+        fields = dict(ebits=ebits, mbits=mbits, radix=radix, specials=specials, signed=signed, zero=zero, name=name)
+        for field, value in fields.items():
+            object.__setattr__(self, field, value)
+        self._validate(bias)
+
+    def _validate(self, bias: int | None) -> None:
+        """Check every field (``ValueError``/``TypeError`` naming it) and store ``bias``."""
         own = "FloatFormat"
         # Every field is bounded before anything is computed from it. float32
         # spans 2^-149 .. 2^128, 277 binades: 8 exponent bits (256 binades) is
         # the most any grid can use, and a bias beyond +-256 cannot fit either;
         # the value check below then pins the exact range.
         check_int(own, "ebits", self.ebits, 1, 8)
-        check_int(own, "mbits", self.mbits, 0, 15)
+        check_int(own, "mbits", self.mbits, 0, MAX_MBITS)
         check_bool(own, "signed", self.signed)
         check_bool(own, "zero", self.zero)
         check_name(own, self.name)
@@ -86,11 +124,19 @@ class FloatFormat(BuiltinFormat):
             self.specials,
             ", ".join(SPECIALS),
         )
-        require(self.bits <= 16, own, "bits", self.bits, "sign + ebits + mbits <= 16")
-        if self.bias is None:
-            object.__setattr__(self, "bias", 2 ** (self.ebits - 1) - 1)
-        check_int(own, "bias", self.bias, -256, 256)
-        object.__setattr__(self, "bias", int(self.bias))
+        require(self.bits <= MAX_BITS, own, "bits", self.bits, f"sign + ebits + mbits <= {MAX_BITS}")
+        require(
+            self.radix == 2 or self.bits <= TABLE_BITS,
+            own,
+            "bits",
+            self.bits,
+            f"sign + ebits + mbits <= {TABLE_BITS} for radix 4 (radix-4 grids round against a table "
+            "of every magnitude)",
+        )
+        if bias is None:
+            bias = 2 ** (self.ebits - 1) - 1
+        check_int(own, "bias", bias, -256, 256)
+        object.__setattr__(self, "bias", int(bias))
         require(
             self.signed or self.specials in ("ieee", "fn", "finite"),
             own,
@@ -207,7 +253,7 @@ class FloatFormat(BuiltinFormat):
         """The code ``encode`` gives NaN (ml_dtypes' choice: a quiet NaN keeping the sign)."""
         sign = self.sign_bit if negative else 0
         if self.specials == "ieee":
-            return self.inf_code | (1 << (self.mbits - 1)) | sign
+            return self._ieee_inf_code | (1 << (self.mbits - 1)) | sign
         if self.specials == "fn":
             return self._all_ones | sign
         if self.specials in ("fnuz", "p3109"):
@@ -216,19 +262,39 @@ class FloatFormat(BuiltinFormat):
         return self.sign_bit ^ sign
 
     @property
+    def _ieee_inf_code(self) -> int:
+        """Magnitude code of +inf with specials ``ieee``: the top exponent, fraction 0."""
+        return self._all_ones - (1 << self.mbits) + 1
+
+    @property
     def inf_code(self) -> int | None:
         """Magnitude code of +inf, or None."""
         if self.specials == "ieee":
-            return self._all_ones - (1 << self.mbits) + 1
+            return self._ieee_inf_code
         return self._all_ones if self.specials == "p3109" else None
 
     @property
-    def code_dtype(self):
-        return jnp.uint8 if self.bits <= 8 else jnp.uint16
+    def code_dtype(self) -> DTypeLike:
+        """The codes' dtype: uint8 up to 8 bits, uint16 up to 16, else uint32."""
+        if self.bits <= 8:
+            return U8
+        return U16 if self.bits <= 16 else U32
 
     # ----- tables -------------------------------------------------------------------
     def decode_table(self) -> np.ndarray:
-        """float32 value of every code 0 .. 2^bits - 1 (NaN and inf included)."""
+        """float32 value of every code 0 .. 2^bits - 1 (NaN and inf included).
+
+        Raises:
+          ValueError: the format is wider than 16 bits (the table would have 2^bits entries).
+        """
+        require(
+            self.bits <= TABLE_BITS,
+            "FloatFormat",
+            "bits",
+            self.bits,
+            f"at most {TABLE_BITS} for decode_table() and values(), which list all 2^bits codes "
+            f"(2^{self.bits} here); encode, decode and quantize take formats of up to {MAX_BITS} bits",
+        )
         return _decode_table(self)
 
     # ----- kernels ------------------------------------------------------------------
@@ -249,7 +315,7 @@ class FloatFormat(BuiltinFormat):
         """Whether ``_round_adder`` is exact for this format (see there)."""
         return (
             self.radix == 2
-            and self.mbits >= 1
+            and 1 <= self.mbits < _bits.MANT  # c must lie a binade above a: 23 fraction bits leave none
             and self.zero
             and self.min_value / 2 >= 2.0**-126
             and self._over_bound is not None
@@ -263,7 +329,7 @@ class FloatFormat(BuiltinFormat):
             return False
         return self.min_value >= 2.0**-126 or (self.radix == 2 and not self.zero)
 
-    def _clamp(self, abits, saturate):
+    def _clamp(self, abits: jax.Array, saturate: bool) -> jax.Array:
         """|x| as float32 (from its bits), clamped to the largest magnitude the kernels need.
 
         NaN stays NaN only where ``_round`` says it keeps NaN; callers mask it otherwise.
@@ -277,7 +343,7 @@ class FloatFormat(BuiltinFormat):
             return jnp.minimum(_bits.from_bits(abits), jnp.float32(bound))
         return _bits.from_bits(jnp.minimum(abits, u32(_f32_bits(bound))))
 
-    def _round(self, a, rounding, rbits):
+    def _round(self, a: jax.Array, rounding: str, rbits: jax.Array | None) -> tuple[jax.Array, jax.Array, bool]:
         """Round ``a``, a magnitude from ``_clamp``, onto the unbounded grid.
 
         Returns ``(value, mag, keeps_nan)``: the rounded value (above ``max_value``
@@ -294,7 +360,7 @@ class FloatFormat(BuiltinFormat):
             value, mag = _round_radix2(self, a, rounding, rbits)
         return value, mag.astype(jnp.uint32), False
 
-    def _nan_inputs(self, b):
+    def _nan_inputs(self, b: jax.Array) -> jax.Array:
         """Inputs (bits ``b``) that give NaN whatever the rounding.
 
         NaN, and for an unsigned format the values it cannot hold: negatives, and
@@ -306,7 +372,7 @@ class FloatFormat(BuiltinFormat):
             return (b > u32(_bits.INF_BITS)) & (b != u32(_bits.SIGN))
         return b - u32(1) >= u32(_bits.INF_BITS)  # NaN, negative or +-0 (+0 wraps)
 
-    def _encode(self, x, saturate, rounding, key):
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         b = _bits.to_bits(x.astype(jnp.float32))
         abits = b & u32(_bits.ABS)
         _, mag, _ = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
@@ -315,8 +381,9 @@ class FloatFormat(BuiltinFormat):
             over = mag > u32(self.max_code)
             if rounding == "toward_zero":  # never rounds a finite input past max_value
                 mag, over = jnp.where(over, u32(self.max_code), mag), abits == u32(_bits.INF_BITS)
-            if self.has_inf:
-                mag = jnp.where(over, u32(self.inf_code), mag)
+            inf_code = self.inf_code  # an int exactly when the format has inf
+            if inf_code is not None:
+                mag = jnp.where(over, u32(inf_code), mag)
             else:
                 isnan = isnan | over
         neg = b >= u32(_bits.SIGN)
@@ -326,7 +393,7 @@ class FloatFormat(BuiltinFormat):
         nan = jnp.where(neg, u32(self.nan_code(True)), u32(self.nan_code(False)))
         return jnp.where(isnan, nan, mag | sign).astype(self.code_dtype)
 
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
         b = _bits.to_bits(x.astype(jnp.float32))
         abits = b & u32(_bits.ABS)
         value, _, keeps_nan = self._round(self._clamp(abits, saturate), rounding, _random(rounding, key, x.shape))
@@ -349,8 +416,11 @@ class FloatFormat(BuiltinFormat):
             value = jnp.where(self._nan_inputs(b), jnp.float32(jnp.nan), value)
         return value.astype(x.dtype)
 
-    def _decode(self, codes, dtype):
+    def _decode(self, encoded: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
         # Only the low `bits` bits are read (formats.decode rejects wider concrete codes).
+        codes = codes_array(encoded, self.name)
+        if self.bits > TABLE_BITS:  # radix 2 (checked at construction): from the bits, no table
+            return _bits.from_bits(_decode_bits(self, codes)).astype(dtype)
         table = jnp.asarray(self.decode_table())
         return jnp.take(table, codes.astype(jnp.int32) & ((1 << self.bits) - 1), mode="clip").astype(dtype)
 
@@ -378,22 +448,76 @@ def _decode_table(fmt: FloatFormat) -> np.ndarray:
     return table
 
 
+def _decode_bits(fmt: FloatFormat, codes: jax.Array) -> jax.Array:
+    """float32 bit patterns of ``codes`` of a radix-2 format, by integer arithmetic (any width).
+
+    Equal to ``decode_table()`` bit for bit (NaN is 0x7FC00000 with the code's
+    sign, as the table's ``-nan``), but needs no table: a magnitude code is the
+    integer significand ``sig`` (the fraction, with the implicit bit unless the
+    code is subnormal) times ``2^k``; normalising ``sig`` by its leading bit gives
+    the float32 exponent and fraction, and values below 2^-126 are float32
+    subnormals ``sig * 2^(k + 149)`` (exact: every value is exact in float32).
+    """
+    m = fmt.mbits
+    c = codes.astype(jnp.uint32) & u32((1 << fmt.bits) - 1)
+    mag = c & u32(fmt._all_ones)
+    e = lax.shift_right_logical(mag, u32(m)).astype(jnp.int32)
+    frac = mag & u32((1 << m) - 1)
+    implicit = u32(1 << m)
+    if fmt.zero:
+        sig = jnp.where(e == 0, frac, frac | implicit)
+        k = jnp.maximum(e, 1) - (fmt.bias + m)
+    else:
+        sig, k = frac | implicit, e - (fmt.bias + m)
+    top = 31 - lax.clz(sig).astype(jnp.int32)  # floor(log2 sig); sig < 2^24, so top <= 23
+    exp = top + k
+    fraction = lax.shift_left(sig, jnp.clip(_bits.MANT - top, 0, 31).astype(jnp.uint32)) & u32((1 << _bits.MANT) - 1)
+    normal = lax.shift_left((exp + 127).astype(jnp.uint32), u32(_bits.MANT)) | fraction
+    sub = k + 149  # sig * 2^k = (sig * 2^sub) * 2^-149; exact in float32, so a right shift drops zeros
+    subnormal = jnp.where(
+        sub >= 0,
+        lax.shift_left(sig, jnp.clip(sub, 0, 31).astype(jnp.uint32)),
+        lax.shift_right_logical(sig, jnp.clip(-sub, 0, 31).astype(jnp.uint32)),
+    )
+    out = jnp.where(sig == 0, u32(0), jnp.where(exp >= -126, normal, subnormal))
+    nan = u32(0x7FC00000)
+    if fmt.max_code < fmt._all_ones:  # codes above max_code are inf or NaN
+        special = nan if fmt.inf_code is None else jnp.where(mag == u32(fmt.inf_code), u32(_bits.INF_BITS), nan)
+        out = jnp.where(mag > u32(fmt.max_code), special, out)
+    if fmt.signed:
+        if fmt.specials in ("fnuz", "p3109"):  # the negative-zero code is NaN
+            out = jnp.where(c == u32(fmt.sign_bit), nan, out)
+        out = out | jnp.where(c >= u32(fmt.sign_bit), u32(_bits.SIGN), u32(0))
+    return out
+
+
 def _f32_bits(v: float) -> int:
     """The float32 bit pattern of a Python float that float32 holds exactly."""
     return int(np.float32(v).view(np.uint32))
 
 
-def _random(rounding, key, shape):
+def _random(rounding: str, key: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
     """The random words stochastic rounding consumes (None for the other roundings)."""
-    return _bits.random_bits(key, shape) if rounding == "stochastic" else None
+    if rounding != "stochastic":
+        return None
+    if key is None:  # formats.* check this first (check_rounding); the kernels rely on it
+        raise ValueError("rounding='stochastic' needs an explicit jax.random key (key=...)")
+    return _bits.random_bits(key, shape)
 
 
-def _uniform(rbits):
+def _words(rbits: jax.Array | None) -> jax.Array:
+    """The random words of stochastic rounding, which ``_random`` draws whenever rounding is stochastic."""
+    assert rbits is not None, "stochastic rounding without random words"
+    return rbits
+
+
+def _uniform(rbits: jax.Array | None) -> jax.Array:
     """A uniform float32 in [0, 1) on a 2^-24 grid from random words."""
-    return lax.shift_right_logical(rbits, u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+    u: jax.Array = lax.shift_right_logical(_words(rbits), u32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
+    return u
 
 
-def _scale(a, k: int):
+def _scale(a: jax.Array, k: int) -> jax.Array:
     """a * 2^k, exact, for a static int k that may exceed float32's exponent range."""
     while k:
         step = max(-126, min(127, k))
@@ -402,7 +526,7 @@ def _scale(a, k: int):
     return a
 
 
-def _round_int(t, rounding, rbits):
+def _round_int(t: jax.Array, rounding: str, rbits: jax.Array | None) -> jax.Array:
     """Round float32 ``t >= 0`` to an integer-valued float32 per ``rounding``."""
     if rounding == "nearest":
         return lax.round(t, lax.RoundingMethod.TO_NEAREST_EVEN)
@@ -413,7 +537,7 @@ def _round_int(t, rounding, rbits):
     return fl + (_uniform(rbits) < t - fl).astype(jnp.float32)
 
 
-def _round_bits(abits, shift, rounding, rbits):
+def _round_bits(abits: jax.Array, shift: int | jax.Array, rounding: str, rbits: jax.Array | None) -> jax.Array:
     """Round a non-negative float32 bit pattern (or a fixed-point integer) at bit ``shift``.
 
     ``shift`` is a static int or a uint32 array (per-element shifts, 0..31).
@@ -429,11 +553,11 @@ def _round_bits(abits, shift, rounding, rbits):
         bump = lax.shift_right_logical(low, u32(1)) + jnp.where(shift > 0, odd, u32(0))
         abits = abits + bump
     elif rounding == "stochastic":
-        abits = abits + (rbits & low)
+        abits = abits + (_words(rbits) & low)
     return abits & ~low
 
 
-def _round_adder(fmt: FloatFormat, a):
+def _round_adder(fmt: FloatFormat, a: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Round half to even by the float32 adder: ``(a + c) - c``.
 
     ``c = 2^(max(floor(log2 a), emin) - mbits + 23)`` is the power of two whose ulp
@@ -457,7 +581,7 @@ def _round_adder(fmt: FloatFormat, a):
     return s - c, mag
 
 
-def _round_pow(fmt: FloatFormat, a, rounding, rbits):
+def _round_pow(fmt: FloatFormat, a: jax.Array, rounding: str, rbits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Grids of powers of the radix (mbits == 0: E8M0, P3109 precision 1, radix-4 FP4), on the bits.
 
     A power of 2 or 4 is a float32 with a zero mantissa (and, radix 4, an odd
@@ -492,7 +616,7 @@ def _round_pow(fmt: FloatFormat, a, rounding, rbits):
     elif not radix2:
         t = t - u32(lower)
     elif rounding == "stochastic":  # uniform in the binade: p = (a - lo) / lo
-        t = t + (rbits & u32((1 << _bits.MANT) - 1))
+        t = t + (_words(rbits) & u32((1 << _bits.MANT) - 1))
     r = (t if radix2 else t | u32(lower)) & u32(_bits.INF_BITS)
     mag = lax.shift_right_logical(r, u32(exp_lsb)) + u32((fmt.bias - (127 if radix2 else 63)) % 2**32)
     if shifted:
@@ -515,7 +639,9 @@ def _round_pow(fmt: FloatFormat, a, rounding, rbits):
     return jnp.where(zero, jnp.float32(0), value), jnp.where(zero, u32(0), mag)
 
 
-def _round_radix2(fmt: FloatFormat, a, rounding, rbits):
+def _round_radix2(
+    fmt: FloatFormat, a: jax.Array, rounding: str, rbits: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     m, emin, shift = fmt.mbits, fmt.emin, _bits.MANT - fmt.mbits
     abits = _bits.to_bits(a)
     r = _round_bits(abits, shift, rounding, rbits)
@@ -538,7 +664,9 @@ def _round_radix2(fmt: FloatFormat, a, rounding, rbits):
     return value, mag
 
 
-def _round_f32_subnormal(fmt: FloatFormat, n, rounding, rbits):
+def _round_f32_subnormal(
+    fmt: FloatFormat, n: jax.Array, rounding: str, rbits: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     """Round float32 subnormals (``n`` = bits = value / 2^-149) onto a radix-2 grid."""
     m, emin = fmt.mbits, fmt.emin
     e = -118 - lax.clz(n).astype(jnp.int32)  # floor(log2 value); -150 for zero
@@ -558,7 +686,7 @@ def _round_f32_subnormal(fmt: FloatFormat, n, rounding, rbits):
     return _bits.from_bits(r), jnp.where(low, 0, normal_mag)
 
 
-def _round_table(fmt: FloatFormat, a, rounding, rbits):
+def _round_table(fmt: FloatFormat, a: jax.Array, rounding: str, rbits: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """Nearest / stochastic / toward-zero rounding against the magnitude table."""
     vals = [fmt.grid_value(c) for c in range(fmt.max_code + 2)]  # one past max: overflow
     table = jnp.asarray(np.array(vals, np.float32))

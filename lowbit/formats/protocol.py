@@ -7,11 +7,17 @@ lowbit base class. ``formats.encode/decode/quantize/values``,
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+# What a lowbit format's encode returns: codes (element formats), or codes and
+# scales (adaptive and block formats), which decode takes back.
+Encoded = jax.Array | tuple[jax.Array, ...]
+C = TypeVar("C", jax.Array, tuple[jax.Array, ...])
 
 
 @runtime_checkable
@@ -46,21 +52,29 @@ class Format(Protocol):
         as +0.0).
     """
 
-    name: str
-    bits: int
-    max_value: float
-    has_nan: bool
+    # Read-only properties: frozen dataclasses (lowbit's own formats) implement them too.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def bits(self) -> int: ...
+
+    @property
+    def max_value(self) -> float: ...
+
+    @property
+    def has_nan(self) -> bool: ...
 
     def encode(self, x: jax.Array, *, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array: ...
 
-    def decode(self, codes: jax.Array, *, dtype: Any) -> jax.Array: ...
+    def decode(self, codes: jax.Array, *, dtype: DTypeLike) -> jax.Array: ...
 
     def quantize(self, x: jax.Array, *, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array: ...
 
     def values(self) -> np.ndarray: ...
 
 
-def missing_members(obj) -> list[str]:
+def missing_members(obj: object) -> list[str]:
     """The :class:`Format` members ``obj`` lacks (empty when it implements the protocol)."""
     return [
         m
@@ -69,29 +83,65 @@ def missing_members(obj) -> list[str]:
     ]
 
 
-class BuiltinFormat:
+class BuiltinFormat(Generic[C]):
     """Base of lowbit's own format classes: the :class:`Format` methods over their private kernels.
 
     Each method is the matching ``lowbit.formats`` function (validation, then the
     kernel), so ``fmt.quantize(x)`` and ``formats.quantize(fmt, x)`` are one code
     path. ``formats.api`` calls the kernels (``_encode``, ``_decode``,
     ``_quantize``, ``_values``) of these classes directly and a user format's
-    public methods otherwise.
+    public methods otherwise. ``C`` is what ``encode`` returns: ``jax.Array``
+    codes for element formats (which makes them :class:`Format` s), a tuple of
+    codes and scales for adaptive and block formats.
     """
 
-    def encode(self, x, *, saturate: bool = False, rounding: str = "nearest", key: jax.Array | None = None):
+    if TYPE_CHECKING:  # the Format members every subclass has (fields, properties or class attributes)
+
+        @property
+        def name(self) -> str: ...
+
+        @property
+        def bits(self) -> int: ...
+
+        @property
+        def max_value(self) -> float: ...
+
+        @property
+        def has_nan(self) -> bool: ...
+
+    # ----- the kernels, which every subclass implements (arguments already validated) -----
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> C:
+        raise NotImplementedError
+
+    def _decode(self, codes: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
+        """Values of ``codes``: what ``formats.decode`` received, checked (element formats take
+        the array alone, scaled formats the tuple; ``codes_array`` narrows the former)."""
+        raise NotImplementedError
+
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
+        raise NotImplementedError
+
+    def _values(self) -> np.ndarray:
+        raise NotImplementedError
+
+    # ----- the public methods ----------------------------------------------------------------
+    def encode(
+        self, x: ArrayLike, *, saturate: bool = False, rounding: str = "nearest", key: jax.Array | None = None
+    ) -> C:
         """See ``lowbit.formats.encode``."""
         from lowbit.formats import api  # api imports the registry, which imports these classes
 
         return api.encode(self, x, saturate=saturate, rounding=rounding, key=key)
 
-    def decode(self, codes, *, dtype: Any = jnp.float32):
+    def decode(self, codes: C, *, dtype: DTypeLike = jnp.float32) -> jax.Array:
         """See ``lowbit.formats.decode``."""
         from lowbit.formats import api
 
         return api.decode(self, codes, dtype=dtype)
 
-    def quantize(self, x, *, saturate: bool = True, rounding: str = "nearest", key: jax.Array | None = None):
+    def quantize(
+        self, x: ArrayLike, *, saturate: bool = True, rounding: str = "nearest", key: jax.Array | None = None
+    ) -> jax.Array:
         """See ``lowbit.formats.quantize``."""
         from lowbit.formats import api
 
@@ -102,3 +152,18 @@ class BuiltinFormat:
         from lowbit.formats import api
 
         return api.values(self)
+
+
+def codes_array(codes: Encoded, name: str) -> jax.Array:
+    """An element format's codes: one array (``formats.decode`` refuses a tuple first)."""
+    if isinstance(codes, tuple):
+        raise ValueError(
+            f"codes is a tuple; allowed for {name}: the codes array encode returned "
+            "(only scaled formats, adaptive and block, encode to a tuple)"
+        )
+    return codes
+
+
+# Every format the registry and ``formats.encode/decode/quantize/values`` take: a user's
+# element format, or one of lowbit's (element formats encode to arrays, scaled ones to tuples).
+AnyFormat = Format | BuiltinFormat[jax.Array] | BuiltinFormat[tuple[jax.Array, ...]]

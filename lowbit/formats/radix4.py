@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from lowbit.formats._bits import split_key
 from lowbit.formats._checks import check_float_input, check_rounding
@@ -11,7 +12,7 @@ from lowbit.formats.api import quantize
 from lowbit.formats.registry import get
 
 
-def two_phase(x, *, rounding: str = "nearest", key: jax.Array | None = None):
+def two_phase(x: ArrayLike, *, rounding: str = "nearest", key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Quantize ``x`` on the even grid {4^k} and on the odd grid {2 * 4^k}.
 
     The odd grid is ``fp4_radix4`` scaled by 2: ``2 * quantize(fp4_radix4, x / 2)``.

@@ -10,15 +10,27 @@ import numpy as np
 from lowbit.formats.codebook import AF4, FP4_E2M1_CODEBOOK, NF4
 from lowbit.formats.integer import BinaryFormat, IntFormat
 from lowbit.formats.minifloat import FloatFormat
-from lowbit.formats.protocol import BuiltinFormat, missing_members
+from lowbit.formats.protocol import AnyFormat, BuiltinFormat, Format, missing_members
 
 
-def _is_int(v) -> bool:
+def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _f(name, ebits, mbits, bias, specials, **kw):
-    return FloatFormat(name=name, ebits=ebits, mbits=mbits, bias=bias, specials=specials, **kw)
+def _f(
+    name: str,
+    ebits: int,
+    mbits: int,
+    bias: int,
+    specials: str,
+    *,
+    signed: bool = True,
+    zero: bool = True,
+    radix: int = 2,
+) -> FloatFormat:
+    return FloatFormat(
+        name=name, ebits=ebits, mbits=mbits, bias=bias, specials=specials, signed=signed, zero=zero, radix=radix
+    )
 
 
 def p3109(k: int, p: int) -> FloatFormat:
@@ -37,7 +49,7 @@ def p3109(k: int, p: int) -> FloatFormat:
     return _f(f"p3109_k{k}p{p}", k - p, p - 1, 2 ** (k - p - 1), "p3109")
 
 
-_ELEMENT = [
+_ELEMENT: list[AnyFormat] = [
     _f("float8_e4m3fn", 4, 3, 7, "fn"),
     _f("float8_e5m2", 5, 2, 15, "ieee"),
     _f("float8_e4m3fnuz", 4, 3, 8, "fnuz"),
@@ -65,12 +77,14 @@ _ELEMENT = [
     FP4_E2M1_CODEBOOK,
 ]
 
-_REGISTRY: dict[str, object] = {f.name: f for f in _ELEMENT}
+_REGISTRY: dict[str, AnyFormat] = {f.name: f for f in _ELEMENT}
 _P3109 = re.compile(r"p3109_k(\d+)p(\d+)")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+# Registered formats' widest codes: what quant's packing, lowbit.testing and the CLI handle.
+MAX_REGISTERED_BITS = 16
 
 
-def register(name: str, fmt) -> None:
+def register(name: str, fmt: AnyFormat) -> None:
     """Make ``fmt`` available by ``name``: ``get(name)``, ``formats.quantize(name, x)``,
     ``quant.Quantizer(format=name)``, and so recipes and the CLI.
 
@@ -82,7 +96,9 @@ def register(name: str, fmt) -> None:
 
     Raises:
       ValueError: a malformed, reserved or taken name; ``fmt.bits`` outside
-        1..16 or ``fmt.max_value`` not positive and finite.
+        1..16 (lowbit's ``FloatFormat`` goes to 32 bits, but registered names
+        reach code that handles at most 16) or ``fmt.max_value`` not positive
+        and finite.
       TypeError: ``name`` is not a string; ``fmt`` is a class, not an
         instance, or lacks members of the protocol (the message lists them);
         ``fmt.bits`` not an integer, ``fmt.max_value`` not a number,
@@ -109,6 +125,11 @@ def register(name: str, fmt) -> None:
         )
     if not isinstance(fmt, BuiltinFormat):  # lowbit's own formats check their fields when built
         check_members(fmt, f"register fmt={fmt!r}:")
+    elif fmt.bits > MAX_REGISTERED_BITS:  # a FloatFormat (or one built on it) past 16 bits
+        raise ValueError(
+            f"register fmt={fmt!r}: bits={fmt.bits} is invalid; allowed: an integer in [1, {MAX_REGISTERED_BITS}] "
+            "(wider FloatFormats work unregistered: formats.encode/decode/quantize and Accumulator take the object)"
+        )
     if name in _REGISTRY and _REGISTRY[name] != fmt:
         raise ValueError(
             f"register name={name!r} is invalid; allowed: a new name ({name!r} is already "
@@ -117,9 +138,15 @@ def register(name: str, fmt) -> None:
     _REGISTRY[name] = fmt
 
 
-def check_members(fmt, where: str) -> None:
+def check_members(fmt: Format, where: str) -> None:
     """The values of a user format's data members: ``bits`` an integer in 1..16,
     ``max_value`` a positive finite number, ``has_nan`` a bool, ``name`` a string.
+
+    Registered formats stay at 16 bits although ``FloatFormat`` goes to 32: what a
+    registered name reaches (``quant`` packing and ``QTensor`` codes, the
+    ``lowbit.testing`` strategies and ``check_format``, which enumerate every code
+    or list ``values()``, the CLI's code tables) handles codes of at most 16 bits.
+    ``register`` refuses wider lowbit formats with the same message.
 
     Raises:
       TypeError: a member of the wrong type (a bool given as 0/1 or "yes" included).
@@ -130,7 +157,7 @@ def check_members(fmt, where: str) -> None:
         raise TypeError(f"{where} name={name!r} is invalid; allowed: a string")
     if not _is_int(bits):
         raise TypeError(f"{where} bits={bits!r} is invalid; allowed: an integer in [1, 16]")
-    if not 1 <= bits <= 16:
+    if not 1 <= bits <= MAX_REGISTERED_BITS:
         raise ValueError(f"{where} bits={bits!r} is invalid; allowed: an integer in [1, 16]")
     if isinstance(max_value, (bool, np.bool_)) or not isinstance(max_value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where} max_value={max_value!r} is invalid; allowed: a positive finite float")
@@ -145,7 +172,7 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get(name: str):
+def get(name: str) -> AnyFormat:
     """The format registered as ``name``.
 
     Raises:

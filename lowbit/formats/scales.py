@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from lowbit.formats._checks import check_float_input
 
 
-def _reduce_axes(w, axis):
+def _reduce_axes(w: jax.Array, axis: int | None) -> tuple[int, ...] | None:
     """Axes to reduce so that one scale remains per index of ``axis`` (None: per tensor)."""
     if axis is None:
         return None
@@ -22,7 +24,7 @@ def _reduce_axes(w, axis):
     return tuple(i for i in range(w.ndim) if i != axis)
 
 
-def binary_scale(w, axis: int | None = None):
+def binary_scale(w: ArrayLike, axis: int | None = None) -> jax.Array:
     """alpha = mean|w| (XNOR-Net), per tensor or per index of ``axis``, kept dims.
 
     ``w`` is a float32, bfloat16 or float16 array (as for ``formats.quantize``).
@@ -31,7 +33,7 @@ def binary_scale(w, axis: int | None = None):
     return jnp.mean(jnp.abs(w), axis=_reduce_axes(w, axis), keepdims=True)
 
 
-def ternary_threshold(w, axis: int | None = None):
+def ternary_threshold(w: ArrayLike, axis: int | None = None) -> tuple[jax.Array, jax.Array]:
     """TWN's threshold and scale: Delta = 0.7 mean|w|, alpha = mean of |w| where |w| > Delta.
 
     Returns:
@@ -49,7 +51,7 @@ def ternary_threshold(w, axis: int | None = None):
     return delta, alpha
 
 
-def ternarize(w, axis: int | None = None):
+def ternarize(w: ArrayLike, axis: int | None = None) -> jax.Array:
     """TWN ternary weights: alpha * sign(w) * [|w| > Delta] (no gradient rule; see training.ste)."""
     w = check_float_input(w, "w")
     delta, alpha = ternary_threshold(w, axis)

@@ -38,24 +38,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from lowbit import formats
 from lowbit.formats import FloatFormat
-from lowbit.formats._checks import check_int, require
-from lowbit.formats.protocol import BuiltinFormat, missing_members
+from lowbit.formats._checks import check_int, checked_int, require
+from lowbit.formats.protocol import AnyFormat, BuiltinFormat, Format
 
 __all__ = ["Accumulator", "accumulated_dot_general"]
 
-_F32 = np.dtype(np.float32)
+_F32: np.dtype[np.float32] = np.dtype(np.float32)
+# A float level once built: a format whose rounding sums are rounded to, or float32 (no rounding).
+FloatLevel = Format | np.dtype[np.float32]
+# What the constructor takes for a level: an int width, a format or its name, or a dtype.
+LevelSpec = int | AnyFormat | DTypeLike
+# Dot-general dimension numbers: ((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)).
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+Dims = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 # The grids of the two 16-bit float dtypes as lowbit formats, so one rounding
 # helper (formats.quantize) serves every accumulator format.
-_DTYPE_FORMATS = {
+_DTYPE_FORMATS: dict[np.dtype[np.generic], FloatFormat] = {
     np.dtype(jnp.bfloat16): FloatFormat(name="bfloat16", ebits=8, mbits=7),
     np.dtype(np.float16): FloatFormat(name="float16", ebits=5, mbits=10),
 }
@@ -68,7 +76,7 @@ _INT_OVERFLOWS = ("saturate", "wrap")
 _FLOAT_ROUNDINGS = ("nearest", "toward_zero")
 
 
-def _float_level(own: str, field: str, value: Any):
+def _float_level(own: str, field: str, value: LevelSpec) -> FloatLevel:
     """``value`` as a float accumulator level: a format object, or the float32 dtype (no rounding)."""
     if isinstance(value, str) and value not in _DTYPE_NAMES:
         try:
@@ -80,12 +88,14 @@ def _float_level(own: str, field: str, value: Any):
         return value
     if isinstance(value, BuiltinFormat):  # integer, codebook, block, adaptive: not a grid for sums
         raise ValueError(f"{own}.{field}={value!r} is invalid; allowed: {_FLOAT_ALLOWED}")
-    if not isinstance(value, str) and not missing_members(value):
+    if not isinstance(value, str) and isinstance(value, Format):  # it has every member of the protocol
         return value  # a user format: formats.quantize calls its own rounding
-    try:
-        dtype = np.dtype(value)
-    except TypeError:
-        dtype = None
+    dtype: np.dtype[np.generic] | None = None
+    if not isinstance(value, int):  # an int width is no dtype (np.dtype(8) is a TypeError too)
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            pass
     if dtype == _F32:
         return _F32
     if dtype in _DTYPE_FORMATS:
@@ -93,14 +103,15 @@ def _float_level(own: str, field: str, value: Any):
     raise TypeError(f"{own}.{field}={value!r} is invalid; allowed: {_FLOAT_ALLOWED}")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, init=False)
 class Accumulator:
     """A narrow dot-product accumulator (hashable: a static ``jax.jit`` argument).
 
     Attributes:
       fmt: what partial sums are rounded to. A float level: a signed lowbit
-        ``FloatFormat`` (any minifloat with at most 16 bits; an e8m13 "FP22"
-        needs ``FloatFormat`` to admit 22 bits), a user format, a registered
+        ``FloatFormat`` (any radix-2 minifloat up to 32 bits, e.g. the e8m13
+        "FP22" ``FloatFormat(ebits=8, mbits=13)``, about the 14 bits of
+        precision DeepSeek-V3 measured), a user format, a registered
         float format name, or the dtypes ``float32`` (no rounding beyond
         float32's own), ``bfloat16`` / ``float16`` (stored as the equal
         ``FloatFormat``). Or an ``int`` in [2, 32]: a two's-complement
@@ -122,14 +133,31 @@ class Accumulator:
         Integer accumulators take the default.
     """
 
-    fmt: Any = _F32
+    fmt: int | FloatLevel  # normalised: an int width, a format, or the float32 dtype
     chunk: int = 1
     promote_every: int | None = None
-    promote_fmt: Any = None
+    promote_fmt: int | FloatLevel  # normalised as ``fmt``
     overflow: str | None = None
     rounding: str = "nearest"
 
-    def __post_init__(self):
+    def __init__(
+        self,
+        *,
+        fmt: LevelSpec = _F32,
+        chunk: int = 1,
+        promote_every: int | None = None,
+        promote_fmt: LevelSpec | None = None,
+        overflow: str | None = None,
+        rounding: str = "nearest",
+    ) -> None:
+        # Written out, not generated: the levels are given as names, dtypes or formats and stored normalised.
+        for field, value in (("chunk", chunk), ("promote_every", promote_every), ("overflow", overflow)):
+            object.__setattr__(self, field, value)
+        object.__setattr__(self, "rounding", rounding)
+        self._validate(fmt, promote_fmt)
+
+    def _validate(self, fmt: LevelSpec, promote_fmt: LevelSpec | None) -> None:
+        """Check every field (``ValueError``/``TypeError`` naming it) and store the normalised levels."""
         own = "Accumulator"
         check_int(own, "chunk", self.chunk, 1)
         if self.promote_every is not None:
@@ -141,10 +169,9 @@ class Accumulator:
                 self.promote_every,
                 f"None or a multiple of chunk={self.chunk}",
             )
-        if isinstance(self.fmt, (int, np.integer)) and not isinstance(self.fmt, bool):
-            check_int(own, "fmt", self.fmt, 2, 32)
-            promote = 32 if self.promote_fmt is None else self.promote_fmt
-            check_int(own, "promote_fmt", promote, 2, 32)
+        if isinstance(fmt, (int, np.integer)) and not isinstance(fmt, bool):
+            width = checked_int(own, "fmt", fmt, 2, 32)
+            promote_width = checked_int(own, "promote_fmt", 32 if promote_fmt is None else promote_fmt, 2, 32)
             require(
                 self.overflow in _INT_OVERFLOWS,
                 own,
@@ -159,13 +186,14 @@ class Accumulator:
                 self.rounding,
                 "'nearest' (the default) for an integer accumulator: integer sums are exact",
             )
-            object.__setattr__(self, "fmt", int(self.fmt))
-            object.__setattr__(self, "promote_fmt", int(promote))
+            object.__setattr__(self, "fmt", width)
+            object.__setattr__(self, "promote_fmt", promote_width)
             return
-        object.__setattr__(self, "fmt", _float_level(own, "fmt", self.fmt))
-        promote = _F32 if self.promote_fmt is None else _float_level(own, "promote_fmt", self.promote_fmt)
+        level = _float_level(own, "fmt", fmt)
+        object.__setattr__(self, "fmt", level)
+        promote = _F32 if promote_fmt is None else _float_level(own, "promote_fmt", promote_fmt)
         object.__setattr__(self, "promote_fmt", promote)
-        rounded = not (isinstance(self.fmt, np.dtype) and isinstance(promote, np.dtype))
+        rounded = not (isinstance(level, np.dtype) and isinstance(promote, np.dtype))
         require(
             self.overflow in (None, "saturate"),
             own,
@@ -201,9 +229,9 @@ class Accumulator:
         return isinstance(self.fmt, int)
 
 
-def _add(acc: Accumulator, level, s: jax.Array, c: jax.Array) -> jax.Array:
+def _add(acc: Accumulator, level: int | FloatLevel, s: jax.Array, c: jax.Array) -> jax.Array:
     """``s + c`` at one level of ``acc`` (its ``fmt`` or ``promote_fmt``): float32 then rounded, or integer."""
-    if acc.integer:
+    if isinstance(level, int):  # an integer accumulator (both its levels are int widths)
         return _int_add(s, c, level, acc.overflow)
     t = s + c
     if isinstance(level, np.dtype):  # float32: the addition's own rounding is the level's
@@ -211,7 +239,7 @@ def _add(acc: Accumulator, level, s: jax.Array, c: jax.Array) -> jax.Array:
     return formats.quantize(level, t, saturate=acc.overflow == "saturate", rounding=acc.rounding)
 
 
-def _int_add(s: jax.Array, c: jax.Array, bits: int, overflow: str) -> jax.Array:
+def _int_add(s: jax.Array, c: jax.Array, bits: int, overflow: str | None) -> jax.Array:
     """``s + c`` for int32 ``s`` (inside ``bits``) and any int32 ``c``, saturated or wrapped to ``bits``."""
     r = s + c  # modulo 2^32, which is already right for "wrap"
     if overflow == "wrap":
@@ -226,14 +254,20 @@ def _int_add(s: jax.Array, c: jax.Array, bits: int, overflow: str) -> jax.Array:
     return jnp.where(past_int32, jnp.where(c < 0, jnp.int32(lo), jnp.int32(hi)), jnp.clip(r, lo, hi))
 
 
-def _to_bmk(x: jax.Array, batch, contract) -> jax.Array:
+def _to_bmk(x: jax.Array, batch: tuple[int, ...], contract: tuple[int, ...]) -> jax.Array:
     """``x`` as (batch, free, K): each group flattened row-major in the given dim order."""
     free = [d for d in range(x.ndim) if d not in batch and d not in contract]
     shape = tuple(math.prod(x.shape[d] for d in dims) for dims in (batch, free, contract))
     return jnp.transpose(x, [*batch, *free, *contract]).reshape(shape)
 
 
-def accumulated_dot_general(lhs, rhs, dimension_numbers, acc: Accumulator, preferred_element_type=None):
+def accumulated_dot_general(
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    dimension_numbers: DimensionNumbers,
+    acc: Accumulator,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
     """``lax.dot_general`` summed the way ``acc``'s narrow accumulator sums (see the module docstring).
 
     Jit-able with ``dimension_numbers`` (tuples), ``acc`` and
@@ -282,22 +316,25 @@ def accumulated_dot_general(lhs, rhs, dimension_numbers, acc: Accumulator, prefe
         if not ok:
             allowed = "an integer dtype" if acc.integer else "a float dtype of at most 32 bits"
             raise TypeError(f"{name} has dtype {dtype}; allowed for Accumulator(fmt={acc.fmt!r}): {allowed}")
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    la, ra = jnp.asarray(lhs), jnp.asarray(rhs)
     # lax's own checks of the dimension numbers, and its result shape and dtype.
     out = jax.eval_shape(
         functools.partial(
             lax.dot_general, dimension_numbers=dimension_numbers, preferred_element_type=preferred_element_type
         ),
-        lhs,
-        rhs,
+        la,
+        ra,
     )
     (lc, rc), (lb, rb) = dimension_numbers
-    dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-    return _emulate(lhs, rhs, dims, acc, out.shape, out.dtype)
+    dims: Dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    result: jax.Array = _emulate(la, ra, dims, acc, out.shape, out.dtype)
+    return result
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _emulate(lhs, rhs, dims, acc: Accumulator, out_shape, out_dtype):
+def _emulate(
+    lhs: jax.Array, rhs: jax.Array, dims: Dims, acc: Accumulator, out_shape: tuple[int, ...], out_dtype: DTypeLike
+) -> jax.Array:
     (lc, rc), (lb, rb) = dims
     wide = jnp.int32 if acc.integer else jnp.float32
     a, b = _to_bmk(lhs, lb, lc).astype(wide), _to_bmk(rhs, rb, rc).astype(wide)
@@ -309,17 +346,20 @@ def _emulate(lhs, rhs, dims, acc: Accumulator, out_shape, out_dtype):
     pad = n_int * interval - k
     steps = (n_int, interval // acc.chunk, acc.chunk)
 
-    def split(x):  # (B, F, K) -> (intervals, chunks per interval, B, F, chunk): the scans' leading axes
+    def split(
+        x: jax.Array,
+    ) -> jax.Array:  # (B, F, K) -> (intervals, chunks per interval, B, F, chunk): the scans' leading axes
         x = jnp.pad(x, ((0, 0), (0, 0), (0, pad))).reshape(x.shape[:2] + steps)
         return jnp.moveaxis(x, (2, 3), (0, 1))
 
-    def chunk_step(s, ab):
+    def chunk_step(s: jax.Array, ab: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        a_chunk, b_chunk = ab
         c = lax.dot_general(
-            *ab, (((2,), (2,)), ((0,), (0,))), precision=lax.Precision.HIGHEST, preferred_element_type=wide
+            a_chunk, b_chunk, (((2,), (2,)), ((0,), (0,))), precision=lax.Precision.HIGHEST, preferred_element_type=wide
         )  # HIGHEST: no TF32/bf16 passes on GPUs
         return _add(acc, acc.fmt, s, c), None
 
-    def interval_step(total, ab):
+    def interval_step(total: jax.Array, ab: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         s, _ = lax.scan(chunk_step, jnp.zeros((nb, m, n), wide), ab)
         return _add(acc, acc.promote_fmt, total, s), None
 
@@ -328,7 +368,14 @@ def _emulate(lhs, rhs, dims, acc: Accumulator, out_shape, out_dtype):
 
 
 @_emulate.defjvp
-def _emulate_jvp(dims, acc, out_shape, out_dtype, primals, tangents):
+def _emulate_jvp(
+    dims: Dims,
+    acc: Accumulator,
+    out_shape: tuple[int, ...],
+    out_dtype: DTypeLike,
+    primals: tuple[jax.Array, jax.Array],
+    tangents: tuple[jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
     # Straight through: the accumulator's rounding error is a constant, so the derivative is the exact
     # product's (rounding itself has a zero derivative almost everywhere, which would stop training).
     (lhs, rhs), (dlhs, drhs) = primals, tangents
