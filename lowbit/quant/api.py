@@ -13,20 +13,24 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from lowbit import formats
 from lowbit.formats._checks import check_float_input, check_rounding
 from lowbit.quant import scales
-from lowbit.quant.calibrate import params_from_state
-from lowbit.quant.granularity import is_block
-from lowbit.quant.layout import layout
+from lowbit.quant.calibrate import CalibrationState, params_from_state
+from lowbit.quant.granularity import Block, Group, is_block
+from lowbit.quant.layout import Layout, layout
 from lowbit.quant.params import QParams, from_step
 from lowbit.quant.qtensor import QTensor, load, pack_codes, store, unpack_codes
 from lowbit.quant.quantizer import Quantizer
-from lowbit.quant.sources import Fixed
+from lowbit.quant.sources import DATA_SCALES, Fixed
+
+State = CalibrationState | QParams
+"""A static quantizer's calibration (``state=``)."""
 
 
-def _check_call(q: Quantizer, x, scale, state):
+def _check_call(q: Quantizer, x: ArrayLike, scale: ArrayLike | None, state: State | None) -> jax.Array:
     if not isinstance(q, Quantizer):
         raise TypeError(f"quantizer has type {type(q).__name__}; allowed: lowbit.quant.Quantizer")
     x = check_float_input(x)
@@ -55,25 +59,35 @@ def _check_call(q: Quantizer, x, scale, state):
     return x
 
 
-def _params(q, lay, xw, scale, state) -> QParams:
+def _params(q: Quantizer, lay: Layout, xw: jax.Array, scale: jax.Array | None, state: State | None) -> QParams:
     if q.static:
+        assert state is not None  # _check_call: state= exactly when q.static
         return params_from_state(q, state)
-    if q.scale.data:
-        return scales.params(q, xw, lay.reduce)
+    if isinstance(q.scale, DATA_SCALES):  # q.scale.data
+        return scales.params(q, q.scale, xw, lay.reduce)
     step = q.scale.step if isinstance(q.scale, Fixed) else scale
     return from_step(q, jnp.broadcast_to(jnp.asarray(step, jnp.float32), lay.scale_shape))
 
 
-def _prepare(q, x, scale, state):
+def _blocks(q: Quantizer) -> Group | Block:
+    """A block format's granularity (``Tensor.check`` and ``Channel.check`` refuse block formats)."""
+    g = q.granularity
+    assert isinstance(g, (Group, Block)), g
+    return g
+
+
+def _prepare(
+    q: Quantizer, x: jax.Array, scale: jax.Array | None, state: State | None
+) -> tuple[Layout, jax.Array, QParams]:
     lay = layout(q, x.shape)
     xw = x.astype(jnp.float32).reshape(lay.work)
     return lay, xw, _params(q, lay, xw, scale, state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _fake(q, x, key, scale, state):
+def _fake(q: Quantizer, x: jax.Array, key: jax.Array | None, scale: jax.Array | None, state: State | None) -> jax.Array:
     if is_block(q.format):
-        g = q.granularity
+        g = _blocks(q)
         y = formats.quantize(
             g.block_format(q.format), g.to_blocks(x), saturate=q.saturate, rounding=q.rounding, key=key
         )
@@ -82,7 +96,14 @@ def _fake(q, x, key, scale, state):
     return q.kind.fake(q, xw, p, q.rounding, key).reshape(x.shape).astype(x.dtype)
 
 
-def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
+def fake_quant(
+    quantizer: Quantizer,
+    x: ArrayLike,
+    key: jax.Array | None = None,
+    *,
+    scale: ArrayLike | None = None,
+    state: State | None = None,
+) -> jax.Array:
     """Quantize and dequantize ``x``: the values a quantized ``x`` stands for.
 
     Args:
@@ -112,15 +133,18 @@ def fake_quant(quantizer: Quantizer, x, key=None, *, scale=None, state=None):
     """
     x = _check_call(quantizer, x, scale, state)
     check_rounding(quantizer.rounding, key)
-    return _fake(quantizer, x, key, scale, state)
+    y: jax.Array = _fake(quantizer, x, key, scale, state)  # jax.jit drops the return type
+    return y
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _qparams(q, x, scale, state):
+def _qparams(q: Quantizer, x: jax.Array, scale: jax.Array | None, state: State | None) -> QParams:
     return _prepare(q, x, scale, state)[2]
 
 
-def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
+def qparams(
+    quantizer: Quantizer, x: ArrayLike, *, scale: ArrayLike | None = None, state: State | None = None
+) -> QParams:
     """The ``QParams`` (steps, zero points, factors) that ``fake_quant(quantizer, x)`` uses.
 
     Raises:
@@ -129,13 +153,16 @@ def qparams(quantizer: Quantizer, x, *, scale=None, state=None) -> QParams:
     x = _check_call(quantizer, x, scale, state)
     if is_block(quantizer.format):
         raise ValueError(f"qparams: block format {quantizer.format.name} keeps its scales inside encode")
-    return _qparams(quantizer, x, scale, state)
+    p: QParams = _qparams(quantizer, x, scale, state)  # (jax.jit drops it)
+    return p
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _quantize(q, x, key, scale, state):
+def _quantize(
+    q: Quantizer, x: jax.Array, key: jax.Array | None, scale: jax.Array | None, state: State | None
+) -> QTensor:
     if is_block(q.format):
-        g = q.granularity
+        g = _blocks(q)
         codes, *scales_ = formats.encode(
             g.block_format(q.format), g.to_blocks(x), saturate=q.saturate, rounding=q.rounding, key=key
         )
@@ -146,14 +173,22 @@ def _quantize(q, x, key, scale, state):
     return QTensor(pack_codes(q, codes), quantizer=q, shape=x.shape, dtype=x.dtype, **store(q, p))
 
 
-def quantize(quantizer: Quantizer, x, key=None, *, scale=None, state=None) -> QTensor:
+def quantize(
+    quantizer: Quantizer,
+    x: ArrayLike,
+    key: jax.Array | None = None,
+    *,
+    scale: ArrayLike | None = None,
+    state: State | None = None,
+) -> QTensor:
     """Really quantize ``x``: packed codes plus stored scales (arguments as ``fake_quant``)."""
     x = _check_call(quantizer, x, scale, state)
     check_rounding(quantizer.rounding, key)
-    return _quantize(quantizer, x, key, scale, state)
+    qt: QTensor = _quantize(quantizer, x, key, scale, state)  # (jax.jit drops it)
+    return qt
 
 
-def dequantize(qt: QTensor):
+def dequantize(qt: QTensor) -> jax.Array:
     """The values of ``qt`` in its original dtype; equals ``fake_quant`` bit for bit.
 
     Raises:
@@ -161,16 +196,19 @@ def dequantize(qt: QTensor):
     """
     if not isinstance(qt, QTensor):
         raise TypeError(f"qt has type {type(qt).__name__}; allowed: a QTensor (from lowbit.quant.quantize)")
-    return _dequantize(qt)
+    y: jax.Array = _dequantize(qt)  # (jax.jit drops it)
+    return y
 
 
 @jax.jit
-def _dequantize(qt: QTensor):
+def _dequantize(qt: QTensor) -> jax.Array:
     q = qt.quantizer
     n = math.prod(qt.shape)
     if is_block(q.format):
-        g = q.granularity
-        moved = jax.eval_shape(g.to_blocks, jax.ShapeDtypeStruct(qt.shape, qt.dtype)).shape
+        g = _blocks(q)
+        # jax.ShapeDtypeStruct.__init__ has no annotations in jax 0.10 (so mypy counts it untyped).
+        proto = jax.ShapeDtypeStruct(qt.shape, qt.dtype)  # type: ignore[no-untyped-call]
+        moved = jax.eval_shape(g.to_blocks, proto).shape
         codes = unpack_codes(q, qt.codes, n).reshape(moved)
         parts = (codes, qt.scale) if qt.tensor_scale is None else (codes, qt.scale, qt.tensor_scale)
         return g.from_blocks(formats.decode(g.block_format(q.format), parts, dtype=qt.dtype), qt.shape)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,10 @@ from lowbit.formats._checks import check_float_input
 from lowbit.quant import scales
 from lowbit.quant.layout import layout
 from lowbit.quant.params import QParams, from_clip
-from lowbit.quant.sources import KL, Absmax
+from lowbit.quant.sources import DATA_SCALES, KL, Absmax
+
+if TYPE_CHECKING:
+    from lowbit.quant.quantizer import Quantizer
 
 
 class CalibrationState(NamedTuple):
@@ -65,15 +68,19 @@ class Observer(NamedTuple):
     scale: Callable[[CalibrationState], QParams]
 
 
-def _require_static(q):
+def _not_static(q: Quantizer) -> ValueError:
+    return ValueError(
+        f"Quantizer.scale={q.scale!r} is invalid for calibration; allowed: a data-driven source with "
+        "static=True, e.g. Absmax(static=True) (a dynamic quantizer takes its scale from every call)"
+    )
+
+
+def _require_static(q: Quantizer) -> None:
     if not q.static:
-        raise ValueError(
-            f"Quantizer.scale={q.scale!r} is invalid for calibration; allowed: a data-driven source with "
-            "static=True, e.g. Absmax(static=True) (a dynamic quantizer takes its scale from every call)"
-        )
+        raise _not_static(q)
 
 
-def init(q, x) -> CalibrationState:
+def init(q: Quantizer, x: jax.Array | jax.ShapeDtypeStruct) -> CalibrationState:
     shape = layout(q, x.shape).scale_shape
     zeros = jnp.zeros(shape, jnp.float32)
     nbins = scales.KL_BINS if isinstance(q.scale, KL) else 0
@@ -82,7 +89,7 @@ def init(q, x) -> CalibrationState:
     )
 
 
-def update(q, state: CalibrationState, x) -> CalibrationState:
+def update(q: Quantizer, state: CalibrationState, x: jax.Array) -> CalibrationState:
     x = check_float_input(x)
     lay = layout(q, x.shape)
     xw = x.astype(jnp.float32).reshape(lay.work)
@@ -90,10 +97,12 @@ def update(q, state: CalibrationState, x) -> CalibrationState:
     if isinstance(q.scale, (Absmax, KL)):
         lo, hi = scales.absmax(q, xw, lay.reduce)
         lo, hi = jnp.minimum(state.lo, lo), jnp.maximum(state.hi, hi)
-    else:
+    elif isinstance(q.scale, DATA_SCALES):
         lo, hi = q.scale.clip(q, xw, lay.reduce)
         n = count.astype(jnp.float32)
         lo, hi = state.lo + (lo - state.lo) / n, state.hi + (hi - state.hi) / n
+    else:  # Fixed, Learned, Delayed: no clip to calibrate
+        raise _not_static(q)
     hist, hist_range = state.hist, state.hist_range
     if isinstance(q.scale, KL):
         hist_range = jnp.maximum(hist_range, scales.histogram_range(jnp.max(hi)))
@@ -101,7 +110,7 @@ def update(q, state: CalibrationState, x) -> CalibrationState:
     return CalibrationState(count, lo, hi, hist, hist_range)
 
 
-def scale(q, state: CalibrationState) -> QParams:
+def scale(q: Quantizer, state: CalibrationState) -> QParams:
     lo, hi = state.lo, state.hi
     if isinstance(q.scale, KL):
         hi = jnp.minimum(scales.kl_threshold(state.hist, state.hist_range, scales.kl_levels(q.format)), hi)
@@ -113,7 +122,7 @@ _update_jit = jax.jit(update, static_argnums=0)
 _scale_jit = jax.jit(scale, static_argnums=0)
 
 
-def observer(q) -> Observer:
+def observer(q: Quantizer) -> Observer:
     """The observer of static quantizer ``q``.
 
     Raises:
@@ -123,7 +132,7 @@ def observer(q) -> Observer:
     return Observer(functools.partial(init, q), functools.partial(_update_jit, q), functools.partial(_scale_jit, q))
 
 
-def calibrate(q, fn: Callable[[Any], Any], batches: Iterable[Any]):
+def calibrate(q: Quantizer, fn: Callable[[Any], Any], batches: Iterable[Any]) -> Any:
     """Run ``fn`` over ``batches`` and fold every tensor it returns into running statistics.
 
     Args:
@@ -152,10 +161,11 @@ def calibrate(q, fn: Callable[[Any], Any], batches: Iterable[Any]):
     return jax.tree_util.tree_unflatten(treedef, states)
 
 
-def params_from_state(q, state) -> QParams:
+def params_from_state(q: Quantizer, state: CalibrationState | QParams) -> QParams:
     """``QParams`` from a ``CalibrationState`` (or ``QParams`` as they are)."""
     if isinstance(state, QParams):
         return state
     if isinstance(state, CalibrationState):
-        return _scale_jit(q, state)
+        p: QParams = _scale_jit(q, state)  # jax.jit drops the return type
+        return p
     raise TypeError(f"state has type {type(state).__name__}; allowed: CalibrationState or QParams")

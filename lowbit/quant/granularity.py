@@ -10,20 +10,26 @@ per-block scales, run along an axis (``Group``) or over 2-D tiles (``Block``):
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowbit.formats._checks import check_int, require
 from lowbit.quant.layout import Layout, from_tiles, normalize_axis, tiled_shape, to_tiles
 
+if TYPE_CHECKING:
+    from lowbit.formats import BlockFormat
+    from lowbit.quant.quantizer import Quantizer
 
-def is_block(fmt) -> bool:
+
+def is_block(fmt: object) -> bool:
     """Block formats (MX, NVFP4) carry their own per-block scales."""
     return hasattr(fmt, "block_size")
 
 
-def _int_field(obj, field: str, lo: int, hi: int | None = None) -> None:
+def _int_field(obj: object, field: str, lo: int, hi: int | None = None) -> None:
     """Check an integer field and store it as a Python int (NumPy integers print and hash as ints then)."""
     value = getattr(obj, field)
     check_int(type(obj).__name__, field, value, lo, hi)
@@ -34,7 +40,7 @@ def _int_field(obj, field: str, lo: int, hi: int | None = None) -> None:
 class Tensor:
     """One scale for the whole tensor."""
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         require(
             not is_block(q.format),
             "Quantizer",
@@ -60,10 +66,10 @@ class Channel:
 
     axis: int = -1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _int_field(self, "axis", -64, 63)
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         require(
             not is_block(q.format),
             "Quantizer",
@@ -94,12 +100,12 @@ class Group:
     size: int | None = None
     axis: int = -1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.size is not None:
             _int_field(self, "size", 1)
         _int_field(self, "axis", -64, 63)
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         if is_block(q.format):
             n = q.format.block_size
             require(
@@ -112,8 +118,8 @@ class Group:
         else:
             require(self.size is not None, "Group", "size", None, "an integer >= 1 (elements per group)")
 
-    def resolved(self, fmt) -> Group:
-        """``size`` filled in from a block format."""
+    def resolved(self, fmt: Any) -> Group:
+        """``size`` filled in from a block format (``fmt``: any format, as ``Quantizer.format``)."""
         return dataclasses.replace(self, size=fmt.block_size) if self.size is None and is_block(fmt) else self
 
     def layout(self, shape: tuple[int, ...]) -> Layout:
@@ -129,14 +135,14 @@ class Group:
     def along(self, axis: int) -> Group:
         return self if self.axis == axis else dataclasses.replace(self, axis=axis)
 
-    def to_blocks(self, x):
+    def to_blocks(self, x: jax.Array) -> jax.Array:
         """``x`` with ``axis`` last, where a block format's blocks run."""
         return jnp.moveaxis(x, normalize_axis(self.axis, x.ndim), -1)
 
-    def from_blocks(self, y, shape: tuple[int, ...]):
+    def from_blocks(self, y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return jnp.moveaxis(y, -1, normalize_axis(self.axis, len(shape)))
 
-    def block_format(self, fmt):
+    def block_format(self, fmt: BlockFormat) -> BlockFormat:
         return fmt
 
     def __str__(self) -> str:
@@ -155,7 +161,7 @@ class Block:
 
     shape: tuple[int, int]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         bs = self.shape
         ok = (
             isinstance(bs, tuple)
@@ -171,7 +177,7 @@ class Block:
         )
         object.__setattr__(self, "shape", (int(bs[0]), int(bs[1])))
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         pass
 
     def layout(self, shape: tuple[int, ...]) -> Layout:
@@ -182,13 +188,13 @@ class Block:
         """Tiles span both of the last two axes whatever the product's contraction."""
         return self
 
-    def to_blocks(self, x):
+    def to_blocks(self, x: jax.Array) -> jax.Array:
         return to_tiles(x, self.shape)
 
-    def from_blocks(self, y, shape: tuple[int, ...]):
+    def from_blocks(self, y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return from_tiles(y, shape, self.shape)
 
-    def block_format(self, fmt):
+    def block_format(self, fmt: BlockFormat) -> BlockFormat:
         """The block format as it runs on tiles: one block of ``rows * cols`` elements per tile."""
         bm, bn = self.shape
         return dataclasses.replace(fmt, block_size=bm * bn, name=f"{fmt.name}_{bm}x{bn}")

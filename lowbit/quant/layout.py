@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import jax
+
+if TYPE_CHECKING:
+    from lowbit.quant.quantizer import Quantizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +51,7 @@ def normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def layout(q, shape) -> Layout:
+def layout(q: Quantizer, shape: Sequence[int]) -> Layout:
     """The layout of quantizer ``q`` on ``shape``.
 
     Raises:
@@ -69,7 +76,7 @@ def tiled_shape(shape: tuple[int, ...], block_shape: tuple[int, int]) -> tuple[i
     return lead + (shape[-2] // bm, bm, shape[-1] // bn, bn)
 
 
-def to_tiles(x, block_shape: tuple[int, int]):
+def to_tiles(x: jax.Array, block_shape: tuple[int, int]) -> jax.Array:
     """``x`` of shape ``(..., M, N)`` as ``(..., M // bm, N // bn, bm * bn)``: each tile on the last axis.
 
     This is how a block format (which blocks along the last axis) scales 2-D
@@ -80,7 +87,7 @@ def to_tiles(x, block_shape: tuple[int, int]):
     return w.transpose(*range(n - 4), n - 4, n - 2, n - 3, n - 1).reshape(*w.shape[:-4], w.shape[-4], w.shape[-2], -1)
 
 
-def from_tiles(t, shape: tuple[int, ...], block_shape: tuple[int, int]):
+def from_tiles(t: jax.Array, shape: tuple[int, ...], block_shape: tuple[int, int]) -> jax.Array:
     """Inverse of ``to_tiles``: ``(..., M // bm, N // bn, bm * bn)`` back to ``shape``."""
     bm, bn = block_shape
     w = t.reshape(*t.shape[:-1], bm, bn)  # (..., M // bm, N // bn, bm, bn)

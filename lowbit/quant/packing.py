@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike
 
 WIDTHS = (1, 2, 4, 6, 8, 16)
 
@@ -25,7 +26,7 @@ def container_bits(bits: int) -> int:
     return next(w for w in WIDTHS if w >= bits)
 
 
-def _check_width(bits):
+def _check_width(bits: int) -> None:
     if bits not in WIDTHS:
         raise ValueError(f"bits={bits!r} is invalid; allowed: {', '.join(map(str, WIDTHS))}")
 
@@ -39,7 +40,7 @@ def packed_size(n: int, bits: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def pack(codes, bits: int):
+def pack(codes: ArrayLike, bits: int) -> jax.Array:
     """Pack integer codes (any shape, only their low ``bits`` bits are kept) into a 1-D array.
 
     Args:
@@ -50,7 +51,7 @@ def pack(codes, bits: int):
       ``uint8`` of ``packed_size(codes.size, bits)`` bytes, or ``uint16`` codes for 16 bits.
     """
     _check_width(bits)
-    c = jnp.asarray(codes).ravel().astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
+    c: jax.Array = jnp.asarray(codes).ravel().astype(jnp.uint32) & jnp.uint32((1 << bits) - 1)
     if bits == 16:
         return c.astype(jnp.uint16)
     if bits == 8:
@@ -66,7 +67,7 @@ def pack(codes, bits: int):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def unpack(packed, bits: int, n: int):
+def unpack(packed: ArrayLike, bits: int, n: int) -> jax.Array:
     """Inverse of ``pack``: the first ``n`` codes, 1-D (``uint8``; ``uint16`` for 16 bits)."""
     _check_width(bits)
     p = jnp.asarray(packed).ravel()
@@ -82,5 +83,5 @@ def unpack(packed, bits: int, n: int):
         w = b[:, 0] | lax.shift_left(b[:, 1], jnp.uint32(8)) | lax.shift_left(b[:, 2], jnp.uint32(16))
     per = 4 if bits == 6 else 8 // bits
     shifts = jnp.arange(per, dtype=jnp.uint32) * jnp.uint32(bits)
-    c = lax.shift_right_logical(w[:, None], shifts[None, :]) & jnp.uint32((1 << bits) - 1)
+    c: jax.Array = lax.shift_right_logical(w[:, None], shifts[None, :]) & jnp.uint32((1 << bits) - 1)
     return c.ravel()[:n].astype(jnp.uint8)

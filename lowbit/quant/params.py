@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from lowbit import formats
 from lowbit.quant import _arith
 
-E8M0 = formats.get("float8_e8m0fnu")
-E4M3 = formats.get("float8_e4m3fn")
+if TYPE_CHECKING:
+    from lowbit.quant.kinds import PTF
+    from lowbit.quant.quantizer import Quantizer
+
+
+def _float_format(name: str) -> formats.FloatFormat:
+    """The registered ``FloatFormat`` ``name`` (the scale formats: their codes are one array)."""
+    fmt = formats.get(name)
+    assert isinstance(fmt, formats.FloatFormat), fmt
+    return fmt
+
+
+E8M0 = _float_format("float8_e8m0fnu")
+E4M3 = _float_format("float8_e4m3fn")
 _TWIN_SHIFT_LIMIT = 24  # twin 'sign' ratio 2^m: a wider ratio would leave one range empty
 
 
@@ -38,12 +52,12 @@ class QParams(NamedTuple):
         return self.scale if self.tensor_scale is None else self.scale * self.tensor_scale
 
 
-def _positive(v):
+def _positive(v: jax.Array) -> jax.Array:
     """``v`` where it is a positive finite number, else 1 (an all-zero group keeps a usable step)."""
     return jnp.where((v > 0) & jnp.isfinite(v), v, jnp.float32(1))
 
 
-def round_step(q, num, den: float):
+def round_step(q: Quantizer, num: ArrayLike, den: float) -> tuple[jax.Array, jax.Array | None]:
     """The step ``num / den`` rounded to ``q.scale_format``: ``(scale, tensor_scale)``.
 
     ``e8m0`` takes the smallest power of two ``2^k`` with ``num <= den * 2^k``,
@@ -67,18 +81,20 @@ def round_step(q, num, den: float):
     return jnp.where(real, jnp.maximum(scale, jnp.float32(E4M3.min_value)), jnp.float32(1)), ts
 
 
-def _symmetric(q, num, den: float) -> QParams:
+def _symmetric(q: Quantizer, num: ArrayLike, den: float) -> QParams:
     scale, ts = round_step(q, num, den)
     exponent = jnp.full(scale.shape, q.kind.shift, jnp.int32) if q.kind.name == "twin" else None
     return QParams(scale, None, ts, exponent)
 
 
-def from_step(q, step) -> QParams:
+def from_step(q: Quantizer, step: ArrayLike) -> QParams:
     """Parameters from a given step (``Fixed``, ``Learned``, ``Delayed``): symmetric, no data."""
     return _symmetric(q, step, 1.0)
 
 
-def from_clip(q, lo, hi, exponent_fn=None) -> QParams:
+def from_clip(
+    q: Quantizer, lo: jax.Array, hi: jax.Array, exponent_fn: Callable[[QParams], jax.Array] | None = None
+) -> QParams:
     """Parameters that map the clip range ``[lo, hi]`` of every scale group onto the grid.
 
     Args:
@@ -91,7 +107,7 @@ def from_clip(q, lo, hi, exponent_fn=None) -> QParams:
     """
     lo, hi = jnp.minimum(lo, 0), jnp.maximum(hi, 0)
     if q.kind.name == "ptf":
-        return _ptf(q, lo, hi, exponent_fn)
+        return _ptf(q, q.kind, lo, hi, exponent_fn)
     if q.kind.name == "twin" and q.kind.split == "sign":
         scale, ts = round_step(q, hi, q.max_level)
         p = QParams(scale, None, ts)
@@ -107,18 +123,20 @@ def from_clip(q, lo, hi, exponent_fn=None) -> QParams:
     return p._replace(zero_point=zero_point(q, lo, p.step()))
 
 
-def zero_point(q, lo, step):
+def zero_point(q: Quantizer, lo: jax.Array, step: jax.Array) -> jax.Array:
     """Integer zero point (float32) that puts ``lo`` on the grid's lowest code."""
     qmin, qmax = q.int_range
     zp = jnp.float32(qmin) - _arith.round_int(_arith.div(lo, step), "nearest", None)
     return jnp.clip(zp, jnp.float32(qmin), jnp.float32(qmax))
 
 
-def _ptf(q, lo, hi, exponent_fn):
+def _ptf(
+    q: Quantizer, kind: PTF, lo: jax.Array, hi: jax.Array, exponent_fn: Callable[[QParams], jax.Array] | None
+) -> QParams:
     """FQ-ViT PTF: one layer step ``s = range / levels / 2^K``; channel ``c`` uses ``s * 2^a_c``."""
-    k = q.kind.max_power
+    k = kind.max_power
     lo_t, hi_t = jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True)
-    if q.kind.symmetric:
+    if kind.symmetric:
         scale, ts = round_step(q, hi_t, q.max_level * 2.0**k)
         p = QParams(scale, None, ts)
     else:
@@ -127,11 +145,11 @@ def _ptf(q, lo, hi, exponent_fn):
         p = QParams(scale, None, ts)
         # FQ-ViT takes the zero point from the widest step s * 2^K.
         p = p._replace(zero_point=zero_point(q, lo_t, p.step() * jnp.float32(2.0**k)))
-    exponent = exponent_fn(p) if exponent_fn is not None else _ptf_cover(q, p, lo, hi)
+    exponent = exponent_fn(p) if exponent_fn is not None else _ptf_cover(q, kind, p, lo, hi)
     return p._replace(exponent=exponent)
 
 
-def _ptf_cover(q, p, lo, hi):
+def _ptf_cover(q: Quantizer, kind: PTF, p: QParams, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Smallest factor exponent whose range covers each channel's ``[lo, hi]`` (clipped to 0..K)."""
     qmin, qmax = q.int_range
     zp = jnp.float32(0) if p.zero_point is None else p.zero_point
@@ -140,4 +158,4 @@ def _ptf_cover(q, p, lo, hi):
     need_hi = _arith.ceil_log2_ratio(jnp.maximum(hi, tiny), jnp.maximum((jnp.float32(qmax) - zp) * s, tiny))
     need_lo = _arith.ceil_log2_ratio(jnp.maximum(-lo, tiny), jnp.maximum((zp - jnp.float32(qmin)) * s, tiny))
     need = jnp.maximum(jnp.where(hi > 0, need_hi, 0), jnp.where(lo < 0, need_lo, 0))
-    return jnp.clip(need, 0, q.kind.max_power)
+    return jnp.clip(need, 0, kind.max_power)

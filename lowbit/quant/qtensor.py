@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from lowbit import formats
 from lowbit.quant import packing
 from lowbit.quant.params import E4M3, E8M0, QParams
+
+if TYPE_CHECKING:
+    from lowbit.quant.quantizer import Quantizer
 
 _SCALE_STORAGE = {"e8m0": E8M0, "e4m3": E4M3}
 
@@ -39,12 +43,12 @@ class QTensor:
     zero_point: jax.Array | None
     tensor_scale: jax.Array | None
     exponent: jax.Array | None
-    quantizer: Any
+    quantizer: Quantizer
     shape: tuple[int, ...]
-    dtype: Any
+    dtype: np.dtype[Any]
 
     @property
-    def format(self):
+    def format(self) -> Any:
         """The element (or block) format."""
         return self.quantizer.format
 
@@ -62,25 +66,39 @@ jax.tree_util.register_dataclass(
 )
 
 
-def pack_codes(q, codes):
-    return packing.pack(codes, packing.container_bits(q.bits))
+def pack_codes(q: Quantizer, codes: jax.Array) -> jax.Array:
+    packed: jax.Array = packing.pack(codes, packing.container_bits(q.bits))  # jax.jit drops the return type
+    return packed
 
 
-def unpack_codes(q, packed, n: int):
-    return packing.unpack(packed, packing.container_bits(q.bits), n)
+def unpack_codes(q: Quantizer, packed: jax.Array, n: int) -> jax.Array:
+    codes: jax.Array = packing.unpack(packed, packing.container_bits(q.bits), n)  # (jax.jit drops it)
+    return codes
 
 
-def _zero_point_dtype(fmt):
+def _zero_point_dtype(fmt: Any) -> DTypeLike:
     small = fmt.bits <= 8
+    dtype: DTypeLike
     if fmt.signed:
-        return jnp.int8 if small else jnp.int16
-    return jnp.uint8 if small else jnp.uint16
+        dtype = jnp.int8 if small else jnp.int16
+    else:
+        dtype = jnp.uint8 if small else jnp.uint16
+    return dtype
 
 
-def store(q, p: QParams) -> dict:
+class Stored(TypedDict):
+    """``QTensor``'s fields that hold ``QParams`` (``store``'s result)."""
+
+    scale: jax.Array
+    zero_point: jax.Array | None
+    tensor_scale: jax.Array | None
+    exponent: jax.Array | None
+
+
+def store(q: Quantizer, p: QParams) -> Stored:
     """The stored form of ``p``: scale codes, integer zero points, int8 exponents."""
     fmt = _SCALE_STORAGE.get(q.scale_format)
-    return dict(
+    return Stored(
         scale=p.scale if fmt is None else formats.encode(fmt, p.scale),
         zero_point=None if p.zero_point is None else p.zero_point.astype(_zero_point_dtype(q.format)),
         tensor_scale=p.tensor_scale,

@@ -22,7 +22,7 @@ SCALE_FORMATS = ("float32", "e8m0", "e4m3")
 _OWN = "Quantizer"
 
 
-def _resolve_format(fmt):
+def _resolve_format(fmt: object) -> Any:
     if not isinstance(fmt, str):
         return fmt
     try:
@@ -31,12 +31,12 @@ def _resolve_format(fmt):
         require(False, _OWN, "format", fmt, "a registered format name: " + ", ".join(formats.names()))
 
 
-def _default_granularity(fmt) -> Granularity:
+def _default_granularity(fmt: Any) -> Granularity:
     """One scale per tensor; a block format's own 1-D blocks along the last axis."""
     return Group(size=fmt.block_size, axis=-1) if is_block(fmt) else Tensor()
 
 
-def _names(classes) -> str:
+def _names(classes: tuple[type, ...]) -> str:
     return " | ".join(c.__name__ + "()" for c in classes)
 
 
@@ -87,7 +87,7 @@ class Quantizer:
     rounding: str = "nearest"
     saturate: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         fmt = _resolve_format(self.format)
         object.__setattr__(self, "format", fmt)
         element = isinstance(fmt, formats.Format) and not isinstance(fmt, formats.AdaptiveFloat)
@@ -117,7 +117,7 @@ class Quantizer:
         for part in (self.granularity, self.scale, self.kind):
             part.check(self)
 
-    def _check_block_format(self):
+    def _check_block_format(self) -> None:
         for field, default in (("scale", Absmax()), ("scale_format", "float32"), ("kind", Uniform())):
             require(
                 getattr(self, field) == default,
@@ -153,7 +153,8 @@ class Quantizer:
     @property
     def bits(self) -> int:
         """Bits per element code."""
-        return self.format.bits
+        bits: int = self.format.bits
+        return bits
 
     @property
     def pow2_step(self) -> bool:

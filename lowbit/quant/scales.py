@@ -8,6 +8,8 @@ are ignored (an inf then saturates to the clip instead of wiping out its group).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,16 @@ from lowbit.quant import _arith
 from lowbit.quant.params import from_clip
 from lowbit.quant.vit import ptf_search
 
+if TYPE_CHECKING:
+    from lowbit.quant.params import QParams
+    from lowbit.quant.quantizer import Quantizer
+    from lowbit.quant.sources import DataScale
+
+Reduce = tuple[int, ...] | None
+"""The axes of ``x`` that share one scale (``None``: all of them)."""
+Clip = tuple[jax.Array, jax.Array]
+"""``(lo, hi)`` float32 clips in the scales' kept-dims shape."""
+
 KL_BINS = 2048
 """Histogram bins of the KL (entropy) search."""
 
@@ -26,11 +38,11 @@ MSE_RATIOS = np.linspace(0.3, 1.0, 100, dtype=np.float32)
 """Clip ratios (of the absmax range) that the ``mse`` source tries."""
 
 
-def _finite(x, fill):
+def _finite(x: jax.Array, fill: float) -> jax.Array:
     return jnp.where(jnp.isfinite(x), x, jnp.float32(fill))
 
 
-def _finite_extreme(op, x, reduce, magnitude=False):
+def _finite_extreme(op: Callable[..., jax.Array], x: jax.Array, reduce: Reduce, magnitude: bool = False) -> jax.Array:
     """``op`` (jnp.max or jnp.min) over ``reduce`` of the finite entries of ``x`` (or ``|x|``) and 0.
 
     Non-finite entries count as 0, as does an empty group. XLA:CPU reduces ``max(|x|)`` in one fused
@@ -39,17 +51,19 @@ def _finite_extreme(op, x, reduce, magnitude=False):
     result is not finite. Both read ``x`` itself, so nothing is materialized.
     """
 
-    def filtered(v):
+    def filtered(v: jax.Array) -> jax.Array:
         return op(_finite(jnp.abs(v) if magnitude else v, 0), axis=reduce, keepdims=True, initial=0)
 
-    def cpu(v):
+    def cpu(v: jax.Array) -> jax.Array:
         r = op(jnp.abs(v) if magnitude else v, axis=reduce, keepdims=True, initial=0)
-        return jax.lax.cond(jnp.all(jnp.isfinite(r)), lambda: r, lambda: filtered(v))
+        y: jax.Array = jax.lax.cond(jnp.all(jnp.isfinite(r)), lambda: r, lambda: filtered(v))
+        return y
 
-    return jax.lax.platform_dependent(x, cpu=cpu, default=filtered)
+    y: jax.Array = jax.lax.platform_dependent(x, cpu=cpu, default=filtered)
+    return y
 
 
-def absmax(q, x, reduce):
+def absmax(q: Quantizer, x: jax.Array, reduce: Reduce) -> Clip:
     """Largest finite magnitude (or min and max, for a signed range) per scale group."""
     if q.signed_range:
         return _finite_extreme(jnp.min, x, reduce), _finite_extreme(jnp.max, x, reduce)
@@ -57,7 +71,7 @@ def absmax(q, x, reduce):
     return -hi, hi
 
 
-def percentile(q, x, reduce, p: float):
+def percentile(q: Quantizer, x: jax.Array, reduce: Reduce, p: float) -> Clip:
     """The ``p``-th percentile of ``|x|`` (signed range: of ``x`` at ``100 - p`` and ``p``)."""
     if q.signed_range:
         xs = _finite(x, jnp.nan)
@@ -68,12 +82,12 @@ def percentile(q, x, reduce, p: float):
     return -hi, hi
 
 
-def _params(q, x, reduce, lo, hi):
-    exponent_fn = ptf_search(q, x, reduce) if q.kind.name == "ptf" else None
+def _params(q: Quantizer, x: jax.Array, reduce: tuple[int, ...], lo: jax.Array, hi: jax.Array) -> QParams:
+    exponent_fn = ptf_search(q, q.kind, x, reduce) if q.kind.name == "ptf" else None
     return from_clip(q, lo, hi, exponent_fn)
 
 
-def mse(q, x, reduce):
+def mse(q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
     """The clip ``r * absmax`` (``r`` in ``MSE_RATIOS``) with the least fake-quantization error.
 
     Each candidate is one fused pass over ``x`` (``lax.map`` keeps one
@@ -82,7 +96,7 @@ def mse(q, x, reduce):
     lo, hi = absmax(q, x, reduce)
     finite = jnp.isfinite(x)
 
-    def error(r):
+    def error(r: jax.Array) -> jax.Array:
         p = _params(q, x, reduce, lo * r, hi * r)
         d = jnp.where(finite, q.kind.fake(q, x, p, "nearest", None) - x, jnp.float32(0))
         return jnp.sum(d * d, axis=reduce, keepdims=True)
@@ -93,7 +107,7 @@ def mse(q, x, reduce):
 
 
 # ----- KL / entropy calibration ---------------------------------------------------------
-def histogram_range(amax):
+def histogram_range(amax: jax.Array) -> jax.Array:
     """The histogram's range: the smallest power of two strictly above ``amax``.
 
     Power-of-two ranges nest, so a running histogram that grows its range merges
@@ -104,7 +118,7 @@ def histogram_range(amax):
 
 
 @jax.jit
-def histogram(x, hist_range):
+def histogram(x: jax.Array, hist_range: jax.Array) -> jax.Array:
     """int32 counts of finite nonzero ``|x|`` in ``KL_BINS`` equal bins over ``[0, hist_range)``.
 
     Exact zeros are left out: every symmetric grid holds zero exactly, so they
@@ -120,14 +134,14 @@ def histogram(x, hist_range):
     return jnp.zeros(KL_BINS, jnp.int32).at[idx].add(counted.astype(jnp.int32))
 
 
-def rebin(hist, old_range, new_range):
+def rebin(hist: jax.Array, old_range: jax.Array, new_range: jax.Array) -> jax.Array:
     """``hist`` over ``[0, old_range)`` re-binned onto ``[0, new_range)`` (both powers of two, new >= old)."""
     shift = jnp.clip(_bits.exponent(new_range) - _bits.exponent(old_range), 0, 31)
     target = jax.lax.shift_right_logical(jnp.arange(KL_BINS, dtype=jnp.int32), shift)
     return jnp.zeros(KL_BINS, jnp.int32).at[target].add(hist)
 
 
-def kl_levels(fmt) -> int:
+def kl_levels(fmt: formats.Format) -> int:
     """Quantization levels of the KL search: the format's non-negative values (int8: 128)."""
     if isinstance(fmt, formats.IntFormat):
         return fmt.max_int + 1
@@ -136,7 +150,7 @@ def kl_levels(fmt) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def kl_threshold(hist, hist_range, levels: int):
+def kl_threshold(hist: jax.Array, hist_range: jax.Array, levels: int) -> jax.Array:
     """TensorRT entropy calibration: the clip minimizing KL(P || Q) over a histogram of ``|x|``.
 
     For every candidate ``i`` (kept bins, ``levels <= i <= bins``): ``P`` is
@@ -179,14 +193,15 @@ def kl_threshold(hist, hist_range, levels: int):
     enough = 2 * csum[i[:, 0]] >= csum[-1]
     kl = jnp.where(enough, kl, jnp.float32(jnp.inf))
     best = jnp.argmin(kl).astype(jnp.int32) + levels
-    return best.astype(jnp.float32) * (hist_range / jnp.float32(bins))
+    bin_width: jax.Array = hist_range / jnp.float32(bins)
+    return best.astype(jnp.float32) * bin_width
 
 
 KL_EPS = 1e-4
 """Probability every empty kept bin receives when the KL search smooths P and Q."""
 
 
-def _smooth(v, inside):
+def _smooth(v: jax.Array, inside: jax.Array) -> jax.Array:
     """Normalize each row of counts ``v`` over its kept bins and give every empty one ``KL_EPS``.
 
     MXNet's ``_smooth_distribution`` (the TensorRT recipe) adds eps to the empty
@@ -201,7 +216,7 @@ def _smooth(v, inside):
     return s / jnp.sum(s, axis=1, keepdims=True)  # exact 1 again where a row was all empty
 
 
-def kl(q, x, reduce):
+def kl(q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
     """Per-tensor KL clip of ``x`` (histogram over a power-of-two range above its absmax).
 
     The threshold is capped at the absmax: a bin edge past the data clips nothing.
@@ -212,7 +227,7 @@ def kl(q, x, reduce):
     return -hi, hi
 
 
-def params(q, x, reduce):
-    """Dynamic parameters: the clip of ``x`` (from ``q.scale``, a data-driven source) mapped onto the grid."""
-    lo, hi = q.scale.clip(q, x, reduce)
+def params(q: Quantizer, source: DataScale, x: jax.Array, reduce: tuple[int, ...]) -> QParams:
+    """Dynamic parameters: the clip of ``x`` (from ``source``, ``q.scale``: a data source) mapped onto the grid."""
+    lo, hi = source.clip(q, x, reduce)
     return _params(q, x, reduce, lo, hi)

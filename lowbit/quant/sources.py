@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+import jax
 import numpy as np
 
 from lowbit.formats._checks import check_bool, check_int, require
 from lowbit.quant import scales
 from lowbit.quant.granularity import Tensor
 
+if TYPE_CHECKING:
+    from lowbit.quant.quantizer import Quantizer
+    from lowbit.quant.scales import Clip
+
 AMAX_REDUCTIONS = ("max", "most_recent")  # how Delayed reads its amax history
 DEFAULT_AMAX_HISTORY = 16
 
 
-def _number(value) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
@@ -35,7 +40,7 @@ class _Source:
     given: ClassVar[bool] = False
     static: ClassVar[bool] = False
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         pass
 
 
@@ -46,7 +51,7 @@ class _Data(_Source):
     static: bool = False  # type: ignore[misc]  # a field here, a class constant on the other sources
     data: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_bool(type(self).__name__, "static", self.static)
 
 
@@ -54,7 +59,7 @@ class _Data(_Source):
 class Absmax(_Data):
     """The largest finite magnitude per scale group (min and max for a signed range)."""
 
-    def clip(self, q, x, reduce):
+    def clip(self, q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
         return scales.absmax(q, x, reduce)
 
     def __str__(self) -> str:
@@ -67,12 +72,12 @@ class Percentile(_Data):
 
     q: float = 99.99
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         require(_number(self.q) and 0 < self.q <= 100, "Percentile", "q", self.q, "a number in (0, 100]")
         object.__setattr__(self, "q", float(self.q))
 
-    def clip(self, q, x, reduce):
+    def clip(self, q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
         return scales.percentile(q, x, reduce, self.q)
 
     def __str__(self) -> str:
@@ -83,7 +88,7 @@ class Percentile(_Data):
 class MSE(_Data):
     """The clip ratio in [0.3, 1] of absmax with the least fake-quantization error."""
 
-    def clip(self, q, x, reduce):
+    def clip(self, q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
         return scales.mse(q, x, reduce)
 
     def __str__(self) -> str:
@@ -94,7 +99,7 @@ class MSE(_Data):
 class KL(_Data):
     """TensorRT entropy calibration: per tensor, symmetric, formats of at most 8 bits."""
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         require(
             isinstance(q.granularity, Tensor) and not q.signed_range and q.kind.name == "uniform",
             "Quantizer",
@@ -104,7 +109,7 @@ class KL(_Data):
         )
         require(q.format.bits <= 8, "Quantizer", "scale", self, "KL() with formats of at most 8 bits")
 
-    def clip(self, q, x, reduce):
+    def clip(self, q: Quantizer, x: jax.Array, reduce: tuple[int, ...]) -> Clip:
         return scales.kl(q, x, reduce)
 
     def __str__(self) -> str:
@@ -117,7 +122,7 @@ class Fixed(_Source):
 
     step: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         s = self.step
         require(
             _number(s) and math.isfinite(s) and s > 0,
@@ -165,12 +170,12 @@ class Delayed(_Source):
     reduction: str = "max"
     given: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_int("Delayed", "history", self.history, 1, 1 << 16)
         object.__setattr__(self, "history", int(self.history))
         require(self.reduction in AMAX_REDUCTIONS, "Delayed", "reduction", self.reduction, ", ".join(AMAX_REDUCTIONS))
 
-    def check(self, q) -> None:
+    def check(self, q: Quantizer) -> None:
         # One amax per tensor, a magnitude: what the history holds.
         require(
             isinstance(q.granularity, Tensor) and q.kind.name == "uniform" and not q.signed_range,
@@ -185,6 +190,7 @@ class Delayed(_Source):
         return f"delayed({self.reduction}, {self.history})"
 
 
-Scale = Absmax | Percentile | MSE | KL | Fixed | Learned | Delayed
+DataScale = Absmax | Percentile | MSE | KL
+Scale = DataScale | Fixed | Learned | Delayed
 SCALES = (Absmax, Percentile, MSE, KL, Fixed, Learned, Delayed)
 DATA_SCALES = (Absmax, Percentile, MSE, KL)  # the sources a static quantizer calibrates

@@ -7,22 +7,31 @@ the same order, so they agree bit for bit (integer grids cannot store NaN:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lowbit import formats
 from lowbit.quant import _arith
 
+if TYPE_CHECKING:
+    from lowbit.quant.quantizer import Quantizer
 
-def scaled(q, x, step):
+
+def scaled(q: Quantizer, x: jax.Array, step: jax.Array) -> jax.Array:
     """``x / step``: a multiply by the exact reciprocal when every step is a power of two."""
     if q.pow2_step:
-        return x * (jnp.float32(1) / step)
+        inverse: jax.Array = jnp.float32(1) / step
+        return x * inverse
     return _arith.div(x, step)
 
 
 # ----- integer grid (symmetric or with a zero point) ----------------------------------
-def _int_levels(q, x, step, zp, rounding, key):
+def _int_levels(
+    q: Quantizer, x: jax.Array, step: jax.Array, zp: jax.Array | None, rounding: str, key: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     """Clipped integer levels ``c`` (float32) and ``c - zp``, the multiple of ``step``."""
     qmin, qmax = q.int_range
     n = _arith.round_int(scaled(q, x, step), rounding, _arith.random_bits(key, x.shape))
@@ -34,20 +43,25 @@ def _int_levels(q, x, step, zp, rounding, key):
     return c, c - zp
 
 
-def int_fake(q, x, step, zp, rounding, key):
+def int_fake(
+    q: Quantizer, x: jax.Array, step: jax.Array, zp: jax.Array | None, rounding: str, key: jax.Array | None
+) -> jax.Array:
     """Fake-quantize float32 ``x`` on the integer grid with ``step`` and zero point ``zp`` (or None)."""
     return _int_levels(q, x, step, zp, rounding, key)[1] * step
 
 
-def int_encode(q, x, step, zp, rounding, key):
+def int_encode(
+    q: Quantizer, x: jax.Array, step: jax.Array, zp: jax.Array | None, rounding: str, key: jax.Array | None
+) -> jax.Array:
     """Two's complement codes (low ``bits`` bits) of the clipped levels."""
+    bits: int = q.format.bits
     c = _int_levels(q, x, step, zp, rounding, key)[0].astype(jnp.int32)
-    return (c & ((1 << q.format.bits) - 1)).astype(q.format.code_dtype)
+    return (c & ((1 << bits) - 1)).astype(q.format.code_dtype)
 
 
-def int_decode(q, codes, step, zp):
+def int_decode(q: Quantizer, codes: jax.Array, step: jax.Array, zp: jax.Array | None) -> jax.Array:
     """Inverse of ``int_encode``: ``(c - zp) * step`` in float32."""
-    bits = q.format.bits
+    bits: int = q.format.bits
     c = codes.astype(jnp.int32) & ((1 << bits) - 1)
     if q.format.signed:  # sign-extend the low `bits` bits
         c = lax.shift_right_arithmetic(lax.shift_left(c, 32 - bits), 32 - bits)
@@ -56,14 +70,17 @@ def int_decode(q, codes, step, zp):
 
 
 # ----- any other element format, delegated to lowbit.formats ---------------------------
-def format_fake(q, x, step, rounding, key):
+def format_fake(q: Quantizer, x: jax.Array, step: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
     t = scaled(q, x, step)
-    return formats.quantize(q.format, t, saturate=q.saturate, rounding=rounding, key=key) * step
+    y: jax.Array = formats.quantize(q.format, t, saturate=q.saturate, rounding=rounding, key=key)
+    return y * step
 
 
-def format_encode(q, x, step, rounding, key):
-    return formats.encode(q.format, scaled(q, x, step), saturate=q.saturate, rounding=rounding, key=key)
+def format_encode(q: Quantizer, x: jax.Array, step: jax.Array, rounding: str, key: jax.Array | None) -> jax.Array:
+    codes: jax.Array = formats.encode(q.format, scaled(q, x, step), saturate=q.saturate, rounding=rounding, key=key)
+    return codes
 
 
-def format_decode(q, codes, step):
-    return formats.decode(q.format, codes) * step
+def format_decode(q: Quantizer, codes: jax.Array, step: jax.Array) -> jax.Array:
+    v: jax.Array = formats.decode(q.format, codes)
+    return v * step

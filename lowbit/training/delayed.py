@@ -35,11 +35,18 @@ the global amax: XLA inserts the cross-device reduction.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from lowbit.quant import scales
 from lowbit.quant._arith import div
+from lowbit.quant.sources import Delayed
+
+if TYPE_CHECKING:
+    from lowbit.quant import Quantizer
 
 __all__ = ["amax", "history_init", "reduce", "step", "update"]
 
@@ -49,17 +56,18 @@ def history_init(length: int) -> jax.Array:
     return jnp.zeros((length,), jnp.float32)
 
 
-def amax(q, x) -> jax.Array:
+def amax(q: Quantizer, x: ArrayLike) -> jax.Array:
     """The largest finite magnitude of ``x`` (float32 scalar; 0 if none), as ``Absmax()`` computes it."""
     return scales.absmax(q, jnp.asarray(x, jnp.float32), None)[1].reshape(())
 
 
-def reduce(q, history: jax.Array) -> jax.Array:
+def reduce(q: Quantizer, history: jax.Array) -> jax.Array:
     """The clip ``history`` gives (float32 scalar): its ``max`` or its ``most_recent`` entry."""
+    assert isinstance(q.scale, Delayed), q.scale  # a delayed quantizer
     return jnp.max(history) if q.scale.reduction == "max" else history[0]
 
 
-def step(q, history: jax.Array) -> jax.Array:
+def step(q: Quantizer, history: jax.Array) -> jax.Array:
     """The step of delayed quantizer ``q``: the history's clip over ``q.max_level``, 1 for an empty history.
 
     Args:

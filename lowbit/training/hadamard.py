@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.lax import DotDimensionNumbers
+from jax.typing import ArrayLike
 
 from lowbit.formats import random_bits
 from lowbit.formats._checks import check_int, require
@@ -52,12 +54,12 @@ def _sylvester(block: int) -> np.ndarray:
     return h
 
 
-def _check_block(owner: str, block) -> None:
+def _check_block(owner: str, block: int) -> None:
     check_int(owner, "block", block, 2)
     require(block & (block - 1) == 0, owner, "block", block, "a power of two >= 2 (a Sylvester Hadamard order)")
 
 
-def rht_signs(key, block: int = 16) -> jax.Array:
+def rht_signs(key: jax.Array | None, block: int = 16) -> jax.Array:
     """The sign vector ``diag(D)`` a key gives: float32 +-1 of shape ``(block,)``.
 
     Args:
@@ -91,7 +93,7 @@ class RHT:
     products: tuple[str, ...] = ("drhs",)
     block: int = 16
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         ok = (
             isinstance(self.products, tuple)
             and len(self.products) > 0
@@ -102,7 +104,7 @@ class RHT:
         _check_block("RHT", self.block)
 
 
-def _apply(owner: str, x, axis, key, block, inverse: bool) -> jax.Array:
+def _apply(owner: str, x: ArrayLike, axis: int, key: jax.Array | None, block: int, inverse: bool) -> jax.Array:
     _check_block(owner, block)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -131,7 +133,7 @@ def _apply(owner: str, x, axis, key, block, inverse: bool) -> jax.Array:
     return jnp.moveaxis(y.reshape(y.shape[:-2] + (n,)), -1, axis).astype(x.dtype)
 
 
-def rht(x, axis: int, key, block: int = 16) -> jax.Array:
+def rht(x: ArrayLike, axis: int, key: jax.Array | None, block: int = 16) -> jax.Array:
     """The random Hadamard transform of ``x`` in blocks along ``axis`` (see the module docstring).
 
     Orthogonal: ``rht_inverse`` undoes it, and norms and dot products along
@@ -158,7 +160,7 @@ def rht(x, axis: int, key, block: int = 16) -> jax.Array:
     return _apply("rht", x, axis, key, block, inverse=False)
 
 
-def rht_inverse(y, axis: int, key, block: int = 16) -> jax.Array:
+def rht_inverse(y: ArrayLike, axis: int, key: jax.Array | None, block: int = 16) -> jax.Array:
     """The inverse (the transpose) of ``rht(., axis, key, block)``: each block ``b`` becomes ``b @ H D / sqrt(block)``.
 
     Arguments, result and errors as ``rht``.
@@ -166,7 +168,15 @@ def rht_inverse(y, axis: int, key, block: int = 16) -> jax.Array:
     return _apply("rht_inverse", y, axis, key, block, inverse=True)
 
 
-def rht_dot_operands(lhs, rhs, dimension_numbers, key, *, block: int = 16, pair: int = -1):
+def rht_dot_operands(
+    lhs: ArrayLike,
+    rhs: ArrayLike,
+    dimension_numbers: DotDimensionNumbers,
+    key: jax.Array | None,
+    *,
+    block: int = 16,
+    pair: int = -1,
+) -> tuple[jax.Array, jax.Array]:
     """Both operands of a ``lax.dot_general`` transformed by one RHT along a pair of contracting dims.
 
     ``lax.dot_general(*rht_dot_operands(lhs, rhs, dn, key), dn)`` equals

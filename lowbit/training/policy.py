@@ -60,7 +60,7 @@ class Policy:
     compute_dtype: np.dtype = jnp.dtype(jnp.float32)
     output_dtype: np.dtype = jnp.dtype(jnp.float32)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for field in _CANONICAL_KEYS:
             object.__setattr__(self, field, _to_dtype(field, getattr(self, field)))
 
@@ -106,6 +106,7 @@ class Policy:
 
 
 def _to_dtype(field: str, value: Any) -> np.dtype:
+    dtype: np.dtype | None
     if isinstance(value, str):
         dtype = _DTYPE_ALIASES.get(value.strip().lower())
         if dtype is None:
@@ -125,7 +126,7 @@ def _to_dtype(field: str, value: Any) -> np.dtype:
 def _cast_floating(tree: Any, dtype: np.dtype) -> Any:
     # Python scalars stay weakly typed (they adopt the array dtype they meet);
     # ints and bools are indices, masks and counters that must not become floats.
-    def cast(x):
+    def cast(x: Any) -> Any:
         if isinstance(x, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(x.dtype, jnp.floating):
             return x.astype(dtype)
         return x

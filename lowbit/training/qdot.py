@@ -84,20 +84,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.lax import DotDimensionNumbers
+from jax.typing import ArrayLike, DTypeLike
 
 from lowbit import formats, quant
+from lowbit.quant import Quantizer
 from lowbit.training import delayed
 from lowbit.training.accumulate import Accumulator, accumulated_dot_general
 from lowbit.training.gradscale import gradscale_update
 from lowbit.training.hadamard import RHT, rht
 
-Quantizer = Any  # lowbit.quant.Quantizer or None (identity)
 MATMULS = ("fake", "real", "auto")
 PLACEMENTS = ("gemm", "quantizer")
 # Storage dtypes of the real matmul path; 4- and 2-bit integers ride in int8
@@ -111,11 +114,11 @@ REAL_DTYPES = {
 }
 
 
-def _name(q) -> str:
+def _name(q: Quantizer | None) -> str:
     return "None" if q is None else q.format.name
 
 
-def real_ok(q) -> bool:
+def real_ok(q: Quantizer | None) -> TypeGuard[Quantizer]:
     """Whether quantizer ``q`` can feed the real matmul path (symmetric uniform int8/int4/int2/float8)."""
     return (
         q is not None
@@ -132,7 +135,9 @@ def real_ok(q) -> bool:
 _KERNEL_MXFP8 = quant.Quantizer(format=formats.with_scale_mode("mxfp8_e4m3", "rceil"))
 
 
-def uses_block_kernel(config: DotQuantConfig, lhs_shape: tuple[int, ...], dimension_numbers) -> bool:
+def uses_block_kernel(
+    config: DotQuantConfig, lhs_shape: tuple[int, ...], dimension_numbers: DotDimensionNumbers
+) -> bool:
     """Whether the forward product runs as ``jax.nn.scaled_dot_general``'s MXFP8 GEMM instead of emulation.
 
     Off-CPU only (it has no CPU lowering), with ``matmul`` not ``fake``, per-GEMM
@@ -207,12 +212,12 @@ class DotQuantConfig:
         rotated before their quantizers (module docstring); ``placement="gemm"`` only.
     """
 
-    lhs: Quantizer = None
-    rhs: Quantizer = None
-    dlhs_grad: Quantizer = None
-    dlhs_rhs: Quantizer = None
-    drhs_grad: Quantizer = None
-    drhs_lhs: Quantizer = None
+    lhs: Quantizer | None = None
+    rhs: Quantizer | None = None
+    dlhs_grad: Quantizer | None = None
+    dlhs_rhs: Quantizer | None = None
+    drhs_grad: Quantizer | None = None
+    drhs_lhs: Quantizer | None = None
     reuse_fwd: bool = True
     grad_scale: bool = False
     tpr: bool = False
@@ -221,7 +226,7 @@ class DotQuantConfig:
     accumulator: Accumulator | None = None
     rht: RHT | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.grad_scale and (self.dlhs_grad is None or self.drhs_grad is None):
             raise ValueError("DotQuantConfig.grad_scale=True needs dlhs_grad and drhs_grad quantizers")
         if self.matmul not in MATMULS:
@@ -269,23 +274,23 @@ class DotQuantConfig:
                     f"DotQuantConfig.{field} has scale=Delayed(); allowed: delayed scaling on lhs, rhs, "
                     "dlhs_grad and drhs_grad only (they own the histories)"
                 )
-        grads = [q for q in (self.dlhs_grad, self.drhs_grad) if _delayed(q)]
+        grads = [s for q in (self.dlhs_grad, self.drhs_grad) if (s := _delayed_scale(q)) is not None]
         if grads and self.grad_scale:
             raise ValueError(
                 "DotQuantConfig.grad_scale=True sets the gradient quantizers' scale; allowed: "
                 "dlhs_grad/drhs_grad without Delayed() scales when grad_scale=True"
             )
-        if len({q.scale.history for q in grads}) > 1:
+        if len({s.history for s in grads}) > 1:
             raise ValueError(
                 "DotQuantConfig.dlhs_grad and drhs_grad share one amax history (both quantize the "
-                f"gradient); allowed: equal Delayed.history (got {[q.scale.history for q in grads]})"
+                f"gradient); allowed: equal Delayed.history (got {[s.history for s in grads]})"
             )
 
     @property
     def amax_histories(self) -> dict[str, int]:
         """The amax histories of the delayed sites: ``{"lhs" | "rhs" | "grad": length}``."""
         sites = dict(lhs=self.lhs, rhs=self.rhs, grad=self.dlhs_grad if _delayed(self.dlhs_grad) else self.drhs_grad)
-        return {site: q.scale.history for site, q in sites.items() if _delayed(q)}
+        return {site: s.history for site, q in sites.items() if (s := _delayed_scale(q)) is not None}
 
     @property
     def stochastic(self) -> bool:
@@ -294,11 +299,23 @@ class DotQuantConfig:
         return any(getattr(q, "rounding", None) == "stochastic" for q in qs)
 
 
-def _delayed(q) -> bool:
-    return q is not None and isinstance(q.scale, quant.Delayed)
+def _delayed_scale(q: Quantizer | None) -> quant.Delayed | None:
+    """``q``'s ``Delayed()`` source, or None (no quantizer, or another source)."""
+    return q.scale if q is not None and isinstance(q.scale, quant.Delayed) else None
 
 
-def _histories(config: DotQuantConfig, amax_history) -> tuple:
+def _delayed(q: Quantizer | None) -> TypeGuard[Quantizer]:
+    """Whether ``q`` is a quantizer with delayed scaling."""
+    return _delayed_scale(q) is not None
+
+
+Hists = tuple[jax.Array | None, ...]
+"""The ``(lhs, rhs, grad)`` amax histories of ``_qprod`` (None where a site is not delayed)."""
+DN = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+"""Dot dimension numbers as ``_check_dims`` normalizes them: ``((lc, rc), (lb, rb))`` of int tuples."""
+
+
+def _histories(config: DotQuantConfig, amax_history: dict[str, jax.Array] | None) -> Hists:
     """``amax_history`` checked against ``config``'s delayed sites, as a ``(lhs, rhs, grad)`` tuple."""
     want = config.amax_histories
     given = {} if amax_history is None else amax_history
@@ -307,7 +324,7 @@ def _histories(config: DotQuantConfig, amax_history) -> tuple:
             f"amax_history={None if amax_history is None else sorted(given)} does not match the "
             f"config's delayed sites; allowed: a dict with keys {sorted(want)}" + (" (or None)" if not want else "")
         )
-    hists = []
+    hists: list[jax.Array | None] = []
     for site in ("lhs", "rhs", "grad"):
         h = given.get(site)
         if h is not None:
@@ -321,7 +338,7 @@ def _histories(config: DotQuantConfig, amax_history) -> tuple:
     return tuple(hists)
 
 
-def _check_dims(lhs, rhs, dimension_numbers):
+def _check_dims(lhs: jax.Array, rhs: jax.Array, dimension_numbers: DotDimensionNumbers) -> DN:
     try:
         (lc, rc), (lb, rb) = dimension_numbers
     except (TypeError, ValueError):
@@ -345,38 +362,40 @@ def _check_dims(lhs, rhs, dimension_numbers):
     return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
 
 
-def _fq(q, x, key, scale=None):
+def _fq(q: Quantizer | None, x: jax.Array, key: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     if q is None:
         return x
-    if not isinstance(q.granularity, quant.Block) or not _pad_rows_cols(q, x.shape):
+    g = q.granularity
+    pad = _pad_rows_cols(g, x.shape) if isinstance(g, quant.Block) else None
+    if pad is None:
         return quant.fake_quant(q, x, key, scale=scale)
     # Partial edge tiles (a layer's 10 classes, 4 input features): zeros fill them, as 1-D blocks pad their
     # last block; zeros change no tile's (or the tensor's) absmax, so whole tiles quantize as they would alone.
-    rows, cols = _pad_rows_cols(q, x.shape)
+    rows, cols = pad
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows), (0, cols)])
     return quant.fake_quant(q, padded, key, scale=scale)[..., : x.shape[-2], : x.shape[-1]]
 
 
-def _pad_rows_cols(q, shape) -> tuple[int, int] | None:
-    """The zeros completing ``shape``'s last two axes to whole ``Block`` tiles, or None if none are needed."""
-    pad = tuple(-n % b for n, b in zip(shape[-2:], q.granularity.shape))
+def _pad_rows_cols(g: quant.Block, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The zeros completing ``shape``'s last two axes to whole ``g`` tiles, or None if none are needed."""
+    pad = tuple(-n % b for n, b in zip(shape[-2:], g.shape))
     return pad if any(pad) else None
 
 
 def quantized_dot_general(
-    lhs,
-    rhs,
-    dimension_numbers,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: DotDimensionNumbers,
     config: DotQuantConfig,
     *,
-    key=None,
-    grad_scale=None,
-    amax_history=None,
-    lhs_scale=None,
-    rhs_scale=None,
-    precision=None,
-    preferred_element_type=None,
-):
+    key: jax.Array | None = None,
+    grad_scale: jax.Array | None = None,
+    amax_history: dict[str, jax.Array] | None = None,
+    lhs_scale: ArrayLike | None = None,
+    rhs_scale: ArrayLike | None = None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
+) -> jax.Array:
     """``lax.dot_general`` with quantized operands and gradients.
 
     Args:
@@ -408,7 +427,12 @@ def quantized_dot_general(
     return _qprod(product, config, uses_real_matmul(config), lhs, rhs, key, gs, scales, hists)
 
 
-def _state_args(config: DotQuantConfig, key, grad_scale, amax_history):
+def _state_args(
+    config: DotQuantConfig,
+    key: jax.Array | None,
+    grad_scale: jax.Array | None,
+    amax_history: dict[str, jax.Array] | None,
+) -> tuple[jax.Array, jax.Array, Hists]:
     """``(key, grad_scale, histories)`` as ``_qprod`` takes them, after checking they fit ``config``."""
     hists = _histories(config, amax_history)
     if config.grad_scale != (grad_scale is not None):
@@ -421,7 +445,16 @@ def _state_args(config: DotQuantConfig, key, grad_scale, amax_history):
     return key, gs, hists
 
 
-def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=None, amax_history=None, **conv_kwargs):
+def quantized_conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    config: DotQuantConfig,
+    *,
+    key: jax.Array | None = None,
+    grad_scale: jax.Array | None = None,
+    amax_history: dict[str, jax.Array] | None = None,
+    **conv_kwargs: Any,
+) -> jax.Array:
     """``lax.conv_general_dilated`` with quantized operands and gradients.
 
     The same forward / dlhs / drhs quantizers, GradScale and two-phase rounding as
@@ -461,7 +494,11 @@ def quantized_conv(lhs, rhs, config: DotQuantConfig, *, key=None, grad_scale=Non
     return _qprod(product, config, False, lhs, rhs, key, gs, (None, None), hists)
 
 
-def conv_key(conv_kwargs: dict) -> tuple:
+ConvKey = tuple[tuple[str, Any], ...]
+"""``lax.conv_general_dilated`` keyword arguments as sorted, hashable ``(name, value)`` pairs."""
+
+
+def conv_key(conv_kwargs: dict[str, Any]) -> ConvKey:
     """``lax.conv_general_dilated`` keyword arguments as sorted, hashable ``(name, value)`` pairs.
 
     Lists (as users pass paddings and strides) become tuples: the product is a
@@ -472,7 +509,7 @@ def conv_key(conv_kwargs: dict) -> tuple:
     return key
 
 
-def _hashable(v):
+def _hashable(v: Any) -> Any:
     if isinstance(v, tuple) and hasattr(v, "_fields"):  # ConvDimensionNumbers and other named tuples
         return type(v)(*(_hashable(x) for x in v))
     return tuple(_hashable(x) for x in v) if isinstance(v, (list, tuple)) else v
@@ -495,20 +532,23 @@ class Axes(NamedTuple):
 class _Dot(NamedTuple):
     """A ``lax.dot_general`` with fixed dimension numbers, precision, result type and accumulator."""
 
-    dn: Any
-    precision: Any
-    pet: Any
+    dn: DN
+    precision: lax.PrecisionLike
+    pet: DTypeLike | None
     acc: Accumulator | None = None
 
-    def __call__(self, a, b):
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
         return self._dot(a, b, self.dn, self.pet)
 
-    def _dot(self, a, b, dn, pet=None):
+    def _dot(self, a: jax.Array, b: jax.Array, dn: DN, pet: DTypeLike | None = None) -> jax.Array:
         if self.acc is None:
             return lax.dot_general(a, b, dn, precision=self.precision, preferred_element_type=pet)
-        return accumulated_dot_general(a, b, dn, self.acc, preferred_element_type=pet)
+        out: jax.Array = accumulated_dot_general(a, b, dn, self.acc, preferred_element_type=pet)
+        return out
 
-    def transposed(self, g_dlhs, rhs, lhs, g_drhs) -> tuple[jax.Array, jax.Array]:
+    def transposed(
+        self, g_dlhs: jax.Array, rhs: jax.Array, lhs: jax.Array, g_drhs: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """``(dlhs, drhs)`` as two products of their own, each summed by this product's accumulator.
 
         ``dlhs = g_dlhs . rhs`` over rhs's free dims and ``drhs = lhs . g_drhs``
@@ -531,7 +571,7 @@ class _Dot(NamedTuple):
         # Result dims as the operand's dims: batch, the other operand's kept dims (ascending), own free dims.
         dl_dims = [*lb, *r["lhs"].free, *(lc[rc.index(d)] for d in sorted(rc))]
         dr_dims = [*rb, *(rc[lc.index(d)] for d in sorted(lc)), *r["rhs"].free]
-        return jnp.transpose(dl, np.argsort(dl_dims)), jnp.transpose(dr, np.argsort(dr_dims))
+        return jnp.transpose(dl, _argsort(dl_dims)), jnp.transpose(dr, _argsort(dr_dims))
 
     def roles(self, lhs_ndim: int, rhs_ndim: int) -> dict[str, Axes]:
         """``{site: Axes}``: each operand's dims in the forward, input-gradient and weight-gradient products.
@@ -559,9 +599,9 @@ class _Dot(NamedTuple):
 class _Conv(NamedTuple):
     """A ``lax.conv_general_dilated`` with fixed keyword arguments."""
 
-    kwargs: tuple
+    kwargs: ConvKey
 
-    def __call__(self, a, b):
+    def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
         return lax.conv_general_dilated(a, b, **dict(self.kwargs))
 
     def roles(self, lhs_ndim: int, rhs_ndim: int) -> dict[str, Axes]:
@@ -587,27 +627,58 @@ class _Conv(NamedTuple):
         )
 
 
+Product = _Dot | _Conv
+Scales = tuple[jax.Array | None, ...]
+"""The forward operands' given steps ``(lhs, rhs)`` (``Learned()`` or ``Delayed()``), None elsewhere."""
+
+
+def _argsort(dims: Sequence[int]) -> list[int]:
+    """``np.argsort(dims)`` as a list of ints (the inverse permutation, as ``jnp.transpose`` is typed to take it)."""
+    return [int(i) for i in np.argsort(dims)]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _qprod(product, config, real, lhs, rhs, key, gs, scales, hists):
+def _qprod(
+    product: Product,
+    config: DotQuantConfig,
+    real: bool,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    key: jax.Array,
+    gs: jax.Array,
+    scales: Scales,
+    hists: Hists,
+) -> jax.Array:
     out, _ = _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists)
     return out
 
 
-def _delayed_operand(q, x, history, scale):
+def _delayed_operand(
+    q: Quantizer | None, x: jax.Array, history: jax.Array | None, scale: jax.Array | None
+) -> tuple[jax.Array | None, jax.Array | None]:
     """``(step, new history)`` of a delayed forward operand, or ``(scale, None)`` for any other quantizer."""
     if not _delayed(q):
         return scale, None
+    assert history is not None  # _histories: every delayed site has one
     return delayed.step(q, history), delayed.update(history, delayed.amax(q, x))
 
 
-def _real_operand(q, x, key, scale):
+def _real_operand(q: Quantizer, x: jax.Array, key: jax.Array, scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """``(values, step)``: ``x`` on ``q``'s grid in its narrow storage dtype, and its kept-dims step."""
     step = quant.qparams(q, x, scale=scale).step()
-    v = formats.quantize(q.format, x.astype(jnp.float32) / step, rounding=q.rounding, key=key)
+    v: jax.Array = formats.quantize(q.format, x.astype(jnp.float32) / step, rounding=q.rounding, key=key)
     return v.astype(REAL_DTYPES[q.format.name]), step
 
 
-def _out_scale(step, ndim_out, own_batch, own_free, own_contract, lhs_side, n_other_free):
+def _out_scale(
+    step: jax.Array,
+    ndim_out: int,
+    own_batch: Sequence[int],
+    own_free: Sequence[int],
+    own_contract: Sequence[int],
+    lhs_side: bool,
+    n_other_free: int,
+) -> jax.Array:
     """Reshape an operand's kept-dims step to broadcast against the dot_general output."""
     if any(step.shape[d] != 1 for d in own_contract):
         raise ValueError(
@@ -621,7 +692,16 @@ def _out_scale(step, ndim_out, own_batch, own_free, own_contract, lhs_side, n_ot
     return step.reshape(dims)
 
 
-def _real_dot(product, q_lhs, q_rhs, lhs, rhs, k_lhs, k_rhs, scales):
+def _real_dot(
+    product: _Dot,
+    q_lhs: Quantizer,
+    q_rhs: Quantizer,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    k_lhs: jax.Array,
+    k_rhs: jax.Array,
+    scales: Scales,
+) -> tuple[jax.Array, _Narrow, _Narrow]:
     dn, precision, pet = product.dn, product.precision, product.pet
     (lc, rc), (lb, rb) = dn
     cl, sl = _real_operand(q_lhs, lhs, k_lhs, scales[0])
@@ -642,7 +722,7 @@ def _real_dot(product, q_lhs, q_rhs, lhs, rhs, k_lhs, k_rhs, scales):
     )
 
 
-def _block_kernel(product: _Dot, lhs, rhs):
+def _block_kernel(product: _Dot, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """The forward product as ``jax.nn.scaled_dot_general``'s MXFP8 GEMM (quantizing both operands itself)."""
     mx = jax.nn.get_scaled_dot_general_config("mxfp8")
     pet = product.pet or jnp.result_type(lhs.dtype, rhs.dtype)
@@ -657,15 +737,19 @@ class _Narrow(NamedTuple):
     step: jax.Array
     proto: jax.Array  # a scalar of the operand's dtype
 
-    def value(self):
+    def value(self) -> jax.Array:
         return (self.codes.astype(jnp.float32) * self.step).astype(self.proto.dtype)
+
+
+Residuals = tuple[jax.Array | _Narrow, jax.Array | _Narrow, tuple[jax.Array, ...], jax.Array, Hists]
+"""What ``_qprod_fwd`` saves: the operands (raw, or the forward's copies), the backward's keys, GradScale, histories."""
 
 
 # The keys one call splits: six quantizer sites, then the RHT signs of the forward, dlhs and drhs products.
 N_KEYS = 9
 
 
-def _split(config: DotQuantConfig, key) -> tuple:
+def _split(config: DotQuantConfig, key: jax.Array) -> tuple[jax.Array, ...]:
     """``N_KEYS`` keys from ``key``; a config that draws nothing random reads none, so it splits nothing.
 
     ``split_key``'s child ``i`` does not depend on how many are split, so the
@@ -676,7 +760,7 @@ def _split(config: DotQuantConfig, key) -> tuple:
     return tuple(_computed_once(k) for k in formats.split_key(key, N_KEYS))
 
 
-def _computed_once(key):
+def _computed_once(key: jax.Array) -> jax.Array:
     """``key`` itself (the same words), computed once instead of inside every elementwise pass that reads it.
 
     XLA fuses the split's scalar hashing into each consumer, and a loop fusion
@@ -693,15 +777,15 @@ def _computed_once(key):
 
 
 @functools.cache
-def _on_axis(q, axis: int):
+def _on_axis(q: Quantizer, axis: int) -> Quantizer:
     return q.along(axis)
 
 
-def _per_tensor(q) -> bool:
+def _per_tensor(q: Quantizer) -> bool:
     return isinstance(q.granularity, quant.Tensor)
 
 
-def _one_dim(dims: tuple[int, ...], q, what: str) -> None:
+def _one_dim(dims: tuple[int, ...], q: Quantizer, what: str) -> None:
     if not dims:
         raise ValueError(
             f"Quantizer(format={q.format.name}, granularity={q.granularity!r}) needs a {what} dim "
@@ -710,7 +794,7 @@ def _one_dim(dims: tuple[int, ...], q, what: str) -> None:
         )
 
 
-def _check_tiles(q, ndim: int, axes: Axes) -> None:
+def _check_tiles(q: Quantizer | None, ndim: int, axes: Axes) -> None:
     """2-D blocks tile the last two axes: the product must contract one of them."""
     if q is not None and isinstance(q.granularity, quant.Block) and not {ndim - 2, ndim - 1} & set(axes.contract):
         raise ValueError(
@@ -720,7 +804,9 @@ def _check_tiles(q, ndim: int, axes: Axes) -> None:
         )
 
 
-def _placement(config: DotQuantConfig, q, ndim: int, axes: Axes):
+def _placement(
+    config: DotQuantConfig, q: Quantizer | None, ndim: int, axes: Axes
+) -> tuple[Quantizer | None, tuple[int, ...] | None]:
     """``(quantizer, flatten)``: ``q`` on one product's axes, and the contracted dims to flatten first (or None)."""
     if q is None or config.placement == "quantizer" or _per_tensor(q):
         return q, None
@@ -736,15 +822,22 @@ def _placement(config: DotQuantConfig, q, ndim: int, axes: Axes):
     return _on_axis(q, -1), axes.contract
 
 
-def _on_flattened(fn, x, dims: tuple[int, ...]):
+def _on_flattened(fn: Callable[[jax.Array], jax.Array], x: jax.Array, dims: tuple[int, ...]) -> jax.Array:
     """``fn`` applied to ``x`` with ``dims`` moved last (in that order) and flattened into one axis, then moved back."""
     perm = [d for d in range(x.ndim) if d not in dims] + list(dims)
     moved = jnp.transpose(x, perm)
     y = fn(moved.reshape(*moved.shape[: x.ndim - len(dims)], -1))
-    return jnp.transpose(y.reshape(moved.shape), np.argsort(perm))
+    return jnp.transpose(y.reshape(moved.shape), _argsort(perm))
 
 
-def _quantize(config: DotQuantConfig, q, x, axes: Axes, key, scale=None):
+def _quantize(
+    config: DotQuantConfig,
+    q: Quantizer | None,
+    x: jax.Array,
+    axes: Axes,
+    key: jax.Array,
+    scale: jax.Array | None = None,
+) -> jax.Array:
     """``x`` fake-quantized by ``q`` as the product in which ``x`` plays ``axes`` needs it.
 
     Several contracted dims are moved last (in the product's pairing order)
@@ -761,18 +854,18 @@ def _rotates(config: DotQuantConfig, product: str) -> bool:
     return config.rht is not None and product in config.rht.products
 
 
-def _rotate(config: DotQuantConfig, product: str, x, axes: Axes, key):
+def _rotate(config: DotQuantConfig, product: str, x: jax.Array, axes: Axes, key: jax.Array) -> jax.Array:
     """``x`` rotated by ``config.rht`` along its contraction in ``product`` (flattened), or ``x`` itself.
 
     A contraction whose length is not a multiple of the block keeps its last,
     partial block as it is (an identity block: the transform stays orthogonal
     and still cancels); hardware needs whole blocks, small test shapes do not.
     """
-    if not _rotates(config, product):
+    if config.rht is None or not _rotates(config, product):
         return x
     block = config.rht.block
 
-    def rotate(y):  # y: (..., K), the contraction flattened last
+    def rotate(y: jax.Array) -> jax.Array:  # y: (..., K), the contraction flattened last
         whole = y.shape[-1] - y.shape[-1] % block
         if whole == y.shape[-1]:
             return rht(y, -1, key, block)
@@ -781,7 +874,7 @@ def _rotate(config: DotQuantConfig, product: str, x, axes: Axes, key):
     return _on_flattened(rotate, x, axes.contract)
 
 
-def _exact_reuse(q) -> bool:
+def _exact_reuse(q: Quantizer) -> bool:
     """Whether ``q``'s forward copy is what any other product would compute from the raw operand.
 
     Per-tensor scales have no axis, 2-D blocks lie along both of a weight's
@@ -794,7 +887,7 @@ def _exact_reuse(q) -> bool:
 _BWD_PRODUCT = {"lhs": "drhs", "rhs": "dlhs"}
 
 
-def _sides(config: DotQuantConfig, side: str) -> tuple:
+def _sides(config: DotQuantConfig, side: str) -> tuple[Quantizer | None, Quantizer | None, Quantizer | None]:
     """``(forward quantizer, own backward quantizer, gradient quantizer)`` of the product that takes ``side`` again."""
     if side == "lhs":
         return config.lhs, config.drhs_lhs, config.drhs_grad
@@ -814,7 +907,9 @@ def _reuses(config: DotQuantConfig, side: str) -> bool:
     return not _rotates(config, _BWD_PRODUCT[side]) and (config.placement == "quantizer" or _exact_reuse(fwd))
 
 
-def _bwd_operand(config: DotQuantConfig, side: str, x, axes: Axes, key, rht_key):
+def _bwd_operand(
+    config: DotQuantConfig, side: str, x: jax.Array, axes: Axes, key: jax.Array, rht_key: jax.Array
+) -> jax.Array:
     """Operand ``side`` as its backward product sees it (``x``: the residual the forward saved for it).
 
     The rotation (where that product has one) comes first: on the raw operand
@@ -828,7 +923,17 @@ def _bwd_operand(config: DotQuantConfig, side: str, x, axes: Axes, key, rht_key)
     return _quantize(config, own if own is not None else fwd if config.reuse_fwd else None, x, axes, key)
 
 
-def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
+def _qprod_fwd(
+    product: Product,
+    config: DotQuantConfig,
+    real: bool,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    key: jax.Array,
+    gs: jax.Array,
+    scales: Scales,
+    hists: Hists,
+) -> tuple[jax.Array, Residuals]:
     # One split for the forward's and the backward's sites (a hash, not Threefry: see split_key).
     k_lhs, k_rhs, k1, k2, k3, k4, r_fwd, r_dlhs, r_drhs = _split(config, key)
     roles = product.roles(lhs.ndim, rhs.ndim)
@@ -838,9 +943,13 @@ def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
     s_lhs, h_lhs = _delayed_operand(config.lhs, lhs_f, hists[0], scales[0])
     s_rhs, h_rhs = _delayed_operand(config.rhs, rhs_f, hists[1], scales[1])
     scales = (s_lhs, s_rhs)
+    lhs_q: jax.Array | _Narrow
+    rhs_q: jax.Array | _Narrow
     if real:  # real_ok quantizers are per tensor or per channel: no dims to flatten
+        assert isinstance(product, _Dot)  # quantized_conv is never real
         q_lhs = _placement(config, config.lhs, lhs.ndim, roles["lhs"])[0]
         q_rhs = _placement(config, config.rhs, rhs.ndim, roles["rhs"])[0]
+        assert q_lhs is not None and q_rhs is not None  # uses_real_matmul: both real_ok
         out, lhs_q, rhs_q = _real_dot(product, q_lhs, q_rhs, lhs_f, rhs_f, k_lhs, k_rhs, scales)
     else:
         # Where the kernel computes the product, these copies only feed residuals (XLA drops them if unread).
@@ -859,7 +968,9 @@ def _qprod_fwd(product, config, real, lhs, rhs, key, gs, scales, hists):
     return out, (res_lhs, res_rhs, (k1, k2, k3, k4, r_dlhs, r_drhs), gs, (h_lhs, h_rhs, hists[2]))
 
 
-def _qprod_bwd(product, config, real, res, g):
+def _qprod_bwd(
+    product: Product, config: DotQuantConfig, real: bool, res: Residuals, g: jax.Array
+) -> tuple[jax.Array, jax.Array, None, jax.Array, tuple[None, None], Hists]:
     lhs, rhs = (r.value() if isinstance(r, _Narrow) else r for r in res[:2])
     (k1, k2, k3, k4, r_dlhs, r_drhs), gs, (h_lhs, h_rhs, h_grad) = res[2:]
     roles = product.roles(lhs.ndim, rhs.ndim)
@@ -868,13 +979,16 @@ def _qprod_bwd(product, config, real, res, g):
     g_l, g_r = _rotate(config, "dlhs", g, ax_l, r_dlhs), _rotate(config, "drhs", g, ax_r, r_drhs)
     new_gs = gs
     if h_grad is not None:  # delayed gradient scaling: one history for g, each quantizer its own reduction
-        current = delayed.amax(config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad, g)
+        q_amax = config.dlhs_grad if _delayed(config.dlhs_grad) else config.drhs_grad
+        assert q_amax is not None  # h_grad: a gradient quantizer is delayed
+        current = delayed.amax(q_amax, g)
         g_dlhs, g_drhs = (
             _quantize(config, q, gp, ax, k, scale=delayed.step(q, h_grad) if _delayed(q) else None)
             for q, gp, ax, k in ((config.dlhs_grad, g_l, ax_l, k1), (config.drhs_grad, g_r, ax_r, k2))
         )
         h_grad = delayed.update(h_grad, current)
     elif config.grad_scale:
+        assert config.dlhs_grad is not None  # DotQuantConfig: grad_scale needs both gradient quantizers
         new_gs = gradscale_update(gs, jnp.max(jnp.abs(g)), config.dlhs_grad.format.max_value)
         inv = (1.0 / new_gs).astype(jnp.float32)  # s is a power of two: exact
         g_dlhs = _quantize(config, config.dlhs_grad, g_l, ax_l, k1, scale=inv)
@@ -890,6 +1004,7 @@ def _qprod_bwd(product, config, real, res, g):
         _, vjp_r = jax.vjp(lambda b: product(lhs_b, b), rhs_b)
         (dlhs,), (drhs,) = vjp_l(g_dlhs), vjp_r(g_drhs)
     else:  # quantized_conv refuses an accumulator: this product is a _Dot
+        assert isinstance(product, _Dot)
         dlhs, drhs = product.transposed(g_dlhs, rhs_b, lhs_b, g_drhs)
     return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None, new_gs, (None, None), (h_lhs, h_rhs, h_grad)
 

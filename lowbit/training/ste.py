@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from lowbit import formats
 
@@ -55,33 +56,39 @@ SAWB_COEFFICIENTS: Mapping[int, tuple[float, float]] = types.MappingProxyType(
 )
 """SAWB (c1, c2) per bit width (Choi et al. 2018), fitted for 2^bits levels on [-α, α]."""
 
+QuantizeFn = Callable[[jax.Array], jax.Array]
+"""A static quantizer ``x -> quantized x`` of the same shape (see :func:`ste`)."""
+
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _float_array(x, name: str) -> jax.Array:
+def _float_array(x: ArrayLike, name: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
 
 
-def _compute_dtype(dtype) -> np.dtype:
+def _compute_dtype(dtype: DTypeLike) -> np.dtype:
     # Not jnp.promote_types: under strict promotion it refuses bfloat16 -> float32.
-    return np.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else np.dtype(dtype)
+    # ml_dtypes' finfo (jnp.finfo: it knows bfloat16) has no annotations, so mypy counts it untyped.
+    narrow = jnp.finfo(dtype).bits < 32  # type: ignore[no-untyped-call]
+    cdt: np.dtype = np.dtype(jnp.float32) if narrow else np.dtype(dtype)
+    return cdt
 
 
-def _const(value, dtype) -> jax.Array:
+def _const(value: float, dtype: DTypeLike) -> jax.Array:
     return jnp.asarray(value, dtype=dtype)
 
 
-def _check_bits(bits) -> int:
+def _check_bits(bits: int) -> int:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an integer in 2..16, got {bits!r}")
     return int(bits)
 
 
-def _check_positive(value, name: str) -> None:
+def _check_positive(value: object, name: str) -> None:
     # Only concrete host values can be checked; traced values are the caller's job.
     if isinstance(value, (numbers.Real, np.ndarray)) and not np.all(np.asarray(value) > 0):
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -113,7 +120,7 @@ def _int_levels(bits: int, signed: bool) -> tuple[int, int]:
 # --------------------------------------------------------------------------- plain and clipped STE
 
 
-def _apply_quantizer(x: jax.Array, quantize_fn: Callable) -> jax.Array:
+def _apply_quantizer(x: jax.Array, quantize_fn: QuantizeFn) -> jax.Array:
     y = jnp.asarray(quantize_fn(x))
     if y.shape != x.shape:
         raise ValueError(f"quantize_fn changed the shape from {x.shape} to {y.shape}")
@@ -121,15 +128,15 @@ def _apply_quantizer(x: jax.Array, quantize_fn: Callable) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _ste(x, quantize_fn):
+def _ste(x: jax.Array, quantize_fn: QuantizeFn) -> jax.Array:
     return _apply_quantizer(x, quantize_fn)
 
 
-def _ste_fwd(x, quantize_fn):
+def _ste_fwd(x: jax.Array, quantize_fn: QuantizeFn) -> tuple[jax.Array, None]:
     return _apply_quantizer(x, quantize_fn), None
 
 
-def _ste_bwd(quantize_fn, _, g):
+def _ste_bwd(quantize_fn: QuantizeFn, _: None, g: jax.Array) -> tuple[jax.Array]:
     return (g,)
 
 
@@ -165,15 +172,17 @@ def _in_closed_range(x: jax.Array, lo: float, hi: float) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _clipped_ste(x, quantize_fn, lo, hi):
+def _clipped_ste(x: jax.Array, quantize_fn: QuantizeFn, lo: float, hi: float) -> jax.Array:
     return _apply_quantizer(x, quantize_fn)
 
 
-def _clipped_ste_fwd(x, quantize_fn, lo, hi):
+def _clipped_ste_fwd(x: jax.Array, quantize_fn: QuantizeFn, lo: float, hi: float) -> tuple[jax.Array, jax.Array]:
     return _apply_quantizer(x, quantize_fn), _in_closed_range(x, lo, hi)
 
 
-def _clipped_ste_bwd(quantize_fn, lo, hi, inside, g):
+def _clipped_ste_bwd(
+    quantize_fn: QuantizeFn, lo: float, hi: float, inside: jax.Array, g: jax.Array
+) -> tuple[jax.Array]:
     return (jnp.where(inside, g, jnp.zeros_like(g)),)
 
 
@@ -210,7 +219,7 @@ def clipped_ste(x: jax.Array, quantize_fn: Callable[[jax.Array], jax.Array], lo:
 # --------------------------------------------------------------------------- LSQ / LSQ+
 
 
-def _lsq_scaled(x, step, offset):
+def _lsq_scaled(x: jax.Array, step: jax.Array, offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     cdt = _compute_dtype(x.dtype)
     s = step.astype(cdt)
     beta = offset.astype(cdt)
@@ -218,18 +227,22 @@ def _lsq_scaled(x, step, offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _lsq(x, step, offset, q_n, q_p, grad_scale):
+def _lsq(x: jax.Array, step: jax.Array, offset: jax.Array, q_n: int, q_p: int, grad_scale: float) -> jax.Array:
     v, s, beta = _lsq_scaled(x, step, offset)
     cdt = v.dtype
     q = jnp.round(jnp.clip(v, _const(-q_n, cdt), _const(q_p, cdt))) * s + beta
     return q.astype(x.dtype)
 
 
-def _lsq_fwd(x, step, offset, q_n, q_p, grad_scale):
+def _lsq_fwd(
+    x: jax.Array, step: jax.Array, offset: jax.Array, q_n: int, q_p: int, grad_scale: float
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     return _lsq(x, step, offset, q_n, q_p, grad_scale), (x, step, offset)
 
 
-def _lsq_bwd(q_n, q_p, grad_scale, res, g):
+def _lsq_bwd(
+    q_n: int, q_p: int, grad_scale: float, res: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     x, step, offset = res
     v, _, _ = _lsq_scaled(x, step, offset)
     cdt = v.dtype
@@ -251,11 +264,11 @@ _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 def lsq(
     x: jax.Array,
-    step,
+    step: ArrayLike,
     *,
     bits: int,
     signed: bool = True,
-    offset=None,
+    offset: ArrayLike | None = None,
     grad_scale: float | None = None,
 ) -> jax.Array:
     """Learned Step size Quantization (LSQ, Esser et al. 2019) and LSQ+ (Bhalgat et al. 2020).
@@ -333,10 +346,11 @@ def lsq_init_step(x: jax.Array, bits: int, signed: bool = True) -> jax.Array:
 
 
 def _pact_levels(bits: int, signed: bool) -> int:
-    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    levels: int = 2 ** (bits - 1) - 1 if signed else 2**bits - 1  # (int ** int is typed Any)
+    return levels
 
 
-def _pact_regions(x, alpha, signed):
+def _pact_regions(x: jax.Array, alpha: jax.Array, signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Masks (clipped high, clipped low, inside); the clip values count as clipped."""
     cdt = _compute_dtype(x.dtype)
     xc, a = x.astype(cdt), alpha.astype(cdt)
@@ -346,7 +360,7 @@ def _pact_regions(x, alpha, signed):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _pact(x, alpha, bits, signed):
+def _pact(x: jax.Array, alpha: jax.Array, bits: int, signed: bool) -> jax.Array:
     cdt = _compute_dtype(x.dtype)
     a = alpha.astype(cdt)
     n = _const(_pact_levels(bits, signed), cdt)
@@ -354,11 +368,11 @@ def _pact(x, alpha, bits, signed):
     return (jnp.round(y * n / a) * a / n).astype(x.dtype)
 
 
-def _pact_fwd(x, alpha, bits, signed):
+def _pact_fwd(x: jax.Array, alpha: jax.Array, bits: int, signed: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     return _pact(x, alpha, bits, signed), (x, alpha)
 
 
-def _pact_bwd(bits, signed, res, g):
+def _pact_bwd(bits: int, signed: bool, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
     x, alpha = res
     high, low, inside = _pact_regions(x, alpha, signed)
     gc = g.astype(_compute_dtype(g.dtype))
@@ -373,7 +387,7 @@ def _pact_bwd(bits, signed, res, g):
 _pact.defvjp(_pact_fwd, _pact_bwd)
 
 
-def pact(x: jax.Array, alpha, *, bits: int, signed: bool = False) -> jax.Array:
+def pact(x: jax.Array, alpha: ArrayLike, *, bits: int, signed: bool = False) -> jax.Array:
     """PACT: learned clipping level α with uniform quantization (Choi et al. 2018).
 
     Forward, with ``n = 2^k - 1`` steps on ``[0, α]`` (unsigned) or ``n = 2^(k-1) - 1``
@@ -413,7 +427,7 @@ def pact(x: jax.Array, alpha, *, bits: int, signed: bool = False) -> jax.Array:
 # --------------------------------------------------------------------------- SAWB
 
 
-def _check_sawb_bits(bits) -> None:
+def _check_sawb_bits(bits: int) -> None:
     if isinstance(bits, bool) or bits not in SAWB_COEFFICIENTS:
         raise ValueError(f"SAWB supports bits in {sorted(SAWB_COEFFICIENTS)}, got {bits!r}")
 
@@ -447,13 +461,13 @@ def sawb_clip(w: jax.Array, bits: int) -> jax.Array:
     return _sawb_alpha(w, bits).astype(w.dtype)
 
 
-def _sawb_safe_alpha(w, bits):
+def _sawb_safe_alpha(w: jax.Array, bits: int) -> jax.Array:
     alpha = _sawb_alpha(w, bits)
     return jnp.where(alpha > 0, alpha, jnp.max(jnp.abs(w.astype(alpha.dtype))))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _sawb_quantize(w, bits):
+def _sawb_quantize(w: jax.Array, bits: int) -> jax.Array:
     alpha = _sawb_safe_alpha(w, bits)
     cdt = alpha.dtype
     # All-zero w gives α = 0; dividing by 1 instead keeps q = 0 rather than NaN.
@@ -465,12 +479,12 @@ def _sawb_quantize(w, bits):
     return ((two * jnp.round(u) - n) * (alpha / n)).astype(w.dtype)
 
 
-def _sawb_quantize_fwd(w, bits):
+def _sawb_quantize_fwd(w: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     alpha = _sawb_safe_alpha(w, bits)
     return _sawb_quantize(w, bits), jnp.abs(w.astype(alpha.dtype)) <= alpha
 
 
-def _sawb_quantize_bwd(bits, inside, g):
+def _sawb_quantize_bwd(bits: int, inside: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return (jnp.where(inside, g, jnp.zeros_like(g)),)
 
 
@@ -507,21 +521,22 @@ def sawb_quantize(w: jax.Array, bits: int) -> jax.Array:
 # --------------------------------------------------------------------------- ternary / binary
 
 
-def _ternary_forward(w, axis):
+def _ternary_forward(w: jax.Array, axis: int | None) -> jax.Array:
     cdt = _compute_dtype(w.dtype)
-    return formats.ternarize(w.astype(cdt), axis).astype(w.dtype)
+    q: jax.Array = formats.ternarize(w.astype(cdt), axis)
+    return q.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _ternary(w, axis):
+def _ternary(w: jax.Array, axis: int | None) -> jax.Array:
     return _ternary_forward(w, axis)
 
 
-def _ternary_fwd(w, axis):
+def _ternary_fwd(w: jax.Array, axis: int | None) -> tuple[jax.Array, None]:
     return _ternary_forward(w, axis), None
 
 
-def _ternary_bwd(axis, _, g):
+def _ternary_bwd(axis: int | None, _: None, g: jax.Array) -> tuple[jax.Array]:
     return (g,)
 
 
@@ -551,7 +566,7 @@ def ternary_weight(w: jax.Array, *, axis: int | None = None) -> jax.Array:
     return _ternary(_float_array(w, "w"), axis)
 
 
-def _binary_forward(w, axis):
+def _binary_forward(w: jax.Array, axis: int | None) -> jax.Array:
     cdt = _compute_dtype(w.dtype)
     wc = w.astype(cdt)
     alpha = formats.binary_scale(wc, axis)
@@ -560,18 +575,18 @@ def _binary_forward(w, axis):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _binary(w, axis, clip):
+def _binary(w: jax.Array, axis: int | None, clip: bool) -> jax.Array:
     return _binary_forward(w, axis)
 
 
-def _binary_fwd(w, axis, clip):
+def _binary_fwd(w: jax.Array, axis: int | None, clip: bool) -> tuple[jax.Array, jax.Array | None]:
     cdt = _compute_dtype(w.dtype)
     inside = jnp.abs(w.astype(cdt)) <= _const(1, cdt) if clip else None
     return _binary_forward(w, axis), inside
 
 
-def _binary_bwd(axis, clip, inside, g):
-    return (jnp.where(inside, g, jnp.zeros_like(g)) if clip else g,)
+def _binary_bwd(axis: int | None, clip: bool, inside: jax.Array | None, g: jax.Array) -> tuple[jax.Array]:
+    return (g if inside is None else jnp.where(inside, g, jnp.zeros_like(g)),)  # inside: only with clip
 
 
 _binary.defvjp(_binary_fwd, _binary_bwd)
