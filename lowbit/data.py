@@ -1,15 +1,18 @@
 """Datasets for training and evaluation, loaded from local files only.
 
-Three datasets are known to :func:`load`:
+Four datasets are known to :func:`load`:
 
 * ``"digits"`` (default): scikit-learn's bundled 8x8 handwritten digits, 1797 images.
 * ``"fashion-mnist"``: IDX files, by default from the Debian package
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``), or any directory of
   MNIST-format IDX files.
 * ``"cifar10"``: the python-version CIFAR-10 batches in a directory you provide.
+* ``"text"``: byte-level windows of local UTF-8 text for language models, by default the
+  Python standard library's sources (:mod:`lowbit.text`).
 
 Nothing is ever downloaded: a missing dataset raises :class:`FileNotFoundError` saying how
 to get it. Images are returned NHWC, float32 in [0, 1]; labels are int32 class indices.
+Text is a :class:`lowbit.text.TextDataset` of int32 byte ids.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
+
+from lowbit.text import TextDataset, load_text
 
 __all__ = [
     "DATASETS",
@@ -32,7 +38,7 @@ __all__ = [
     "read_idx",
 ]
 
-DATASETS = ("digits", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "text")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -62,23 +68,41 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load(name: str = "digits", data_dir: str | Path | None = None) -> Dataset:
+@overload
+def load(  # type: ignore[overload-overlap]  # "text" is also a str: the first match wins
+    name: Literal["text"], data_dir: str | Path | None = None, *, context: int | None = None
+) -> TextDataset: ...
+@overload
+def load(name: str = "digits", data_dir: str | Path | None = None, *, context: int | None = None) -> Dataset: ...
+
+
+def load(
+    name: str = "digits", data_dir: str | Path | None = None, *, context: int | None = None
+) -> Dataset | TextDataset:
     """Loads a dataset from local files.
 
     Args:
         name: One of :data:`DATASETS`, ignoring case and ``_`` versus ``-``.
         data_dir: Directory holding the dataset files. Not accepted for ``"digits"``
             (bundled with scikit-learn); optional for ``"fashion-mnist"`` (defaults to
-            :data:`DEFAULT_FASHION_MNIST_DIR`); required for ``"cifar10"``.
+            :data:`DEFAULT_FASHION_MNIST_DIR`) and ``"text"`` (defaults to the standard
+            library's sources); required for ``"cifar10"``.
+        context: Tokens per example, ``"text"`` only (None: 64).
 
     Returns:
-        The dataset with NHWC float32 images in [0, 1] and int32 labels.
+        The dataset with NHWC float32 images in [0, 1] and int32 labels, or, for
+        ``"text"``, a :class:`lowbit.text.TextDataset` of (N, context) int32 windows.
 
     Raises:
-        ValueError: Unknown name, ``data_dir`` given for digits, or malformed files.
+        ValueError: Unknown name, ``data_dir`` given for digits, ``context`` given for
+            an image dataset, or malformed files.
         FileNotFoundError: The dataset is not on disk; the message says how to get it.
     """
     key = name.strip().lower().replace("_", "-")
+    if key == "text":
+        return load_text(data_dir) if context is None else load_text(data_dir, context=context)
+    if context is not None and key in DATASETS:
+        raise ValueError(f"context={context!r} applies to the text dataset, not to {key}")
     if key == "digits":
         if data_dir is not None:
             # Silently ignoring it would train on digits when the user meant other data.

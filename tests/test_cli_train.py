@@ -1,4 +1,4 @@
-"""lowbit.cli.train: the ``train`` and ``compare`` subcommands."""
+"""lowbit.cli.train and lowbit.cli.compare: the ``train`` and ``compare`` subcommands."""
 
 import argparse
 import json
@@ -13,9 +13,11 @@ import pytest
 from jax import monitoring
 
 from lowbit import recipes, trainer
+from lowbit.cli import compare as cli_compare
 from lowbit.cli import train as cli_train
 from lowbit.cli.args import HelpFormatter
-from lowbit.cli.train import add_compare_parser, add_train_parser
+from lowbit.cli.compare import add_compare_parser
+from lowbit.cli.train import add_train_parser
 from lowbit.trainer import CheckpointError, TrainingError
 
 _SMALL = ["--epochs", "1", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
@@ -477,18 +479,18 @@ def test_compare_refuses_an_earlier_comparison_before_training(tmp_path, monkeyp
 def test_comparison_plot_states_where_the_accuracy_axis_starts(tmp_path, monkeypatch):
     captured = {}
     monkeypatch.setattr(
-        cli_train, "plot_bars", lambda path, title, names, panels: captured.update(names=names, panels=panels)
+        cli_compare, "plot_bars", lambda path, title, names, panels: captured.update(names=names, panels=panels)
     )
     rows = [
         dict(recipe="fp32", test_accuracy_mean=0.95, test_accuracy_std=0.01, step_time_ms=10.0),
         dict(recipe="fp4", test_accuracy_mean=0.91, test_accuracy_std=0.02, step_time_ms=25.0),
     ]
-    cli_train._plot_comparison(rows, tmp_path / "c.png", "digits", [0, 1])
+    cli_compare._plot_comparison(rows, tmp_path / "c.png", "digits", [0, 1])
     accuracy, step = captured["panels"]
     assert accuracy.floor == 80 and accuracy.ceiling == 100  # 5 points under 89 (= 91 - 2), down to a 10
     assert accuracy.errors == pytest.approx([1.0, 2.0]) and step.floor is None
     one_seed = [dict(rows[0], test_accuracy_mean=0.3, test_accuracy_std=None)]
-    cli_train._plot_comparison(one_seed, tmp_path / "c.png", "digits", [0])
+    cli_compare._plot_comparison(one_seed, tmp_path / "c.png", "digits", [0])
     assert captured["panels"][0].floor == 20 and captured["panels"][0].errors is None
-    cli_train._plot_comparison([dict(one_seed[0], test_accuracy_mean=0.12)], tmp_path / "c.png", "digits", [0])
+    cli_compare._plot_comparison([dict(one_seed[0], test_accuracy_mean=0.12)], tmp_path / "c.png", "digits", [0])
     assert captured["panels"][0].floor is None  # near chance: the full axis from 0

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowbit import data
+from lowbit import data, text
+from lowbit.text import TextDataset
 
 _FASHION_STEMS = {
     "train-images-idx3-ubyte": "x_train",
@@ -304,8 +305,116 @@ def test_digits_rejects_data_dir(tmp_path):
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="digits, fashion-mnist, cifar10"):
+    with pytest.raises(ValueError, match="digits, fashion-mnist, cifar10, text"):
         data.load("imagenet")
+
+
+# --- text --------------------------------------------------------------------------
+
+
+def _write_text(directory: Path, files: dict[str, bytes]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(payload)
+    return directory
+
+
+def test_text_windows_split_and_order(tmp_path):
+    corpus = bytes(32 + i % 95 for i in range(1024))  # printable ASCII, so neighbouring bytes differ
+    _write_text(tmp_path, {"b.txt": corpus[512:], "a/x.txt": corpus[:512], ".hidden": b"\xff", "a/.git/c": b"\xff"})
+    ds = data.load("text", tmp_path, context=16)
+    assert isinstance(ds, TextDataset) and ds.name == "text" and ds.num_classes == 256 and ds.context == 16
+    assert ds.sources == (str(tmp_path / "a" / "x.txt"), str(tmp_path / "b.txt"))  # sorted; hidden left out
+    split = 1024 - round(0.1 * 1024)  # the last 10 % of the bytes are held out
+    train, test = np.frombuffer(corpus[:split], np.uint8), np.frombuffer(corpus[split:], np.uint8)
+    for x, y, part in ((ds.x_train, ds.y_train, train), (ds.x_test, ds.y_test, test)):
+        assert x.dtype == y.dtype == np.int32 and x.shape == y.shape == ((len(part) - 1) // 16, 16)
+        np.testing.assert_array_equal(x.reshape(-1), part[: x.size])  # stride = context: no byte twice
+        np.testing.assert_array_equal(y.reshape(-1), part[1 : x.size + 1])  # y is x one byte ahead
+
+
+def test_text_split_is_deterministic(tmp_path):
+    _write_text(tmp_path, {f"{i}.py": f"print({i})\n".encode() * 20 for i in range(5)})
+    a, b = data.load("text", tmp_path, context=8), data.load("text", tmp_path, context=8)
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+
+
+def test_text_default_corpus_is_the_standard_library(monkeypatch):
+    ds = data.load("text")
+    assert ds.context == 64 and all(Path(p).suffix == ".py" and Path(p).name[0] != "_" for p in ds.sources)
+    assert list(ds.sources) == sorted(ds.sources)
+    n = ds.x_train.size + ds.x_test.size + 2  # each split loses at most context bytes to its last window
+    assert text.DEFAULT_MAX_BYTES - 2 * 64 <= n <= text.DEFAULT_MAX_BYTES
+    assert b"import " in bytes(ds.x_train[:200].astype(np.uint8).reshape(-1))
+    monkeypatch.setattr(text, "stdlib_files", lambda: [])
+    with pytest.raises(FileNotFoundError, match="no public .py modules"):
+        data.load("text")
+
+
+def test_text_single_file_and_utf8(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("Grüße, 世界!\n" * 10, encoding="utf-8")
+    ds = data.load("text", path, context=4)
+    assert ds.sources == (str(path),) and ds.x_train.max() > 127  # multi-byte UTF-8 as bytes
+
+
+@pytest.mark.parametrize(
+    ("files", "error", "match"),
+    [
+        ({"empty.txt": b""}, ValueError, r"the text files are empty \(1 file\(s\), 0 bytes\)"),
+        ({"a.txt": b"", "b.txt": b""}, ValueError, "the text files are empty"),
+        (
+            {"ok.txt": b"fine\n" * 50, "img.bin": b"\x89PNG\r\n\x1a\n\xff"},
+            ValueError,
+            r"img.bin is not UTF-8 text \(byte 0x89",
+        ),
+        (
+            {"tiny.txt": b"0123456789"},
+            ValueError,
+            r"the train split has 9 bytes .* fewer than one window of context \+ 1 = 17",
+        ),
+        ({"small.txt": b"x" * 100}, ValueError, r"the test split has 10 bytes"),
+        ({}, FileNotFoundError, "holds no files"),
+    ],
+)
+def test_text_bad_input_names_the_argument(tmp_path, files, error, match):
+    directory = _write_text(tmp_path / "corpus", files)
+    with pytest.raises(error, match=match) as info:
+        data.load("text", directory, context=16)
+    assert "\n" not in str(info.value)
+
+
+def test_text_empty_files_among_others_are_skipped(tmp_path):
+    _write_text(tmp_path, {"a.txt": b"", "b.txt": b"hello world\n" * 30})
+    assert data.load("text", tmp_path, context=8).sources[-1].endswith("b.txt")
+
+
+def test_text_missing_dir_is_one_line_like_the_image_datasets(tmp_path):
+    absent = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("text", absent)
+    message = str(info.value)
+    assert message.startswith(f"text data not found: {absent} does not exist.") and "--data-dir" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(context=0), "context must be an integer >= 1, got 0"),
+        (dict(held_out=1.0), r"held_out must be in \(0, 1\)"),
+    ],
+)
+def test_text_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        text.load_text(**kwargs)
+
+
+def test_context_is_for_text_only():
+    with pytest.raises(ValueError, match="context=8 applies to the text dataset, not to digits"):
+        data.load("digits", context=8)
 
 
 # --- batches ------------------------------------------------------------------------

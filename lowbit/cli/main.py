@@ -15,9 +15,10 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
+from lowbit.cli.compare import add_compare_parser
 from lowbit.cli.output import print_table
 from lowbit.cli.ptq import add_finetune_parser, add_ptq_parser
-from lowbit.cli.train import add_compare_parser, add_train_parser
+from lowbit.cli.train import add_train_parser
 
 __all__ = ["COMMANDS", "add_formats_parser", "build_parser", "main"]
 

@@ -1,24 +1,26 @@
-"""``lowbit train`` and ``lowbit compare``: train a model in one or several recipes.
+"""``lowbit train``: train a model in one recipe (``lowbit compare`` builds on it).
 
-Each ``add_*_parser`` registers one subcommand and sets ``func``, which takes the
+An image dataset trains a classifier (``--model vit|mlp|cnn|PKG.MODULE:FACTORY``);
+``--dataset text`` trains a byte language model (``--model lm``) and reports held-out
+loss, perplexity and bits per byte, and ``lowbit train`` ends with a greedy sample.
+
+``add_train_parser`` registers the subcommand and sets ``func``, which takes the
 parsed arguments and returns the exit status (2 for bad input such as a missing
 dataset, an unknown recipe, an unwritable ``--out`` or an incompatible checkpoint).
 Every input is checked before the first step compiles.
 
-Imports of jax-using modules stay inside the command functions: ``--devices N``
+Imports of jax-using modules stay inside the command function: ``--devices N``
 must set ``XLA_FLAGS`` before jax creates its CPU backend.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,13 +36,18 @@ from lowbit.cli.args import (
     positive_int,
     seed_value,
 )
-from lowbit.cli.output import Panel, plot_bars, plural, print_table, written
+from lowbit.cli.output import plural, written
 from lowbit.data import DATASETS
 
-__all__ = ["add_compare_parser", "add_train_parser"]
+__all__ = ["add_train_parser"]
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 _STOPPED = 130  # exit status of a run a signal stopped early (the shell's for Ctrl-C)
+# Defaults that depend on the dataset: 30 epochs of the 1437 digits take a minute, two of the
+# text corpus (~7000 windows of 64 bytes) about as long; a short run needs a short warmup.
+_IMAGE_DEFAULTS = dict(epochs=30, warmup=2.0, model="vit")
+_TEXT_DEFAULTS = dict(epochs=2, warmup=0.25, model="lm")
+_SAMPLE_BYTES = 80  # the greedy sample lowbit train prints after a language model's run
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -68,37 +75,34 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return parser
 
 
-def add_compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers ``lowbit compare``."""
-    parser = subparsers.add_parser(
-        "compare",
-        help="train several recipes and compare them with fp32",
-        formatter_class=HelpFormatter,
-        description="Train a model in each recipe and seed; print accuracy (mean ± std over seeds), the gap to "
-        "fp32, the step-time ratio, wall and compile time; write comparison.json and comparison.png.",
-    )
-    parser.add_argument(
-        "--recipes", default="fp32,fp8,fp4", help="comma-separated recipes from: {recipes} (default: fp32,fp8,fp4)"
-    )
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    parser.add_argument("--out", type=absolute_path, help="output directory (default: runs/compare-<dataset>)")
-    _add_common(parser)
-    parser.set_defaults(func=_compare_command)
-    return parser
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="digits", choices=DATASETS, help="dataset (default: digits, bundled)")
     data.add_argument(
-        "--data-dir", type=absolute_path, help="directory with the dataset files (fashion-mnist, cifar10)"
+        "--dataset",
+        default="digits",
+        choices=DATASETS,
+        help="dataset (default: digits, bundled); text: bytes of local UTF-8 files for --model lm",
+    )
+    data.add_argument(
+        "--data-dir",
+        type=absolute_path,
+        help="directory with the dataset files (fashion-mnist, cifar10; text: its UTF-8 files, "
+        "default: the Python standard library's sources)",
     )
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=positive_int, default=30, help="passes over the training set (default: 30)")
+    opt.add_argument(
+        "--epochs",
+        type=positive_int,
+        help=f"passes over the training set (default: {_IMAGE_DEFAULTS['epochs']}; text: {_TEXT_DEFAULTS['epochs']})",
+    )
     opt.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
     opt.add_argument("--lr", type=nonnegative_float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
     opt.add_argument("--weight-decay", type=nonnegative_float, default=0.05, help="AdamW weight decay (default: 0.05)")
-    opt.add_argument("--warmup", type=nonnegative_float, default=2.0, help="linear warmup in epochs (default: 2)")
+    opt.add_argument(
+        "--warmup",
+        type=nonnegative_float,
+        help=f"linear warmup in epochs (default: {_IMAGE_DEFAULTS['warmup']:g}; text: {_TEXT_DEFAULTS['warmup']:g})",
+    )
     opt.add_argument(
         "--devices",
         type=positive_int,
@@ -135,25 +139,33 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default="vit",
-        metavar="{vit,mlp,cnn,PKG.MODULE:FACTORY}",
+        metavar="{vit,mlp,cnn,lm,PKG.MODULE:FACTORY}",
         help="a built-in model, or your factory, called as FACTORY(image_shape=(H, W, C), "
-        "num_classes=K, rngs=nnx.Rngs(seed)) and returning an NNX model; PKG.MODULE is "
-        "imported from the working directory or PYTHONPATH (default: vit)",
+        "num_classes=K, rngs=nnx.Rngs(seed)) (for --dataset text: FACTORY(vocab_size=256, context=T, "
+        "rngs=...)) and returning an NNX model; PKG.MODULE is imported from the working directory or "
+        "PYTHONPATH (default: vit; for --dataset text: lm)",
     )
-    vit = parser.add_argument_group("ViT sizes (--model vit only)")
-    vit.add_argument("--patch-size", type=positive_int, help="patch side (default: the smallest giving <= 64 patches)")
-    vit.add_argument("--dim", type=positive_int, help="token width (default: 64)")
+    vit = parser.add_argument_group("transformer sizes (--model vit or lm)")
+    vit.add_argument(
+        "--patch-size", type=positive_int, help="vit: patch side (default: the smallest giving <= 64 patches)"
+    )
+    vit.add_argument("--dim", type=positive_int, help="token width (default: vit 64, lm 128)")
     vit.add_argument("--depth", type=positive_int, help="transformer blocks (default: 2)")
     vit.add_argument("--heads", type=positive_int, help="attention heads (default: 4)")
-    vit.add_argument("--mlp-dim", type=positive_int, help="MLP hidden width (default: 128)")
+    vit.add_argument("--mlp-dim", type=positive_int, help="MLP hidden width (default: vit 128, lm 4 x dim)")
     vit.add_argument("--dropout", type=nonnegative_float, help="dropout rate, < 1 (default: 0)")
+    vit.add_argument(
+        "--context", type=positive_int, help="lm: bytes per example, the model's sequence length (default: 64)"
+    )
+    # No choices=: the allowed names live in lowbit.nn.lm, which imports jax (see the module docstring).
+    vit.add_argument("--positions", metavar="{learned,rotary}", help="lm: position encoding (default: learned)")
 
 
 def _train_command(args: argparse.Namespace) -> int:
     from lowbit.trainer import TrainingError
 
     try:
+        _dataset_defaults(args)
         _use_devices(args)
         (recipe,) = _recipes(args, [args.recipe])
         out = args.out or absolute_path(f"runs/{recipe.name}-{args.dataset}-seed{args.seed}")
@@ -161,13 +173,15 @@ def _train_command(args: argparse.Namespace) -> int:
         _check_model(args)
         dataset = _dataset(args)
         since = time.time()
-        metrics = _run(args, dataset, recipe, args.seed, out, resume=args.resume)
+        metrics = _run(args, dataset, recipe, args.seed, out, resume=args.resume, sample=True)
     except InputError as e:
         return fail("train", e)
     except TrainingError as e:
         return fail("train", e, status=1)
     if not metrics["stopped"]:
         print(_summary(metrics))
+    if metrics.get("sample") is not None:
+        print(metrics["sample"])
     print(written([out / "metrics.json", out / "curves.png"], since))
     # A stopped run is unfinished: a script's next command (`&& lowbit ptq ...`) must not run.
     return _STOPPED if metrics["stopped"] else 0
@@ -189,75 +203,21 @@ def _summary(metrics: dict[str, Any]) -> str:
         loss_text = f"final loss {loss:.4f}"
     step = metrics["step_time_ms"]
     step_text = "n/a ms/step" if step is None else f"{step:.1f} ms/step"
-    accuracy = metrics["test_accuracy"]
-    accuracy_text = "n/a" if accuracy is None else f"{100 * accuracy:.2f}%"
+    if "bits_per_byte" in metrics:  # a language model
+        test_loss, perplexity, bits = (metrics[k] for k in ("test_loss", "perplexity", "bits_per_byte"))
+        score_text = (
+            "held-out loss n/a"
+            if test_loss is None or bits is None
+            else f"held-out loss {test_loss:.4f}, perplexity {perplexity:.2f}, {bits:.3f} bits/byte"
+        )
+    else:
+        accuracy = metrics["test_accuracy"]
+        score_text = "test accuracy " + ("n/a" if accuracy is None else f"{100 * accuracy:.2f}%")
     return (
         f"{metrics['recipe']} on {metrics['dataset']}, {plural(metrics['epochs'], 'epoch')}, "
-        f"seed {metrics['seed']}: test accuracy {accuracy_text}, {loss_text}, {metrics['train_time_s']:.1f} s "
+        f"seed {metrics['seed']}: {score_text}, {loss_text}, {metrics['train_time_s']:.1f} s "
         f"({step_text}), {plural(metrics['skipped_steps'], 'skipped step')}"
     )
-
-
-def _compare_command(args: argparse.Namespace) -> int:
-    from lowbit.trainer import TrainingError
-
-    try:
-        names = _split(args.recipes, str, "--recipes")
-        seeds = _split(args.seeds, seed_value, "--seeds")
-        _use_devices(args)
-        recipes = _recipes(args, names)
-        out = args.out or absolute_path(f"runs/compare-{args.dataset}")
-        check_output_dir(out)
-        runs = [(recipe, seed, out / recipe.name / f"seed{seed}") for recipe in recipes for seed in seeds]
-        if not args.overwrite and (earlier := [str(p) for *_, p in runs if p.is_dir() and any(p.iterdir())]):
-            # Checked for every run up front, not by each run as it starts, hours in.
-            raise InputError(
-                f"{', '.join(earlier)} hold(s) an earlier comparison; add --overwrite to replace it, "
-                "or pass a fresh --out"
-            )
-        _check_model(args)
-        dataset = _dataset(args)
-        since = time.time()
-        results: dict[str, list[dict[str, Any]]] = {}
-        for i, (recipe, seed, run_out) in enumerate(runs):
-            print(f"[{i + 1}/{len(runs)}] {recipe.name}, seed {seed}", flush=True)
-            metrics = _run(args, dataset, recipe, seed, run_out, resume=False)
-            if metrics["stopped"]:
-                print("stopped: the comparison is incomplete; rerun it with --overwrite")
-                return _STOPPED
-            results.setdefault(recipe.name, []).append(metrics)
-    except InputError as e:
-        return fail("compare", e)
-    except TrainingError as e:
-        return fail("compare", e, status=1)
-    rows = _summarise(results)
-    report = dict(
-        dataset=dataset.name,
-        model=args.model,
-        seeds=seeds,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        results=rows,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps(report, indent=2))
-    _print_comparison(rows, dataset.name, seeds, args.epochs)
-    _plot_comparison(rows, out / "comparison.png", dataset.name, seeds)
-    print(written([out / "comparison.json", out / "comparison.png"], since))
-    return 0
-
-
-def _split(text: str, kind: Callable[[str], Any], flag: str) -> list:
-    try:
-        items = [kind(part.strip()) for part in text.split(",") if part.strip()]
-    except argparse.ArgumentTypeError as e:  # one item out of range (a seed)
-        raise InputError(f"{flag} {text!r}: {e}") from None
-    except ValueError:
-        raise InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
-    if not items or len(set(items)) != len(items):
-        raise InputError(f"{flag} {text!r}: expected distinct, comma-separated values")
-    return items
 
 
 def _use_devices(args: argparse.Namespace) -> None:
@@ -294,7 +254,7 @@ def _dataset(args: argparse.Namespace):
     from lowbit import data
 
     try:
-        dataset = data.load(args.dataset, args.data_dir)
+        dataset = data.load(args.dataset, args.data_dir, **({"context": args.context} if args.context else {}))
     except (FileNotFoundError, ValueError) as e:
         raise InputError(e) from None
     if args.batch_size > len(dataset.x_train):
@@ -322,11 +282,21 @@ def _compile_time() -> Iterator[list[float]]:
 
 
 _VIT_SIZES = ("patch_size", "dim", "depth", "heads", "mlp_dim", "dropout")
+_LM_SIZES = ("dim", "depth", "heads", "mlp_dim", "dropout", "positions")  # --context sizes the data too
+
+
+def _dataset_defaults(args: argparse.Namespace) -> None:
+    """Fills the flags whose default depends on ``--dataset`` (left None by the parser)."""
+    defaults = _TEXT_DEFAULTS if args.dataset == "text" else _IMAGE_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _check_model(args: argparse.Namespace) -> None:
-    """Fails on a ``--model`` that does not resolve, or ViT sizes given for another model (before any data loads)."""
-    from lowbit.nn.models import factory
+    """Fails on a ``--model`` that does not resolve or does not fit ``--dataset``, or sizes given for
+    another model (before any data loads)."""
+    from lowbit.nn.models import MODELS, TEXT_MODELS, factory
 
     if ":" in args.model and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: the user's own modules import
@@ -334,9 +304,23 @@ def _check_model(args: argparse.Namespace) -> None:
         factory(args.model)
     except (TypeError, ValueError) as e:
         raise InputError(f"--model: {e}") from None
-    given = [f"--{name.replace('_', '-')}" for name in _VIT_SIZES if getattr(args, name) is not None]
-    if args.model != "vit" and given:
-        raise InputError(f"{', '.join(given)} set(s) the size of --model vit, not of --model {args.model}")
+    text = args.dataset == "text"
+    if args.model in MODELS and (args.model in TEXT_MODELS) != text:
+        wanted = (
+            f"--dataset text needs a language model: --model {', '.join(sorted(TEXT_MODELS))} or PKG.MODULE:FACTORY"
+            if text
+            else f"--model {args.model} trains on --dataset text, not on {args.dataset}"
+        )
+        raise InputError(f"--model {args.model} does not fit --dataset {args.dataset}: {wanted}")
+    if args.context is not None and not text:
+        raise InputError(f"--context sets the window of --dataset text, not of --dataset {args.dataset}")
+    own = {"vit": _VIT_SIZES, "lm": _LM_SIZES}.get(args.model, ())
+    sizes = dict.fromkeys(_VIT_SIZES + _LM_SIZES)
+    if given := [
+        f"--{name.replace('_', '-')}" for name in sizes if name not in own and getattr(args, name) is not None
+    ]:
+        owner = "vit" if all(name.lstrip("-").replace("-", "_") in _VIT_SIZES for name in given) else "lm"
+        raise InputError(f"{', '.join(given)} set(s) the size of --model {owner}, not of --model {args.model}")
 
 
 def _model(args: argparse.Namespace, dataset, recipe, seed: int):
@@ -344,14 +328,21 @@ def _model(args: argparse.Namespace, dataset, recipe, seed: int):
     from flax import nnx
 
     from lowbit.nn import quantize
+    from lowbit.nn.lm import LM
     from lowbit.nn.models import build
     from lowbit.nn.vit import ViT
 
-    shape = dict(image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+    if args.dataset == "text":
+        shape = dict(vocab_size=dataset.num_classes, context=dataset.context)
+    else:
+        shape = dict(image_shape=dataset.image_shape, num_classes=dataset.num_classes)
+    # The built-in models whose sizes are flags.
+    sized = {"vit": (ViT, _VIT_SIZES), "lm": (LM, _LM_SIZES)}
     try:
-        if args.model == "vit":  # the one built-in model whose sizes are flags
-            sizes = {name: getattr(args, name) for name in _VIT_SIZES if getattr(args, name) is not None}
-            model = ViT(**shape, **sizes, rngs=nnx.Rngs(seed))
+        if args.model in sized:
+            cls, names = sized[args.model]
+            sizes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+            model = cls(**shape, **sizes, rngs=nnx.Rngs(seed))
         else:
             model = build(args.model, **shape, seed=seed)
     except (TypeError, ValueError) as e:  # sizes that do not fit the images, a factory with another signature
@@ -359,8 +350,13 @@ def _model(args: argparse.Namespace, dataset, recipe, seed: int):
     return quantize(model, recipe, seed=seed)
 
 
-def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, resume: bool) -> dict[str, Any]:
+def _run(
+    args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, resume: bool, sample: bool = False
+) -> dict[str, Any]:
     """Trains one model; the trainer's metrics plus the run's ``wall_time_s`` and ``compile_time_s``.
+
+    With ``sample``, a language model's finished run also gets ``sample``: the line
+    showing its greedy continuation of the held-out text's first bytes (else None).
 
     Raises:
         InputError: The model does not fit the data, ``out`` holds an earlier run
@@ -394,77 +390,25 @@ def _run(args: argparse.Namespace, dataset, recipe, seed: int, out: Path, *, res
             )
     except (TypeError, ValueError) as e:  # checkpoint errors included; all raised before the first step
         raise InputError(e) from None
-    return dict(metrics, wall_time_s=time.perf_counter() - start, compile_time_s=compiling[0])
+    wall = time.perf_counter() - start
+    shown = _sample(model, dataset) if sample and args.dataset == "text" and not metrics["stopped"] else None
+    return dict(metrics, wall_time_s=wall, compile_time_s=compiling[0], sample=shown)
 
 
-def _summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    rows = []
-    for name, metrics in runs.items():
-        accuracy = [m["test_accuracy"] for m in metrics]
-        rows.append(
-            dict(
-                recipe=name,
-                test_accuracy=accuracy,
-                test_accuracy_mean=statistics.fmean(accuracy),
-                # None, not 0, with one seed: a single run says nothing about the spread.
-                test_accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else None,
-                step_time_ms=statistics.median(m["step_time_ms"] for m in metrics),
-                train_time_s=statistics.fmean(m["train_time_s"] for m in metrics),
-                wall_time_s=statistics.fmean(m["wall_time_s"] for m in metrics),
-                compile_time_s=statistics.fmean(m["compile_time_s"] for m in metrics),
-            )
-        )
-    base = next((r for r in rows if r["recipe"] == "fp32"), None)
-    for row in rows:  # None when fp32 was not among the recipes
-        row["gap_to_fp32_points"] = 100 * (row["test_accuracy_mean"] - base["test_accuracy_mean"]) if base else None
-        row["step_time_ratio_to_fp32"] = row["step_time_ms"] / base["step_time_ms"] if base else None
-    return rows
+def _sample(model, dataset) -> str:
+    """One line: the model's greedy continuation of the held-out split's first bytes, non-printables escaped.
+
+    The prompt comes from the corpus itself (whatever language it is in) and is the
+    same for every run on it.
+    """
+    from lowbit.nn.lm import greedy
+
+    prompt = bytes(dataset.x_test[0, : min(32, dataset.context)].astype("uint8"))
+    continuation = greedy(model, prompt, _SAMPLE_BYTES, context=dataset.context)
+    return f"greedy sample ({_SAMPLE_BYTES} bytes): {_escape(prompt)} -> {_escape(continuation)}"
 
 
-def _print_comparison(rows: list[dict[str, Any]], dataset: str, seeds: list[int], epochs: int) -> None:
-    header = [
-        "recipe",
-        "test accuracy (%)",
-        "gap to fp32 (points)",
-        "step time (ms)",
-        "step vs fp32",
-        "wall time (s)",
-        "compile time (s)",
-    ]
-    table = []
-    for r in rows:
-        gap, ratio, std = r["gap_to_fp32_points"], r["step_time_ratio_to_fp32"], r["test_accuracy_std"]
-        accuracy = f"{100 * r['test_accuracy_mean']:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
-        table.append(
-            [
-                r["recipe"],
-                accuracy,
-                "—" if gap is None else f"{gap:+.2f}",
-                f"{r['step_time_ms']:.1f}",
-                "—" if ratio is None else f"{ratio:.2f}x",
-                f"{r['wall_time_s']:.1f}",
-                f"{r['compile_time_s']:.1f}",
-            ]
-        )
-    spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
-    print_table(
-        f"{dataset}, {plural(epochs, 'epoch')}, {plural(len(seeds), 'seed')} "
-        f"({', '.join(map(str, seeds))}; {spread}); wall time: whole run, compile included",
-        header,
-        table,
-        left=("recipe",),
-    )
-
-
-def _plot_comparison(rows: list[dict[str, Any]], path: Path, dataset: str, seeds: list[int]) -> None:
-    means = [100 * r["test_accuracy_mean"] for r in rows]
-    stds = None if len(seeds) == 1 else [100 * r["test_accuracy_std"] for r in rows]
-    low = min(means) if stds is None else min(m - s for m, s in zip(means, stds, strict=True))
-    # Starting at 0 would squeeze gaps of a point or two into invisibility: start 5 points
-    # below the lowest bar, on a multiple of 10 (the axis label says where).
-    floor = max(0.0, 10 * ((low - 5) // 10))
-    accuracy = Panel(values=means, errors=stds, ylabel="test accuracy (%)", floor=floor or None, ceiling=100)
-    step = Panel(values=[r["step_time_ms"] for r in rows], ylabel="median step time (ms)")
-    plot_bars(
-        path, f"recipes on {dataset} ({plural(len(seeds), 'seed')})", [r["recipe"] for r in rows], [accuracy, step]
-    )
+def _escape(data: bytes) -> str:
+    """``data`` quoted on one line: printable ASCII as is, ``\\n``/``\\t`` and ``\\xNN`` otherwise."""
+    named = {0x0A: "\\n", 0x09: "\\t", 0x0D: "\\r", 0x5C: "\\\\", 0x22: '\\"'}
+    return '"' + "".join(named.get(b) or (chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}") for b in data) + '"'

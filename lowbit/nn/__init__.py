@@ -1,7 +1,7 @@
 """Flax: ``quantize`` / ``describe`` for any NNX or linen model, explicit quantized layers, the built-in
 models and weight export."""
 
-from lowbit.nn import export, models
+from lowbit.nn import export, lm, models
 from lowbit.nn.describe import describe
 from lowbit.nn.einsum import einsum_dimension_numbers
 from lowbit.nn.intercept import NotQuantizedError
@@ -25,6 +25,7 @@ __all__ = [
     "einsum_dimension_numbers",
     "export",
     "is_quantized",
+    "lm",
     "models",
     "ops",
     "quantize",

@@ -1,8 +1,11 @@
 """The built-in models of ``lowbit train --model``, and loading a user's model factory.
 
-Every model is a plain Flax NNX classifier of (B, H, W, C) images; ``lowbit.quantize``
-applies the recipe. A factory is called as ``factory(image_shape=(H, W, C),
-num_classes=K, rngs=nnx.Rngs(seed))`` and returns an ``nnx.Module``.
+Every model is a plain Flax NNX module; ``lowbit.quantize`` applies the recipe. An image
+model (``vit``, ``mlp``, ``cnn``) classifies (B, H, W, C) images and its factory is called
+as ``factory(image_shape=(H, W, C), num_classes=K, rngs=nnx.Rngs(seed))``; a text model
+(``lm``, in :data:`TEXT_MODELS`) maps (B, T) token ids to (B, T, vocab) next-token logits
+and is called as ``factory(vocab_size=V, context=T, rngs=nnx.Rngs(seed))``. Either
+returns an ``nnx.Module``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lowbit.nn.lm import LM
 from lowbit.nn.vit import Configured, ViT, config_tuple
 
-__all__ = ["CNN", "MLP", "MODELS", "build", "factory"]
+__all__ = ["CNN", "LM", "MLP", "MODELS", "TEXT_MODELS", "build", "factory"]
 
 
 class MLP(Configured, nnx.Module):
@@ -86,23 +90,30 @@ class CNN(Configured, nnx.Module):
         return self.head(jax.nn.relu(self.fc(x.reshape(x.shape[0], -1))))
 
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"vit": ViT, "mlp": MLP, "cnn": CNN}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"vit": ViT, "mlp": MLP, "cnn": CNN, "lm": LM}
+TEXT_MODELS = frozenset({"lm"})
+"""The built-in models of token sequences (the others classify images)."""
+
+
+def _allowed() -> str:
+    images = ", ".join(name for name in MODELS if name not in TEXT_MODELS)
+    return f"{images} or PKG.MODULE:FACTORY for images; {', '.join(sorted(TEXT_MODELS))} or PKG.MODULE:FACTORY for text"
 
 
 def factory(spec: str) -> Callable[..., nnx.Module]:
-    """The model factory named by ``spec``: ``vit``, ``mlp``, ``cnn`` or ``PKG.MODULE:FACTORY``.
+    """The model factory named by ``spec``: ``vit``, ``mlp``, ``cnn``, ``lm`` or ``PKG.MODULE:FACTORY``.
 
     Raises:
       ValueError: an unknown name, a module that does not import, or a missing or
         non-callable attribute; the message says what is allowed.
     """
     if not isinstance(spec, str):
-        raise TypeError(f"model={spec!r} is invalid; allowed: {', '.join(MODELS)} or PKG.MODULE:FACTORY")
+        raise TypeError(f"model={spec!r} is invalid; allowed: {_allowed()}")
     if spec in MODELS:
         return MODELS[spec]
     module_name, colon, attr = spec.partition(":")
     if not colon or not module_name or not attr:
-        raise ValueError(f"model={spec!r} is invalid; allowed: {', '.join(MODELS)} or PKG.MODULE:FACTORY")
+        raise ValueError(f"model={spec!r} is invalid; allowed: {_allowed()}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -113,14 +124,32 @@ def factory(spec: str) -> Callable[..., nnx.Module]:
     return fn
 
 
-def build(spec: str, *, image_shape: tuple[int, int, int], num_classes: int, seed: int) -> nnx.Module:
-    """A float model from ``spec`` (see ``factory``) for the dataset's image shape and class count.
+def build(
+    spec: str,
+    *,
+    seed: int,
+    image_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+    vocab_size: int | None = None,
+    context: int | None = None,
+) -> nnx.Module:
+    """A float model from ``spec`` (see ``factory``) for the dataset.
+
+    Pass ``image_shape`` and ``num_classes`` for images, or ``vocab_size`` and
+    ``context`` for token sequences: the factory is called with those two.
 
     Raises:
-      ValueError: a bad ``spec`` (see ``factory``).
+      ValueError: a bad ``spec`` (see ``factory``), or not exactly one of the two pairs given.
       TypeError: the factory did not return an ``nnx.Module``.
     """
-    model = factory(spec)(image_shape=tuple(image_shape), num_classes=num_classes, rngs=nnx.Rngs(seed))
+    images = dict(image_shape=None if image_shape is None else tuple(image_shape), num_classes=num_classes)
+    tokens = dict(vocab_size=vocab_size, context=context)
+    given = [pair for pair in (images, tokens) if any(v is not None for v in pair.values())]
+    if len(given) != 1 or any(v is None for v in given[0].values()):
+        raise ValueError(
+            f"model={spec!r}: pass image_shape= and num_classes= (images) or vocab_size= and context= (tokens)"
+        )
+    model = factory(spec)(**given[0], rngs=nnx.Rngs(seed))
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model={spec!r} returned {type(model).__name__}; allowed: a flax.nnx.Module")
     return model

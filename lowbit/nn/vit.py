@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["ViT", "default_patch_size"]
@@ -41,11 +42,27 @@ def default_patch_size(image_shape: tuple[int, int, int]) -> int:
     raise ValueError(f"no patch size >= 2 divides the {h}x{w} image into at most {_MAX_TOKENS} patches")
 
 
-class _Attention(nnx.Module):
-    """Multi-head self-attention."""
+def _rotary(x: jax.Array) -> jax.Array:
+    """Rotates pairs of channels of (B, heads, T, head_dim) queries or keys by position-dependent angles."""
+    t, d = x.shape[-2], x.shape[-1]
+    freqs = 1.0 / 10000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d)  # (d/2,), numpy: constants
+    angles = np.arange(t, dtype=np.float32)[:, None] * freqs[None, :]  # (T, d/2)
+    cos, sin = (jnp.asarray(f(angles), x.dtype) for f in (np.cos, np.sin))
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
 
-    def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
+
+class _Attention(nnx.Module):
+    """Multi-head self-attention (the ViT's and, ``causal`` and optionally ``rotary``, the LM's).
+
+    ``causal``: position t attends to positions <= t, the softmax in float32.
+    ``rotary``: rotary positions on queries and keys (Su et al. 2021).
+    """
+
+    def __init__(self, dim: int, heads: int, rngs: nnx.Rngs, *, causal: bool = False, rotary: bool = False):
         self.heads = heads
+        self.causal = causal
+        self.rotary = rotary
         self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
         self.proj = nnx.Linear(dim, dim, rngs=rngs)
 
@@ -54,19 +71,45 @@ class _Attention(nnx.Module):
         head_dim = dim // self.heads
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.rotary:
+            q, k = _rotary(q), _rotary(k)
         # Scaling q before the product keeps QK^T in range for narrow compute dtypes.
         q = q * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
-        attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        if self.causal:
+            mask = np.tril(np.ones((n, n), bool))  # a constant: no mask input, nothing to quantize
+            # The finite minimum rather than -inf: a fully masked row cannot occur, but -inf
+            # would turn a quantizer's saturation into NaN.
+            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+            attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        else:
+            attn = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(b, n, dim)
         return self.proj(out)
 
 
 class _Block(nnx.Module):
-    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, rngs: nnx.Rngs):
+    ``causal``/``rotary`` go to :class:`_Attention`; ``hidden_dropout`` also drops
+    the MLP's hidden activations (the ViT does, the LM does not).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float,
+        rngs: nnx.Rngs,
+        *,
+        causal: bool = False,
+        rotary: bool = False,
+        hidden_dropout: bool = True,
+    ):
+        self.hidden_dropout = hidden_dropout
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = _Attention(dim, heads, rngs)
+        self.attn = _Attention(dim, heads, rngs, causal=causal, rotary=rotary)
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
         self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
@@ -75,7 +118,9 @@ class _Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.dropout(self.attn(self.norm1(x)))
         h = jax.nn.gelu(self.mlp_in(self.norm2(x)))
-        return x + self.dropout(self.mlp_out(self.dropout(h)))
+        if self.hidden_dropout:
+            h = self.dropout(h)
+        return x + self.dropout(self.mlp_out(h))
 
 
 def config_tuple(**kwargs) -> tuple:

@@ -1,8 +1,9 @@
-"""The train loop: any Flax NNX classifier, one recipe, data parallel over N devices.
+"""The train loop: any Flax NNX classifier or language model, one recipe, data parallel over N devices.
 
 ``train`` runs AdamW (linear warmup, then cosine decay) with the recipe's precision
 policy and loss scaling through the public step (``lowbit.trainer.step``),
-evaluates test accuracy after every epoch, writes an atomic checkpoint per epoch
+evaluates test accuracy (for a language model: held-out loss, perplexity and bits
+per byte) after every epoch, writes an atomic checkpoint per epoch
 (keeping the last ``keep``) and, at the end, ``metrics.json`` and ``curves.png``.
 
 Safe to stop and rerun:
@@ -50,7 +51,14 @@ from lowbit.nn.quantize import ops as quantized_ops
 from lowbit.trainer import checkpoint, metadata, report
 from lowbit.trainer.interrupt import StopRequest
 from lowbit.trainer.lock import RunLock, TrainingError
-from lowbit.trainer.step import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+from lowbit.trainer.step import (
+    TrainState,
+    init_state,
+    make_eval_step,
+    make_lm_eval_step,
+    make_optimizer,
+    make_train_step,
+)
 from lowbit.training.policy import Policy
 
 __all__ = ["MAX_SEED", "TrainState", "TrainingError", "check_seed", "make_optimizer", "train"]
@@ -87,7 +95,8 @@ def train(
 
     Args:
       model: An NNX classifier mapping (B, H, W, C) images to (B, classes) logits,
-        with classes >= ``dataset.num_classes``, initialised by the caller (from
+        with classes >= ``dataset.num_classes``, or a language model mapping (B, T)
+        int token ids to (B, T, vocab) next-token logits, initialised by the caller (from
         ``seed`` for a reproducible run): a model from ``lowbit.quantize(model,
         recipe)`` (a quantized linen model goes through
         ``flax.nnx.bridge.ToNNX(...).lazy_init(x)``), or one built from lowbit's
@@ -95,7 +104,10 @@ def train(
         quantizes nothing (``fp32``, ``bf16``, ``fp16``). It is updated in place
         with the final (or, when stopped, the current) state and left in eval mode.
       dataset: Training and test data (``lowbit.data.load``); integer labels in
-        ``[0, dataset.num_classes)``. Images with NaN or inf pixels are
+        ``[0, dataset.num_classes)``. Integer inputs of shape (N, T) with (N, T)
+        targets (``lowbit.text.TextDataset``) are token windows: the model is
+        trained on next-token cross-entropy over every position, and token ids
+        outside ``[0, num_classes)`` are an error. Images with NaN or inf pixels are
         reported up front with a warning, whatever the recipe: a training
         batch holding one is skipped like a step with a non-finite loss, and
         such a test image is scored as misclassified.
@@ -132,14 +144,17 @@ def train(
       recipe, dataset, epochs, seed, hyperparameters, ``test_accuracy``
       (fraction), ``train_time_s``, ``step_time_ms`` (median step after
       compilation), ``final_loss``, ``skipped_steps``, ``max_skipped``, per-epoch
-      ``history``, ``stopped`` (a signal ended the run early), ``stopped_at``
+      ``history``; for token data also ``test_loss`` (held-out cross-entropy per
+      token, nats), ``perplexity`` and ``bits_per_byte`` (``test_loss / ln 2``),
+      with ``test_accuracy`` the next-token accuracy; ``stopped`` (a signal
+      ended the run early), ``stopped_at``
       (``{"epoch": completed epochs, "step": steps into the next}`` or None) and
       ``curves`` (``"curves.png"`` if written, else None).
 
     Raises:
       TypeError: An argument of the wrong type (a bool given as 0/1 or "yes"
         included), a ``dataset`` that is not a Dataset, or non-integer labels.
-      ValueError: Invalid arguments or data (labels out of range, a seed
+      ValueError: Invalid arguments or data (labels or token ids out of range, a seed
         outside ``[0, 2**63 - 1]``, a model that does not take the images or
         whose output does not fit: checked before the model's first call),
         too few devices, an unwritable ``out_dir``, or one holding an earlier
@@ -180,7 +195,7 @@ def train(
         try:
             ops = describe(model, recipe.policy.cast_to_compute(first))
         except Exception as e:
-            raise _does_not_fit(first.shape, e) from e
+            raise _does_not_fit(first.shape, e, _inputs(dataset)) from e
     _check_model(model, dataset, batch_size, recipe.policy)
     _warn_nonfinite(dataset)
     out = _prepare_out_dir(out_dir)
@@ -233,6 +248,9 @@ def _train(
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     policy = recipe.policy
+    text = _is_text(dataset)
+    positions = dataset.x_train.shape[1] if text else 1  # predictions per example
+    unit = "tok/s" if text else "img/s"
     total_steps = epochs * steps_per_epoch
     limit = max(16, total_steps // 10) if max_skipped is None else max_skipped
     warmup_steps = min(round(warmup * steps_per_epoch), total_steps)
@@ -255,6 +273,8 @@ def _train(
                 hparams=hparams,
                 steps_per_epoch=steps_per_epoch,
                 model=dict(type=type(model).__name__, config=_json_or_none(getattr(model, "config", None))),
+                # Token data only, so an image run's metadata is what it always was.
+                **({"tokens_per_example": positions} if text else {}),
             )
         )
     )
@@ -289,7 +309,7 @@ def _train(
         out_shardings=(replicated, replicated),
     )
     evaluate = jax.jit(
-        make_eval_step(graphdef, policy=policy),
+        (make_lm_eval_step if text else make_eval_step)(graphdef, policy=policy),
         in_shardings=(replicated, sharded, sharded, sharded),
         out_shardings=replicated,
     )
@@ -343,8 +363,8 @@ def _train(
                     run["losses"].append(loss)
                 bar.step(
                     f"epoch {epoch + 1}/{epochs}",
-                    f"loss {_mean(run['losses']):.4f}  acc {run['correct'] / (done * batch_size):.3f}  "
-                    f"{batch_size / timer.last:,.0f} img/s",
+                    f"loss {_mean(run['losses']):.4f}  acc {run['correct'] / (done * batch_size * positions):.3f}  "
+                    f"{batch_size * positions / timer.last:,.0f} {unit}",
                 )
                 if stop.requested and done < steps_per_epoch:
                     break
@@ -356,15 +376,22 @@ def _train(
                 if ckpt_dir is not None:
                     save(stop, epoch, done, run)
                 break
-            correct_test = sum(int(evaluate(state, *(jax.device_put(a, sharded) for a in b))) for b in test_batches)
+            evaluated = [evaluate(state, *(jax.device_put(a, sharded) for a in b)) for b in test_batches]
             run["time_s"] += (eval_time := time.perf_counter() - t0 - session_time)
             elapsed += eval_time
+            test_positions = len(dataset.x_test) * positions
+            entry = dict(epoch=epoch + 1, loss=_mean(run["losses"]))
+            if text:
+                test_loss = sum(float(loss_sum) for loss_sum, _ in evaluated) / test_positions
+                correct_test = sum(int(correct) for _, correct in evaluated)
+                entry.update(test_loss=test_loss, **_text_metrics(test_loss))
+            else:
+                correct_test = sum(int(correct) for correct in evaluated)
             history.append(
                 dict(
-                    epoch=epoch + 1,
-                    loss=_mean(run["losses"]),
-                    train_acc=run["correct"] / (steps_per_epoch * batch_size),
-                    test_accuracy=correct_test / len(dataset.x_test),
+                    entry,
+                    train_acc=run["correct"] / (steps_per_epoch * batch_size * positions),
+                    test_accuracy=correct_test / test_positions,
                     time_s=run["time_s"],
                     skipped=run["skipped"],
                 )
@@ -380,10 +407,15 @@ def _train(
             wall = time.perf_counter() - session_start
             eta = wall / session_steps * (total_steps - (epoch + 1) * steps_per_epoch) if session_steps else math.nan
             h, timed = history[-1], step_times[timed_before:]  # the compiling step is not timed
-            speed = 1e3 * batch_size * len(timed) / sum(timed) if timed else math.nan
+            speed = 1e3 * batch_size * positions * len(timed) / sum(timed) if timed else math.nan
+            scores = (
+                f"test loss {h['test_loss']:.4f}  ppl {_fmt(h['perplexity'], '.2f')}  "
+                f"{h['bits_per_byte']:.3f} bits/byte"
+                if text
+                else f"train acc {h['train_acc']:.3f}  test acc {h['test_accuracy']:.3f}"
+            )
             bar.line(
-                f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  train acc {h['train_acc']:.3f}  "
-                f"test acc {h['test_accuracy']:.3f}  {_fmt(speed, ',.0f')} img/s  "
+                f"epoch {epoch + 1}/{epochs}: loss {_fmt(h['loss'], '.4f')}  {scores}  {_fmt(speed, ',.0f')} {unit}  "
                 f"elapsed {report.duration(elapsed)}  ETA {report.duration(eta)}"
             )
             if ckpt_dir is not None:
@@ -414,6 +446,7 @@ def _train(
             model=expected["model"],
             lowbit_version=_version(),
             test_accuracy=last["test_accuracy"],
+            **({key: last.get(key) for key in _TEXT_METRICS} if text else {}),
             train_time_s=elapsed,
             step_time_ms=statistics.median(step_times) if step_times else None,
             final_loss=last["loss"],
@@ -432,6 +465,24 @@ def _train(
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
+
+
+_TEXT_METRICS = ("test_loss", "perplexity", "bits_per_byte")
+
+
+def _text_metrics(test_loss: float) -> dict[str, float]:
+    """Perplexity and bits per byte of a held-out cross-entropy in nats per token (byte tokens)."""
+    # exp overflows float64 past ~709 nats: an untrained model is nowhere near, a diverged one may be.
+    return dict(perplexity=math.exp(min(test_loss, 709.0)), bits_per_byte=test_loss / math.log(2))
+
+
+def _is_text(dataset) -> bool:
+    """Integer inputs are token ids (a language model's data); images are floats."""
+    return np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer)
+
+
+def _inputs(dataset) -> str:
+    return "tokens" if _is_text(dataset) else "images"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -542,7 +593,7 @@ _DATASET_FIELDS = ("x_train", "y_train", "x_test", "y_test", "num_classes", "nam
 
 
 def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
-    """Validates images and labels; returns the number of steps per epoch."""
+    """Validates images and labels, or token windows and their targets; returns the number of steps per epoch."""
     if missing := [f for f in _DATASET_FIELDS if not hasattr(dataset, f)]:
         raise TypeError(
             f"train: dataset must be a lowbit.data.Dataset (lowbit.data.load(...)) or an object with "
@@ -552,8 +603,12 @@ def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     classes = dataset.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
         raise ValueError(f"train: dataset.num_classes must be an integer >= 1, got {classes!r}")
+    text = _is_text(dataset)
     for split in ("train", "test"):
         x, y = np.asarray(getattr(dataset, f"x_{split}")), np.asarray(getattr(dataset, f"y_{split}"))
+        if text:
+            _check_tokens(split, x, y, classes)
+            continue
         if not np.issubdtype(x.dtype, np.floating) or x.ndim != 4:
             raise TypeError(
                 f"train: dataset.x_{split} must be float images of shape (N, H, W, C), got {x.dtype}{list(x.shape)}"
@@ -572,6 +627,32 @@ def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     if batch_size > len(dataset.x_train):
         raise ValueError(f"train: batch_size {batch_size} exceeds the {len(dataset.x_train)} training examples")
     return len(dataset.x_train) // batch_size
+
+
+def _check_tokens(split: str, x: np.ndarray, y: np.ndarray, vocab: int) -> None:
+    """Token windows: (N, T) integer inputs and targets, every id in ``[0, vocab)``.
+
+    An id out of range would not fail by itself: the embedding lookup clamps or
+    fills it, and the loss of an out-of-range target is silently wrong.
+    """
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise TypeError(
+            f"train: dataset.x_{split} must be integer token ids of shape (N, T), got {x.dtype}{list(x.shape)}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != x.shape:
+        raise TypeError(
+            f"train: dataset.y_{split} must be integer next-token ids of shape {list(x.shape)}, "
+            f"got {y.dtype}{list(y.shape)}"
+        )
+    if len(x) == 0:
+        raise ValueError(f"train: dataset.x_{split} is empty")
+    for name, ids in (("x", x), ("y", y)):
+        if (bad := np.argwhere((ids < 0) | (ids >= vocab))).size:
+            at = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"train: dataset.{name}_{split} has {len(bad)} token ids outside [0, {vocab}) "
+                f"(num_classes={vocab}), e.g. {int(ids[at])} at index {list(at)}"
+            )
 
 
 def _warn_nonfinite(dataset: lowbit_data.Dataset) -> None:
@@ -601,11 +682,11 @@ def _warn_nonfinite(dataset: lowbit_data.Dataset) -> None:
             )
 
 
-def _does_not_fit(shape: tuple[int, ...], error: Exception) -> ValueError:
+def _does_not_fit(shape: tuple[int, ...], error: Exception, inputs: str = "images") -> ValueError:
     """The shape check's error: the batch shape, then the first line of what the model raised."""
     lines = str(error).strip().splitlines()
     cause = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return ValueError(f"train: the model cannot be applied to a batch of images of shape {list(shape)} ({cause})")
+    return ValueError(f"train: the model cannot be applied to a batch of {inputs} of shape {list(shape)} ({cause})")
 
 
 def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: int, policy: Policy) -> None:
@@ -619,13 +700,15 @@ def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: in
     try:
         logits = jax.eval_shape(forward, state, images)
     except Exception as e:  # whatever the user's model raises, say where it came from
-        raise _does_not_fit(images.shape, e) from e
+        raise _does_not_fit(images.shape, e, _inputs(dataset)) from e
     shape = getattr(logits, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != batch_size or shape[1] < dataset.num_classes:
+    # Token windows get a prediction per position: (B, T, classes); images one: (B, classes).
+    lead = tuple(images.shape[:2]) if _is_text(dataset) else (batch_size,)
+    if shape is None or tuple(shape[:-1]) != lead or shape[-1] < dataset.num_classes:
         raise ValueError(
             f"train: the model maps a batch of shape {list(images.shape)} to "
             f"{list(shape) if shape is not None else type(logits).__name__}; expected logits of shape "
-            f"[{batch_size}, classes] with classes >= dataset.num_classes={dataset.num_classes}"
+            f"[{', '.join(map(str, lead))}, classes] with classes >= dataset.num_classes={dataset.num_classes}"
         )
 
 
@@ -683,7 +766,7 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple
     pad = -len(x) % batch_size
     mask = np.arange(len(x) + pad) < len(x)
     x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
     return [
         (x[i : i + batch_size], y[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, len(x), batch_size)
     ]

@@ -18,6 +18,7 @@ __all__ = ["check_checkpoint", "check_run"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HISTORY_KEYS = {"epoch", "loss", "train_acc", "test_accuracy", "time_s", "skipped"}
+_TEXT_KEYS = {"test_loss", "perplexity", "bits_per_byte"}  # a language model's history has these too
 _PARTIAL_KEYS = {"losses", "correct", "skipped", "time_s"}
 
 
@@ -56,6 +57,9 @@ def check_run(meta: Mapping[str, Any]) -> None:
     into the next epoch) is below ``steps_per_epoch`` and 0 once all epochs are
     done; ``history`` has one entry per completed epoch; ``partial`` (the
     interrupted epoch's running sums) is present exactly when ``step`` > 0.
+    A run on token windows records ``tokens_per_example`` (predictions per
+    example, which bounds the correct counts) and the held-out loss, perplexity
+    and bits per byte in each history entry.
     """
     for key in ("recipe", "dataset", "lowbit_version"):
         _str(meta, key)
@@ -71,6 +75,9 @@ def check_run(meta: Mapping[str, Any]) -> None:
     if not (isinstance(model, dict) and isinstance(model.get("type"), str)):
         raise ValueError(f"model is {model!r}; allowed: an object with a string 'type'")
     steps_per_epoch = _int(meta, "steps_per_epoch", 1)
+    text = "tokens_per_example" in meta
+    positions = _int(meta, "tokens_per_example", 1) if text else 1
+    keys = _HISTORY_KEYS | _TEXT_KEYS if text else _HISTORY_KEYS
     epoch = _int(meta, "epoch", 0, epochs)
     step = _int(meta, "step", 0, steps_per_epoch - 1 if epoch < epochs else 0)
     history = _field(meta, "history")
@@ -78,13 +85,16 @@ def check_run(meta: Mapping[str, Any]) -> None:
         raise ValueError(f"history is {_short(history)}; allowed: a list of {epoch} entries (one per completed epoch)")
     for i, entry in enumerate(history):
         where = f"history[{i}]."
-        if not (isinstance(entry, dict) and set(entry) == _HISTORY_KEYS):
-            raise ValueError(f"history[{i}] is {_short(entry)}; allowed: an object with keys {sorted(_HISTORY_KEYS)}")
+        if not (isinstance(entry, dict) and set(entry) == keys):
+            raise ValueError(f"history[{i}] is {_short(entry)}; allowed: an object with keys {sorted(keys)}")
         _int(entry, "epoch", i + 1, i + 1, where=where)
         if entry["loss"] is not None:  # None: every step of the epoch was skipped
             _number(entry, "loss", 0.0, where=where)
         _number(entry, "train_acc", 0.0, 1.0, where=where)
         _number(entry, "test_accuracy", 0.0, 1.0, where=where)
+        for key in sorted(_TEXT_KEYS & set(entry)):
+            if entry[key] is not None:  # None: a non-finite held-out loss (JSON has no NaN)
+                _number(entry, key, 0.0, where=where)
         _number(entry, "time_s", 0.0, where=where)
         _int(entry, "skipped", 0, steps_per_epoch, where=where)
     partial = meta.get("partial")
@@ -101,7 +111,7 @@ def check_run(meta: Mapping[str, Any]) -> None:
             and all(_is_number(v) and math.isfinite(v) and v >= 0 for v in losses)
         ):
             raise ValueError(f"partial.losses is {_short(losses)}; allowed: at most {step} finite numbers >= 0")
-        _int(partial, "correct", 0, step * batch_size, where="partial.")
+        _int(partial, "correct", 0, step * batch_size * positions, where="partial.")
         _int(partial, "skipped", 0, step, where="partial.")
         _number(partial, "time_s", 0.0, where="partial.")
     times = _field(meta, "step_times_ms")

@@ -1,9 +1,10 @@
 """What a run tells its user: progress while it trains, ``metrics.json`` and ``curves.png`` after.
 
 On a terminal (and with ``progress=True``) a rich bar shows the running loss,
-accuracy, throughput, elapsed time and ETA; otherwise (``progress=False``, a pipe,
-a log file) nothing is printed per step. Either way one line per epoch is printed
-and flushed, so a log shows progress as it happens.
+accuracy (per token for a language model), throughput, elapsed time and ETA;
+otherwise (``progress=False``, a pipe, a log file) nothing is printed per step.
+Either way one line per epoch is printed and flushed, so a log shows progress as
+it happens.
 """
 
 from __future__ import annotations
@@ -117,12 +118,23 @@ def _plot(path: Path, metrics: dict[str, Any]) -> bool:
     # A bare Figure renders with Agg and leaves pyplot's global backend alone.
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot(epochs, [math.nan if h["loss"] is None else h["loss"] for h in hist], marker="o")
+
+    def series(key: str) -> list[float]:
+        return [math.nan if h[key] is None else h[key] for h in hist]
+
+    loss_ax.plot(epochs, series("loss"), marker="o", **({"label": "train"} if "test_loss" in hist[0] else {}))
     loss_ax.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    acc_ax.plot(epochs, [h["train_acc"] for h in hist], marker="o", label="train")
-    acc_ax.plot(epochs, [h["test_accuracy"] for h in hist], marker="o", label="test")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy")
-    acc_ax.legend()
+    if "bits_per_byte" in hist[0]:  # a language model: held-out loss beside the train loss, then bits per byte
+        loss_ax.plot(epochs, series("test_loss"), marker="o", label="held-out")
+        loss_ax.set(ylabel="cross-entropy (nats/token)")
+        loss_ax.legend()
+        acc_ax.plot(epochs, series("bits_per_byte"), marker="o")
+        acc_ax.set(xlabel="epoch", ylabel="held-out bits per byte")
+    else:
+        acc_ax.plot(epochs, [h["train_acc"] for h in hist], marker="o", label="train")
+        acc_ax.plot(epochs, [h["test_accuracy"] for h in hist], marker="o", label="test")
+        acc_ax.set(xlabel="epoch", ylabel="accuracy")
+        acc_ax.legend()
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{metrics['recipe']} on {metrics['dataset']} (seed {metrics['seed']})")

@@ -1,11 +1,11 @@
-"""The public train step: one optimizer step of a Flax NNX classifier as a pure function.
+"""The public train step: one optimizer step of a Flax NNX classifier or language model as a pure function.
 
 For users with their own loop::
 
     tx = make_optimizer(3e-3, 0.05, warmup_steps=100, total_steps=3000)
     graphdef, state = init_state(model, tx, policy=recipe.policy, loss_scale=recipe.make_loss_scale())
     step = jax.jit(make_train_step(graphdef, tx, policy=recipe.policy))
-    evaluate = jax.jit(make_eval_step(graphdef, policy=recipe.policy))
+    evaluate = jax.jit(make_eval_step(graphdef, policy=recipe.policy))  # make_lm_eval_step for token models
     for x, y in batches:
         state, metrics = step(state, x, y)  # metrics: loss, correct, skipped
     nnx.update(model, state.params, state.overwrite, state.rest)  # back into the module
@@ -41,7 +41,7 @@ from lowbit.recipes import carried
 from lowbit.training.loss_scale import all_finite, skip_nonfinite
 from lowbit.training.policy import Policy
 
-__all__ = ["TrainState", "init_state", "make_eval_step", "make_optimizer", "make_train_step"]
+__all__ = ["TrainState", "init_state", "make_eval_step", "make_lm_eval_step", "make_optimizer", "make_train_step"]
 
 
 @jax.tree_util.register_dataclass
@@ -134,11 +134,14 @@ def make_train_step(
     Returns:
       ``step(state, x, y) -> (state, metrics)``, pure and ready for ``jax.jit``:
       ``x`` is a (B, H, W, C) image batch, ``y`` its (B,) int32 labels in
-      ``[0, classes)``. ``metrics`` holds ``loss`` (mean cross-entropy, float32
-      scalar), ``correct`` (int32 count of argmax hits) and ``skipped`` (bool: the
-      loss, a gradient or a pixel of ``x`` was inf/NaN, so parameters, optimizer
-      state and GradScale were left unchanged; the loss scale still adjusts,
-      except for non-finite pixels).
+      ``[0, classes)``; or, for a language model, ``x`` (B, T) int32 token ids and
+      ``y`` (B, T) the next tokens, the model returning (B, T, vocab) logits.
+      ``metrics`` holds ``loss`` (mean cross-entropy over every example, and every
+      position of a sequence; float32 scalar), ``correct`` (int32 count of argmax
+      hits, per position for sequences) and ``skipped`` (bool: the loss, a
+      gradient or a pixel of ``x`` was inf/NaN, so parameters, optimizer state and
+      GradScale were left unchanged; the loss scale still adjusts, except for
+      non-finite pixels).
     """
 
     def step(state: TrainState, x: jax.Array, y: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -201,10 +204,42 @@ def make_eval_step(
     """
 
     def evaluate(state: TrainState, x: jax.Array, y: jax.Array, mask: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, state.params, state.overwrite, state.rest, copy=True)
-        model.eval()
-        logits = model(policy.cast_to_compute(x))
+        logits = _eval_logits(graphdef, state, policy, x)
         finite = jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)  # NaN/inf images: misclassified
         return jnp.sum((jnp.argmax(logits, axis=-1) == y) & mask & finite)
 
     return evaluate
+
+
+def make_lm_eval_step(
+    graphdef: nnx.GraphDef, *, policy: Policy
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The evaluation step of a language model split by :func:`init_state`.
+
+    Args:
+      graphdef: From :func:`init_state`; the model is switched to eval mode inside the step.
+      policy: Precision policy (token ids are integers: nothing to cast).
+
+    Returns:
+      ``evaluate(state, x, y, mask) -> (loss_sum, correct)``, pure and ready for
+      ``jax.jit``: ``x`` (B, T) int32 token ids, ``y`` (B, T) the next tokens,
+      ``mask`` (B,) bool, False for padding. ``loss_sum`` is the float32 sum of the
+      per-position cross-entropies (nats) over the examples ``mask`` keeps;
+      ``correct`` the int32 count of positions there whose argmax equals ``y``.
+      Divide both by the number of positions evaluated for the means.
+    """
+
+    def evaluate(state: TrainState, x: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = _eval_logits(graphdef, state, policy, x).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)  # (B, T)
+        keep = mask[:, None]
+        return jnp.sum(jnp.where(keep, losses, 0.0)), jnp.sum((jnp.argmax(logits, axis=-1) == y) & keep)
+
+    return evaluate
+
+
+def _eval_logits(graphdef: nnx.GraphDef, state: TrainState, policy: Policy, x: jax.Array) -> jax.Array:
+    """The model's output on ``x`` in eval mode (dropout off)."""
+    model = nnx.merge(graphdef, state.params, state.overwrite, state.rest, copy=True)
+    model.eval()
+    return model(policy.cast_to_compute(x))
