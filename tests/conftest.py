@@ -29,3 +29,14 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", max_examples=12, derandomize=True, print_blob=True, **_COMMON)
 settings.register_profile("dev", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# The weighted ops of a depth-1 ViT, in forward order (attention's einsums have no weight):
+# what weight export and weight-only PTQ name.
+VIT_WEIGHTS = [
+    "patch_embed:dot_general0",
+    "blocks/0/attn/qkv:dot_general0",
+    "blocks/0/attn/proj:dot_general0",
+    "blocks/0/mlp_in:dot_general0",
+    "blocks/0/mlp_out:dot_general0",
+    "head:dot_general0",
+]

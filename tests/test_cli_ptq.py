@@ -10,7 +10,9 @@ import pytest
 from lowbit import ptq
 from lowbit.cli import main
 from lowbit.cli import ptq as cli_ptq
-from lowbit.ptq import config, finetune
+from lowbit.ptq import config, finetune, weights
+from lowbit.ptq.config import PTQConfig, WeightPTQConfig
+from lowbit.ptq.gptq import GPTQ
 
 _TINY = ["--patch-size", "4", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32"]
 
@@ -44,6 +46,10 @@ def test_choices_are_the_library_lists():
     assert tuple(config.SOURCES.values()) == DATA_SCALES
     assert (cli_ptq.SOFTMAX, cli_ptq.GELU, cli_ptq.LAYERNORM) == (config.SOFTMAX, config.GELU, config.LAYERNORM)
     assert cli_ptq.METHODS is finetune.METHODS
+    # --method: calibrate (the default: what `lowbit ptq` did before it had methods), then the library's
+    # weight methods, by the names quantize_weights takes.
+    assert cli_ptq.PTQ_METHODS is config.PTQ_METHODS and config.PTQ_METHODS[0] == config.CALIBRATE
+    assert weights.WEIGHT_METHODS is config.WEIGHT_METHODS and config.PTQ_METHODS[1:] == tuple(weights.WEIGHT_METHODS)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +66,11 @@ def test_choices_are_the_library_lists():
                 "--noisy-bias",
                 "--calibration-data",
                 "--sweep",
+                "--method",
+                "--group-size",
+                "--damping",
+                "--act-order",
+                "--alpha",
             ],
         ),
         ("finetune", ["--method", "--target-format", "--outlier-weight"]),
@@ -202,3 +213,138 @@ def test_finetune_then_ptq(run_dir, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "metrics.json").read_text())["config"]["method"] == "plain"
     model, meta = ptq.load_model(out)
     assert meta["finetune"]["target_format"] == "int4" and model.config["dim"] == 16
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    """``_load``'s result for ``run_dir``, read once: the weight-method tests share it (loading is tested above)."""
+    return cli_ptq._load(argparse.Namespace(checkpoint=run_dir, data_dir=None))
+
+
+def _config(argv):
+    return cli_ptq._config(_parser().parse_args(["ptq", "--checkpoint", "x", *argv]))
+
+
+def test_default_method_is_calibrate_with_the_old_defaults():
+    # Every invocation from before --method existed: the same PTQConfig, its defaults untouched by the CLI.
+    assert _config([]) == PTQConfig()
+    assert _config(["--weights", "int4", "--granularity", "group:8"]) == PTQConfig(
+        weights="int4", granularity="group", group_size=8
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "gptq"], WeightPTQConfig()),  # W4A16 g128
+        (
+            [
+                "--method",
+                "gptq",
+                "--damping",
+                "0.05",
+                "--act-order",
+                "--group-size",
+                "channel",
+                "--activations",
+                "int8",
+            ],
+            WeightPTQConfig(method=GPTQ(damping=0.05, act_order=True), group_size=None, activations="int8"),
+        ),
+        (
+            ["--method", "rtn", "--group-size", "0", "--weights", "nf4"],
+            WeightPTQConfig(method=weights.RTN(), weights="nf4", group_size=None),
+        ),
+        (
+            ["--method", "smoothquant", "--alpha", "0.8", "--weights", "int8", "--activations", "int8"],
+            WeightPTQConfig(method=config.SmoothQuant(alpha=0.8), weights="int8", activations="int8"),
+        ),
+        (
+            ["--method", "awq", "--activations", "none", "--group-size", "32", "--exclude", "patch_embed:.*"],
+            WeightPTQConfig(method=config.AWQ(), group_size=32, exclude="patch_embed:.*"),
+        ),
+    ],
+)
+def test_weight_method_settings(argv, expected):
+    assert _config(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--method", "gptq", "--softmax", "log2"],
+            "--softmax does not apply to --method gptq; it applies to --method calibrate",
+        ),
+        (
+            ["--method", "rtn", "--damping", "0.1"],
+            "--damping does not apply to --method rtn; it applies to --method gptq",
+        ),
+        (
+            ["--method", "gptq", "--alpha", "0.3"],
+            "--alpha does not apply to --method gptq; it applies to --method smoothquant",
+        ),
+        (
+            ["--group-size", "32"],
+            "--group-size does not apply to --method calibrate; it applies to --method rtn / gptq / awq / smoothquant",
+        ),
+        (["--method", "awq", "--granularity", "group:8"], "--granularity does not apply to --method awq"),
+        (["--exclude", "head:.*"], "--exclude does not apply to --method calibrate"),
+        (["--method", "rtn", "--include", "("], "WeightPTQConfig.include"),
+        (["--method", "smoothquant", "--sweep"], "--sweep does not apply to --method smoothquant"),
+        (["--activations", "none"], "--activations none does not apply to --method calibrate"),
+        (["--method", "gptq", "--damping", "2"], "GPTQ.damping=2.0 is invalid"),
+        (["--method", "rtn", "--weights", "int1"], "unknown format 'int1'"),
+        (["--method", "rtn", "--activations", "nf4"], "not a scalar"),
+    ],
+)
+def test_option_of_another_method(tmp_path, capsys, flags, message):
+    # Bad flags fail before the checkpoint is read (it does not exist here).
+    assert message in _error(["ptq", "--checkpoint", str(tmp_path / "nope")] + flags, capsys)
+
+
+def test_bad_group_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["ptq", "--checkpoint", "x", "--method", "rtn", "--group-size", "g8"])
+    assert exit_info.value.code == 2
+    assert "expected N >= 1, 0 or channel" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # end to end on a trained ViT
+def test_group_size_not_dividing_an_op(loaded, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli_ptq, "_load", lambda args: loaded)
+    argv = ["ptq", "--checkpoint", "x", "--method", "rtn", "--group-size", "5", "--samples", "16"]
+    err = _error(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert "group size 5 does not divide the input dimension" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "label"),
+    [
+        (["--method", "rtn", "--exclude", "head:.*"], "W4A16"),
+        (["--method", "gptq", "--act-order"], "W4A16"),
+        (["--method", "awq"], "W4A16"),
+        (["--method", "smoothquant", "--weights", "int8", "--activations", "int8"], "W8A8"),
+    ],
+)
+@pytest.mark.slow  # end to end on a trained ViT
+def test_weight_method_writes_metrics(loaded, monkeypatch, tmp_path, capsys, flags, label):
+    monkeypatch.setattr(cli_ptq, "_load", lambda args: loaded)
+    out = tmp_path / "ptq"
+    argv = ["ptq", "--checkpoint", "x", *flags, "--group-size", "8", "--samples", "32", "--out", str(out)]
+    assert _main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    method = flags[1]
+    assert metrics["method"] == metrics["config"]["method"] == method and metrics["label"] == label
+    assert metrics["config"]["group_size"] == 8 and metrics["calibration_images"] == 32
+    assert 0 <= metrics["test_accuracy"] <= 1
+    rows = metrics["ops"]
+    # The tiny ViT's weighted ops (its two attention einsums have no weight), less an excluded head.
+    assert len(rows) == (5 if "--exclude" in flags else 6)
+    assert all(r["method"] == method and r["error"] >= 0 and "rtn_error" in r and "sqnr_db" in r for r in rows)
+    # Every op's output is measured as the model runs it: SmoothQuant's W8A8 ops on their scaled inputs too.
+    assert min(r["sqnr_db"] for r in rows) > 10
+    if method == "gptq":  # GPTQ minimises exactly this error, from RTN's start
+        assert sum(r["error"] for r in rows) < sum(r["rtn_error"] for r in rows)
+    assert (out / "layer_sqnr.png").stat().st_size > 0
+    assert f"{label} ({method}, " in capsys.readouterr().out

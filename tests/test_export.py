@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import VIT_WEIGHTS
 from flax import nnx
 
 import lowbit.nn as lnn
@@ -16,14 +17,6 @@ from lowbit.training import ternary_weight
 
 # bytes/param of the weights alone, before scales: what the packing must deliver
 PACKED = {"fp32": 4.0, "fp8": 1.0, "fp4": 0.5, "int8": 1.0, "int4": 0.5, "ternary": 0.25, "binary": 0.125}
-VIT_WEIGHTS = [
-    "patch_embed:dot_general0",
-    "blocks/0/attn/qkv:dot_general0",
-    "blocks/0/attn/proj:dot_general0",
-    "blocks/0/mlp_in:dot_general0",
-    "blocks/0/mlp_out:dot_general0",
-    "head:dot_general0",
-]
 
 _forward = nnx.jit(lambda m, x: m(x))  # one compilation serves every exported copy
 _IMAGES = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), jnp.float32)

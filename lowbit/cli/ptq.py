@@ -1,5 +1,13 @@
 """``lowbit ptq`` and ``lowbit finetune``: post-training quantization of a trained model.
 
+``lowbit ptq --method`` picks the pass: ``calibrate`` (the default, and all
+``lowbit ptq`` did before it had methods: static activation scales calibrated on
+training images, ``PTQConfig``) or a weight method (``rtn``, ``gptq``, ``awq``,
+``smoothquant``: ``WeightPTQConfig``, ``lowbit.ptq.weights.quantize_weights``).
+An option of one kind of pass given to another is a one-line error naming both;
+so that "given" is known, those options default to None here and the config
+classes hold the defaults.
+
 Each ``add_*_parser`` registers one subcommand and sets ``func``, which takes the
 parsed arguments and returns the exit status (2 for bad input: a missing or
 mismatched checkpoint, an unknown format, a missing dataset).
@@ -11,8 +19,10 @@ library; that module loads without Flax).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from lowbit.cli.args import (
     InputError,
@@ -24,9 +34,41 @@ from lowbit.cli.args import (
     seed_value,
 )
 from lowbit.cli.output import plural
-from lowbit.ptq.config import CALIBRATIONS, GELU, LAYERNORM, METHODS, SOFTMAX, WEIGHT_CALIBRATIONS
+from lowbit.ptq.config import (
+    CALIBRATE,
+    CALIBRATIONS,
+    GELU,
+    LAYERNORM,
+    METHODS,
+    PTQ_METHODS,
+    SOFTMAX,
+    WEIGHT_CALIBRATIONS,
+    WEIGHT_METHODS,
+    PTQConfig,
+    WeightPTQConfig,
+)
 
 __all__ = ["add_finetune_parser", "add_ptq_parser"]
+
+# Options (argparse dests) of one kind of --method only. --method calibrate's:
+_CALIBRATE_ONLY = (
+    "calibration",
+    "weight_calibration",
+    "granularity",
+    "percentile",
+    "dynamic",
+    "noisy_bias",
+    "softmax",
+    "gelu",
+    "layernorm",
+    "sweep",
+)
+_WEIGHT_METHOD_ONLY = ("group_size", "include", "exclude")
+# A weight method's own settings: each a field of its settings class (WEIGHT_METHODS), so it applies to the
+# methods that have that field.
+_METHOD_SETTINGS = ("damping", "act_order", "alpha")
+_WEIGHT_NAMES = ", ".join(WEIGHT_METHODS)
+NONE = "none"  # --activations none: float activations (weight-only)
 
 
 def _granularity(text: str) -> tuple[str, int | None]:
@@ -36,6 +78,52 @@ def _granularity(text: str) -> tuple[str, int | None]:
     if kind == "group" and size.isdigit() and int(size) >= 1:
         return "group", int(size)
     raise argparse.ArgumentTypeError(f"expected tensor, channel or group:N (N >= 1), got {text!r}")
+
+
+def _group_size(text: str) -> int:
+    """``--group-size``: N >= 1 inputs per scale; ``0`` or ``channel``: one scale per output channel (0)."""
+    if text == "channel":
+        return 0
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected N >= 1, 0 or channel (per output channel), got {text!r}")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _methods_with(dest: str) -> tuple[str, ...]:
+    """The --method values that option ``dest`` applies to."""
+    if dest in _CALIBRATE_ONLY:
+        return (CALIBRATE,)
+    if dest in _WEIGHT_METHOD_ONLY:
+        return tuple(WEIGHT_METHODS)
+    return tuple(n for n, c in WEIGHT_METHODS.items() if dest in {f.name for f in dataclasses.fields(c)})
+
+
+def _default(method: str, dest: str) -> object:
+    """The default of setting ``dest`` of weight method ``method`` (its settings class's field)."""
+    return next(f.default for f in dataclasses.fields(WEIGHT_METHODS[method]) if f.name == dest)
+
+
+def _for(dest: str) -> str:
+    """The --method values option ``dest`` applies to, for its help."""
+    return " / ".join(_methods_with(dest))
+
+
+def _check_applies(args: argparse.Namespace) -> None:
+    """Raises InputError for an option given that the chosen --method does not take."""
+    for dest in _CALIBRATE_ONLY + _WEIGHT_METHOD_ONLY + _METHOD_SETTINGS:
+        if getattr(args, dest) is not None and args.method not in _methods_with(dest):
+            raise InputError(
+                f"{_flag(dest)} does not apply to --method {args.method}; it applies to --method {_for(dest)}"
+            )
+    if args.method == CALIBRATE and args.activations == NONE:
+        raise InputError(
+            f"--activations {NONE} does not apply to --method {CALIBRATE} (it calibrates activation scales); "
+            f"weight-only quantization is --method {_for('group_size')}"
+        )
 
 
 def _add_source(parser: argparse.ArgumentParser) -> None:
@@ -58,19 +146,68 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser = subparsers.add_parser(
         "ptq",
         help="post-training quantization of a trained model",
-        description="Calibrate static activation scales on training images, quantize every matmul and "
-        "convolution of a trained model (vit, mlp, cnn or your own) and score it; writes metrics.json "
-        "(accuracy, per-op SQNR) and layer_sqnr.png. "
-        "--sweep scores a grid of settings instead and writes ptq_sweep.md/.json.",
+        description="Quantize every matmul and convolution of a trained model (vit, mlp, cnn or your own) "
+        "and score it; writes metrics.json (method, settings, accuracy, per-op SQNR) and layer_sqnr.png. "
+        f"--method {CALIBRATE} (the default) calibrates static activation scales on training images; "
+        f"{_WEIGHT_NAMES} quantize the weights from the calibration images' inputs to "
+        "each op (weight-only, or with --activations int8: W8A8, W4A8). "
+        "--sweep scores a grid of calibrated settings instead and writes ptq_sweep.md/.json.",
     )
     _add_source(parser)
     q = parser.add_argument_group("quantization")
     q.add_argument(
-        "--weights", default="int8", help="weight format: intN, float8_e4m3fn, float4_e2m1fn, ... (default: int8)"
+        "--method",
+        choices=PTQ_METHODS,
+        default=CALIBRATE,
+        help=f"{CALIBRATE}: calibrated static activations, round-to-nearest weights; {_WEIGHT_NAMES}: "
+        f"a weight method on every op (default: {CALIBRATE})",
     )
-    q.add_argument("--activations", default="int8", help="activation format (default: int8)")
     q.add_argument(
-        "--calibration", choices=CALIBRATIONS, default="absmax", help="activation clip source (default: absmax)"
+        "--weights",
+        help="weight format: intN, float8_e4m3fn, float4_e2m1fn, nf4 (weight methods), ... "
+        f"(default: {PTQConfig.weights} with --method {CALIBRATE}, {WeightPTQConfig.weights} with a weight method)",
+    )
+    q.add_argument(
+        "--activations",
+        help=f"activation format, or {NONE} (weight methods: float activations, W4A16) "
+        f"(default: {PTQConfig.activations} with --method {CALIBRATE}, {NONE} with a weight method)",
+    )
+    w = parser.add_argument_group(f"weight methods ({_WEIGHT_NAMES})")
+    w.add_argument(
+        "--group-size",
+        type=_group_size,
+        help="inputs per weight scale; 0 or channel: one scale per output channel "
+        f"(default: {WeightPTQConfig.group_size})",
+    )
+    w.add_argument(
+        "--include", help="regex on op names (path:key, e.g. 'blocks/.*'): the ops to quantize (default: all)"
+    )
+    w.add_argument(
+        "--exclude",
+        help="regex on op names: ops that stay float, e.g. 'patch_embed:.*' (its few inputs fit no group size)",
+    )
+    w.add_argument(
+        "--damping",
+        type=nonnegative_float,
+        help=f"{_for('damping')}: Hessian damping, a fraction of its mean diagonal "
+        f"(default: {_default('gptq', 'damping')})",
+    )
+    w.add_argument(
+        "--act-order",
+        action="store_true",
+        default=None,
+        help=f"{_for('act_order')}: quantize inputs by descending Hessian diagonal",
+    )
+    w.add_argument(
+        "--alpha",
+        type=nonnegative_float,
+        help=f"{_for('alpha')}: migration strength in [0, 1] (default: {_default('smoothquant', 'alpha')})",
+    )
+    q = parser.add_argument_group(f"--method {CALIBRATE}")
+    q.add_argument(
+        "--calibration",
+        choices=CALIBRATIONS,
+        help=f"activation clip source (default: {PTQConfig.calibration})",
     )
     q.add_argument(
         "--weight-calibration",
@@ -80,34 +217,35 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     q.add_argument(
         "--granularity",
         type=_granularity,
-        default=("channel", None),
-        help="weight scales: tensor, channel or group:N (default: channel)",
+        help=f"weight scales: tensor, channel or group:N (default: {PTQConfig.granularity})",
     )
-    q.add_argument("--percentile", type=float, default=99.99, help="for --calibration percentile (default: 99.99)")
-    q.add_argument("--dynamic", action="store_true", help="activation scales from every batch, not calibration")
+    q.add_argument("--percentile", type=float, help=f"for --calibration percentile (default: {PTQConfig.percentile})")
+    q.add_argument(
+        "--dynamic", action="store_true", default=None, help="activation scales from every batch, not calibration"
+    )
     q.add_argument(
         "--noisy-bias",
         action="store_true",
+        default=None,
         help="NoisyQuant: fixed noise before each linear op's input quantizer, removed in its bias",
     )
-    vit = parser.add_argument_group("ViT-specific activations (on the built-in ViT's attention, MLP and LayerNorm ops)")
+    vit = parser.add_argument_group(
+        f"ViT-specific activations (--method {CALIBRATE}; on the built-in ViT's attention, MLP and LayerNorm ops)"
+    )
     vit.add_argument(
         "--softmax",
         choices=SOFTMAX,
-        default="uniform",
-        help="attention probabilities: uniform, log2 (FQ-ViT), twin (PTQ4ViT) (default: uniform)",
+        help=f"attention probabilities: uniform, log2 (FQ-ViT), twin (PTQ4ViT) (default: {PTQConfig.softmax})",
     )
     vit.add_argument(
         "--gelu",
         choices=GELU,
-        default="uniform",
-        help="MLP hidden activations: uniform or twin (PTQ4ViT) (default: uniform)",
+        help=f"MLP hidden activations: uniform or twin (PTQ4ViT) (default: {PTQConfig.gelu})",
     )
     vit.add_argument(
         "--layernorm",
         choices=LAYERNORM,
-        default="tensor",
-        help="LayerNorm outputs: tensor, channel (RepQ-ViT folding) or ptf (FQ-ViT) (default: tensor)",
+        help=f"LayerNorm outputs: tensor, channel (RepQ-ViT folding) or ptf (FQ-ViT) (default: {PTQConfig.layernorm})",
     )
     cal = parser.add_argument_group("calibration data")
     cal.add_argument("--samples", type=positive_int, default=512, help="calibration images (default: 512)")
@@ -127,7 +265,9 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="score W8A8, W6A6, W4A8, W4A4 (integer and float formats) x every calibration method",
+        default=None,
+        help=f"--method {CALIBRATE}: score W8A8, W6A6, W4A8, W4A4 (integer and float formats) x every "
+        "calibration method",
     )
     parser.add_argument("--out", type=absolute_path, help="output directory (default: runs/ptq-<setting>)")
     parser.set_defaults(func=_ptq_command)
@@ -192,38 +332,72 @@ def _load(args: argparse.Namespace):
     return model, meta, dataset
 
 
-def _config(args: argparse.Namespace, **override):
-    from lowbit.ptq import PTQConfig
+def _given(fields: dict[str, Any], keep: str | None = None) -> dict[str, Any]:
+    """``fields`` without the options not given (None; ``keep``'s None is a value), so the defaults apply."""
+    return {k: v for k, v in fields.items() if v is not None or k == keep}
 
-    granularity, group = args.granularity
-    fields = dict(
-        weights=args.weights,
-        activations=args.activations,
-        calibration=args.calibration,
-        weight_calibration=args.weight_calibration,
-        granularity=granularity,
-        group_size=group,
-        percentile=args.percentile,
-        softmax=args.softmax,
-        gelu=args.gelu,
-        layernorm=args.layernorm,
-        dynamic=args.dynamic,
-        noisy_bias=args.noisy_bias,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+
+def _config(args: argparse.Namespace, **override) -> PTQConfig | WeightPTQConfig:
+    """The run's setting from the flags; the options not given keep the config class's defaults."""
+    _check_applies(args)
     try:
-        return PTQConfig(**(fields | override))
+        if args.method != CALIBRATE:
+            settings = {d: getattr(args, d) for d in _METHOD_SETTINGS if getattr(args, d) is not None}
+            fields = dict(
+                method=WEIGHT_METHODS[args.method](**settings),
+                weights=args.weights,
+                activations=None if args.activations == NONE else args.activations,
+                include=args.include,
+                exclude=args.exclude,
+                samples=args.samples,
+                batch_size=args.batch_size,
+                seed=args.seed,
+            )
+            if args.group_size is not None:
+                fields["group_size"] = args.group_size or None  # 0: per output channel
+            return WeightPTQConfig(**_given(fields, keep="group_size") | override)
+        fields = dict(
+            weights=args.weights,
+            activations=args.activations,
+            calibration=args.calibration,
+            weight_calibration=args.weight_calibration,
+            percentile=args.percentile,
+            softmax=args.softmax,
+            gelu=args.gelu,
+            layernorm=args.layernorm,
+            dynamic=args.dynamic,
+            noisy_bias=args.noisy_bias,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        if args.granularity is not None:
+            fields["granularity"], fields["group_size"] = args.granularity
+        return PTQConfig(**_given(fields) | override)
     except ValueError as e:
         raise InputError(e) from None
+
+
+def _setting(cfg: PTQConfig | WeightPTQConfig) -> tuple[str, str]:
+    """``(default output directory name, what the summary line says of the setting)``."""
+    if isinstance(cfg, WeightPTQConfig):
+        group = "channel" if cfg.group_size is None else f"g{cfg.group_size}"
+        activations = cfg.activations or "float"
+        return (
+            f"ptq-{cfg.method.name}-{cfg.label}-{cfg.weights}-{group}-{activations}",
+            f"{cfg.method.name}, {cfg.weights} weights ({group}), {activations} activations",
+        )
+    return (
+        f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}",
+        f"{cfg.weights} weights, {cfg.activations} activations, {cfg.calibration} calibration",
+    )
 
 
 def _ptq_command(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)  # bad flags fail before the checkpoint is read
-        default = "ptq-sweep" if args.sweep else f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}"
-        out = args.out or absolute_path(f"runs/{default}")
+        name, setting = _setting(cfg)
+        out = args.out or absolute_path(f"runs/{'ptq-sweep' if args.sweep else name}")
         check_output_dir(out)
         model, _, dataset = _load(args)
         images = None
@@ -238,16 +412,30 @@ def _ptq_command(args: argparse.Namespace) -> int:
             return _sweep(args, model, dataset, images, out)
         from lowbit.ptq import ptq, write_report
 
-        _, metrics = ptq(model, dataset, cfg, images=images)
+        try:
+            _, metrics = ptq(model, dataset, cfg, images=images)
+        except ValueError as e:
+            if isinstance(cfg, PTQConfig):  # its settings were checked above: anything else is a bug
+                raise
+            # What only the model's ops decide: a group size that does not divide an op's inputs, a
+            # Hessian singular even with damping (too few --samples).
+            raise InputError(e) from None
     except InputError as e:
         return fail("ptq", e)
     metrics.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
     files = write_report(out, metrics)
+    errors = [r for r in metrics["ops"] if "error" in r]
+    versus_rtn = (
+        f"; op output error {sum(r['error'] for r in errors) / len(errors):.3g} "
+        f"(RTN {sum(r['rtn_error'] for r in errors) / len(errors):.3g}, mean over {len(errors)} ops)"
+        if errors
+        else ""
+    )
     print(
-        f"{cfg.label} ({cfg.weights} weights, {cfg.activations} activations, {cfg.calibration} calibration, "
-        f"{args.calibration_data} data): test accuracy {100 * metrics['test_accuracy']:.2f}% "
+        f"{cfg.label} ({setting}, {args.calibration_data} data): test accuracy "
+        f"{100 * metrics['test_accuracy']:.2f}% "
         f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points); "
-        f"lowest op SQNR {min(r['sqnr_db'] for r in metrics['ops']):.1f} dB"
+        f"lowest op SQNR {min(r['sqnr_db'] for r in metrics['ops']):.1f} dB{versus_rtn}"
     )
     print("wrote " + ", ".join(str(p) for p in files))
     return 0
@@ -257,6 +445,7 @@ def _sweep(args: argparse.Namespace, model, dataset, images, out: Path) -> int:
     from lowbit.ptq.sweep import markdown, sweep
 
     base = _config(args)
+    assert isinstance(base, PTQConfig)  # --sweep is a --method calibrate option (_check_applies)
     result = sweep(model, dataset, base, images=images, log=lambda line: print(line, flush=True))
     result.update(checkpoint=str(args.checkpoint), calibration_data=args.calibration_data)
     out.mkdir(parents=True, exist_ok=True)

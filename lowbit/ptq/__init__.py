@@ -10,6 +10,13 @@ forward pass runs, named ``path:key`` (``blocks/0/attn:einsum1``).
   channel (or group/tensor). ``PTQConfig`` adds the ViT-specific softmax (log2,
   twin), GELU (twin) and LayerNorm (per channel, PTF; folded away) quantizers
   on the ops its regexes name, dynamic activations and NoisyQuant's noisy bias.
+* ``quantize_weights`` (``lowbit.ptq.weights``): a weight method on every
+  weighted op of any NNX model, from its calibration inputs: ``RTN`` (round to
+  nearest), ``GPTQ`` (``lowbit.ptq.gptq``), ``AWQ`` (``lowbit.ptq.awq``),
+  ``SmoothQuant`` (``lowbit.ptq.smoothquant``); weight-only (W4A16, NF4, ...)
+  or with an activation quantizer (W8A8, W4A8). Each method's module also
+  quantizes one ``(K, N)`` weight from its inputs' Hessian (``hessian``):
+  ``gptq.quantize``, ``awq.quantize``, ``smoothquant.quantize``, ``rtn.quantize``.
 * ``finetune`` (``lowbit.ptq.finetune``): adaptive quantization-noise and
   outlier-penalty fine-tuning before PTQ.
 * ``synthesize`` (``lowbit.ptq.datafree``): data-free calibration images (PSAQ-ViT).
@@ -24,6 +31,21 @@ import importlib
 # name -> module that defines it
 _LAZY = {
     "quantize_model": "lowbit.ptq.calibrate",
+    "AWQ": "lowbit.ptq.awq",
+    "AWQResult": "lowbit.ptq.awq",
+    "GPTQ": "lowbit.ptq.gptq",
+    "GPTQResult": "lowbit.ptq.gptq",
+    "hessian": "lowbit.ptq.gptq",
+    "RTN": "lowbit.ptq.rtn",
+    "output_error": "lowbit.ptq.rtn",
+    "SmoothQuant": "lowbit.ptq.smoothquant",
+    "SmoothResult": "lowbit.ptq.smoothquant",
+    "smooth": "lowbit.ptq.smoothquant",
+    "smoothing_scales": "lowbit.ptq.smoothquant",
+    "WEIGHT_METHODS": "lowbit.ptq.config",
+    "PTQ_METHODS": "lowbit.ptq.config",
+    "WeightPTQConfig": "lowbit.ptq.config",
+    "quantize_weights": "lowbit.ptq.weights",
     "PTQConfig": "lowbit.ptq.config",
     "resolve_format": "lowbit.ptq.config",
     "accuracy": "lowbit.ptq.evaluate",

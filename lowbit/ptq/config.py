@@ -1,4 +1,9 @@
-"""``PTQConfig``: what a post-training quantization pass does, as data.
+"""``PTQConfig`` and ``WeightPTQConfig``: what a post-training quantization pass does, as data.
+
+``PTQ_METHODS`` names the passes (``lowbit ptq --method``): ``calibrate``
+(``PTQConfig``: static activation scales calibrated on training images, weights
+by round to nearest, the ViT quantizers) or a weight method of
+``WEIGHT_METHODS`` (``WeightPTQConfig``: ``lowbit.ptq.weights.quantize_weights``).
 
 Ops are named ``"path:key"`` (``lowbit.nn.quantize.op_name``): the module path
 and the op's name in it, e.g. ``blocks/0/attn:einsum1`` for the second einsum
@@ -14,6 +19,11 @@ import re
 
 from lowbit import formats
 from lowbit.formats._checks import check_int, require
+from lowbit.ptq.awq import AWQ
+from lowbit.ptq.gptq import GPTQ
+from lowbit.ptq.rtn import RTN
+from lowbit.ptq.smoothquant import SmoothQuant
+from lowbit.quant import Channel, Group, Quantizer
 from lowbit.quant.sources import KL, MSE, Absmax, Percentile
 from lowbit.recipes.rules import compile_regex
 
@@ -24,10 +34,15 @@ __all__ = [
     "LAYERNORM",
     "LAYERNORM_OPS",
     "METHODS",
+    "PTQ_METHODS",
     "PTQConfig",
     "SOFTMAX",
     "SOFTMAX_OPS",
     "WEIGHT_CALIBRATIONS",
+    "WEIGHT_METHODS",
+    "WeightMethod",
+    "WeightPTQConfig",
+    "named_format",
     "resolve_format",
 ]
 
@@ -41,6 +56,13 @@ GELU = ("uniform", "twin")
 LAYERNORM = ("tensor", "channel", "ptf")
 GRANULARITIES = ("tensor", "channel", "group")
 METHODS = ("noise", "outlier", "both", "plain")  # lowbit.ptq.finetune's
+WeightMethod = RTN | GPTQ | AWQ | SmoothQuant
+# The weight methods by the names the CLI takes (``lowbit ptq --method``), each its settings' class (defaults:
+# the method's reference settings); ``lowbit.ptq.weights.quantize_weights`` takes the same names.
+WEIGHT_METHODS: dict[str, type[WeightMethod]] = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}
+CALIBRATE = "calibrate"  # PTQConfig's pass: calibrated static activations, round-to-nearest weights
+# Every ``lowbit ptq --method``; the first is the default (what ``lowbit ptq`` did before it had methods).
+PTQ_METHODS = (CALIBRATE, *WEIGHT_METHODS)
 _OWN = "PTQConfig"
 # Where the built-in ViT (lowbit.nn.vit) has the activations the ViT-specific quantizers are for.
 SOFTMAX_OPS = r"(.*/)?attn:einsum1"  # lhs of AV: the attention probabilities
@@ -54,11 +76,11 @@ LAYERNORM_OPS = (
 _INT = re.compile(r"(u?)int(\d+)")
 
 
-def resolve_format(name: str):
-    """A scalar element format by name: a registered one, or ``intN`` / ``uintN`` for any N in 2..16.
+def named_format(name: str):
+    """An element format by name: a registered one, or ``intN`` / ``uintN`` for any N in 2..16.
 
     Raises:
-      ValueError: an unknown name or a block format (those scale themselves, dynamically).
+      ValueError: an unknown name.
     """
     m = _INT.fullmatch(name)
     if name not in formats.names() and m and 2 <= int(m.group(2)) <= 16:
@@ -67,7 +89,16 @@ def resolve_format(name: str):
         raise ValueError(
             f"unknown format {name!r}; allowed: intN/uintN (N in 2..16) or one of " + ", ".join(formats.names())
         )
-    fmt = formats.get(name)
+    return formats.get(name)
+
+
+def resolve_format(name: str):
+    """A scalar element format by name (``named_format``): an integer or float one, which PTQ can scale.
+
+    Raises:
+      ValueError: an unknown name or a block format (those scale themselves, dynamically).
+    """
+    fmt = named_format(name)
     if not isinstance(fmt, (formats.FloatFormat, formats.IntFormat)):
         raise ValueError(
             f"format {name!r} is not a scalar integer or float format (block and 1-2 bit formats "
@@ -229,3 +260,76 @@ class PTQConfig:
     def to_json(self) -> dict:
         """The fields, JSON-serialisable."""
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightPTQConfig:
+    """One weight-method PTQ setting (``lowbit.ptq.weights.quantize_weights``) of any model.
+
+    Attributes:
+      method: the method with its settings: ``RTN()``, ``GPTQ(damping,
+        block_size, act_order)``, ``AWQ(grid)`` or ``SmoothQuant(alpha)``.
+      weights: weight format name: ``intN`` / ``uintN`` (N in 2..16) or any
+        registered format (``nf4``, ``float8_e4m3fn``, ...).
+      group_size: inputs per weight scale group of each output channel (the
+        usual W4A16 ``g128``); None for one scale per output channel.
+      activations: format of a dynamic per-tensor quantizer on every quantized
+        op's input (``int8``: W8A8, W4A8); None keeps activations float (weight-only).
+      include, exclude: regexes on op names (``path:key``, ``re.fullmatch``):
+        the ops to quantize (None: every weighted op); the others stay float.
+      samples: calibration images.
+      batch_size: calibration batch size.
+      seed: which training images calibrate.
+    """
+
+    method: WeightMethod = dataclasses.field(default_factory=GPTQ)
+    weights: str = "int4"
+    group_size: int | None = 128
+    activations: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    samples: int = 512
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.method, tuple(WEIGHT_METHODS.values())),
+            "WeightPTQConfig",
+            "method",
+            self.method,
+            " | ".join(f"{c.__name__}()" for c in WEIGHT_METHODS.values()),
+        )
+        self.weight_quantizer  # noqa: B018  (raises ValueError on a bad format or group size)
+        if self.activations is not None:
+            resolve_format(self.activations)  # dynamic activations need a format with a scale
+        for field in ("include", "exclude"):
+            if getattr(self, field) is not None:
+                compile_regex("WeightPTQConfig", field, getattr(self, field))
+        for field in ("samples", "batch_size"):
+            check_int("WeightPTQConfig", field, getattr(self, field), 1)
+        check_int("WeightPTQConfig", "seed", self.seed, 0)
+
+    @property
+    def weight_quantizer(self) -> Quantizer:
+        """The weight quantizer: per group of ``group_size`` inputs, else per output channel."""
+        if self.group_size is not None:
+            check_int("WeightPTQConfig", "group_size", self.group_size, 1)
+        granularity = Channel() if self.group_size is None else Group(size=self.group_size)
+        return Quantizer(format=named_format(self.weights), granularity=granularity)
+
+    @property
+    def activation_quantizer(self) -> Quantizer | None:
+        """The dynamic per-tensor input quantizer, or None (weight-only)."""
+        return None if self.activations is None else Quantizer(format=resolve_format(self.activations))
+
+    @property
+    def label(self) -> str:
+        """A short name such as ``W4A16`` (float activations: the weight-only convention) or ``W4A8``."""
+        a = 16 if self.activations is None else resolve_format(self.activations).bits
+        return f"W{named_format(self.weights).bits}A{a}"
+
+    def to_json(self) -> dict:
+        """The fields, JSON-serialisable: ``method`` by name, its settings beside it."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"}
+        return dict(method=self.method.name, **dataclasses.asdict(self.method), **fields)

@@ -1,4 +1,4 @@
-"""One PTQ run end to end: calibrate a copy of the model, score it, report per-op errors."""
+"""One PTQ run end to end: quantize a copy of the model, score it, report per-op errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import numpy as np
 from flax import nnx
 
 from lowbit.data import Dataset
+from lowbit.nn.quantize import is_quantized
 from lowbit.ptq.calibrate import quantize_model
-from lowbit.ptq.config import PTQConfig
+from lowbit.ptq.capture import probe
+from lowbit.ptq.config import CALIBRATE, PTQConfig, WeightPTQConfig
 from lowbit.ptq.evaluate import accuracy, op_sqnr, plot_ops
+from lowbit.ptq.weights import quantize_weights
 
 __all__ = ["calibration_images", "ptq", "write_report"]
 
@@ -29,7 +32,7 @@ def calibration_images(dataset: Dataset, samples: int, seed: int = 0) -> np.ndar
 def ptq(
     model: nnx.Module,
     dataset: Dataset,
-    cfg: PTQConfig,
+    cfg: PTQConfig | WeightPTQConfig,
     *,
     images: np.ndarray | None = None,
     float_accuracy: float | None = None,
@@ -39,26 +42,51 @@ def ptq(
     Args:
       model: the float NNX model; left unchanged.
       dataset: calibration images come from its training set, scores from its test set.
-      cfg: the PTQ setting.
+      cfg: the PTQ setting: ``PTQConfig`` (method ``calibrate``) or
+        ``WeightPTQConfig`` (a weight method: RTN, GPTQ, AWQ, SmoothQuant).
       images: calibration images to use instead of ``cfg.samples`` training
         images (e.g. synthetic ones).
       float_accuracy: the float model's test accuracy, if already known.
 
     Returns:
-      ``(quantized_model, metrics)`` with ``metrics``: ``config``, ``label``
-      (``W8A8`` ...), ``float_accuracy``, ``test_accuracy``,
+      ``(quantized_model, metrics)`` with ``metrics``: ``method``, ``config``,
+      ``label`` (``W8A8`` ...), ``float_accuracy``, ``test_accuracy``,
       ``accuracy_drop_points`` and ``ops`` (per op, in forward order: its
-      ``name``, quantizers, step, ``sqnr_db``, ``lhs_sqnr_db``, ``rhs_sqnr_db``).
+      ``name``, what quantized it, ``sqnr_db``, ``lhs_sqnr_db``,
+      ``rhs_sqnr_db``; a weight method's rows add ``error`` and ``rtn_error``,
+      ``lowbit.ptq.weights.quantize_weights``'s relative output errors, and
+      have no ``rhs_sqnr_db``: the model holds the dequantized weights, so its
+      weights are no longer quantized as it runs).
     """
     if images is None:
         images = calibration_images(dataset, cfg.samples, cfg.seed)
-    quantized, rows = quantize_model(model, images, cfg)
+    if isinstance(cfg, WeightPTQConfig):
+        batches = [images[i : i + cfg.batch_size] for i in range(0, len(images), cfg.batch_size)]
+        quantized, rows = quantize_weights(
+            model,
+            batches,
+            weights=cfg.weight_quantizer,
+            method=cfg.method,
+            activations=cfg.activation_quantizer,
+            include=cfg.include,
+            exclude=cfg.exclude,
+        )
+        method = cfg.method.name
+        if not is_quantized(quantized):  # weight-only: an ordinary model; probing finds its ops for op_sqnr
+            quantized = probe(quantized, images[:1])
+    else:
+        quantized, rows = quantize_model(model, images, cfg)
+        method = CALIBRATE
     if float_accuracy is None:
         float_accuracy = accuracy(model, dataset.x_test, dataset.y_test)
     test_accuracy = accuracy(quantized, dataset.x_test, dataset.y_test)
     errors = {r["name"]: r for r in op_sqnr(model, quantized, dataset.x_test[:SQNR_IMAGES])}
     per_op = [dict(row, **errors[row["name"]]) for row in rows]
+    if method != CALIBRATE:
+        for row in per_op:
+            row["rhs_sqnr_db"] = None
     metrics = dict(
+        method=method,
         config=cfg.to_json(),
         label=cfg.label,
         dataset=dataset.name,
@@ -90,9 +118,12 @@ def write_report(out: str | Path, metrics: dict[str, Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "metrics.json"]
     written[0].write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False))
+    cfg = metrics["config"]
+    # A calibrated run names its clip source; a weight method names itself.
+    how = cfg["calibration"] if metrics.get("method", CALIBRATE) == CALIBRATE else metrics["method"]
     title = (
-        f"{metrics['label']} {metrics['config']['weights']}/{metrics['config']['activations']}, "
-        f"{metrics['config']['calibration']}: {100 * metrics['test_accuracy']:.2f}% "
+        f"{metrics['label']} {cfg['weights']}/{cfg['activations'] or 'float'}, "
+        f"{how}: {100 * metrics['test_accuracy']:.2f}% "
         f"(float {100 * metrics['float_accuracy']:.2f}%)"
     )
     if plot_ops(metrics["ops"], out / "layer_sqnr.png", title):

@@ -1,0 +1,381 @@
+"""``quantize_weights``: RTN, GPTQ, AWQ or SmoothQuant on every weighted op of any NNX model.
+
+The ops are the ones ``lowbit.quantize`` finds (``lowbit.ptq.capture``): every
+matmul / einsum / convolution of the forward pass whose rhs is a model
+parameter, named ``path:key``. For each op the calibration inputs are its
+recorded lhs operands, flattened to the ``(n, K)`` rows that meet the weight's
+contracted axes, and the weight is viewed as ``(K, N)`` (``lowbit.ptq.rtn``);
+the methods need only running sums of those rows (the Hessian ``2 xᵀx / n``,
+the mean and the largest ``|x|`` per input channel), never the rows themselves.
+
+With ``sequential=True`` (GPTQ's "true sequential" order) each op's statistics
+are recorded after the ops before it were quantized, so it compensates the
+error that reaches it; every op then costs one pass over the calibration
+batches (one compiled function for them all).
+
+The result is a copy of the float model with its weights replaced by their
+dequantized values (weight-only, W4A16 and the like: an ordinary NNX model).
+With ``activations`` the copy is quantized by ``lowbit.quantize`` with that
+quantizer on the lhs of each selected op (W8A8, W4A8), the weights left as
+they are; SmoothQuant's ``x / s`` is then applied to each op's input (op state
+``input_scale``, divided in by the forward pass's op runner), where weight-only
+SmoothQuant and AWQ fold ``1 / s`` back into the dequantized weight
+(``Q(diag(s) w) / s``: the same product).
+
+Convolutions and ops with batch dimensions have no ``(n, K)`` input rows here
+(a convolution's would be its unfolded patches): they are quantized by RTN
+whatever the method, and their report row says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lowbit import quant
+from lowbit.nn import intercept
+from lowbit.nn.export import weight
+from lowbit.nn.quantize import Op, discover, intercepting, op_name, ops, quantize
+from lowbit.ptq import awq, gptq, rtn, smoothquant
+from lowbit.ptq.awq import AWQ
+from lowbit.ptq.capture import probe, record_traced
+from lowbit.ptq.config import WEIGHT_METHODS
+from lowbit.ptq.config import WeightMethod as Method
+from lowbit.ptq.gptq import GPTQ
+from lowbit.ptq.rtn import RTN, check_group, check_weights, output_error
+from lowbit.ptq.smoothquant import SmoothQuant
+from lowbit.ptq.vit import module_at
+from lowbit.quant import Group
+from lowbit.recipes import op as oprule
+from lowbit.recipes.rules import Recipe, Rule, compile_regex
+from lowbit.training.qdot import DotQuantConfig
+
+__all__ = ["WEIGHT_METHODS", "Method", "quantize_weights"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _method(method: str | Method) -> Method:
+    if isinstance(method, str):
+        if method not in WEIGHT_METHODS:
+            raise ValueError(f"method={method!r} is invalid; allowed: {', '.join(WEIGHT_METHODS)} or a method config")
+        return WEIGHT_METHODS[method]()
+    if not isinstance(method, (RTN, GPTQ, AWQ, SmoothQuant)):
+        raise TypeError(f"method has type {type(method).__name__}; allowed: a name or RTN, GPTQ, AWQ, SmoothQuant")
+    return method
+
+
+def _contracted(op: Op) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(lhs contracted axes, rhs contracted axes)`` of an op with a ``(n, K)`` input view, else None."""
+    if op.call.kind == "conv" or op.call.dn is None:
+        return None
+    (lc, rc), (lb, rb) = op.call.dn
+    return None if lb or rb else (tuple(lc), tuple(rc))
+
+
+def _rows(x: jax.Array, lc: tuple[int, ...]) -> jax.Array:
+    """The lhs ``x`` as ``(n, K)`` rows: free axes first, contracted axes (in ``lc`` order) flattened last."""
+    free = [d for d in range(x.ndim) if d not in lc]
+    k = int(np.prod([x.shape[d] for d in lc]))
+    return jnp.transpose(x, free + list(lc)).reshape(-1, k)
+
+
+def _to_matrix(w: jax.Array, rc: tuple[int, ...]) -> jax.Array:
+    """A weight as ``(K, N)``: contracted axes (in ``rc`` order, paired with the lhs's) first."""
+    free = [d for d in range(w.ndim) if d not in rc]
+    k = int(np.prod([w.shape[d] for d in rc]))
+    return jnp.transpose(w, list(rc) + free).reshape(k, -1)
+
+
+def _from_matrix(m: jax.Array, shape: tuple[int, ...], rc: tuple[int, ...]) -> jax.Array:
+    order = list(rc) + [d for d in range(len(shape)) if d not in rc]
+    return jnp.transpose(m.reshape([shape[d] for d in order]), [int(i) for i in np.argsort(order)])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _batch_stats(
+    graphdef: nnx.GraphDef, state: nnx.State, specs: tuple[tuple[str, tuple[int, ...]], ...], batch: jax.Array
+) -> dict[str, tuple[jax.Array, jax.Array, jax.Array, int]]:
+    """Per op: ``(Σ xᵀx, Σ|x|, max|x|)`` of one batch's ``(n, K)`` input rows."""
+    calls = record_traced(nnx.merge(graphdef, state), batch)[1]
+    out = {}
+    for name, lc in specs:
+        x = _rows(calls[name].lhs.astype(jnp.float32), lc)
+        out[name] = (jnp.dot(x.T, x, precision=_HIGHEST), jnp.sum(jnp.abs(x), 0), jnp.max(jnp.abs(x), 0), x.shape[0])
+    return out
+
+
+def _statistics(
+    probed: nnx.Module, specs: tuple[tuple[str, tuple[int, ...]], ...], batches: list[Any]
+) -> dict[str, dict[str, jax.Array]]:
+    """Per op: Hessian ``h`` ``(K, K)``, ``act_mean`` and ``act_max`` ``(K,)`` over all calibration batches."""
+    graphdef, state = nnx.split(probed)
+    total: dict[str, list] = {}
+    for batch in batches:
+        for name, (xx, s, m, n) in _batch_stats(graphdef, state, specs, jnp.asarray(batch)).items():
+            if name not in total:
+                total[name] = [xx, s, m, n]
+            else:
+                t = total[name]
+                total[name] = [t[0] + xx, t[1] + s, jnp.maximum(t[2], m), t[3] + n]
+    return {name: dict(h=2 * xx / n, act_mean=s / n, act_max=m) for name, (xx, s, m, n) in total.items()}
+
+
+def _select(found: Sequence[Op], include: str | None, exclude: str | None) -> list[Op]:
+    weighted = [op for op in found if op.call.weighted]
+    if not weighted:
+        raise ValueError(
+            "model has no quantizable op: its forward pass runs no matmul, einsum or convolution with a "
+            "weight parameter"
+        )
+    inc = compile_regex("quantize_weights", "include", include) if include is not None else None
+    exc = compile_regex("quantize_weights", "exclude", exclude) if exclude is not None else None
+    chosen = [
+        op
+        for op in weighted
+        if (inc is None or inc.fullmatch(op_name(op.path, op.key)))
+        and not (exc is not None and exc.fullmatch(op_name(op.path, op.key)))
+    ]
+    if not chosen:
+        raise ValueError(
+            f"include={include!r} / exclude={exclude!r} select none of the weighted ops "
+            f"({', '.join(op_name(op.path, op.key) for op in weighted)})"
+        )
+    return chosen
+
+
+def _quantize_op(
+    op: Op,
+    w: jax.Array,
+    stats: dict[str, dict[str, jax.Array]],
+    weights: quant.Quantizer,
+    method: Method,
+    scaled_input: bool,
+) -> tuple[jax.Array, jax.Array | None, dict[str, Any]]:
+    """``(new weight, input scales or None, report row)`` of one op."""
+    name = op_name(op.path, op.key)
+    axes = _contracted(op)
+    row: dict[str, Any] = dict(name=name, kind=op.call.kind, shape=list(w.shape))
+    if axes is None or isinstance(method, RTN):
+        if axes is None and not isinstance(method, RTN):
+            row["reason"] = f"{op.call.kind} without (n, K) input rows: RTN instead of {method.name}"
+            warnings.warn(f"quantize_weights: op {name}: {row['reason']}", stacklevel=3)
+        # On the weight as it lies, exactly as lowbit.quantize would quantize it.
+        qz = oprule.retarget(DotQuantConfig(rhs=weights), op.call, len(op.lhs_shape), w.ndim).rhs
+        assert qz is not None  # retarget keeps the given rhs quantizer
+        if isinstance(qz.granularity, Group):
+            check_group(qz, w.shape[qz.granularity.axis], name)
+        w_q = quant.fake_quant(qz, w)
+        row["method"] = "rtn"
+        if axes is not None:
+            m, h = _to_matrix(w, axes[1]), stats[name]["h"]
+            row["error"] = row["rtn_error"] = _relative(m, _to_matrix(w_q, axes[1]), h)
+        return w_q, None, row
+    m = _to_matrix(w, axes[1])
+    st = stats[name]
+    scales = None
+    if isinstance(method, GPTQ):
+        m_q = gptq.quantize(m, st["h"], weights, method, name=name).weight
+    elif isinstance(method, AWQ):
+        res = awq.quantize(m, st["h"], st["act_mean"], weights, method, name=name)
+        m_q, row["alpha"] = res.weight, float(res.alpha)
+    else:
+        res_s = smoothquant.quantize(m, st["act_max"], weights, method, name=name)
+        scales = res_s.scales
+        # Weight-only: 1 / s folds back into the weight; with activations the op divides its input.
+        m_q = res_s.weight if scaled_input else res_s.weight / scales[:, None]
+    # With scaled inputs the op computes (x / s) Q(diag(s) w): its effective weight is Q(diag(s) w) / s.
+    effective = m_q / scales[:, None] if scaled_input and scales is not None else m_q
+    row.update(
+        method=method.name,
+        error=_relative(m, effective, st["h"]),
+        rtn_error=_relative(m, rtn.quantize(m, weights, name=name), st["h"]),
+    )
+    return _from_matrix(m_q, w.shape, axes[1]).astype(w.dtype), scales, row
+
+
+def _relative(m: jax.Array, m_q: jax.Array, h: jax.Array) -> float:
+    """``||x m - x m_q||² / ||x m||²`` on the calibration inputs (through their Hessian ``h``)."""
+    return float(output_error(m, m_q, h)) / max(float(output_error(m, jnp.zeros_like(m), h)), 1e-30)
+
+
+def _param(model: nnx.Module, op: Op) -> nnx.Param:
+    """The weight parameter op ``op`` of ``model`` reads."""
+    module = module_at(model, op.path)
+    assert module is not None  # op paths are module paths of the model they were discovered in
+    return weight(module, op)
+
+
+def quantize_weights(
+    model: nnx.Module,
+    batches: Sequence[Any],
+    *,
+    weights: quant.Quantizer,
+    method: str | Method = "gptq",
+    activations: quant.Quantizer | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    sequential: bool = True,
+) -> tuple[nnx.Module, list[dict[str, Any]]]:
+    """Quantize the weights of every (selected) weighted op of a float NNX model with a PTQ method.
+
+    Args:
+      model: a float NNX model (any: written without lowbit, or a built-in one); unchanged.
+      batches: calibration inputs: a sequence of arrays, each one input of
+        ``model`` (a batch of images, of token ids, ...). Read once per op with
+        ``sequential``.
+      weights: the weight quantizer, e.g. ``Quantizer(format="int4",
+        granularity=Group(size=128))`` (W4A16 g128): groups run along each op's
+        inputs, channels on its outputs.
+      method: ``"rtn"``, ``"gptq"``, ``"awq"``, ``"smoothquant"`` (default
+        settings) or a config: ``RTN()``, ``GPTQ(...)``, ``AWQ(...)``, ``SmoothQuant(alpha)``.
+      activations: a quantizer for each selected op's input (lhs), e.g.
+        ``Quantizer(format="int8")`` (dynamic, per tensor) for W8A8; None keeps them float.
+      include, exclude: regexes on op names (``path:key``, ``re.fullmatch``):
+        the ops to quantize; the others stay float.
+      sequential: record each op's inputs after the ops before it were quantized.
+
+    Returns:
+      ``(quantized, rows)``: a copy of ``model`` (eval mode) with quantized
+      weights (and with ``activations``, quantized by ``lowbit.quantize``), and
+      one dict per selected op in forward order: ``name``, ``kind``, ``shape``,
+      ``method`` (``rtn`` where the method does not apply, ``float`` for an op
+      whose weight is no parameter as it lies, e.g. a tied embedding's
+      transpose; both with a ``reason``);
+      for ops with input rows (not convolutions) the relative output error on
+      the calibration inputs (as they reached the op) ``error`` =
+      ``||x w - x ŵ||² / ||x w||²`` and RTN's on the same inputs, ``rtn_error``;
+      AWQ adds its ``alpha``.
+
+    Raises:
+      ValueError: no batches, a model with no weighted op (or none selected), a
+        group size that does not divide an op's inputs, a Hessian that is
+        singular even with damping (too few calibration samples).
+      TypeError: a quantizer or method of the wrong type.
+    """
+    method = _method(method)
+    check_weights(weights)
+    if activations is not None:
+        check_weights(activations, "activations")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("quantize_weights: batches is empty; allowed: at least one calibration batch")
+    work = nnx.clone(model)
+    work.eval()
+    probed = probe(work, batches[0])
+    chosen = _select(ops(probed), include, exclude)
+    specs = tuple((op_name(op.path, op.key), ax[0]) for op in chosen if (ax := _contracted(op)) is not None)
+    needs_stats = bool(specs)  # RTN's too: every row reports its output error
+    scaled_input = isinstance(method, SmoothQuant) and activations is not None
+    stats: dict = {}
+    rows, input_scales, done = [], {}, []
+    for i, op in enumerate(chosen):
+        if needs_stats and (i == 0 or (sequential and not isinstance(method, RTN))):
+            stats = _statistics(probed, specs, batches)
+        try:
+            w = jnp.asarray(_param(probed, op)[...])
+        except ValueError as e:
+            # A weight computed in the forward pass (a tied embedding's transpose) has no parameter to
+            # update here: the op stays float, and says so.
+            rows.append(dict(name=op_name(op.path, op.key), kind=op.call.kind, method="float", reason=str(e)))
+            warnings.warn(f"quantize_weights: {e}; it stays float", stacklevel=2)
+            continue
+        w_q, scales, row = _quantize_op(op, w, stats, weights, method, scaled_input)
+        done.append(op)
+        _param(probed, op)[...] = w_q
+        _param(work, op)[...] = w_q
+        if scales is not None and scaled_input:
+            input_scales[row["name"]] = scales
+        rows.append(row)
+    if activations is None:
+        return work, rows
+    return _with_activations(work, done, activations, input_scales, batches[0]), rows
+
+
+def _with_activations(
+    work: nnx.Module, chosen: list[Op], activations: quant.Quantizer, input_scales: dict[str, jax.Array], example: Any
+) -> nnx.Module:
+    """``work`` quantized with ``activations`` on each chosen op's lhs (weights as they are), inputs scaled."""
+    rules: list[Rule] = []
+    plan: dict[str, int] = {}
+    for op in chosen:
+        plan[op_name(op.path, op.key)] = len(rules)
+        rules.append(
+            Rule(
+                path=re.escape(op.path),
+                kinds=(op.call.kind,),
+                operands="weight",
+                dot=DotQuantConfig(lhs=activations, rhs=None),
+            )
+        )
+    quantized = quantize(work, Recipe(name="ptq-weights", rules=tuple(rules)), plan=plan)
+    discover(quantized, jnp.asarray(example))
+    if not input_scales:
+        return quantized
+    for op in chosen:
+        s = input_scales.get(op_name(op.path, op.key))
+        if s is not None:
+            lc = _contracted(op)[0]  # type: ignore[index]  # ops with input scales have (n, K) rows
+            state = getattr(module_at(quantized, op.path), f"lowbit_{op.key}")
+            state.input_scale = nnx.Variable(_on_lhs(s, lc, len(op.lhs_shape), op.lhs_shape))
+    quantized.__class__ = _scaled_class(type(quantized))
+    return quantized
+
+
+def _on_lhs(s: jax.Array, lc: tuple[int, ...], ndim: int, shape: tuple[int, ...]) -> jax.Array:
+    """``(K,)`` scales (contracted axes flattened in ``lc`` order) shaped to broadcast on the lhs."""
+    s = jnp.asarray(s, jnp.float32).reshape([shape[d] for d in lc])
+    s = jnp.transpose(s, sorted(range(len(lc)), key=lambda i: lc[i]))  # the lhs's own axis order
+    return s.reshape([shape[d] if d in lc else 1 for d in range(ndim)])
+
+
+def _scaling(runner: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """A pass's op runner whose ops with SmoothQuant scales run on ``x / s`` (``s`` along their contracted axes)."""
+
+    def scaled(module: nnx.Module, key: str, rule: Any, call: Any, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        s = getattr(getattr(module, f"lowbit_{key}", None), "input_scale", None)
+        return runner(module, key, rule, call, lhs if s is None else lhs / s[...].astype(lhs.dtype), rhs)
+
+    scaled.smoothquant = True  # type: ignore[attr-defined]  # marks a runner that already scales
+    return scaled
+
+
+_SCALED_CLASSES: dict[type, type] = {}
+
+
+def _scaled_class(cls: type) -> type:
+    """``cls`` (a quantized model class) whose calls divide each op's input by its SmoothQuant scales.
+
+    The scaling goes into the runner of the forward pass the call runs in: its own, or one that a caller
+    opened on the model (``intercepting(capture=True)``: per-op errors, calibration), which runs the ops too.
+    """
+    if cls in _SCALED_CLASSES:
+        return _SCALED_CLASSES[cls]
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        frame = intercept.active()
+        if frame is None:  # the model's own pass: opened here, so that its runner can be wrapped below
+            with intercepting(self):
+                return __call__(self, *args, **kwargs)
+        if frame.runner is None or getattr(frame.runner, "smoothquant", False):  # ops not run, or already scaled
+            return cls.__call__(self, *args, **kwargs)
+        runner, frame.runner = frame.runner, _scaling(frame.runner)
+        try:
+            return cls.__call__(self, *args, **kwargs)
+        finally:
+            frame.runner = runner
+
+    _SCALED_CLASSES[cls] = type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}+smoothquant"},
+    )
+    return _SCALED_CLASSES[cls]
