@@ -246,3 +246,13 @@ def test_stochastic_rounding_keys_advance_per_call_and_are_reproducible():
     np.testing.assert_array_equal(a, b)  # same seed, same draws
     assert not np.array_equal(a[0], a[1])  # same params, new keys: new stochastic rounding of the gradient
     assert not np.array_equal(a[0], other[0])
+
+
+def test_an_unused_catch_all_rule_does_not_warn():
+    # Earlier rules took every op: nothing is wrong with the recipe (the built-in nvfp4 on a ViT without convs).
+    int8 = DotQuantConfig(lhs=Quantizer(format="int8"), rhs=Quantizer(format="int8"))
+    recipe = Recipe(name="dots_then_rest", rules=(Rule(kinds=("dot_general",), dot=int8), Rule(dot=int8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        desc = lowbit.describe(lowbit.quantize(nnx.Linear(64, 3, rngs=nnx.Rngs(0)), recipe), X.reshape(4, 64))
+    assert [d.rule for d in desc] == [0]

@@ -767,7 +767,7 @@ def plan(recipe: Recipe, recorded: list[Recorded], *, narrowed: bool) -> list[in
     chosen = [recipe.match(info) for info in infos]
     kinds = {i.kind for i in infos}
     for i, rule in enumerate(recipe.rules):
-        if i in chosen:
+        if i in chosen or rule.selects_all():  # an unused catch-all: earlier rules took every op
             continue
         missing = [k for k in (rule.kinds or ()) if k not in kinds]
         why = f"the model runs no {', '.join(missing)} op" if missing else "it matches no op"

@@ -146,6 +146,10 @@ class Rule:
         """Whether an op under this rule differs from the float op."""
         return self.dot != DotQuantConfig() or self.weight != "none" or self.act != "none"
 
+    def selects_all(self) -> bool:
+        """Whether this rule has no selector (every path, kind, operand and position): a catch-all."""
+        return self.kinds is None and self.operands == "any" and self.position == "any" and self.path == ".*"
+
     def selector(self) -> str:
         """The selection part, readable: what ``describe`` and warnings print."""
         parts = [f"path={self.path!r}"]
