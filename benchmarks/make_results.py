@@ -23,6 +23,7 @@ ORDER = [
     "ablate_fp4.md",
     "bench_export.md",
     "ptq.md",
+    "mutation.md",
 ]
 
 
