@@ -137,6 +137,9 @@ def machine_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "ml_dtypes": ml_dtypes.__version__,
         "backend": jax.default_backend(),
+        # Quantized training turns last-bit float differences into other rounding decisions: the same code
+        # trained at LLVM -O0 (the CI suite's flag) gives other accuracies than at the default -O2.
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "devices": [str(d) for d in jax.devices()],
         "load_average": load_average(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -314,7 +313,6 @@ def main(argv=None) -> None:
     }
     info = machine_info()
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
-    command = shlex.join(["python", "benchmarks/bench_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
 
     def current(records, api=API):
         """The newest record of each run of this configuration (others, e.g. another --epochs, stay in the file)."""
@@ -361,7 +359,8 @@ def main(argv=None) -> None:
                     wall_s=time.perf_counter() - t0,
                     load_average=_timing.load_average(),
                     lowbit_commit=commit,
-                    command=command,
+                    command=info["command"],
+                    xla_flags=info["xla_flags"],
                     date=_timing.machine_info()["date"],
                 )
                 with jsonl.open("a") as f:
