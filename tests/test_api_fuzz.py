@@ -635,7 +635,7 @@ def test_flags_accept_only_bools(value):
 
 @given(
     ebits=st.integers(0, 9),
-    mbits=st.integers(-1, 16),
+    mbits=st.integers(-1, 24),
     bias=st.one_of(st.none(), st.integers(-260, 260), st.integers(-(10**40), 10**40)),
     radix=st.sampled_from([2, 4]),
     specials=st.sampled_from(formats.SPECIALS),
@@ -648,9 +648,13 @@ def test_every_accepted_float_format_lives_in_float32(ebits, mbits, bias, radix,
     except ValueError as e:
         assert re.match(r"FloatFormat\.(ebits|mbits|bias|bits|specials|zero)=.*allowed", str(e)), str(e)
         return
-    assert 1 <= fmt.ebits <= 8 and fmt.bits <= 16 and -256 <= fmt.bias <= 256
+    # Radix 2 up to 32 bits (mbits <= 23: values exact in float32); radix 4 rounds by a table, up to 16.
+    assert 1 <= fmt.ebits <= 8 and fmt.bits <= (32 if radix == 2 else 16) and -256 <= fmt.bias <= 256
     for v in (fmt.max_value, fmt.min_value, fmt.min_normal):
         assert np.float32(v) == v and 2.0**-149 <= v <= float(np.finfo(np.float32).max)
     x = X if signed else np.abs(X)  # an unsigned format reads negatives as NaN
     q = np.asarray(formats.quantize(fmt, jnp.asarray(x * np.float32(fmt.max_value))))
-    assert np.isin(q, formats.values(fmt)).all()
+    if fmt.bits <= 16:
+        assert np.isin(q, formats.values(fmt)).all()
+    else:  # too many codes to list: on the grid means quantizing again changes nothing
+        np.testing.assert_array_equal(np.asarray(formats.quantize(fmt, jnp.asarray(q))), q)
