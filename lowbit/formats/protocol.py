@@ -7,6 +7,7 @@ lowbit base class. ``formats.encode/decode/quantize/values``,
 
 from __future__ import annotations
 
+import abc
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import jax
@@ -83,7 +84,7 @@ def missing_members(obj: object) -> list[str]:
     ]
 
 
-class BuiltinFormat(Generic[C]):
+class BuiltinFormat(Generic[C], abc.ABC):
     """Base of lowbit's own format classes: the :class:`Format` methods over their private kernels.
 
     Each method is the matching ``lowbit.formats`` function (validation, then the
@@ -109,20 +110,20 @@ class BuiltinFormat(Generic[C]):
         @property
         def has_nan(self) -> bool: ...
 
-    # ----- the kernels, which every subclass implements (arguments already validated) -----
-    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> C:
-        raise NotImplementedError
+    # ----- the kernels, which every subclass implements (arguments already validated; abstract) -----
+    @abc.abstractmethod
+    def _encode(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> C: ...
 
+    @abc.abstractmethod
     def _decode(self, codes: Encoded, dtype: np.dtype[np.floating]) -> jax.Array:
         """Values of ``codes``: what ``formats.decode`` received, checked (element formats take
         the array alone, scaled formats the tuple; ``codes_array`` narrows the former)."""
-        raise NotImplementedError
 
-    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array: ...
 
-    def _values(self) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _values(self) -> np.ndarray: ...
 
     # ----- the public methods ----------------------------------------------------------------
     def encode(
