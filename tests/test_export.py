@@ -17,6 +17,7 @@ from lowbit.training import ternary_weight
 
 # bytes/param of the weights alone, before scales: what the packing must deliver
 PACKED = {"fp32": 4.0, "fp8": 1.0, "fp4": 0.5, "int8": 1.0, "int4": 0.5, "ternary": 0.25, "binary": 0.125}
+PACKED |= {"nf4": 0.5, "mxfp8": 1.0, "mxfp4": 0.5, "nvfp4": 0.5}  # block formats: 1-byte scales per 32 (16) elements
 
 _forward = nnx.jit(lambda m, x: m(x))  # one compilation serves every exported copy
 _IMAGES = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), jnp.float32)

@@ -1,7 +1,7 @@
 """Flax: ``quantize`` / ``describe`` for any NNX or linen model, explicit quantized layers, the built-in
-models and weight export."""
+models, weight export and packed (weight-only) inference."""
 
-from lowbit.nn import export, lm, models
+from lowbit.nn import export, lm, models, packed
 from lowbit.nn.describe import describe
 from lowbit.nn.einsum import einsum_dimension_numbers
 from lowbit.nn.intercept import NotQuantizedError
@@ -28,5 +28,6 @@ __all__ = [
     "lm",
     "models",
     "ops",
+    "packed",
     "quantize",
 ]

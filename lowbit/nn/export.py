@@ -28,7 +28,10 @@ __all__ = ["EXPORTS", "bytes_per_parameter", "export", "fake_quant_weights", "lo
 # Per-output-channel weight quantizers (the axis is set per op); ternary and
 # binary take their scale from the TWN / XNOR rule (see ``_prepare``), so the
 # exported values equal what the ternary / binary recipes compute in their
-# forward pass.
+# forward pass. The block formats (MX: 32-blocks, E8M0 scales; NVFP4: 16-blocks,
+# E4M3 scales under an FP32 tensor scale) block along the op's contracting axis
+# (the weight's last contracted one, as ``lowbit.quantize`` places them; a last
+# partial block has its own scale).
 EXPORTS = {
     "fp32": None,
     "fp8": quant.Quantizer(format="float8_e4m3fn", granularity=quant.Channel()),
@@ -37,6 +40,10 @@ EXPORTS = {
     "int4": quant.Quantizer(format="int4", granularity=quant.Channel()),
     "ternary": quant.Quantizer(format="ternary", granularity=quant.Channel(), scale=quant.Learned()),
     "binary": quant.Quantizer(format="binary", granularity=quant.Channel(), scale=quant.Learned()),
+    "nf4": quant.Quantizer(format="nf4", granularity=quant.Channel()),
+    "mxfp8": quant.Quantizer(format="mxfp8_e4m3"),
+    "mxfp4": quant.Quantizer(format="mxfp4_e2m1"),
+    "nvfp4": quant.Quantizer(format="nvfp4"),
 }
 
 
@@ -93,8 +100,14 @@ def weights(qmodel: nnx.Module) -> list[tuple[str, Op, nnx.Param, bool]]:
 
 
 def _quantizer(fmt: str, op: Op) -> quant.Quantizer | None:
+    """The export quantizer of ``fmt`` placed on ``op``'s weight: channels on its outputs, blocks along its inputs."""
     qz = EXPORTS[fmt]
-    return None if qz is None else qz.along(_channel_axis(op))
+    if qz is None:
+        return None
+    if isinstance(qz.granularity, quant.Channel):
+        return qz.along(_channel_axis(op))
+    contract = op.call.axes(len(op.lhs_shape), len(op.rhs_shape))["rhs"][0] % len(op.rhs_shape)
+    return qz.along(contract)
 
 
 def _prepare(fmt: str, w, axis: int):

@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lowbit.nn.lm import LM
 from lowbit.nn.vit import Configured, ViT, config_tuple
 
-__all__ = ["CNN", "LM", "MLP", "MODELS", "TEXT_MODELS", "build", "factory"]
+__all__ = ["CNN", "LM", "MLP", "MODELS", "TEXT_MODELS", "build", "example_input", "factory"]
 
 
 class MLP(Configured, nnx.Module):
@@ -153,3 +154,14 @@ def build(
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model={spec!r} returned {type(model).__name__}; allowed: a flax.nnx.Module")
     return model
+
+
+def example_input(config: dict) -> np.ndarray:
+    """One zero input of the model a ``config`` describes: ``(1, *image_shape)`` float32 or ``(1, context)`` int32.
+
+    Raises:
+      KeyError: the config has neither ``image_shape`` nor ``context``.
+    """
+    if "image_shape" in config:
+        return np.zeros((1, *config["image_shape"]), np.float32)
+    return np.zeros((1, int(config["context"])), np.int32)

@@ -89,11 +89,11 @@ def scales(act_mean: jax.Array, alpha: float | jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=0)
 def _candidate(
     q: Quantizer, w: jax.Array, h: jax.Array, act_mean: jax.Array, alpha: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """``(Q(diag(s) w) / s, its output error)`` for one exponent."""
-    s = scales(act_mean, alpha)[:, None]
-    w_q = quant.fake_quant(q, w * s) / s
-    return w_q, output_error(w, w_q, h)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(Q(diag(s) w) / s, its output error, s)`` for one exponent (``s`` exactly as used: packing stores it)."""
+    s = scales(act_mean, alpha)
+    w_q = quant.fake_quant(q, w * s[:, None]) / s[:, None]
+    return w_q, output_error(w, w_q, h), s
 
 
 def _search(q: Quantizer, grid: int, w: jax.Array, h: jax.Array, act_mean: jax.Array) -> AWQResult:
@@ -101,9 +101,9 @@ def _search(q: Quantizer, grid: int, w: jax.Array, h: jax.Array, act_mean: jax.A
     best = None
     for i in range(grid):
         alpha = jnp.float32(i / grid)
-        w_q, err = _candidate(q, w, h, act_mean, alpha)
+        w_q, err, s = _candidate(q, w, h, act_mean, alpha)
         if best is None or float(err) < float(best.error):
-            best = AWQResult(w_q, scales(act_mean, alpha), alpha, err)
+            best = AWQResult(w_q, s, alpha, err)
     assert best is not None  # grid >= 1
     return best
 

@@ -277,9 +277,12 @@ class WeightPTQConfig:
         op's input (``int8``: W8A8, W4A8); None keeps activations float (weight-only).
       include, exclude: regexes on op names (``path:key``, ``re.fullmatch``):
         the ops to quantize (None: every weighted op); the others stay float.
+      rotate: random-Hadamard rotation of every op's inputs before its method
+        (QuaRot / QuIP#-style incoherence processing, ``lowbit.ptq.rotate``): the
+        op stores ``Q(Rᵀ w)`` and rotates its input online; with any method.
       samples: calibration images.
       batch_size: calibration batch size.
-      seed: which training images calibrate.
+      seed: which training images calibrate, and the rotations' random signs.
     """
 
     method: WeightMethod = dataclasses.field(default_factory=GPTQ)
@@ -288,6 +291,7 @@ class WeightPTQConfig:
     activations: str | None = None
     include: str | None = None
     exclude: str | None = None
+    rotate: bool = False
     samples: int = 512
     batch_size: int = 64
     seed: int = 0
@@ -306,9 +310,10 @@ class WeightPTQConfig:
         for field in ("include", "exclude"):
             if getattr(self, field) is not None:
                 compile_regex("WeightPTQConfig", field, getattr(self, field))
+        require(isinstance(self.rotate, bool), "WeightPTQConfig", "rotate", self.rotate, "True or False")
         for field in ("samples", "batch_size"):
             check_int("WeightPTQConfig", field, getattr(self, field), 1)
-        check_int("WeightPTQConfig", "seed", self.seed, 0)
+        check_int("WeightPTQConfig", "seed", self.seed, 0, 2**63 - 1)
 
     @property
     def weight_quantizer(self) -> Quantizer:

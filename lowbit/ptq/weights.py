@@ -20,11 +20,34 @@ quantizer on the lhs of each selected op (W8A8, W4A8), the weights left as
 they are; SmoothQuant's ``x / s`` is then applied to each op's input (op state
 ``input_scale``, divided in by the forward pass's op runner), where weight-only
 SmoothQuant and AWQ fold ``1 / s`` back into the dequantized weight
-(``Q(diag(s) w) / s``: the same product).
+(``Q(diag(s) w) / s``: the same product). With ``pack=True`` (weight-only)
+the weights are stored packed instead (``lowbit.nn.packed``, built by
+``lowbit.ptq.packed``): codes plus the scales each method computed, which
+dequantize in the forward pass to exactly the weights above.
 
 Convolutions and ops with batch dimensions have no ``(n, K)`` input rows here
 (a convolution's would be its unfolded patches): they are quantized by RTN
 whatever the method, and their report row says so.
+
+With ``rotate=True`` (QuaRot / QuIP#-style incoherence processing,
+``lowbit.ptq.rotate``) every selected op with ``(n, K)`` input rows and an
+even ``K`` gets its own random orthogonal ``R`` (random signs, then Hadamard
+blocks of up to ``rotate.MAX_BLOCK`` along its flattened contraction, drawn
+from ``seed`` and the op's name): it computes ``(x R)(Rᵀ w) = x w``, the
+weight that is quantized (by the method) and stored is ``Rᵀ w``, and the op
+rotates its input online (op state ``input_rotation``, the signs ``d``, applied
+by the forward pass's op runner like SmoothQuant's ``input_scale``). The
+statistics are those of the rotated rows ``x R`` (recorded, then rotated: the
+Hessian, mean and max that the op will see), so GPTQ, AWQ and SmoothQuant all
+work in the rotated basis; SmoothQuant's scales are computed on rotated inputs
+and the op runs ``(x R) / s`` (rotate, then scale), and with ``activations``
+the quantizer sees that rotated, scaled input. The inverse is not folded into
+a neighbouring op offline: that needs the model's graph (a norm without
+affine weights feeding the op, a residual stream shared by several ops), which
+an arbitrary NNX model does not expose, so every rotation is online. A rotated
+result is therefore a lowbit-quantized model (as with ``activations``), not a
+plain float one. Convolutions, batched ops and ops with an odd ``K`` are not
+rotated (their rows say ``rotated: false`` and why).
 """
 
 from __future__ import annotations
@@ -41,15 +64,19 @@ import numpy as np
 from flax import nnx
 
 from lowbit import quant
+from lowbit.formats._checks import check_int
 from lowbit.nn import intercept
+from lowbit.nn import packed as packing
 from lowbit.nn.export import weight
+from lowbit.nn.packed import PackedWeight
 from lowbit.nn.quantize import Op, discover, intercepting, op_name, ops, quantize
-from lowbit.ptq import awq, gptq, rtn, smoothquant
+from lowbit.ptq import awq, gptq, rotate, rtn, smoothquant
 from lowbit.ptq.awq import AWQ
 from lowbit.ptq.capture import probe, record_traced
 from lowbit.ptq.config import WEIGHT_METHODS
 from lowbit.ptq.config import WeightMethod as Method
 from lowbit.ptq.gptq import GPTQ
+from lowbit.ptq.packed import packed_op
 from lowbit.ptq.rtn import RTN, check_group, check_weights, output_error
 from lowbit.ptq.smoothquant import SmoothQuant
 from lowbit.ptq.vit import module_at
@@ -102,25 +129,37 @@ def _from_matrix(m: jax.Array, shape: tuple[int, ...], rc: tuple[int, ...]) -> j
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _batch_stats(
-    graphdef: nnx.GraphDef, state: nnx.State, specs: tuple[tuple[str, tuple[int, ...]], ...], batch: jax.Array
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    specs: tuple[tuple[str, tuple[int, ...]], ...],
+    batch: jax.Array,
+    rotations: dict[str, jax.Array] | None = None,
 ) -> dict[str, tuple[jax.Array, jax.Array, jax.Array, int]]:
-    """Per op: ``(Σ xᵀx, Σ|x|, max|x|)`` of one batch's ``(n, K)`` input rows."""
+    """Per op: ``(Σ xᵀx, Σ|x|, max|x|)`` of one batch's ``(n, K)`` input rows (``x R`` for ops in ``rotations``)."""
     calls = record_traced(nnx.merge(graphdef, state), batch)[1]
     out = {}
     for name, lc in specs:
         x = _rows(calls[name].lhs.astype(jnp.float32), lc)
+        if rotations and name in rotations:  # what the rotated op will see: its rows times R
+            x = rotate.rotate_rows(x, rotations[name])
         out[name] = (jnp.dot(x.T, x, precision=_HIGHEST), jnp.sum(jnp.abs(x), 0), jnp.max(jnp.abs(x), 0), x.shape[0])
     return out
 
 
 def _statistics(
-    probed: nnx.Module, specs: tuple[tuple[str, tuple[int, ...]], ...], batches: list[Any]
+    probed: nnx.Module,
+    specs: tuple[tuple[str, tuple[int, ...]], ...],
+    batches: list[Any],
+    rotations: dict[str, jax.Array] | None = None,
 ) -> dict[str, dict[str, jax.Array]]:
-    """Per op: Hessian ``h`` ``(K, K)``, ``act_mean`` and ``act_max`` ``(K,)`` over all calibration batches."""
+    """Per op: Hessian ``h`` ``(K, K)``, ``act_mean`` and ``act_max`` ``(K,)`` over all calibration batches.
+
+    For an op in ``rotations`` (its signs ``d``) they are those of the rotated rows ``x R`` (``rotate``).
+    """
     graphdef, state = nnx.split(probed)
     total: dict[str, list] = {}
     for batch in batches:
-        for name, (xx, s, m, n) in _batch_stats(graphdef, state, specs, jnp.asarray(batch)).items():
+        for name, (xx, s, m, n) in _batch_stats(graphdef, state, specs, jnp.asarray(batch), rotations).items():
             if name not in total:
                 total[name] = [xx, s, m, n]
             else:
@@ -159,34 +198,59 @@ def _quantize_op(
     weights: quant.Quantizer,
     method: Method,
     scaled_input: bool,
-) -> tuple[jax.Array, jax.Array | None, dict[str, Any]]:
-    """``(new weight, input scales or None, report row)`` of one op."""
+    d: jax.Array | None = None,
+    keep: dict[str, Any] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, dict[str, Any]]:
+    """``(stored weight, effective weight, input scales or None, report row)`` of one op.
+
+    ``keep``: where GPTQ / AWQ leave their result (``"result"``), for packing (``lowbit.ptq.packed``).
+
+    ``d``: the op's rotation signs (``rotate``), or None. The stored weight is what the op holds
+    (``Q(Rᵀ w)``, ``Q(diag(s) Rᵀ w)`` with scaled inputs); the effective one is its float equivalent on the
+    op's raw input (``R Q(Rᵀ w)``, ``R Q(diag(s) Rᵀ w) / s``): what the probed model runs, so that the
+    statistics of the ops after it see the outputs the result gives them.
+    """
     name = op_name(op.path, op.key)
     axes = _contracted(op)
-    row: dict[str, Any] = dict(name=name, kind=op.call.kind, shape=list(w.shape))
+    row: dict[str, Any] = dict(name=name, kind=op.call.kind, shape=list(w.shape), rotated=d is not None)
     if axes is None or isinstance(method, RTN):
         if axes is None and not isinstance(method, RTN):
             row["reason"] = f"{op.call.kind} without (n, K) input rows: RTN instead of {method.name}"
             warnings.warn(f"quantize_weights: op {name}: {row['reason']}", stacklevel=3)
-        # On the weight as it lies, exactly as lowbit.quantize would quantize it.
+        # On the weight as it lies (rotated: Rᵀ w in its own layout), exactly as lowbit.quantize would quantize it.
         qz = oprule.retarget(DotQuantConfig(rhs=weights), op.call, len(op.lhs_shape), w.ndim).rhs
         assert qz is not None  # retarget keeps the given rhs quantizer
         if isinstance(qz.granularity, Group):
             check_group(qz, w.shape[qz.granularity.axis], name)
-        w_q = quant.fake_quant(qz, w)
+        w_r = w if d is None or axes is None else rotate.rotate_weight(w, axes[1], d)
+        w_q = quant.fake_quant(qz, w_r)
         row["method"] = "rtn"
-        if axes is not None:
-            m, h = _to_matrix(w, axes[1]), stats[name]["h"]
-            row["error"] = row["rtn_error"] = _relative(m, _to_matrix(w_q, axes[1]), h)
-        return w_q, None, row
-    m = _to_matrix(w, axes[1])
+        if axes is None or d is None:
+            if axes is not None:
+                m, h = _to_matrix(w, axes[1]), stats[name]["h"]
+                row["error"] = row["rtn_error"] = _relative(m, _to_matrix(w_q, axes[1]), h)
+            return w_q, w_q, None, row
+        # Statistics are of rotated rows: compare in the rotated basis; RTN's baseline is the unrotated weight's.
+        m, h = _to_matrix(w_r, axes[1]), stats[name]["h"]
+        plain = rotate.rotate_weight(quant.fake_quant(qz, w), axes[1], d)
+        row.update(
+            error=_relative(m, _to_matrix(w_q, axes[1]), h), rtn_error=_relative(m, _to_matrix(plain, axes[1]), h)
+        )
+        return w_q, rotate.unrotate_weight(w_q, axes[1], d).astype(w.dtype), None, row
+    m_plain = _to_matrix(w, axes[1])
+    m = m_plain if d is None else rotate.rotate_weight(m_plain, (0,), d)  # Rᵀ w as (K, N)
     st = stats[name]
     scales = None
     if isinstance(method, GPTQ):
-        m_q = gptq.quantize(m, st["h"], weights, method, name=name).weight
+        res_g = gptq.quantize(m, st["h"], weights, method, name=name)
+        m_q = res_g.weight
+        if keep is not None:
+            keep["result"] = res_g
     elif isinstance(method, AWQ):
         res = awq.quantize(m, st["h"], st["act_mean"], weights, method, name=name)
         m_q, row["alpha"] = res.weight, float(res.alpha)
+        if keep is not None:
+            keep["result"] = res
     else:
         res_s = smoothquant.quantize(m, st["act_max"], weights, method, name=name)
         scales = res_s.scales
@@ -194,12 +258,16 @@ def _quantize_op(
         m_q = res_s.weight if scaled_input else res_s.weight / scales[:, None]
     # With scaled inputs the op computes (x / s) Q(diag(s) w): its effective weight is Q(diag(s) w) / s.
     effective = m_q / scales[:, None] if scaled_input and scales is not None else m_q
+    rtn_q = rtn.quantize(m_plain, weights, name=name)  # RTN of the weight as it lies (unrotated)
     row.update(
         method=method.name,
         error=_relative(m, effective, st["h"]),
-        rtn_error=_relative(m, rtn.quantize(m, weights, name=name), st["h"]),
+        rtn_error=_relative(m, rtn_q if d is None else rotate.rotate_weight(rtn_q, (0,), d), st["h"]),
     )
-    return _from_matrix(m_q, w.shape, axes[1]).astype(w.dtype), scales, row
+    if d is not None:
+        effective = rotate.unrotate_weight(effective, (0,), d)  # R (...): on the raw input
+    stored = _from_matrix(m_q, w.shape, axes[1]).astype(w.dtype)
+    return stored, _from_matrix(effective, w.shape, axes[1]).astype(w.dtype), scales, row
 
 
 def _relative(m: jax.Array, m_q: jax.Array, h: jax.Array) -> float:
@@ -214,6 +282,29 @@ def _param(model: nnx.Module, op: Op) -> nnx.Param:
     return weight(module, op)
 
 
+def _check_pack(pack: object, activations: quant.Quantizer | None, rotate: bool) -> None:
+    if not isinstance(pack, bool):
+        raise TypeError(f"quantize_weights: pack={pack!r} is invalid; allowed: True or False")
+    if pack and (activations is not None or rotate):
+        raise ValueError(
+            f"quantize_weights: pack=True with {'activations' if activations is not None else 'rotate=True'} is "
+            "invalid; allowed: weight-only, unrotated packing (activations=None, rotate=False): a packed model is "
+            "a plain float model whose weights are stored packed, with no op runner to quantize, scale or rotate "
+            "its inputs"
+        )
+
+
+def _packed_op(
+    op: Op, w: jax.Array, w_q: jax.Array, weights: quant.Quantizer, result: Any, scales: jax.Array | None
+) -> PackedWeight:
+    """The packed form of op ``op``'s quantized weight ``w_q`` (``lowbit.ptq.packed.packed_op``)."""
+    axes = _contracted(op)
+    rtn_q = oprule.retarget(DotQuantConfig(rhs=weights), op.call, len(op.lhs_shape), w.ndim).rhs
+    assert rtn_q is not None  # retarget keeps the given rhs quantizer
+    rc = None if axes is None else axes[1]
+    return packed_op(op_name(op.path, op.key), w, w_q, rtn_q, weights, rc, result, scales)
+
+
 def quantize_weights(
     model: nnx.Module,
     batches: Sequence[Any],
@@ -224,6 +315,9 @@ def quantize_weights(
     include: str | None = None,
     exclude: str | None = None,
     sequential: bool = True,
+    rotate: bool = False,
+    seed: int = 0,
+    pack: bool = False,
 ) -> tuple[nnx.Module, list[dict[str, Any]]]:
     """Quantize the weights of every (selected) weighted op of a float NNX model with a PTQ method.
 
@@ -242,26 +336,46 @@ def quantize_weights(
       include, exclude: regexes on op names (``path:key``, ``re.fullmatch``):
         the ops to quantize; the others stay float.
       sequential: record each op's inputs after the ops before it were quantized.
+      rotate: random-Hadamard rotation of each op's contracted dimension
+        (module docstring, ``lowbit.ptq.rotate``): the op stores ``Q(Rᵀ w)`` and
+        rotates its input online; with any method and with ``activations``
+        (quantized after the rotation). Not folded into neighbouring ops.
+      seed: the rotations' random signs (with the op's name; unused without ``rotate``).
+      pack: return a packed model (``lowbit.nn.packed``): each quantized op's
+        weight stored as codes plus scales (``PackedParam``), dequantized in the
+        forward pass to exactly the weight ``pack=False`` gives (bit for bit);
+        ops left float stay float. Weight-only and unrotated: not with
+        ``activations`` or ``rotate``.
 
     Returns:
       ``(quantized, rows)``: a copy of ``model`` (eval mode) with quantized
-      weights (and with ``activations``, quantized by ``lowbit.quantize``), and
+      weights (and with ``activations`` or ``rotate``, quantized by
+      ``lowbit.quantize``: its rotated / scaled ops run through lowbit's op
+      runner, whose ``lhs`` quantizer is ``activations`` or none), and
       one dict per selected op in forward order: ``name``, ``kind``, ``shape``,
       ``method`` (``rtn`` where the method does not apply, ``float`` for an op
       whose weight is no parameter as it lies, e.g. a tied embedding's
       transpose; both with a ``reason``);
       for ops with input rows (not convolutions) the relative output error on
       the calibration inputs (as they reached the op) ``error`` =
-      ``||x w - x ŵ||² / ||x w||²`` and RTN's on the same inputs, ``rtn_error``;
+      ``||x w - x ŵ||² / ||x w||²`` (``ŵ`` the op's effective weight: ``R Q(Rᵀ
+      w)`` when rotated) and RTN's on the same inputs, ``rtn_error`` (RTN of
+      the unrotated weight, rotated or not); ``rotated`` (bool; a ``reason``
+      where ``rotate`` asked but the op has no ``(n, K)`` rows or an odd ``K``);
       AWQ adds its ``alpha``.
 
     Raises:
       ValueError: no batches, a model with no weighted op (or none selected), a
         group size that does not divide an op's inputs, a Hessian that is
         singular even with damping (too few calibration samples).
-      TypeError: a quantizer or method of the wrong type.
+      TypeError: a quantizer or method of the wrong type, ``rotate`` or ``pack`` not a bool.
+      ValueError: ``seed`` not an integer in ``[0, 2**63 - 1]``; ``pack`` with ``activations`` or ``rotate``.
     """
     method = _method(method)
+    if not isinstance(rotate, bool):
+        raise TypeError(f"quantize_weights.rotate={rotate!r} is invalid; allowed: True or False")
+    _check_pack(pack, activations, rotate)
+    check_int("quantize_weights", "seed", seed, 0, 2**63 - 1)
     check_weights(weights)
     if activations is not None:
         check_weights(activations, "activations")
@@ -275,11 +389,13 @@ def quantize_weights(
     specs = tuple((op_name(op.path, op.key), ax[0]) for op in chosen if (ax := _contracted(op)) is not None)
     needs_stats = bool(specs)  # RTN's too: every row reports its output error
     scaled_input = isinstance(method, SmoothQuant) and activations is not None
+    rotations, not_rotated = _rotations(chosen, seed) if rotate else ({}, {})
     stats: dict = {}
     rows, input_scales, done = [], {}, []
+    packs: dict[str, PackedWeight] = {}
     for i, op in enumerate(chosen):
         if needs_stats and (i == 0 or (sequential and not isinstance(method, RTN))):
-            stats = _statistics(probed, specs, batches)
+            stats = _statistics(probed, specs, batches, rotations)
         try:
             w = jnp.asarray(_param(probed, op)[...])
         except ValueError as e:
@@ -288,22 +404,57 @@ def quantize_weights(
             rows.append(dict(name=op_name(op.path, op.key), kind=op.call.kind, method="float", reason=str(e)))
             warnings.warn(f"quantize_weights: {e}; it stays float", stacklevel=2)
             continue
-        w_q, scales, row = _quantize_op(op, w, stats, weights, method, scaled_input)
+        name = op_name(op.path, op.key)
+        keep: dict[str, Any] = {}
+        w_q, effective, scales, row = _quantize_op(
+            op, w, stats, weights, method, scaled_input, rotations.get(name), keep
+        )
+        if pack:
+            packs[name] = _packed_op(op, w, w_q, weights, keep.get("result"), scales)
+        if name in not_rotated:
+            row["reason"] = "; ".join(filter(None, [row.get("reason"), not_rotated[name]]))
+            warnings.warn(f"quantize_weights: op {name}: {not_rotated[name]}", stacklevel=2)
         done.append(op)
-        _param(probed, op)[...] = w_q
+        _param(probed, op)[...] = effective  # the float equivalent: later ops' statistics see the result's outputs
         _param(work, op)[...] = w_q
         if scales is not None and scaled_input:
             input_scales[row["name"]] = scales
         rows.append(row)
-    if activations is None:
-        return work, rows
-    return _with_activations(work, done, activations, input_scales, batches[0]), rows
+    if activations is None and not rotations:
+        return (packing.pack(work, packs) if pack else work), rows
+    input_rotations = {n: d for n, d in rotations.items() if n in {r["name"] for r in rows if r.get("rotated")}}
+    return _with_activations(work, done, activations, input_scales, batches[0], input_rotations), rows
+
+
+def _rotations(chosen: list[Op], seed: int) -> tuple[dict[str, jax.Array], dict[str, str]]:
+    """``({op name: rotation signs d}, {op name: why it is not rotated})`` of the chosen ops."""
+    signs, why = {}, {}
+    for op in chosen:
+        name, axes = op_name(op.path, op.key), _contracted(op)
+        if axes is None:
+            why[name] = f"{op.call.kind} without (n, K) input rows: not rotated"
+            continue
+        k = int(np.prod([op.lhs_shape[d] for d in axes[0]]))
+        if rotate.block_size(k) < 2:
+            why[name] = f"odd contraction K={k} has no Hadamard block: not rotated"
+            continue
+        signs[name] = rotate.signs(seed, name, k)
+    return signs, why
 
 
 def _with_activations(
-    work: nnx.Module, chosen: list[Op], activations: quant.Quantizer, input_scales: dict[str, jax.Array], example: Any
+    work: nnx.Module,
+    chosen: list[Op],
+    activations: quant.Quantizer | None,
+    input_scales: dict[str, jax.Array],
+    example: Any,
+    input_rotations: dict[str, jax.Array] | None = None,
 ) -> nnx.Module:
-    """``work`` quantized with ``activations`` on each chosen op's lhs (weights as they are), inputs scaled."""
+    """``work`` quantized with ``activations`` (or none) on each chosen op's lhs (weights as they are).
+
+    Inputs rotated (``input_rotations``: signs ``d`` per op) and scaled (``input_scales``), in that order.
+    """
+    input_rotations = input_rotations or {}
     rules: list[Rule] = []
     plan: dict[str, int] = {}
     for op in chosen:
@@ -318,14 +469,17 @@ def _with_activations(
         )
     quantized = quantize(work, Recipe(name="ptq-weights", rules=tuple(rules)), plan=plan)
     discover(quantized, jnp.asarray(example))
-    if not input_scales:
+    if not input_scales and not input_rotations:
         return quantized
     for op in chosen:
         s = input_scales.get(op_name(op.path, op.key))
+        d = input_rotations.get(op_name(op.path, op.key))
+        state = getattr(module_at(quantized, op.path), f"lowbit_{op.key}")
         if s is not None:
             lc = _contracted(op)[0]  # type: ignore[index]  # ops with input scales have (n, K) rows
-            state = getattr(module_at(quantized, op.path), f"lowbit_{op.key}")
             state.input_scale = nnx.Variable(_on_lhs(s, lc, len(op.lhs_shape), op.lhs_shape))
+        if d is not None:  # (K,) signs, the contracted axes flattened in the op's order (rotate.rotate_lhs)
+            state.input_rotation = nnx.Variable(jnp.asarray(d, jnp.float32))
     quantized.__class__ = _scaled_class(type(quantized))
     return quantized
 
@@ -338,10 +492,18 @@ def _on_lhs(s: jax.Array, lc: tuple[int, ...], ndim: int, shape: tuple[int, ...]
 
 
 def _scaling(runner: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """A pass's op runner whose ops with SmoothQuant scales run on ``x / s`` (``s`` along their contracted axes)."""
+    """A pass's op runner whose ops run on ``(x R) / s``: rotated (``input_rotation``), then SmoothQuant-scaled.
+
+    Either is optional; ``R`` and ``s`` act along the op's contracted axes. The op's own quantizers (its
+    ``lhs`` quantizer: activations) see the rotated, scaled input.
+    """
 
     def scaled(module: nnx.Module, key: str, rule: Any, call: Any, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        s = getattr(getattr(module, f"lowbit_{key}", None), "input_scale", None)
+        state = getattr(module, f"lowbit_{key}", None)
+        d = getattr(state, "input_rotation", None)
+        if d is not None:
+            lhs = rotate.rotate_lhs(lhs, call.dn[0][0], d[...])
+        s = getattr(state, "input_scale", None)
         return runner(module, key, rule, call, lhs if s is None else lhs / s[...].astype(lhs.dtype), rhs)
 
     scaled.smoothquant = True  # type: ignore[attr-defined]  # marks a runner that already scales
@@ -352,7 +514,7 @@ _SCALED_CLASSES: dict[type, type] = {}
 
 
 def _scaled_class(cls: type) -> type:
-    """``cls`` (a quantized model class) whose calls divide each op's input by its SmoothQuant scales.
+    """``cls`` (a quantized model class) whose calls rotate / divide each op's input (``_scaling``).
 
     The scaling goes into the runner of the forward pass the call runs in: its own, or one that a caller
     opened on the model (``intercepting(capture=True)``: per-op errors, calibration), which runs the ops too.
