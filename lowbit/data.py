@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
     "Dataset",
     "batches",
+    "is_text",
     "load",
     "read_idx",
 ]
@@ -66,6 +67,11 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         """Shape (H, W, C) of one image."""
         return tuple(self.x_train.shape[1:])
+
+
+def is_text(dataset: Dataset | TextDataset) -> bool:
+    """Integer inputs are token ids (a language model's data); images are floats."""
+    return bool(np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer))
 
 
 @overload

@@ -63,7 +63,7 @@ _CALIBRATE_ONLY = (
     "layernorm",
     "sweep",
 )
-_WEIGHT_METHOD_ONLY = ("group_size", "include", "exclude")
+_WEIGHT_METHOD_ONLY = ("group_size", "include", "exclude", "rotate")
 # A weight method's own settings: each a field of its settings class (WEIGHT_METHODS), so it applies to the
 # methods that have that field.
 _METHOD_SETTINGS = ("damping", "act_order", "alpha")
@@ -137,7 +137,10 @@ def _add_source(parser: argparse.ArgumentParser) -> None:
         "--data-dir", type=absolute_path, help="directory with the dataset files (default: the dataset's usual place)"
     )
     parser.add_argument(
-        "--seed", type=seed_value, default=0, help="calibration sample / data order seed, 0 .. 2**63-1 (default: 0)"
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="calibration sample / data order seed (and ptq --rotate's signs), 0 .. 2**63-1 (default: 0)",
     )
 
 
@@ -185,6 +188,13 @@ def add_ptq_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     w.add_argument(
         "--exclude",
         help="regex on op names: ops that stay float, e.g. 'patch_embed:.*' (its few inputs fit no group size)",
+    )
+    w.add_argument(
+        "--rotate",
+        action="store_true",
+        default=None,
+        help="random-Hadamard rotation of each op's inputs and weights before quantization (QuaRot / QuIP#): "
+        "spreads outlier channels; the ops rotate their inputs online; signs from --seed",
     )
     w.add_argument(
         "--damping",
@@ -320,11 +330,13 @@ def _load(args: argparse.Namespace):
             f"checkpoint {args.checkpoint} was trained with recipe {meta.get('recipe')!r}; "
             "PTQ starts from a float model (fp32, bf16 or fp16)"
         )
+    # A language model reads windows of its own context length; an image model the dataset's images.
+    context = model.config.get("context") if "image_shape" not in model.config else None
     try:
-        dataset = data.load(meta.get("dataset", ""), args.data_dir)
+        dataset = data.load(meta.get("dataset", ""), args.data_dir, context=context)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(e) from None
-    if tuple(model.config["image_shape"]) != dataset.image_shape:
+    if context is None and tuple(model.config["image_shape"]) != dataset.image_shape:
         raise InputError(
             f"checkpoint {args.checkpoint} expects {model.config['image_shape']} images; "
             f"{dataset.name} has {list(dataset.image_shape)}"
@@ -349,6 +361,7 @@ def _config(args: argparse.Namespace, **override) -> PTQConfig | WeightPTQConfig
                 activations=None if args.activations == NONE else args.activations,
                 include=args.include,
                 exclude=args.exclude,
+                rotate=args.rotate,
                 samples=args.samples,
                 batch_size=args.batch_size,
                 seed=args.seed,
@@ -383,9 +396,11 @@ def _setting(cfg: PTQConfig | WeightPTQConfig) -> tuple[str, str]:
     if isinstance(cfg, WeightPTQConfig):
         group = "channel" if cfg.group_size is None else f"g{cfg.group_size}"
         activations = cfg.activations or "float"
+        rotated = "-rotated" if cfg.rotate else ""
         return (
-            f"ptq-{cfg.method.name}-{cfg.label}-{cfg.weights}-{group}-{activations}",
-            f"{cfg.method.name}, {cfg.weights} weights ({group}), {activations} activations",
+            f"ptq-{cfg.method.name}-{cfg.label}-{cfg.weights}-{group}-{activations}{rotated}",
+            f"{cfg.method.name}{', rotated' if cfg.rotate else ''}, {cfg.weights} weights ({group}), "
+            f"{activations} activations",
         )
     return (
         f"ptq-{cfg.label}-{cfg.weights}-{cfg.activations}-{cfg.calibration}",
@@ -431,10 +446,15 @@ def _ptq_command(args: argparse.Namespace) -> int:
         if errors
         else ""
     )
+    score = (
+        f"held-out {metrics['bits_per_byte']:.3f} bits/byte (float {metrics['float_bits_per_byte']:.3f}, "
+        f"{metrics['bits_per_byte_increase']:+.3f})"
+        if "bits_per_byte" in metrics
+        else f"test accuracy {100 * metrics['test_accuracy']:.2f}% "
+        f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points)"
+    )
     print(
-        f"{cfg.label} ({setting}, {args.calibration_data} data): test accuracy "
-        f"{100 * metrics['test_accuracy']:.2f}% "
-        f"(float {100 * metrics['float_accuracy']:.2f}%, {-metrics['accuracy_drop_points']:+.2f} points); "
+        f"{cfg.label} ({setting}, {args.calibration_data} data): {score}; "
         f"lowest op SQNR {min(r['sqnr_db'] for r in metrics['ops']):.1f} dB{versus_rtn}"
     )
     print("wrote " + ", ".join(str(p) for p in files))
@@ -493,9 +513,11 @@ def _finetune_command(args: argparse.Namespace) -> int:
     )
     metrics.update(checkpoint=str(path), source=str(args.checkpoint), dataset=dataset.name)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(
-        f"fine-tuned ({cfg.method}, {cfg.target_format}) for {plural(cfg.epochs, 'epoch')}: float accuracy "
-        f"{100 * metrics['float_accuracy_before']:.2f}% -> {100 * metrics['float_accuracy']:.2f}%"
+    score = (
+        f"held-out {metrics['bits_per_byte_before']:.3f} -> {metrics['bits_per_byte']:.3f} bits/byte"
+        if "bits_per_byte" in metrics
+        else f"float accuracy {100 * metrics['float_accuracy_before']:.2f}% -> {100 * metrics['float_accuracy']:.2f}%"
     )
+    print(f"fine-tuned ({cfg.method}, {cfg.target_format}) for {plural(cfg.epochs, 'epoch')}: {score}")
     print(f"wrote {path} and {out}/metrics.json; next: lowbit ptq --checkpoint {out}")
     return 0

@@ -18,32 +18,46 @@ from lowbit.ptq.capture import probe, record_traced
 from lowbit.recipes import op as oprule
 from lowbit.training.qdot import DotQuantConfig
 
-__all__ = ["accuracy", "op_sqnr", "plot_ops", "sqnr_db"]
+__all__ = ["accuracy", "evaluate", "op_sqnr", "plot_ops", "sqnr_db"]
 
 
 @jax.jit
-def _correct(graphdef, state, x, y):
-    logits = nnx.merge(graphdef, state)(x)
-    return jnp.sum(jnp.argmax(logits, axis=-1) == y)
+def _scores(graphdef, state, x, y):
+    """``(correct predictions, summed cross-entropy in nats, labels)`` of one batch; label -1 is padding."""
+    logits = nnx.merge(graphdef, state)(x).astype(jnp.float32)
+    valid = y >= 0
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.maximum(y, 0)[..., None], axis=-1)[..., 0]
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == y) & valid)
+    return correct, jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``(x, y)``.
+def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (in eval mode) on ``(x, y)``.
 
-    The last batch is padded to ``batch_size`` so one compiled shape covers all.
+    Works for classifiers (``y``: ``(N,)`` labels, logits ``(N, classes)``) and
+    language models (``y``: ``(N, T)`` next tokens, logits ``(N, T, vocab)``):
+    both are averaged over every label. The last batch is padded to
+    ``batch_size`` so one compiled shape covers all.
+
+    Returns:
+      ``accuracy`` (fraction of labels predicted) and ``loss`` (nats per label).
     """
     model.eval()
     graphdef, state = nnx.split(model)
     n = len(x)
     pad = -n % batch_size
     xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    ys = np.concatenate([y, np.full(pad, -1, y.dtype)])  # label -1 never matches a prediction
-    batches = (
-        (jnp.asarray(xs[i : i + batch_size]), jnp.asarray(ys[i : i + batch_size]))
-        for i in range(0, n + pad, batch_size)
-    )
-    correct = sum(int(_correct(graphdef, state, bx, by)) for bx, by in batches)
-    return correct / n
+    ys = np.concatenate([y, np.full((pad, *y.shape[1:]), -1, y.dtype)])  # label -1: padding, never counted
+    correct = total = count = 0.0
+    for i in range(0, n + pad, batch_size):
+        c, s, k = _scores(graphdef, state, jnp.asarray(xs[i : i + batch_size]), jnp.asarray(ys[i : i + batch_size]))
+        correct, total, count = correct + int(c), total + float(s), count + int(k)
+    return dict(accuracy=correct / count, loss=total / count)
+
+
+def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on ``(x, y)`` (see ``evaluate``)."""
+    return evaluate(model, x, y, batch_size)["accuracy"]
 
 
 def sqnr_db(reference, approx) -> float:

@@ -47,7 +47,7 @@ from lowbit.formats._checks import check_int, require
 from lowbit.nn.quantize import Op, discover, intercepting, op_name, ops, quantize
 from lowbit.ptq import capture
 from lowbit.ptq.config import METHODS, SOFTMAX_OPS, resolve_format
-from lowbit.ptq.evaluate import accuracy
+from lowbit.ptq.evaluate import evaluate
 from lowbit.ptq.noise import adaptive_noise
 from lowbit.ptq.outlier import outlier_penalty, range_ratio
 from lowbit.recipes.rules import Recipe, Rule, compile_regex
@@ -204,20 +204,22 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
     """Fine-tune ``model`` in place with ``cfg``'s method.
 
     Args:
-      model: a float NNX classifier (any; the built-in ``vit``, ``mlp``,
-        ``cnn`` or a user's); left in eval mode.
+      model: a float NNX classifier or language model (any; the built-in
+        ``vit``, ``mlp``, ``cnn``, ``lm`` or a user's); left in eval mode.
       dataset: training data, and the test set scored after every epoch.
       cfg: the method and its settings.
 
     Returns:
       ``config``, ``float_accuracy_before``, ``float_accuracy`` (after),
       ``train_time_s`` and per-epoch ``history`` (``loss`` = cross-entropy,
-      ``penalty``, ``test_accuracy``).
+      ``penalty``, ``test_accuracy``; a language model's also ``test_loss`` and
+      ``bits_per_byte``, and the result ``bits_per_byte_before`` / ``bits_per_byte``).
 
     Raises:
       ValueError: ``cfg.batch_size`` exceeds the training set.
     """
-    before = accuracy(model, dataset.x_test, dataset.y_test)
+    text = lowbit_data.is_text(dataset)
+    before = _score(model, dataset, text)
     steps = len(dataset.x_train) // cfg.batch_size
     require(steps > 0, _OWN, "batch_size", cfg.batch_size, f"at most the {len(dataset.x_train)} training examples")
     # Every op runs through the runner (a rule that quantizes nothing), where the noise goes in.
@@ -246,7 +248,7 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
                 epoch=epoch + 1,
                 loss=float(np.mean(ces)),
                 penalty=float(np.mean(penalties)),
-                test_accuracy=accuracy(work, dataset.x_test, dataset.y_test),
+                **_score(work, dataset, text),
             )
         )
         work.train()
@@ -255,11 +257,23 @@ def finetune(model: nnx.Module, dataset: lowbit_data.Dataset, cfg: FinetuneConfi
     model.eval()
     return dict(
         config=dataclasses.asdict(cfg),
-        float_accuracy_before=before,
+        float_accuracy_before=before["test_accuracy"],
         float_accuracy=history[-1]["test_accuracy"],
+        **(
+            dict(bits_per_byte_before=before["bits_per_byte"], bits_per_byte=history[-1]["bits_per_byte"])
+            if text
+            else {}
+        ),
         train_time_s=time.perf_counter() - start,
         history=history,
     )
+
+
+def _score(model: nnx.Module, dataset: lowbit_data.Dataset, text: bool) -> dict[str, float]:
+    """``test_accuracy``, and for a language model its held-out ``test_loss`` (nats) and ``bits_per_byte``."""
+    scores = evaluate(model, dataset.x_test, dataset.y_test)
+    extra = dict(test_loss=scores["loss"], bits_per_byte=scores["loss"] / math.log(2)) if text else {}
+    return dict(test_accuracy=scores["accuracy"], **extra)
 
 
 def operand_range_ratio(model: nnx.Module, images, softmax_ops: str = SOFTMAX_OPS) -> float:

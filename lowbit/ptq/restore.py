@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lowbit import recipes
@@ -90,14 +91,14 @@ def _spec(path: Path, meta: dict[str, Any]) -> str:
 
 
 def _build(path: Path, meta: dict[str, Any]) -> tuple[nnx.Module, Any, tuple]:
-    """A fresh float model, the recipe and the image shape, as the metadata describes them."""
+    """A fresh float model, the recipe and one example input, as the metadata describes them."""
     spec = _spec(path, meta)
     config = (meta.get("model") or {}).get("config")
     try:
         recipe = recipes.get(meta.get("recipe"))
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config).items()}
         model = models.factory(spec)(**kwargs, rngs=nnx.Rngs(0))
-        image_shape = tuple(kwargs["image_shape"])
+        example = models.example_input(kwargs)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path}: model {spec!r} with config {config!r} and recipe "
@@ -105,13 +106,13 @@ def _build(path: Path, meta: dict[str, Any]) -> tuple[nnx.Module, Any, tuple]:
         ) from e
     if not isinstance(model, nnx.Module):
         raise CheckpointError(f"checkpoint {path}: model {spec!r} built a {type(model).__name__}, not an NNX module")
-    return model, recipe, image_shape
+    return model, recipe, example
 
 
-def _template(model: nnx.Module, recipe, hparams: dict[str, Any], image_shape):
+def _template(model: nnx.Module, recipe, hparams: dict[str, Any], example: np.ndarray):
     """``(quantized model, TrainState)`` of the structure the train loop checkpoints."""
     qmodel = quantize(model, recipe)
-    discover(qmodel, jnp.zeros((1, *image_shape), jnp.float32))
+    discover(qmodel, jnp.asarray(example))
     tx = make_optimizer(float(hparams.get("learning_rate", 1e-3)), float(hparams.get("weight_decay", 0.0)), 1, 2)
     _, state = init_state(qmodel, tx, policy=recipe.policy, loss_scale=recipe.make_loss_scale())
     return qmodel, state
@@ -145,8 +146,8 @@ def load_model(path: str | Path) -> tuple[nnx.Module, dict[str, Any]]:
     """
     path = find_checkpoint(path)
     meta = _read_metadata(path)
-    model, recipe, image_shape = _build(path, meta)
-    qmodel, template = _template(model, recipe, meta.get("hparams") or {}, image_shape)
+    model, recipe, example = _build(path, meta)
+    qmodel, template = _template(model, recipe, meta.get("hparams") or {}, example)
     state, meta = checkpoint.restore(path, template, {})
     state = jax.tree.map(jnp.asarray, state)
     nnx.update(qmodel, state.params, state.overwrite, state.rest)
@@ -188,11 +189,12 @@ def save_model(
     if recipe_obj.quantized:
         raise ValueError(f"recipe={recipe!r} is invalid; allowed: a float recipe (fp32, bf16, fp16)")
     config = getattr(model, "config", None)
-    if not isinstance(config, dict) or "image_shape" not in config:
+    if not isinstance(config, dict) or not ("image_shape" in config or "context" in config):
         raise ValueError(
-            f"model {type(model).__name__} has no config (its constructor arguments, image_shape included) to save"
+            f"model {type(model).__name__} has no config (its constructor arguments, image_shape or context "
+            "included) to save"
         )
-    _, state = _template(model, recipe_obj, dict(metadata.get("hparams") or {}), tuple(config["image_shape"]))
+    _, state = _template(model, recipe_obj, dict(metadata.get("hparams") or {}), models.example_input(config))
     model_meta = dict(type=type(model).__name__, config=config) | ({"spec": spec} if spec is not None else {})
     meta = dict(metadata, format=_FORMAT, recipe=recipe_obj.name, model=model_meta)
     return checkpoint.save(Path(out) / "checkpoints", epoch, state, meta)

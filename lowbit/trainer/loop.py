@@ -248,7 +248,7 @@ def _train(
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     policy = recipe.policy
-    text = _is_text(dataset)
+    text = lowbit_data.is_text(dataset)
     positions = dataset.x_train.shape[1] if text else 1  # predictions per example
     unit = "tok/s" if text else "img/s"
     total_steps = epochs * steps_per_epoch
@@ -476,13 +476,8 @@ def _text_metrics(test_loss: float) -> dict[str, float]:
     return dict(perplexity=math.exp(min(test_loss, 709.0)), bits_per_byte=test_loss / math.log(2))
 
 
-def _is_text(dataset) -> bool:
-    """Integer inputs are token ids (a language model's data); images are floats."""
-    return np.issubdtype(np.asarray(dataset.x_train).dtype, np.integer)
-
-
 def _inputs(dataset) -> str:
-    return "tokens" if _is_text(dataset) else "images"
+    return "tokens" if lowbit_data.is_text(dataset) else "images"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -603,7 +598,7 @@ def _check_data(dataset: lowbit_data.Dataset, batch_size: int) -> int:
     classes = dataset.num_classes
     if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 1:
         raise ValueError(f"train: dataset.num_classes must be an integer >= 1, got {classes!r}")
-    text = _is_text(dataset)
+    text = lowbit_data.is_text(dataset)
     for split in ("train", "test"):
         x, y = np.asarray(getattr(dataset, f"x_{split}")), np.asarray(getattr(dataset, f"y_{split}"))
         if text:
@@ -703,7 +698,7 @@ def _check_model(model: nnx.Module, dataset: lowbit_data.Dataset, batch_size: in
         raise _does_not_fit(images.shape, e, _inputs(dataset)) from e
     shape = getattr(logits, "shape", None)
     # Token windows get a prediction per position: (B, T, classes); images one: (B, classes).
-    lead = tuple(images.shape[:2]) if _is_text(dataset) else (batch_size,)
+    lead = tuple(images.shape[:2]) if lowbit_data.is_text(dataset) else (batch_size,)
     if shape is None or tuple(shape[:-1]) != lead or shape[-1] < dataset.num_classes:
         raise ValueError(
             f"train: the model maps a batch of shape {list(images.shape)} to "
