@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowbit import quant
-from lowbit.nn.packed import PackedWeight, dequantize, packed_weight
+from lowbit.nn.packed import PackedWeight, dequantize, packed_weight, to_matrix
 from lowbit.ptq.awq import AWQResult
 from lowbit.ptq.gptq import GPTQResult
 from lowbit.ptq.rtn import oriented
@@ -84,8 +84,6 @@ def packed_op(
     Raises:
       RuntimeError: the packed weight does not dequantize to ``w_q`` (a bug, never silently wrong).
     """
-    from lowbit.nn.packed import to_matrix  # noqa: PLC0415  (beside its inverse)
-
     if contracted is None or (result is None and scales is None):
         pw = packed_weight(quant.quantize(rtn_quantizer, w), w.shape, None, w.dtype)
     elif isinstance(result, GPTQResult):

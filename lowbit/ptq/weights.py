@@ -68,7 +68,7 @@ from lowbit.formats._checks import check_int
 from lowbit.nn import intercept
 from lowbit.nn import packed as packing
 from lowbit.nn.export import weight
-from lowbit.nn.packed import PackedWeight
+from lowbit.nn.packed import PackedWeight, from_matrix, to_matrix
 from lowbit.nn.quantize import Op, discover, intercepting, op_name, ops, quantize
 from lowbit.ptq import awq, gptq, rotate, rtn, smoothquant
 from lowbit.ptq.awq import AWQ
@@ -113,18 +113,6 @@ def _rows(x: jax.Array, lc: tuple[int, ...]) -> jax.Array:
     free = [d for d in range(x.ndim) if d not in lc]
     k = int(np.prod([x.shape[d] for d in lc]))
     return jnp.transpose(x, free + list(lc)).reshape(-1, k)
-
-
-def _to_matrix(w: jax.Array, rc: tuple[int, ...]) -> jax.Array:
-    """A weight as ``(K, N)``: contracted axes (in ``rc`` order, paired with the lhs's) first."""
-    free = [d for d in range(w.ndim) if d not in rc]
-    k = int(np.prod([w.shape[d] for d in rc]))
-    return jnp.transpose(w, list(rc) + free).reshape(k, -1)
-
-
-def _from_matrix(m: jax.Array, shape: tuple[int, ...], rc: tuple[int, ...]) -> jax.Array:
-    order = list(rc) + [d for d in range(len(shape)) if d not in rc]
-    return jnp.transpose(m.reshape([shape[d] for d in order]), [int(i) for i in np.argsort(order)])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -227,17 +215,15 @@ def _quantize_op(
         row["method"] = "rtn"
         if axes is None or d is None:
             if axes is not None:
-                m, h = _to_matrix(w, axes[1]), stats[name]["h"]
-                row["error"] = row["rtn_error"] = _relative(m, _to_matrix(w_q, axes[1]), h)
+                m, h = to_matrix(w, axes[1]), stats[name]["h"]
+                row["error"] = row["rtn_error"] = _relative(m, to_matrix(w_q, axes[1]), h)
             return w_q, w_q, None, row
         # Statistics are of rotated rows: compare in the rotated basis; RTN's baseline is the unrotated weight's.
-        m, h = _to_matrix(w_r, axes[1]), stats[name]["h"]
+        m, h = to_matrix(w_r, axes[1]), stats[name]["h"]
         plain = rotate.rotate_weight(quant.fake_quant(qz, w), axes[1], d)
-        row.update(
-            error=_relative(m, _to_matrix(w_q, axes[1]), h), rtn_error=_relative(m, _to_matrix(plain, axes[1]), h)
-        )
+        row.update(error=_relative(m, to_matrix(w_q, axes[1]), h), rtn_error=_relative(m, to_matrix(plain, axes[1]), h))
         return w_q, rotate.unrotate_weight(w_q, axes[1], d).astype(w.dtype), None, row
-    m_plain = _to_matrix(w, axes[1])
+    m_plain = to_matrix(w, axes[1])
     m = m_plain if d is None else rotate.rotate_weight(m_plain, (0,), d)  # Rᵀ w as (K, N)
     st = stats[name]
     scales = None
@@ -266,8 +252,8 @@ def _quantize_op(
     )
     if d is not None:
         effective = rotate.unrotate_weight(effective, (0,), d)  # R (...): on the raw input
-    stored = _from_matrix(m_q, w.shape, axes[1]).astype(w.dtype)
-    return stored, _from_matrix(effective, w.shape, axes[1]).astype(w.dtype), scales, row
+    stored = from_matrix(m_q, w.shape, axes[1]).astype(w.dtype)
+    return stored, from_matrix(effective, w.shape, axes[1]).astype(w.dtype), scales, row
 
 
 def _relative(m: jax.Array, m_q: jax.Array, h: jax.Array) -> float:
