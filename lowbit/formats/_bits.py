@@ -4,6 +4,8 @@ Every kernel rounds on the float32 bit pattern: integer adds and masks on the
 mantissa are exact and vectorise, where ``log2``/``exp2`` are neither.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -16,9 +18,16 @@ INF_BITS = 0x7F800000
 MANT = 23  # float32 mantissa bits
 
 
+@functools.cache
 def u32(v: int) -> jax.Array:
-    """A uint32 scalar constant (keeps strict dtype promotion happy)."""
-    c: jax.Array = jnp.uint32(v)
+    """A uint32 scalar constant (keeps strict dtype promotion happy).
+
+    Cached: the kernels use a few dozen constants thousands of times per traced
+    step, and creating a device scalar costs a dispatch each time (measured: a
+    third of a millisecond, seconds per model trace).
+    """
+    with jax.ensure_compile_time_eval():  # a concrete array even when first asked for inside a trace
+        c: jax.Array = jnp.uint32(v)
     return c
 
 
@@ -117,6 +126,14 @@ def split_key(key: jax.Array, n: int) -> tuple[jax.Array, ...]:
     """
     check_key(key)
     check_int("split_key", "n", n, 1)
+    keys: tuple[jax.Array, ...] = _split_key(key, n)  # (jax.jit drops the return type)
+    return keys
+
+
+# One compiled (or, inside a trace, one cached) computation per key kind and n: called for every stochastic
+# op of every traced step, its dozen integer ops cost more to trace one by one than to run.
+@functools.partial(jax.jit, static_argnums=1)
+def _split_key(key: jax.Array, n: int) -> tuple[jax.Array, ...]:
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     data = jax.random.key_data(key) if typed else key
     words = _key_words(key)

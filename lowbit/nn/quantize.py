@@ -255,8 +255,11 @@ def _advance_keys(qmodel, frame) -> None:
         if frame.seen.get(name) != "quantized":
             continue
         data = module.sr_key[...]
-        flat = data.reshape(-1, data.shape[-1])
-        module.sr_key[...] = jax.vmap(lambda d: oprule.next_key(d)[1])(flat).reshape(data.shape)
+        module.sr_key[...] = _next_keys(data.reshape(-1, data.shape[-1])).reshape(data.shape)
+
+
+# Traced once per key shape (a fresh vmap per op and pass re-traced it every time: seconds per model trace).
+_next_keys = jax.jit(jax.vmap(lambda d: oprule.next_key(d)[1]))
 
 
 def _partition(args, kwargs) -> tuple[list, Any, tuple]:
