@@ -40,3 +40,23 @@ VIT_WEIGHTS = [
     "blocks/0/mlp_out:dot_general0",
     "head:dot_general0",
 ]
+
+# One recipe per kind of quantizer machinery, for the tests that run every recipe through a second or third
+# model structure (linen, a CNN, one training step): each policy (fp32, bf16, fp16), each stateless element
+# family (float, integer, a block format, rule-based ternary) and each kind of quantizer state (delayed
+# amax histories, GradScale and PACT clips, stochastic-rounding keys with 2D blocks and RHT, learned LSQ
+# steps). Every registered recipe still runs through every JAX structure in test_interception.py, which
+# is where an op left in float would show.
+REPRESENTATIVE_RECIPES = (
+    "fp32",
+    "bf16",
+    "fp16",
+    "fp8",
+    "int8",
+    "mxfp8",
+    "ternary",
+    "fp8_delayed",
+    "fp4",
+    "nvfp4",
+    "int8_lsq",
+)

@@ -20,7 +20,8 @@ import pytest
 from conftest import FAST_COMPILE
 
 # Correct test images out of 355 (digits' held-out split), seed 0, after the command below.
-PINS = {"fp32": 213, "fp8": 220, "fp4": 195, "nvfp4": 231}  # measured 2026-12-07 on f1a0d78
+# fp4 is pinned by the README's own run (tests/test_readme.py); fp4 here gave 195 on f1a0d78.
+PINS = {"fp32": 213, "fp8": 220, "nvfp4": 231}  # measured 2026-12-07 on f1a0d78
 COMMAND = [
     *("compare", "--recipes", ",".join(PINS), "--seeds", "0", "--epochs", "3"),
     *("--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "64", "--out", "pins", "--no-progress"),

@@ -364,7 +364,7 @@ def test_global_amax_under_a_two_device_mesh():
     """GSPMD data parallelism: every history holds the global batch's amax, as on one device."""
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip(),
         JAX_PLATFORMS="cpu",
         JAX_NUMPY_DTYPE_PROMOTION="strict",
     )

@@ -318,7 +318,9 @@ _DATA_PARALLEL = textwrap.dedent("""
 @pytest.mark.slow
 def test_one_and_four_devices_agree(tmp_path):
     # fp4 has every kind of quantizer state: amax scales, SAWB, PACT clips and GradScale.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    # The suite's own flags (-O0 under CI) plus four host devices.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, "-c", _DATA_PARALLEL, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
     )

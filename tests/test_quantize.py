@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPRESENTATIVE_RECIPES
 from flax import nnx
 from jax import lax
 
@@ -76,7 +77,7 @@ def _loss_and_grad(model, x):
     return nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
 
 
-@pytest.mark.parametrize("name", recipes.names())
+@pytest.mark.parametrize("name", REPRESENTATIVE_RECIPES)
 def test_every_recipe_quantizes_an_nnx_cnn_with_a_raw_einsum_head(name):
     model = CNN(nnx.Rngs(0))
     qmodel = _quiet(lowbit.quantize, model, name)
@@ -89,7 +90,7 @@ def test_every_recipe_quantizes_an_nnx_cnn_with_a_raw_einsum_head(name):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("name", recipes.names())
+@pytest.mark.parametrize("name", REPRESENTATIVE_RECIPES)
 def test_every_recipe_quantizes_a_linen_mlp_and_accepts_its_float_params(name):
     model = LinenMLP()
     params = model.init(jax.random.key(0), X)["params"]
