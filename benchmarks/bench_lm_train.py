@@ -74,7 +74,8 @@ def report() -> str:
         f"### Language model: held-out bits per byte ({records[0]['epochs']} epochs, built-in `lm`, stdlib corpus)",
         "",
         "Gap: the recipe's bits per byte minus fp32's on the same seed, averaged (positive: worse). "
-        "Step times were measured while the sweep ran alone; the load is in each seed's record.",
+        "Step: the median step time of each run; the machine's load when each seed started is below (a step "
+        "time taken beside other jobs is not evidence).",
         "",
         "| recipe | seeds | bits/byte | gap to fp32 (bits/byte) | step (ms) | step / fp32 |",
         "|---|---|---:|---:|---:|---:|",

@@ -23,6 +23,9 @@ ORDER = [
     "ablate_fp4.md",
     "bench_export.md",
     "ptq.md",
+    "bench_lm_train.md",
+    "bench_lm_ptq.md",
+    "bench_lm_ptq_finetuned.md",
     "mutation.md",
 ]
 
