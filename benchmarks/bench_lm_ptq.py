@@ -12,8 +12,8 @@ per-channel RTN weights, dynamic int8 per-tensor activations); W4A16 g128 RTN /
 GPTQ / AWQ / SmoothQuant; W3A16 g128 RTN / GPTQ / AWQ; W4A8 g128 SmoothQuant
 (smoothing, then RTN of the scaled weights: lowbit has no SmoothQuant + GPTQ
 composition) and W4A8 g128 GPTQ; NF4 g64 RTN. Weight-only rows are packed
-(``pack=True``, ``lowbit.nn.packed.memory``) when this lowbit has packing; the
-memory columns say ``n/a`` (and the record why) when it does not.
+(``pack=True``, ``lowbit.nn.packed.memory``); the memory columns of the others
+say ``n/a`` (and the record why).
 
 qwix rows (``qwix.contrib``; the ``[peers]`` extra): RTN (``PtqProvider``),
 GPTQ, AWQ and SmoothQuant, int4 weights in groups of 128 inputs
@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -96,21 +95,6 @@ def _mean_error(rows: list[dict]) -> float | None:
 
 
 # ----- lowbit ---------------------------------------------------------------------------------------------------
-def _can_pack() -> str | None:
-    """None if this lowbit packs weights (``quantize_weights(pack=True)``, ``packed.memory``), else why not."""
-    try:
-        from lowbit.nn import packed
-        from lowbit.ptq.weights import quantize_weights
-
-        if "pack" not in inspect.signature(quantize_weights).parameters:
-            return "quantize_weights has no pack argument"
-        if not callable(getattr(packed, "memory", None)):
-            return "lowbit.nn.packed has no memory()"
-    except ImportError as e:
-        return f"no packing: {_reason(e)}"
-    return None
-
-
 def run_lowbit(model, batches, x_test, y_test, spec, float_loss: float, pack: bool) -> dict[str, Any]:
     """One lowbit row: quantize a copy of ``model``, score it; the row's record fields."""
     from lowbit.ptq.config import named_format
@@ -124,36 +108,29 @@ def run_lowbit(model, batches, x_test, y_test, spec, float_loss: float, pack: bo
     )
     weights = Quantizer(format=named_format(wfmt), granularity=Channel() if group is None else Group(size=group))
     acts = None if afmt is None else Quantizer(format=named_format(afmt))
-    why_not = None if afmt is None else "activations are quantized (packing is weight-only)"
-    if pack and why_not is None:
-        why_not = _can_pack()
-    kwargs = dict(weights=weights, method=method, activations=acts)
+    why_not = "activations are quantized (packing is weight-only)" if afmt is not None else None
+    if why_not is None and not pack:
+        why_not = "--no-pack"
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tied head's "stays float": its row says so
-        qmodel = rows = None
-        if pack and why_not is None:
-            try:
-                qmodel, rows = quantize_weights(model, batches, pack=True, **kwargs)
-            except Exception as e:  # packing is new: the row still runs unpacked, the record says why
-                why_not = f"pack=True failed: {_reason(e)}"
-                t0 = time.perf_counter()
-        if qmodel is None:
-            qmodel, rows = quantize_weights(model, batches, **kwargs)
+        qmodel, rows = quantize_weights(
+            model, batches, weights=weights, method=method, activations=acts, pack=why_not is None
+        )
     out["time_s"] = time.perf_counter() - t0
     loss = evaluate(qmodel, x_test, y_test)["loss"]
     out.update(_scores(loss, float_loss))
     out["mean_error"] = _mean_error(rows)
     out["ops"] = [{k: r.get(k) for k in ("name", "method", "error", "rtn_error", "reason")} for r in rows]
     out["float_ops"] = [r["name"] for r in rows if r.get("method") == "float"]
-    if pack and why_not is None:
+    if why_not is None:
         from lowbit.nn import packed
 
         mem = packed.memory(qmodel)
         out["memory"] = dict(mem, packed_ratio=mem["packed_bytes"] / max(mem["packed_float32_bytes"], 1))
     else:
         out["memory"] = None
-        out["memory_reason"] = why_not or "--no-pack"
+        out["memory_reason"] = why_not
     return out
 
 
@@ -478,8 +455,8 @@ def table(records: list[dict], header: dict) -> str:
         "- Memory: lowbit packs weight-only rows (`quantize_weights(pack=True)`, `lowbit.nn.packed.memory`): "
         "quantized weights' bytes (codes + scales) over their float32 bytes, and all parameters over float32 "
         "(the float embedding, norms and biases included). qwix: nominal, codes at their bit width plus scales "
-        "(qwix keeps int4 codes one per byte in memory). n/a: not packed (activation-quantized rows, or no "
-        "packing in this lowbit).",
+        "(qwix keeps int4 codes one per byte in memory). n/a: not packed (activation-quantized rows, or "
+        "--no-pack).",
         "- qwix runs in a child process (module docstring): lowbit's op hooks, installed by `lowbit.quantize`, "
         "hide `nnx.Linear`'s products from qwix's interception in the same process.",
         "- time: quantization (calibration included), not scoring, on a shared machine (load above); a row "
@@ -549,7 +526,7 @@ def main(argv=None) -> None:
             continue
         if label == "fp32":
             mem = None
-            if not args.no_pack and _can_pack() is None:
+            if not args.no_pack:
                 from lowbit.nn import packed
 
                 mem = packed.memory(model)
