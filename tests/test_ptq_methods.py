@@ -8,6 +8,7 @@ import pytest
 from conftest import VIT_WEIGHTS
 from flax import nnx
 
+from lowbit import formats, quant
 from lowbit.nn.vit import ViT
 from lowbit.ptq import AWQ, GPTQ, RTN, awq, gptq, hessian, output_error, quantize_weights, rtn, smooth, smoothing_scales
 from lowbit.quant import Channel, Group, Quantizer
@@ -110,6 +111,27 @@ def test_awq_no_worse_than_rtn_and_better_with_outlier_channels():
     np.testing.assert_allclose(float(res.error), float(output_error(w, res.weight, h)), rtol=1e-5)
     s = np.asarray(res.scales)
     assert np.max(s) * np.min(s) == pytest.approx(1, rel=1e-5)
+
+
+INT3_G8 = Quantizer(format=formats.IntFormat(bits=3, signed=True, name="int3"), granularity=Group(size=8))
+
+
+def test_awq_clip_search_shrinks_outlier_groups_at_3_bits():
+    x, w, h = _problem(seed=4)
+    w[::5, ::3] *= 6  # a few large weights stretch their groups' ranges: clipping them costs less than the grid
+    act = np.mean(np.abs(x), 0)
+    plain = awq.quantize(w, h, act, INT3_G8, AWQ(clip_grid=0))
+    clipped = awq.quantize(w, h, act, INT3_G8, AWQ())
+    assert float(clipped.error) < 0.95 * float(plain.error)
+    np.testing.assert_allclose(float(clipped.error), float(output_error(w, clipped.weight, h)), rtol=1e-5)
+    c, s = np.asarray(clipped.scaled), np.asarray(clipped.scales)[:, None]
+    assert np.all(np.abs(c) <= np.abs(w * s) * (1 + 1e-6))  # clipping only shrinks
+    assert not np.array_equal(c, w * s)  # ... and some group was clipped
+    # the effective weight is Q(clipped) / s, exactly
+    q = rtn.oriented(INT3_G8, K)
+    np.testing.assert_array_equal(clipped.weight, quant.fake_quant(q, clipped.scaled) / clipped.scales[:, None])
+    # never above RTN, as without clipping
+    assert float(clipped.error) <= float(output_error(w, rtn.quantize(w, INT3_G8), h)) * (1 + 1e-6)
 
 
 def test_smoothquant_leaves_the_float_output_unchanged():
@@ -270,3 +292,7 @@ def test_model_without_quantizable_op_and_bad_arguments():
         quantize_weights(UserMLP(nnx.Rngs(0)), [], weights=INT4_G8)
     with pytest.raises(ValueError, match="GPTQ.damping"):
         GPTQ(damping=-1)
+    with pytest.raises(ValueError, match="AWQ.clip_grid"):
+        AWQ(clip_grid=-1)
+    with pytest.raises(ValueError, match="AWQ.max_shrink"):
+        AWQ(max_shrink=1.0)

@@ -11,7 +11,8 @@ Each method hands over what its fake-quantized weight was made of, so that
   then, which the dequantized weights do not determine). With ``act_order`` a
   group is a scattered set of inputs: the rows are stored sorted by group
   (``perm``), so that each group's scales cover contiguous rows.
-* AWQ and weight-only SmoothQuant: the codes of ``Q(diag(s) w)`` and ``in_scale = s``.
+* AWQ and weight-only SmoothQuant: the codes of ``Q(diag(s) w)`` (AWQ's clipped per group where its
+  clip search chose to, ``AWQResult.scaled``) and ``in_scale = s``.
 
 Every packed weight is checked against the method's weight (byte for byte)
 before it is returned.
@@ -94,7 +95,8 @@ def packed_op(
         assert s is not None  # SmoothQuant hands its scales over
         m = jnp.asarray(to_matrix(w, contracted), jnp.float32)
         q = oriented(weights, m.shape[0], name)
-        pw = packed_weight(quant.quantize(q, m * s[:, None]), w.shape, contracted, w.dtype, in_scale=s)
+        c = result.scaled if isinstance(result, AWQResult) else m * s[:, None]  # AWQ's may be clipped
+        pw = packed_weight(quant.quantize(q, c), w.shape, contracted, w.dtype, in_scale=s)
     got = np.asarray(dequantize(pw))
     if got.tobytes() != np.asarray(w_q).tobytes():
         raise RuntimeError(f"quantize_weights: op {name}: the packed weight differs from the fake-quantized one")
