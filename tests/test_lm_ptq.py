@@ -78,16 +78,16 @@ def test_evaluate_scores_every_next_token(saved, corpus):
 
 def test_cli_ptq_of_an_lm_checkpoint_reports_bits_per_byte(saved, corpus, tmp_path, capsys):
     out, _ = saved
-    argv = ["ptq", "--checkpoint", str(out), "--data-dir", str(corpus), "--method", "gptq", "--weights", "int4"]
+    argv = ["ptq", "--checkpoint", str(out), "--data-dir", str(corpus), "--method", "rtn", "--weights", "int4"]
     argv += ["--group-size", "8", "--samples", "32", "--out", str(tmp_path / "ptq")]
     assert _main(argv) == 0
     metrics = json.loads((tmp_path / "ptq" / "metrics.json").read_text())
-    assert metrics["dataset"] == "text" and metrics["method"] == "gptq"
+    assert metrics["dataset"] == "text" and metrics["method"] == "rtn"  # GPTQ itself: tests/test_ptq_methods.py
     assert metrics["bits_per_byte"] == pytest.approx(metrics["test_loss"] / math.log(2))
     assert metrics["bits_per_byte_increase"] == pytest.approx(metrics["bits_per_byte"] - metrics["float_bits_per_byte"])
     methods = [r["method"] for r in metrics["ops"]]
-    # qkv, attention out, MLP in and out by GPTQ; the tied head reads the embedding's transpose: float.
-    assert methods == ["gptq"] * 4 + ["float"], methods
+    # qkv, attention out, MLP in and out; the tied head reads the embedding's transpose: float.
+    assert methods == ["rtn"] * 4 + ["float"], methods
     assert all(np.isfinite(r["error"]) for r in metrics["ops"][:4])
     printed = capsys.readouterr().out
     assert "held-out " in printed and "bits/byte (float " in printed and "test accuracy" not in printed
