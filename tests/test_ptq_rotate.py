@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_ptq_methods import ConvNet  # the same conv + linear model its RTN fallback test uses
 
 from lowbit.cli import ptq as cli_ptq
 from lowbit.data import Dataset
@@ -189,15 +190,6 @@ def test_rotate_with_every_method(name, method, activations):
     x = jnp.asarray(_batches(shape, seed=9, n=1)[0])
     ref = model(x)
     assert float(jnp.sum((q(x) - ref) ** 2) / jnp.sum(ref**2)) < 0.03
-
-
-class ConvNet(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(8, 4, (3, 3), rngs=rngs)
-        self.head = nnx.Linear(4 * 4 * 4, 16, rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(jax.nn.relu(self.conv(x)).reshape(x.shape[0], -1))
 
 
 def test_convolution_is_not_rotated_and_says_so():
