@@ -10,8 +10,8 @@ split with ``lowbit.ptq.evaluate.evaluate``: bits per byte (mean cross-entropy
 lowbit rows (``lowbit.ptq.weights.quantize_weights``): fp32; W8A8 (int8
 per-channel RTN weights, dynamic int8 per-tensor activations); W4A16 g128 RTN /
 GPTQ / AWQ / SmoothQuant; W3A16 g128 RTN / GPTQ / AWQ; W4A8 g128 SmoothQuant
-(smoothing, then RTN of the scaled weights: lowbit has no SmoothQuant + GPTQ
-composition) and W4A8 g128 GPTQ; NF4 g64 RTN. Weight-only rows are packed
+(smoothing, then RTN of the scaled weights), W4A8 g128 GPTQ and W4A8 g128
+SmoothQuant + GPTQ (smoothing, then GPTQ of the scaled weights); NF4 g64 RTN. Weight-only rows are packed
 (``pack=True``, ``lowbit.nn.packed.memory``); the memory columns of the others
 say ``n/a`` (and the record why).
 
@@ -72,6 +72,7 @@ LOWBIT_ROWS = [
     ("W3A16 g128 AWQ", "int3", 128, "awq", None),
     ("W4A8 g128 SmoothQuant", "int4", 128, "smoothquant", "int8"),
     ("W4A8 g128 GPTQ", "int4", 128, "gptq", "int8"),
+    ("W4A8 g128 SmoothQuant + GPTQ", "int4", 128, "smoothquant+gptq", "int8"),
     ("NF4 g64 RTN", "nf4", 64, "rtn", None),
 ]
 QWIX_ROWS = [
@@ -439,9 +440,9 @@ def table(records: list[dict], header: dict) -> str:
         "- Quantized ops: the LM's qkv, proj, mlp_in and mlp_out layers in both libraries. The tied head "
         "(`x @ embedding.T`) and the attention products stay float in both (lowbit: the head's weight is a "
         "transpose, no parameter to replace; qwix: its rules match the Linear layers only).",
-        "- lowbit SmoothQuant: smoothing scales (alpha 0.5), then RTN of the scaled weights; lowbit has no "
-        "SmoothQuant + GPTQ composition, so W4A8 is reported as SmoothQuant (RTN) and as GPTQ with int8 "
-        "activations. A16 SmoothQuant folds 1/s back into the weight.",
+        "- lowbit SmoothQuant: smoothing scales (alpha 0.5), then RTN of the scaled weights; SmoothQuant + GPTQ: "
+        "the same scales, then GPTQ of the scaled weights on the scaled inputs' Hessian H / (s sᵀ) (the W4A8 "
+        "recipe of the SmoothQuant paper). A16 SmoothQuant folds 1/s back into the weight.",
         "- lowbit GPTQ / AWQ are sequential (each op's statistics after the ops before it were quantized); "
         "qwix calibrates every op on the float model in one pass.",
         "- qwix SmoothQuant A16: `SqInferenceProvider` scales each input by 1/s and does not quantize it "

@@ -260,6 +260,22 @@ def test_default_method_is_calibrate_with_the_old_defaults():
             WeightPTQConfig(method=config.SmoothQuant(alpha=0.8), weights="int8", activations="int8"),
         ),
         (
+            [
+                "--method",
+                "smoothquant+gptq",
+                "--alpha",
+                "0.7",
+                "--damping",
+                "0.05",
+                "--act-order",
+                "--activations",
+                "int8",
+            ],
+            WeightPTQConfig(
+                method=config.SmoothQuant(alpha=0.7, then=GPTQ(damping=0.05, act_order=True)), activations="int8"
+            ),
+        ),
+        (
             ["--method", "awq", "--activations", "none", "--group-size", "32", "--exclude", "patch_embed:.*"],
             WeightPTQConfig(method=config.AWQ(), group_size=32, exclude="patch_embed:.*"),
         ),
@@ -324,7 +340,8 @@ def test_group_size_not_dividing_an_op(loaded, monkeypatch, tmp_path, capsys):
         (["--method", "rtn", "--exclude", "head:.*"], "W4A16"),
         (["--method", "gptq", "--act-order"], "W4A16"),
         (["--method", "awq"], "W4A16"),
-        (["--method", "smoothquant", "--weights", "int8", "--activations", "int8"], "W8A8"),
+        # SmoothQuant's scaled inputs, with GPTQ on the smoothed weights (plain SmoothQuant: test_ptq_methods).
+        (["--method", "smoothquant+gptq", "--act-order", "--activations", "int8"], "W4A8"),
     ],
 )
 @pytest.mark.slow  # end to end on a trained ViT
@@ -342,7 +359,7 @@ def test_weight_method_writes_metrics(loaded, monkeypatch, tmp_path, capsys, fla
     # The tiny ViT's weighted ops (its two attention einsums have no weight), less an excluded head.
     assert len(rows) == (5 if "--exclude" in flags else 6)
     assert all(r["method"] == method and r["error"] >= 0 and "rtn_error" in r and "sqnr_db" in r for r in rows)
-    # Every op's output is measured as the model runs it: SmoothQuant's W8A8 ops on their scaled inputs too.
+    # Every op's output is measured as the model runs it: SmoothQuant's ops on their scaled inputs too.
     assert min(r["sqnr_db"] for r in rows) > 10
     if method == "gptq":  # GPTQ minimises exactly this error, from RTN's start
         assert sum(r["error"] for r in rows) < sum(r["rtn_error"] for r in rows)

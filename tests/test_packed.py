@@ -67,7 +67,7 @@ INT4_G32 = Quantizer(format="int4", granularity=Group(size=32))
 INT8_CHANNEL = Quantizer(format="int8", granularity=Channel())
 NF4_G8 = Quantizer(format="nf4", granularity=Group(size=8))
 
-# (id, model, method, weight quantizer, what the packed weights must carry)
+# (id, model, method, weight quantizer, what the packed weights must carry: "+"-joined)
 CASES = [
     ("rtn-int4-g32-mlp", "mlp", RTN(), INT4_G32, "rtn"),
     ("rtn-int8-channel-einsum", "einsum", RTN(), INT8_CHANNEL, "rtn"),
@@ -77,6 +77,13 @@ CASES = [
     ("gptq-act-order-int4-g8-mlp", "mlp", GPTQ(block_size=16, act_order=True), INT4_G8, "perm"),
     ("awq-int4-g8-lm", "lm", AWQ(grid=4), INT4_G8, "in_scale"),
     ("smoothquant-weight-only-int8-mlp", "mlp", SmoothQuant(), INT8_CHANNEL, "in_scale"),
+    (
+        "smoothquant+gptq-act-order-int4-g8-einsum",
+        "einsum",
+        SmoothQuant(then=GPTQ(block_size=16, act_order=True)),
+        INT4_G8,
+        "perm+in_scale",
+    ),
 ]
 
 _nnx_forward = nnx.jit(lambda m, x: m(x))
@@ -129,7 +136,8 @@ def test_packed_logits_equal_fake_quant_logits(quantized, case_id, name, method,
             assert pw.contracted is None and pw.perm is None and pw.in_scale is None
         else:
             assert pw.contracted is not None and pw.qt.shape[0] * pw.qt.shape[1] == pw.size
-            assert (pw.perm is not None) == (carries == "perm") and (pw.in_scale is not None) == (carries == "in_scale")
+            carried = set(carries.split("+"))
+            assert (pw.perm is not None) == ("perm" in carried) and (pw.in_scale is not None) == ("in_scale" in carried)
 
 
 def test_packed_state_holds_codes_not_float_weights(quantized):

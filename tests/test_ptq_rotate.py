@@ -176,8 +176,13 @@ def test_outlier_activation_channel_is_quantized_after_rotation():
 
 @pytest.mark.parametrize(
     ("method", "activations"),
-    [(GPTQ(block_size=16), None), (AWQ(grid=4), None), (SmoothQuant(), INT8), (GPTQ(block_size=16), INT8)],
-    ids=["gptq", "awq", "smoothquant-w4a8", "gptq-w4a8"],
+    [
+        (GPTQ(block_size=16), None),
+        (AWQ(grid=4), None),
+        (SmoothQuant(then=GPTQ(block_size=16)), INT8),
+        (GPTQ(block_size=16), INT8),
+    ],
+    ids=["gptq", "awq", "smoothquant+gptq-w4a8", "gptq-w4a8"],
 )
 @pytest.mark.parametrize("name", MODELS)
 def test_rotate_with_every_method(name, method, activations):

@@ -3,7 +3,7 @@
 ``lowbit ptq --method`` picks the pass: ``calibrate`` (the default, and all
 ``lowbit ptq`` did before it had methods: static activation scales calibrated on
 training images, ``PTQConfig``) or a weight method (``rtn``, ``gptq``, ``awq``,
-``smoothquant``: ``WeightPTQConfig``, ``lowbit.ptq.weights.quantize_weights``).
+``smoothquant``, ``smoothquant+gptq``: ``WeightPTQConfig``, ``lowbit.ptq.weights.quantize_weights``).
 An option of one kind of pass given to another is a one-line error naming both;
 so that "given" is known, those options default to None here and the config
 classes hold the defaults.
@@ -64,8 +64,8 @@ _CALIBRATE_ONLY = (
     "sweep",
 )
 _WEIGHT_METHOD_ONLY = ("group_size", "include", "exclude", "rotate")
-# A weight method's own settings: each a field of its settings class (WEIGHT_METHODS), so it applies to the
-# methods that have that field.
+# A weight method's own settings: each a field of its settings (WEIGHT_METHODS) or of the method it composes
+# (``then``), so it applies to the methods that have that field.
 _METHOD_SETTINGS = ("damping", "act_order", "alpha")
 _WEIGHT_NAMES = ", ".join(WEIGHT_METHODS)
 NONE = "none"  # --activations none: float activations (weight-only)
@@ -93,18 +93,34 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def _fields(config: Any) -> dict[str, object]:
+    """A method config's settings by name: its fields, and those of the method it composes (``then``)."""
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    then = own.pop("then", None)
+    return own | ({} if then is None else _fields(then))
+
+
 def _methods_with(dest: str) -> tuple[str, ...]:
     """The --method values that option ``dest`` applies to."""
     if dest in _CALIBRATE_ONLY:
         return (CALIBRATE,)
     if dest in _WEIGHT_METHOD_ONLY:
         return tuple(WEIGHT_METHODS)
-    return tuple(n for n, c in WEIGHT_METHODS.items() if dest in {f.name for f in dataclasses.fields(c)})
+    return tuple(n for n, m in WEIGHT_METHODS.items() if dest in _fields(m))
 
 
 def _default(method: str, dest: str) -> object:
-    """The default of setting ``dest`` of weight method ``method`` (its settings class's field)."""
-    return next(f.default for f in dataclasses.fields(WEIGHT_METHODS[method]) if f.name == dest)
+    """The default of setting ``dest`` of weight method ``method`` (its reference settings)."""
+    return _fields(WEIGHT_METHODS[method])[dest]
+
+
+def _with(config: Any, settings: dict[str, object]) -> Any:
+    """``config`` with ``settings`` (its own fields or its ``then`` method's), checked by the config classes."""
+    then = getattr(config, "then", None)
+    if then is not None:
+        inner = {k: v for k, v in settings.items() if k in _fields(then)}
+        settings = {k: v for k, v in settings.items() if k not in inner} | {"then": _with(then, inner)}
+    return dataclasses.replace(config, **settings)
 
 
 def _for(dest: str) -> str:
@@ -356,7 +372,7 @@ def _config(args: argparse.Namespace, **override) -> PTQConfig | WeightPTQConfig
         if args.method != CALIBRATE:
             settings = {d: getattr(args, d) for d in _METHOD_SETTINGS if getattr(args, d) is not None}
             fields = dict(
-                method=WEIGHT_METHODS[args.method](**settings),
+                method=_with(WEIGHT_METHODS[args.method], settings),
                 weights=args.weights,
                 activations=None if args.activations == NONE else args.activations,
                 include=args.include,

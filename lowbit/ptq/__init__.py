@@ -13,7 +13,8 @@ forward pass runs, named ``path:key`` (``blocks/0/attn:einsum1``).
 * ``quantize_weights`` (``lowbit.ptq.weights``): a weight method on every
   weighted op of any NNX model, from its calibration inputs: ``RTN`` (round to
   nearest), ``GPTQ`` (``lowbit.ptq.gptq``), ``AWQ`` (``lowbit.ptq.awq``),
-  ``SmoothQuant`` (``lowbit.ptq.smoothquant``); weight-only (W4A16, NF4, ...)
+  ``SmoothQuant`` (``lowbit.ptq.smoothquant``; ``SmoothQuant(then=GPTQ())``
+  quantizes the smoothed weight by GPTQ); weight-only (W4A16, NF4, ...)
   or with an activation quantizer (W8A8, W4A8). Each method's module also
   quantizes one ``(K, N)`` weight from its inputs' Hessian (``hessian``):
   ``gptq.quantize``, ``awq.quantize``, ``smoothquant.quantize``, ``rtn.quantize``.
@@ -41,6 +42,7 @@ _LAZY = {
     "SmoothQuant": "lowbit.ptq.smoothquant",
     "SmoothResult": "lowbit.ptq.smoothquant",
     "smooth": "lowbit.ptq.smoothquant",
+    "smoothed_hessian": "lowbit.ptq.smoothquant",
     "smoothing_scales": "lowbit.ptq.smoothquant",
     "WEIGHT_METHODS": "lowbit.ptq.config",
     "PTQ_METHODS": "lowbit.ptq.config",

@@ -57,9 +57,11 @@ LAYERNORM = ("tensor", "channel", "ptf")
 GRANULARITIES = ("tensor", "channel", "group")
 METHODS = ("noise", "outlier", "both", "plain")  # lowbit.ptq.finetune's
 WeightMethod = RTN | GPTQ | AWQ | SmoothQuant
-# The weight methods by the names the CLI takes (``lowbit ptq --method``), each its settings' class (defaults:
-# the method's reference settings); ``lowbit.ptq.weights.quantize_weights`` takes the same names.
-WEIGHT_METHODS: dict[str, type[WeightMethod]] = {m.name: m for m in (RTN, GPTQ, AWQ, SmoothQuant)}
+# The weight methods by the names the CLI takes (``lowbit ptq --method``), each with its reference settings (a
+# composition, SmoothQuant then GPTQ, is one method by its own name); ``quantize_weights`` takes the same names.
+WEIGHT_METHODS: dict[str, WeightMethod] = {
+    m.name: m for m in (RTN(), GPTQ(), AWQ(), SmoothQuant(), SmoothQuant(then=GPTQ()))
+}
 CALIBRATE = "calibrate"  # PTQConfig's pass: calibrated static activations, round-to-nearest weights
 # Every ``lowbit ptq --method``; the first is the default (what ``lowbit ptq`` did before it had methods).
 PTQ_METHODS = (CALIBRATE, *WEIGHT_METHODS)
@@ -268,7 +270,7 @@ class WeightPTQConfig:
 
     Attributes:
       method: the method with its settings: ``RTN()``, ``GPTQ(damping,
-        block_size, act_order)``, ``AWQ(grid)`` or ``SmoothQuant(alpha)``.
+        block_size, act_order)``, ``AWQ(grid)`` or ``SmoothQuant(alpha, then)``.
       weights: weight format name: ``intN`` / ``uintN`` (N in 2..16) or any
         registered format (``nf4``, ``float8_e4m3fn``, ...).
       group_size: inputs per weight scale group of each output channel (the
@@ -297,12 +299,13 @@ class WeightPTQConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        kinds = tuple(dict.fromkeys(type(m) for m in WEIGHT_METHODS.values()))
         require(
-            isinstance(self.method, tuple(WEIGHT_METHODS.values())),
+            isinstance(self.method, kinds),
             "WeightPTQConfig",
             "method",
             self.method,
-            " | ".join(f"{c.__name__}()" for c in WEIGHT_METHODS.values()),
+            " | ".join(f"{c.__name__}()" for c in kinds),
         )
         self.weight_quantizer  # noqa: B018  (raises ValueError on a bad format or group size)
         if self.activations is not None:

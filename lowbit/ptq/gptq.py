@@ -227,7 +227,7 @@ def _loop(
 
 
 def quantize(
-    w: jax.Array, h: jax.Array, quantizer: Quantizer, config: GPTQ = GPTQ(), *, name: str = "weight"
+    w: jax.Array, h: np.ndarray | jax.Array, quantizer: Quantizer, config: GPTQ = GPTQ(), *, name: str = "weight"
 ) -> GPTQResult:
     """Quantize one weight with GPTQ.
 

@@ -13,6 +13,8 @@ Each method hands over what its fake-quantized weight was made of, so that
   (``perm``), so that each group's scales cover contiguous rows.
 * AWQ and weight-only SmoothQuant: the codes of ``Q(diag(s) w)`` (AWQ's clipped per group where its
   clip search chose to, ``AWQResult.scaled``) and ``in_scale = s``.
+* SmoothQuant with ``then=GPTQ(...)`` (weight-only): both, GPTQ's codes of ``diag(s) w`` on its
+  own grid (``SmoothResult.gptq``), with its ``perm``, and ``in_scale = s``.
 
 Every packed weight is checked against the method's weight (byte for byte)
 before it is returned.
@@ -31,6 +33,7 @@ from lowbit.nn.packed import PackedWeight, dequantize, packed_weight, to_matrix
 from lowbit.ptq.awq import AWQResult
 from lowbit.ptq.gptq import GPTQResult
 from lowbit.ptq.rtn import oriented
+from lowbit.ptq.smoothquant import SmoothResult
 from lowbit.quant.layout import layout
 from lowbit.quant.qtensor import QTensor, pack_codes, store
 
@@ -68,7 +71,6 @@ def packed_op(
     weights: quant.Quantizer,
     contracted: tuple[int, ...] | None,
     result: Any,
-    scales: jax.Array | None,
 ) -> PackedWeight:
     """The packed form of one op's quantized weight ``w_q`` (what ``quantize_weights`` stores).
 
@@ -79,24 +81,30 @@ def packed_op(
       rtn_quantizer: the quantizer placed on ``w`` as it lies (RTN's).
       weights: the weight quantizer the methods place on the ``(K, N)`` view.
       contracted: the op's rhs contracted axes; None where the op stayed RTN.
-      result: the method's ``GPTQResult`` / ``AWQResult``, or None (RTN, SmoothQuant).
-      scales: SmoothQuant's ``s`` (weight-only), else None.
+      result: the method's ``GPTQResult`` / ``AWQResult`` / ``SmoothResult`` (weight-only), or None (RTN).
 
     Raises:
       RuntimeError: the packed weight does not dequantize to ``w_q`` (a bug, never silently wrong).
     """
-    if contracted is None or (result is None and scales is None):
+    smoothed = isinstance(result, SmoothResult)
+    if contracted is None or result is None:
         pw = packed_weight(quant.quantize(rtn_quantizer, w), w.shape, None, w.dtype)
-    elif isinstance(result, GPTQResult):
-        qt, perm = gptq_qtensor(result, weights)
-        pw = packed_weight(qt, w.shape, contracted, w.dtype, perm=None if perm is None else jnp.asarray(perm))
+    elif isinstance(result, GPTQResult) or (smoothed and result.gptq is not None):
+        qt, perm = gptq_qtensor(result.gptq if smoothed else result, weights)
+        pw = packed_weight(
+            qt,
+            w.shape,
+            contracted,
+            w.dtype,
+            perm=None if perm is None else jnp.asarray(perm),
+            in_scale=result.scales if smoothed else None,
+        )
     else:
-        s = result.scales if isinstance(result, AWQResult) else scales
-        assert s is not None  # SmoothQuant hands its scales over
+        assert isinstance(result, (AWQResult, SmoothResult))
         m = jnp.asarray(to_matrix(w, contracted), jnp.float32)
         q = oriented(weights, m.shape[0], name)
-        c = result.scaled if isinstance(result, AWQResult) else m * s[:, None]  # AWQ's may be clipped
-        pw = packed_weight(quant.quantize(q, c), w.shape, contracted, w.dtype, in_scale=s)
+        c = result.scaled if isinstance(result, AWQResult) else m * result.scales[:, None]  # AWQ's may be clipped
+        pw = packed_weight(quant.quantize(q, c), w.shape, contracted, w.dtype, in_scale=result.scales)
     got = np.asarray(dequantize(pw))
     if got.tobytes() != np.asarray(w_q).tobytes():
         raise RuntimeError(f"quantize_weights: op {name}: the packed weight differs from the fake-quantized one")

@@ -1,4 +1,4 @@
-"""``quantize_weights``: RTN, GPTQ, AWQ or SmoothQuant on every weighted op of any NNX model.
+"""``quantize_weights``: RTN, GPTQ, AWQ or SmoothQuant (then RTN or GPTQ) on every weighted op of any NNX model.
 
 The ops are the ones ``lowbit.quantize`` finds (``lowbit.ptq.capture``): every
 matmul / einsum / convolution of the forward pass whose rhs is a model
@@ -94,7 +94,7 @@ def _method(method: str | Method) -> Method:
     if isinstance(method, str):
         if method not in WEIGHT_METHODS:
             raise ValueError(f"method={method!r} is invalid; allowed: {', '.join(WEIGHT_METHODS)} or a method config")
-        return WEIGHT_METHODS[method]()
+        return WEIGHT_METHODS[method]
     if not isinstance(method, (RTN, GPTQ, AWQ, SmoothQuant)):
         raise TypeError(f"method has type {type(method).__name__}; allowed: a name or RTN, GPTQ, AWQ, SmoothQuant")
     return method
@@ -191,7 +191,7 @@ def _quantize_op(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, dict[str, Any]]:
     """``(stored weight, effective weight, input scales or None, report row)`` of one op.
 
-    ``keep``: where GPTQ / AWQ leave their result (``"result"``), for packing (``lowbit.ptq.packed``).
+    ``keep``: where GPTQ / AWQ / SmoothQuant leave their result (``"result"``), for packing (``lowbit.ptq.packed``).
 
     ``d``: the op's rotation signs (``rotate``), or None. The stored weight is what the op holds
     (``Q(Rᵀ w)``, ``Q(diag(s) Rᵀ w)`` with scaled inputs); the effective one is its float equivalent on the
@@ -238,8 +238,10 @@ def _quantize_op(
         if keep is not None:
             keep["result"] = res
     else:
-        res_s = smoothquant.quantize(m, st["act_max"], weights, method, name=name)
+        res_s = smoothquant.quantize(m, st["act_max"], weights, method, h=st["h"], name=name)
         scales = res_s.scales
+        if keep is not None:
+            keep["result"] = res_s
         # Weight-only: 1 / s folds back into the weight; with activations the op divides its input.
         m_q = res_s.weight if scaled_input else res_s.weight / scales[:, None]
     # With scaled inputs the op computes (x / s) Q(diag(s) w): its effective weight is Q(diag(s) w) / s.
@@ -280,15 +282,13 @@ def _check_pack(pack: object, activations: quant.Quantizer | None, rotate: bool)
         )
 
 
-def _packed_op(
-    op: Op, w: jax.Array, w_q: jax.Array, weights: quant.Quantizer, result: Any, scales: jax.Array | None
-) -> PackedWeight:
+def _packed_op(op: Op, w: jax.Array, w_q: jax.Array, weights: quant.Quantizer, result: Any) -> PackedWeight:
     """The packed form of op ``op``'s quantized weight ``w_q`` (``lowbit.ptq.packed.packed_op``)."""
     axes = _contracted(op)
     rtn_q = oprule.retarget(DotQuantConfig(rhs=weights), op.call, len(op.lhs_shape), w.ndim).rhs
     assert rtn_q is not None  # retarget keeps the given rhs quantizer
     rc = None if axes is None else axes[1]
-    return packed_op(op_name(op.path, op.key), w, w_q, rtn_q, weights, rc, result, scales)
+    return packed_op(op_name(op.path, op.key), w, w_q, rtn_q, weights, rc, result)
 
 
 def quantize_weights(
@@ -315,8 +315,9 @@ def quantize_weights(
       weights: the weight quantizer, e.g. ``Quantizer(format="int4",
         granularity=Group(size=128))`` (W4A16 g128): groups run along each op's
         inputs, channels on its outputs.
-      method: ``"rtn"``, ``"gptq"``, ``"awq"``, ``"smoothquant"`` (default
-        settings) or a config: ``RTN()``, ``GPTQ(...)``, ``AWQ(...)``, ``SmoothQuant(alpha)``.
+      method: a name of ``WEIGHT_METHODS`` (``"rtn"``, ``"gptq"``, ``"awq"``, ``"smoothquant"``,
+        ``"smoothquant+gptq"``; default settings) or a config: ``RTN()``, ``GPTQ(...)``, ``AWQ(...)``,
+        ``SmoothQuant(alpha)``, ``SmoothQuant(alpha, then=GPTQ(...))`` (GPTQ on the smoothed weight).
       activations: a quantizer for each selected op's input (lhs), e.g.
         ``Quantizer(format="int8")`` (dynamic, per tensor) for W8A8; None keeps them float.
       include, exclude: regexes on op names (``path:key``, ``re.fullmatch``):
@@ -396,7 +397,7 @@ def quantize_weights(
             op, w, stats, weights, method, scaled_input, rotations.get(name), keep
         )
         if pack:
-            packs[name] = _packed_op(op, w, w_q, weights, keep.get("result"), scales)
+            packs[name] = _packed_op(op, w, w_q, weights, keep.get("result"))
         if name in not_rotated:
             row["reason"] = "; ".join(filter(None, [row.get("reason"), not_rotated[name]]))
             warnings.warn(f"quantize_weights: op {name}: {not_rotated[name]}", stacklevel=2)
