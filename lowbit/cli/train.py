@@ -16,6 +16,7 @@ must set ``XLA_FLAGS`` before jax creates its CPU backend.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -108,6 +109,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1,
         help="data-parallel devices; on CPU, simulated with XLA_FLAGS (default: 1)",
+    )
+    opt.add_argument(
+        "--mesh",
+        metavar="AXIS=N,...",
+        help="device mesh instead of --devices, from the axes data, fsdp, tensor (e.g. data=2,fsdp=2,tensor=2): "
+        "batches split over data and fsdp, weights over fsdp and, as the model annotates them, tensor",
     )
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -229,6 +236,19 @@ def _use_devices(args: argparse.Namespace) -> None:
     n = args.devices
     if args.batch_size % n:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by --devices {n}")
+    if args.mesh is not None:
+        from lowbit.trainer.sharding import BATCH_AXES, parse_mesh  # creates no arrays: XLA_FLAGS still apply
+
+        if n != 1:
+            raise InputError(f"give --devices ({n}) or --mesh ({args.mesh}), not both")
+        try:
+            sizes = parse_mesh(args.mesh)
+        except ValueError as e:
+            raise InputError(f"--mesh {args.mesh}: {e}") from None
+        shards = math.prod(sizes[a] for a in BATCH_AXES)
+        if args.batch_size % shards:
+            raise InputError(f"--batch-size {args.batch_size} is not divisible by the mesh's data × fsdp = {shards}")
+        n = math.prod(sizes.values())
     if n > 1:
         flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
@@ -236,7 +256,7 @@ def _use_devices(args: argparse.Namespace) -> None:
 
     if len(jax.devices()) < n:
         raise InputError(
-            f"--devices {n}: jax sees only {len(jax.devices())} devices (its backend started before "
+            f"{n} devices (--devices/--mesh): jax sees only {len(jax.devices())} devices (its backend started before "
             f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)"
         )
 
@@ -386,6 +406,7 @@ def _run(
                 keep=args.keep,
                 max_skipped=args.max_skipped,
                 devices=args.devices,
+                mesh=args.mesh,
                 progress=not args.no_progress,
             )
     except (TypeError, ValueError) as e:  # checkpoint errors included; all raised before the first step

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lowbit.nn.vit import Configured, _Block, config_tuple
+from lowbit.nn.vit import Configured, _Block, config_tuple, sharded
 
 __all__ = ["LM", "POSITIONS", "greedy"]
 
@@ -84,9 +84,17 @@ class LM(Configured, nnx.Module):
         self.context = context
         # GPT-2's std 0.02 for the tied embedding: larger would start the head with
         # confident, wrong logits.
-        self.embed = nnx.Embed(vocab_size, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        # Rows split over the vocabulary only: splitting the width too makes XLA's SPMD
+        # partitioner replicate the lookup's gradient under fsdp × tensor meshes.
+        self.embed = nnx.Embed(
+            vocab_size, dim, embedding_init=sharded(nnx.initializers.normal(0.02), "vocab", None), rngs=rngs
+        )
         self.pos_embed = (
-            nnx.Param(0.02 * jax.random.normal(rngs.params(), (context, dim), jnp.float32))
+            nnx.Param(
+                0.02 * jax.random.normal(rngs.params(), (context, dim), jnp.float32),
+                out_sharding=(None, "embed"),
+                eager_sharding=False,
+            )
             if positions == "learned"
             else None
         )

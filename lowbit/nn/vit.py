@@ -24,6 +24,7 @@ from flax import nnx
 __all__ = ["ViT", "default_patch_size"]
 
 _MAX_TOKENS = 64
+_EMBED3 = (None, None, "embed")  # class token and positions: (1, tokens, dim)
 
 
 def default_patch_size(image_shape: tuple[int, int, int]) -> int:
@@ -40,6 +41,21 @@ def default_patch_size(image_shape: tuple[int, int, int]) -> int:
         if h % p == 0 and w % p == 0 and (h // p) * (w // p) <= _MAX_TOKENS:
             return p
     raise ValueError(f"no patch size >= 2 divides the {h}x{w} image into at most {_MAX_TOKENS} patches")
+
+
+def sharded(init: nnx.Initializer, *axes: str | None) -> nnx.Initializer:
+    """``init`` with logical sharding names (``lowbit.trainer.sharding.DEFAULT_RULES`` maps them to mesh axes).
+
+    Only metadata: the values are what ``init`` draws, and nothing is placed on
+    devices until a trainer with a mesh reads the names (``eager_sharding=False``
+    lets the model be built outside a mesh).
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _linear(fan_in: int, fan_out: int, axes: tuple[str | None, str | None], rngs: nnx.Rngs) -> nnx.Linear:
+    """An ``nnx.Linear`` whose kernel carries sharding names (Megatron column/row splits over ``heads``/``mlp``)."""
+    return nnx.Linear(fan_in, fan_out, kernel_init=sharded(nnx.initializers.lecun_normal(), *axes), rngs=rngs)
 
 
 def _rotary(x: jax.Array) -> jax.Array:
@@ -63,8 +79,8 @@ class _Attention(nnx.Module):
         self.heads = heads
         self.causal = causal
         self.rotary = rotary
-        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, rngs=rngs)
+        self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), rngs)
+        self.proj = _linear(dim, dim, ("heads", "embed"), rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, dim = x.shape
@@ -111,8 +127,8 @@ class _Block(nnx.Module):
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
         self.attn = _Attention(dim, heads, rngs, causal=causal, rotary=rotary)
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = nnx.Linear(dim, mlp_dim, rngs=rngs)
-        self.mlp_out = nnx.Linear(mlp_dim, dim, rngs=rngs)
+        self.mlp_in = _linear(dim, mlp_dim, ("embed", "mlp"), rngs)
+        self.mlp_out = _linear(mlp_dim, dim, ("mlp", "embed"), rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,14 +211,18 @@ class ViT(Configured, nnx.Module):
         )
         self.patch_size = patch_size
         num_patches = (h // patch_size) * (w // patch_size)
-        self.patch_embed = nnx.Linear(patch_size * patch_size * c, dim, rngs=rngs)
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), jnp.float32))
+        self.patch_embed = _linear(patch_size * patch_size * c, dim, (None, "embed"), rngs)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, dim), jnp.float32), out_sharding=_EMBED3, eager_sharding=False)
         # Small positions (ViT/DeiT use std 0.02) let patch content dominate early on.
-        self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, num_patches + 1, dim), jnp.float32))
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (1, num_patches + 1, dim), jnp.float32),
+            out_sharding=_EMBED3,
+            eager_sharding=False,
+        )
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.blocks = nnx.List([_Block(dim, heads, mlp_dim, dropout, rngs) for _ in range(depth)])
         self.norm = nnx.LayerNorm(dim, rngs=rngs)
-        self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+        self.head = _linear(dim, num_classes, ("embed", None), rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """Classifies a batch of images.

@@ -19,8 +19,9 @@ Safe to stop and rerun:
   silently); such images, in the training or the test data, are reported
   before training starts.
 
-Data parallelism is GSPMD: a ``Mesh`` with a ``data`` axis, batches sharded along
-it and the state replicated.
+Parallelism is GSPMD over a ``data`` × ``fsdp`` × ``tensor`` mesh
+(``lowbit.trainer.sharding``): batches split over ``data`` and ``fsdp``, parameters
+as the model annotates them, and the step written for the global arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from lowbit.nn.describe import describe
 from lowbit.nn.layers import QConv, QEinsum, QLinear
 from lowbit.nn.quantize import is_quantized
 from lowbit.nn.quantize import ops as quantized_ops
-from lowbit.trainer import checkpoint, metadata, report
+from lowbit.trainer import checkpoint, metadata, report, sharding
 from lowbit.trainer.interrupt import StopRequest
 from lowbit.trainer.lock import RunLock, TrainingError
 from lowbit.trainer.step import (
@@ -86,6 +88,7 @@ def train(
     keep: int = 2,
     max_skipped: int | None = None,
     devices: int = 1,
+    mesh: str | Mapping[str, int] | Mesh | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Trains ``model`` on ``dataset`` with ``recipe``; deterministic given ``seed``.
@@ -135,7 +138,17 @@ def train(
       max_skipped: The run fails once more steps than this were skipped for a
         non-finite loss or gradient. None: 10% of the run's steps, at least 16
         (room for a dynamic loss scale to back off from 2**15 to 1).
-      devices: Data-parallel device count (the first ``devices`` of ``jax.devices()``).
+      devices: Data-parallel device count (the first ``devices`` of ``jax.devices()``);
+        the same as ``mesh={"data": devices}``.
+      mesh: A ``data`` × ``fsdp`` × ``tensor`` device mesh
+        (``lowbit.trainer.sharding``): ``"data=2,fsdp=2,tensor=2"``, a mapping
+        of axis to size, or a ``jax.sharding.Mesh`` with those axis names. The
+        batch is split over ``data`` and ``fsdp``; parameters and their optimizer
+        moments take the model's sharding annotations (``nnx.with_partitioning``
+        names: mesh axes, or the logical names of
+        ``sharding.DEFAULT_RULES``), unannotated matrices are split over
+        ``fsdp``; quantizer state is replicated. Quantizer statistics are global
+        reductions whatever the layout. None: ``devices`` decides.
       progress: Show a progress bar with an ETA (only on a terminal). Either way,
         one line per epoch is printed and flushed.
 
@@ -184,7 +197,7 @@ def train(
         progress=progress,
     )
     steps_per_epoch = _check_data(dataset, batch_size)
-    mesh = _mesh(devices, batch_size)
+    mesh = _mesh(devices, batch_size, mesh)
     ops = None
     if is_quantized(model) and not quantized_ops(model):
         # A quantized model creates its quantizer state on its first call; it must
@@ -246,7 +259,7 @@ def _train(
     progress,
 ) -> dict[str, Any]:
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = sharding.batch_sharding(mesh)
     policy = recipe.policy
     text = lowbit_data.is_text(dataset)
     positions = dataset.x_train.shape[1] if text else 1  # predictions per example
@@ -256,6 +269,8 @@ def _train(
     warmup_steps = min(round(warmup * steps_per_epoch), total_steps)
     tx = make_optimizer(learning_rate, weight_decay, warmup_steps, total_steps)
     graphdef, state = init_state(model, tx, policy=policy, loss_scale=recipe.make_loss_scale())
+    placed = sharding.state_shardings(state, mesh)
+    sharding.check_blocks(placed, state, recipe, mesh=mesh)
     hparams = dict(
         epochs=epochs,
         batch_size=batch_size,
@@ -300,17 +315,17 @@ def _train(
         _clear_earlier_run(out, overwrite=overwrite, resume=resume)
     if ops is not None:  # describe's table, after the checks: a refused run prints only its error
         print(ops, flush=True)
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(state, placed)
     skipped_total = int(state.opt_state.total_notfinite)
 
     step = jax.jit(
         make_train_step(graphdef, tx, policy=policy),
-        in_shardings=(replicated, sharded, sharded),
-        out_shardings=(replicated, replicated),
+        in_shardings=(placed, sharded, sharded),
+        out_shardings=(placed, replicated),
     )
     evaluate = jax.jit(
         (make_lm_eval_step if text else make_eval_step)(graphdef, policy=policy),
-        in_shardings=(replicated, sharded, sharded, sharded),
+        in_shardings=(placed, sharded, sharded, sharded),
         out_shardings=replicated,
     )
     test_batches = _padded_batches(dataset.x_test, dataset.y_test, batch_size)
@@ -443,6 +458,7 @@ def _train(
             dataset=dataset.name,
             **hparams,
             devices=devices,
+            mesh=dict(mesh.shape),
             model=expected["model"],
             lowbit_version=_version(),
             test_accuracy=last["test_accuracy"],
@@ -740,16 +756,17 @@ def _clear_earlier_run(out: Path, *, overwrite: bool, resume: bool) -> None:
         path.unlink()
 
 
-def _mesh(devices: int, batch_size: int) -> Mesh:
-    available = jax.devices()
-    if devices > len(available):
+def _mesh(devices: int, batch_size: int, mesh: str | Mapping[str, int] | Mesh | None) -> Mesh:
+    if mesh is not None and devices != 1:
+        raise ValueError(f"train: give devices ({devices}) or mesh ({mesh!r}), not both")
+    made = sharding.make_mesh({"data": devices} if mesh is None else mesh)
+    shards = sharding.batch_shards(made)
+    if batch_size % shards:
         raise ValueError(
-            f"train: {devices} devices requested but jax sees {len(available)}; on CPU set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before jax starts"
+            f"train: batch_size {batch_size} is not divisible by the {shards} batch shards (data × fsdp) "
+            f"of mesh {dict(made.shape)}"
         )
-    if batch_size % devices:
-        raise ValueError(f"train: batch_size {batch_size} is not divisible by devices {devices}")
-    return Mesh(np.array(available[:devices]), ("data",))
+    return made
 
 
 def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, ...]]:
