@@ -6,6 +6,7 @@ The multi-device runs happen in one fresh process with 8 simulated CPU devices
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -327,3 +328,59 @@ def test_resume_on_a_changed_mesh(runs):
     assert resumed[0] == uninterrupted[0]  # epoch 1's history comes from the checkpoint
     assert resumed[1] == pytest.approx(uninterrupted[1], rel=1e-2)
     assert _final(root, "resumed", 2).keys() == saved.keys()
+
+
+_PROCESS = r"""
+import sys
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+import numpy as np
+from flax import nnx
+from lowbit.data import Dataset
+from lowbit.nn import quantize
+from lowbit.nn.vit import ViT
+from lowbit.trainer import loop
+
+assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+rng = np.random.default_rng(0)
+x = rng.uniform(size=(32, 8, 8, 1)).astype(np.float32)
+y = rng.integers(0, 10, 32).astype(np.int32)
+images = Dataset(x, y, x[:16], y[:16], num_classes=10, name="random")
+model = quantize(ViT(image_shape=(8, 8, 1), num_classes=10, dim=64, depth=1, heads=2, mlp_dim=128, rngs=nnx.Rngs(0)),
+                 "fp8")
+loop.train(model, images, recipe="fp8", epochs=2, batch_size=16, warmup=0, mesh="data=2,fsdp=2",
+           out_dir=sys.argv[3], progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_device(runs, tmp_path):
+    """jax.distributed on CPU (gloo): two processes of two devices each, a data=2,fsdp=2 mesh across them."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    out = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROCESS, str(i), str(port), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # Process 0 wrote everything once, through no temporary directory left behind.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "curves.png", "metrics.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    root, _ = runs
+    # Epoch 1 (two steps); later steps drift apart (see test_resume_on_a_changed_mesh).
+    two = _checkpoint(out / "checkpoints" / "epoch_0001")
+    _assert_same_training(_final(root, "vit-fp8-data=1"), two, "2 processes")

@@ -14,6 +14,11 @@ including mid-write, leaves every ``epoch_*`` directory complete, and the newest
 one loadable. A writer removes only its own temporary directories and those of
 processes that no longer exist, never another live process's write.
 
+Several processes (``jax.distributed``): every process takes part in gathering
+the sharded arrays, process 0 alone writes (without orbax's cross-process
+barriers) while the others wait for it, and every process reads a checkpoint by
+itself, so the directory must be on a filesystem all hosts share.
+
 Restoring checks everything it can before trusting the data: the metadata parses
 and passes its schema (``lowbit.trainer.metadata``), the metadata and restored
 bytes hash to the recorded digest, and only then the run description matches and
@@ -109,7 +114,10 @@ def save(
     directory = Path(directory).resolve()  # orbax needs an absolute path
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / _name(epoch, step)
-    names, arrays = _flatten(tree)
+    names, arrays = _flatten(tree)  # collective across processes: every process gathers
+    if not is_writer():
+        barrier(f"checkpoint {final.name}")  # returns once process 0 has written it
+        return final
     record = dict(metadata, format=FORMAT, epoch=epoch, step=step, leaves=_leaf_specs(names, arrays))
     try:
         record["sha256"] = _digest(record, arrays)
@@ -127,7 +135,7 @@ def save(
             tmp.mkdir()
             import orbax.checkpoint as ocp  # deferred: only runs that checkpoint pay for the import
 
-            with ocp.StandardCheckpointer() as checkpointer:
+            with ocp.StandardCheckpointer(**_alone()) as checkpointer:
                 checkpointer.save(tmp / _STATE, dict(zip(names, arrays)))
                 checkpointer.wait_until_finished()
             (tmp / _METADATA).write_text(json.dumps(record, indent=1, allow_nan=False))
@@ -143,7 +151,29 @@ def save(
     older = [p for p in checkpoints(directory) if _order(p.name) <= key]
     for old in older[keep:]:
         remove(old)
+    barrier(f"checkpoint {final.name}")
     return final
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: process 0 (the only one without ``jax.distributed``)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name``; nothing to wait for in one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _alone() -> dict[str, Any]:
+    """Orbax options for this process reading or writing by itself: no barriers with the others."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return dict(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def checkpoints(directory: str | Path) -> list[Path]:
@@ -220,7 +250,7 @@ def restore(
     try:
         import orbax.checkpoint as ocp
 
-        with _quiet_failed_reads(), ocp.StandardCheckpointer() as checkpointer:
+        with _quiet_failed_reads(), ocp.StandardCheckpointer(**_alone()) as checkpointer:
             restored = checkpointer.restore(path / _STATE, abstract)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(f"checkpoint {path}: cannot read the arrays ({type(e).__name__}: {e})") from e
@@ -369,10 +399,19 @@ def _flatten(tree: Any) -> tuple[list[str], list[np.ndarray]]:
     names, arrays = [], []
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(tree):
         names.append(jax.tree_util.keystr(keypath, simple=True, separator="/"))
-        arrays.append(np.asarray(_raw(leaf)))
+        arrays.append(_host(_raw(leaf)))
     if len(set(names)) != len(names):
         raise ValueError("checkpoint: leaf paths are not unique")
     return names, arrays
+
+
+def _host(leaf: Any) -> np.ndarray:
+    """The whole (global) array on this host; shards held by other processes are gathered (collective)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(leaf)
 
 
 def _raw(leaf: Any) -> Any:

@@ -212,7 +212,8 @@ def train(
     _check_model(model, dataset, batch_size, recipe.policy)
     _warn_nonfinite(dataset)
     out = _prepare_out_dir(out_dir)
-    with RunLock(out) if out is not None else contextlib.nullcontext():
+    # One process (of a jax.distributed run) owns the directory: it locks and writes; the others read.
+    with RunLock(out) if out is not None and checkpoint.is_writer() else contextlib.nullcontext():
         return _train(
             model,
             dataset,
@@ -315,7 +316,7 @@ def _train(
         _clear_earlier_run(out, overwrite=overwrite, resume=resume)
     if ops is not None:  # describe's table, after the checks: a refused run prints only its error
         print(ops, flush=True)
-    state = jax.device_put(state, placed)
+    state = sharding.place(state, placed)
     skipped_total = int(state.opt_state.total_notfinite)
 
     step = jax.jit(
@@ -474,7 +475,7 @@ def _train(
             curves=None,
         )
     )
-    if out is not None:
+    if out is not None and checkpoint.is_writer():
         metrics = report.write_report(out, metrics)
     return metrics
 
@@ -750,10 +751,13 @@ def _clear_earlier_run(out: Path, *, overwrite: bool, resume: bool) -> None:
             f"train: out_dir {out} already holds a run ({listed}); {hint}, or overwrite=True "
             "(--overwrite) to delete it, or choose another out_dir"
         )
-    for path in found:
-        checkpoint.remove(path)
-    for path in reports:
-        path.unlink()
+    checkpoint.barrier("listed the earlier run")  # every process has seen it before process 0 deletes it
+    if checkpoint.is_writer():
+        for path in found:
+            checkpoint.remove(path)
+        for path in reports:
+            path.unlink()
+    checkpoint.barrier("deleted the earlier run")
 
 
 def _mesh(devices: int, batch_size: int, mesh: str | Mapping[str, int] | Mesh | None) -> Mesh:

@@ -57,6 +57,7 @@ __all__ = [
     "check_blocks",
     "make_mesh",
     "parse_mesh",
+    "place",
     "state_shardings",
 ]
 
@@ -249,6 +250,26 @@ def _fsdp(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
         return PartitionSpec()
     d = max(candidates, key=lambda i: (shape[i], -i))
     return PartitionSpec(*(("fsdp" if i == d else None) for i in range(len(shape))))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that also works across processes (``jax.distributed``).
+
+    Every process holds the same host values (the same seed, the same
+    checkpoint); each builds the shards its own devices hold from them.
+    ``jax.device_put`` cannot move an array already on one local device to a
+    sharding that spans other processes' devices.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x: Any, s: NamedSharding) -> jax.Array:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their raw data
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def block_lengths(recipe: Any) -> list[int]:
