@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
+from flax import linen, nnx
+from flax.nnx import bridge
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from lowbit import recipes
@@ -142,6 +143,22 @@ def test_a_mesh_axis_the_mesh_lacks_replicates_and_rules_map_logical_names():
     assert [s.spec for s in jax.tree.leaves(shardings)] == [P("fsdp", None)]
     with pytest.raises(ValueError, match="'rows' is neither a mesh axis"):
         sharding.state_shardings(state, mesh)  # the default rules do not know 'rows'
+
+
+class LinenAnnotated(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        init = linen.with_partitioning(linen.initializers.lecun_normal(), ("embed", "mlp"))
+        return linen.Dense(8, kernel_init=init)(x)
+
+
+def test_linen_annotations_come_through_the_nnx_bridge():
+    with nnx.use_eager_sharding(False):  # annotations without a mesh: the trainer places them later
+        model = bridge.ToNNX(quantize(LinenAnnotated(), "fp8"), rngs=nnx.Rngs(0)).lazy_init(
+            np.ones((1, 4), np.float32)
+        )
+    specs = _specs(nnx.state(model, nnx.Param), _mesh(2, 2, 2))
+    assert specs == {"['Dense_0']['bias'].value": P(), "['Dense_0']['kernel'].value": P("fsdp", "tensor")}
 
 
 @pytest.mark.parametrize(("recipe", "lengths"), [("mxfp8", [32]), ("nvfp4", [16]), ("int8", []), ("fp8", [])])
