@@ -26,6 +26,7 @@ ORDER = [
     "bench_lm_train.md",
     "bench_lm_ptq.md",
     "bench_lm_ptq_finetuned.md",
+    "bench_sharding.md",
     "mutation.md",
 ]
 
