@@ -23,6 +23,15 @@ Where the weights come from:
 ``save`` / ``load`` write and read a packed model's arrays (orbax) and a JSON
 manifest of everything static (no pickle: loading runs no code from the file).
 
+On a device mesh (``lowbit.trainer.sharding.make_mesh``), ``shard`` (or
+``load(..., mesh=)``) places each packed weight's arrays where the weight's own
+annotations put it, by the trainer's rules (``placements`` says where each
+went): codes split along the axis they are stored along (a contiguous range of
+the flat codes per device), scales along the same logical axes. A split the
+flat codes cannot hold (e.g. Megatron's column split of a row-major weight) is
+an error unless ``fallback="replicate"``, which keeps the weight whole along
+that mesh axis and reports it.
+
 Op names are ``"path:key"`` (``lowbit.nn.quantize.op_name``); an op's weight is
 the one parameter of the module at ``path`` whose shape is the weight's, the
 rule of ``lowbit.nn.export.weight``.
@@ -34,21 +43,24 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from lowbit import quant
 from lowbit.nn.quantize import is_quantized
-from lowbit.quant.qtensor import QTensor
+from lowbit.quant.qtensor import QTensor, codes_axis, partition_specs
 
 __all__ = [
     "PackedParam",
     "PackedWeight",
+    "Placement",
     "dequantize",
     "from_export",
     "from_matrix",
@@ -56,7 +68,10 @@ __all__ = [
     "memory",
     "pack",
     "packed_weights",
+    "placement",
+    "placements",
     "save",
+    "shard",
     "to_matrix",
 ]
 
@@ -293,7 +308,10 @@ def pack(model: nnx.Module, weights: dict[str, PackedWeight]) -> nnx.Module:
         targets[key] = name
         plan.append((module, attr, pw))
     for (module, attr, pw), name in zip(plan, weights):
-        setattr(module, attr, PackedParam(pw, op=name))
+        # The parameter's metadata travels with it: its sharding annotations are where ``shard`` reads the
+        # weight's layout. Never eager: the value is a PackedWeight, which ``shard`` places array by array.
+        meta = getattr(module, attr).get_metadata() | {"op": name, "eager_sharding": False}
+        setattr(module, attr, PackedParam(pw, **meta))
     return out
 
 
@@ -386,6 +404,230 @@ def memory(model: nnx.Module) -> dict[str, Any]:
         packed_ops=count,
         packed_float32_bytes=packed_f32,
         packed_bytes=packed_now,
+    )
+
+
+# ----- on a device mesh -----------------------------------------------------------------------------------------
+Fallback = Literal["error", "replicate"]
+"""What ``shard`` does with a split the flat codes cannot hold: raise, or keep the weight whole along it."""
+
+_FALLBACKS = ("error", "replicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one packed weight's arrays lie on a mesh (``placement``, ``placements``).
+
+    Attributes:
+      spec: the weight's own spec, in its ``shape``: what its annotations give
+        through the trainer's rules (``lowbit.trainer.sharding``), as for the float weight.
+      stored: the part of ``spec`` the packed arrays hold, as a spec of
+        ``qt.shape`` (the ``(K, N)`` view where the weight has one).
+      arrays: a ``PackedWeight`` whose arrays are ``PartitionSpec``: the codes',
+        scales' (``lowbit.quant.qtensor.partition_specs``), ``perm``'s and
+        ``in_scale``'s (replicated).
+      replicated: the mesh axes of ``spec`` that the packed arrays do not follow
+        (only with ``fallback="replicate"``): the weight is whole along them.
+    """
+
+    spec: PartitionSpec
+    stored: PartitionSpec
+    arrays: PackedWeight
+    replicated: tuple[str, ...]
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _check_fallback(fallback: object) -> None:
+    if fallback not in _FALLBACKS:
+        raise ValueError(f"fallback={fallback!r} is invalid; allowed: {' or '.join(map(repr, _FALLBACKS))}")
+
+
+def placement(
+    pw: PackedWeight,
+    spec: PartitionSpec,
+    mesh: Mesh | AbstractMesh,
+    *,
+    fallback: Fallback = "error",
+    name: str = "packed weight",
+) -> Placement:
+    """Where ``pw``'s arrays go when the weight it stands for is laid out as ``spec`` on ``mesh``.
+
+    With a ``(K, N)`` view (``contracted``), a split of the weight's first
+    contracted axis (longer than 1) splits ``K``, one of its first free axis
+    ``N``; a split of a later one is no range of the flattened axis. Then the
+    codes follow only the axis they are stored along (``codes_axis``: ``K``,
+    the weight's first axis, for every element format), the scales every
+    split axis.
+
+    Args:
+      pw: the packed weight.
+      spec: the weight's spec, one entry per axis of ``pw.shape`` (fewer: the rest None).
+      mesh: a ``Mesh`` or ``AbstractMesh``.
+      fallback: ``"error"``: a split the packed arrays cannot hold raises;
+        ``"replicate"``: the weight stays whole along its mesh axes (in ``Placement.replicated``).
+      name: the weight's name, for errors.
+
+    Raises:
+      ValueError: a split the packed arrays cannot hold (with ``fallback="error"``),
+        one that cuts a scale block or leaves partial bytes of codes, or a bad
+        ``spec`` / ``fallback``; each naming the weight and its axis.
+    """
+    _check_fallback(fallback)
+    if not isinstance(spec, PartitionSpec) or len(spec) > len(pw.shape):
+        raise ValueError(f"{name}: spec {spec!r} is invalid; allowed: a PartitionSpec of at most {len(pw.shape)} axes")
+    sizes = dict(mesh.shape)
+    unknown = [a for e in spec if e is not None for a in _mesh_axes(e) if a not in sizes]
+    if unknown:
+        raise ValueError(f"{name}: spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
+    # Mesh axes of size 1 split nothing.
+    splits = [
+        e if e is not None and math.prod(sizes[a] for a in _mesh_axes(e)) > 1 else None
+        for e in (*spec, *(None,) * (len(pw.shape) - len(spec)))
+    ]
+    # (weight axis, spec entry, why the packed arrays cannot follow it)
+    problems: list[tuple[int | None, Any, str]] = []
+    view: list[Any]
+    origin: list[int | None]
+    if pw.contracted is None:
+        view, origin = list(splits), list(range(len(splits)))
+    else:
+        view, origin = [], []  # origin: the weight axis each view axis comes from
+        free = tuple(d for d in range(len(pw.shape)) if d not in pw.contracted)
+        for group, axis in ((pw.contracted, "K"), (free, "N")):
+            first = next((d for d in group if pw.shape[d] > 1), None)
+            view.append(None if first is None else splits[first])
+            origin.append(first)
+            problems += [
+                (d, splits[d], f"the (K, N) view flattens it behind axis {first}, so its split is no range of {axis}")
+                for d in group
+                if d != first and splits[d] is not None
+            ]
+    lead = codes_axis(pw.qt)
+    for v, e in enumerate(view):
+        if e is not None and v != lead:
+            view[v] = None
+            problems.append(
+                (
+                    origin[v],
+                    e,
+                    "the packed codes are one flat array stored row-major with "
+                    + ("no axis" if lead is None else f"axis {origin[lead]}")
+                    + " outermost, so a split of this axis is no range of them",
+                )
+            )
+    if problems and fallback == "error":
+        d, e, why = problems[0]
+        raise ValueError(
+            f"{name}: weight axis {d} (of shape {pw.shape}) is split over {e!r}, but {why}; pass "
+            f"fallback='replicate' to keep the weight whole along {e!r}, or map its logical name to None in the rules"
+        )
+    stored = PartitionSpec(*view)
+    try:
+        qt_specs = partition_specs(pw.qt, stored, mesh)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    # perm and in_scale stay whole on every device: dequantize scatters row i of the codes to input perm[i],
+    # which may lie on any device, and divides by in_scale per input after that scatter (so in_scale's
+    # rows are not the stored rows'); both are K numbers, small beside the K x N codes.
+    extra = [PartitionSpec() for a in (pw.perm, pw.in_scale) if a is not None]  # PackedWeight's leaves: qt's first
+    arrays = jax.tree_util.tree_unflatten(jax.tree.structure(pw), [*jax.tree.leaves(qt_specs), *extra])
+    replicated = tuple(a for _, e, _ in problems for a in _mesh_axes(e))
+    return Placement(spec, stored, arrays, replicated)
+
+
+def placements(
+    model: nnx.Module,
+    mesh: Mesh | AbstractMesh,
+    rules: Sequence[tuple[str, str | None]] | None = None,
+    *,
+    fallback: Fallback = "error",
+) -> dict[str, Placement]:
+    """``{parameter path: Placement}`` of every packed weight of ``model`` on ``mesh``.
+
+    Each weight's spec is the one the trainer gives the float parameter
+    (``lowbit.trainer.sharding.state_shardings``): its ``nnx.with_partitioning``
+    annotations (kept by ``pack``) through ``rules``, or, unannotated, a split
+    over ``fsdp`` of its largest divisible axis.
+
+    Args:
+      model: a packed model.
+      mesh: a ``Mesh`` or ``AbstractMesh`` with axes among ``data``, ``fsdp``, ``tensor``.
+      rules: logical axis name -> mesh axis (default ``lowbit.trainer.sharding.DEFAULT_RULES``).
+      fallback: as ``placement``.
+
+    Raises:
+      ValueError: as ``placement`` and ``state_shardings`` (each naming the parameter).
+    """
+    from lowbit.trainer import sharding  # noqa: PLC0415  (lowbit.trainer imports lowbit.nn)
+
+    _check_fallback(fallback)
+    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, PackedParam))}
+    # Stand-ins of the weights' shape with their annotations: the trainer reads them as a float parameter's.
+    standins = {
+        name: nnx.Variable(
+            jax.ShapeDtypeStruct(v.get_raw_value().shape, v.get_raw_value().dtype),
+            **(v.get_metadata() | {"eager_sharding": False}),
+        )
+        for name, v in params.items()
+    }
+    # state_shardings reads only the mesh's axis sizes, which an AbstractMesh has too.
+    specs = sharding.state_shardings(standins, cast(Mesh, mesh), sharding.DEFAULT_RULES if rules is None else rules)
+    return {
+        name: placement(v.get_raw_value(), specs[name].get_value().spec, mesh, fallback=fallback, name=name)
+        for name, v in params.items()
+    }
+
+
+def shard(
+    model: nnx.Module,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] | None = None,
+    *,
+    fallback: Fallback = "error",
+) -> nnx.Module:
+    """A copy of a packed model with every array placed on ``mesh``: the packed weights per ``placements``.
+
+    The other parameters and state (biases, norms, embeddings, RNG keys) are
+    placed as the trainer places them (``lowbit.trainer.sharding.state_shardings``),
+    so a jitted forward pass (``nnx.jit``) runs on the mesh; it dequantizes
+    each weight from its local codes and scales and XLA moves what a product
+    needs. The values are those of ``model``.
+
+    Args:
+      model: a packed model (``pack``, ``quantize_weights(..., pack=True)``, ``load``); not changed.
+      mesh: the device ``Mesh`` (``lowbit.trainer.sharding.make_mesh``).
+      rules: logical axis name -> mesh axis (default ``lowbit.trainer.sharding.DEFAULT_RULES``).
+      fallback: as ``placement``: ``"error"`` (default) refuses a split the
+        flat codes cannot hold; ``"replicate"`` keeps those weights whole along
+        that mesh axis (``placements(model, mesh, rules, fallback="replicate")``
+        lists which, in ``Placement.replicated``).
+
+    Raises:
+      TypeError: ``model`` is not an NNX module or ``mesh`` is not a ``Mesh``.
+      ValueError: as ``placements``.
+    """
+    from lowbit.trainer import sharding  # noqa: PLC0415
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model has type {type(model).__name__}; allowed: a flax.nnx.Module")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh has type {type(mesh).__name__}; allowed: a jax.sharding.Mesh (make_mesh)")
+    where = placements(model, mesh, rules, fallback=fallback)
+    graphdef, *states = nnx.split(model, PackedParam, ...)
+    weights, rest = states
+
+    def named(path: tuple[Any, ...], v: nnx.Variable) -> nnx.Variable:
+        specs = where["/".join(map(str, path))].arrays
+        return v.replace(jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+
+    rest_shardings = sharding.state_shardings(rest, mesh, sharding.DEFAULT_RULES if rules is None else rules)
+    return nnx.merge(
+        graphdef,
+        jax.device_put(weights, nnx.map_state(named, weights)),
+        jax.device_put(rest, rest_shardings),
     )
 
 
@@ -557,7 +799,14 @@ def _expected(qt_quantizer: quant.Quantizer, shape: tuple[int, ...], dtype: np.d
     return {f: (tuple(a.shape), np.dtype(a.dtype)) for f in _QT_FIELDS if (a := getattr(out, f)) is not None}
 
 
-def load(model: nnx.Module, directory: str | Path) -> nnx.Module:
+def load(
+    model: nnx.Module,
+    directory: str | Path,
+    mesh: Mesh | None = None,
+    *,
+    rules: Sequence[tuple[str, str | None]] | None = None,
+    fallback: Fallback = "error",
+) -> nnx.Module:
     """Read a packed model that ``save`` wrote, into a copy of a float model of the same architecture.
 
     Checks, in order: the manifest's structure and every field (a ``ValueError``
@@ -566,12 +815,19 @@ def load(model: nnx.Module, directory: str | Path) -> nnx.Module:
     and arrays (any other edit), and that ``model`` has the saved float
     parameters and, for each op, the parameter it names (shape and dtype).
 
+    With ``mesh``, the arrays are read to the host (the SHA-256 check reads
+    every byte anyway) and then placed on the mesh by ``shard``.
+
     Args:
-      model: a float NNX model of the architecture that was saved (its values are not used).
+      model: a float NNX model of the architecture that was saved (its values
+        are not used; its annotations place the weights on ``mesh``).
       directory: what ``save`` wrote.
+      mesh: a device ``Mesh`` to place the model on (``shard``), or None.
+      rules: with ``mesh``: as ``shard``.
+      fallback: with ``mesh``: as ``shard``.
 
     Returns:
-      A packed copy of ``model`` with the saved float parameters and packed weights.
+      A packed copy of ``model`` with the saved float parameters and packed weights (on ``mesh`` if given).
 
     Raises:
       TypeError: ``model`` is not an NNX module.
@@ -581,6 +837,9 @@ def load(model: nnx.Module, directory: str | Path) -> nnx.Module:
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model has type {type(model).__name__}; allowed: a flax.nnx.Module")
+    _check_fallback(fallback)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh has type {type(mesh).__name__}; allowed: a jax.sharding.Mesh (make_mesh) or None")
     directory = Path(directory).resolve()
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -706,4 +965,4 @@ def load(model: nnx.Module, directory: str | Path) -> nnx.Module:
             f"packed model {directory} does not fit the model: its ops name parameters {sorted(packed_params)}, "
             f"the model's are {sorted(got)}"
         )
-    return out
+    return out if mesh is None else shard(out, mesh, rules, fallback=fallback)
