@@ -154,9 +154,7 @@ class LinenAnnotated(linen.Module):
 
 def test_linen_annotations_come_through_the_nnx_bridge():
     with nnx.use_eager_sharding(False):  # annotations without a mesh: the trainer places them later
-        model = bridge.ToNNX(quantize(LinenAnnotated(), "fp8"), rngs=nnx.Rngs(0)).lazy_init(
-            np.ones((1, 4), np.float32)
-        )
+        model = bridge.ToNNX(quantize(LinenAnnotated(), "fp8"), rngs=nnx.Rngs(0)).lazy_init(np.ones((1, 4), np.float32))
     specs = _specs(nnx.state(model, nnx.Param), _mesh(2, 2, 2))
     assert specs == {"['Dense_0']['bias'].value": P(), "['Dense_0']['kernel'].value": P("fsdp", "tensor")}
 
