@@ -234,7 +234,9 @@ def test_trainer_errors_are_one_line(error, status, tmp_path, monkeypatch, capsy
     ],
 )
 def test_bad_input_exits_2_without_traceback_or_compiling(argv, message, capsys, compilations, tmp_path):
+    flags = os.environ.get("XLA_FLAGS")
     assert _main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert os.environ.get("XLA_FLAGS") == flags  # a refused --devices/--mesh leaves the environment alone
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1

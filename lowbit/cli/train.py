@@ -249,12 +249,19 @@ def _use_devices(args: argparse.Namespace) -> None:
         if args.batch_size % shards:
             raise InputError(f"--batch-size {args.batch_size} is not divisible by the mesh's data × fsdp = {shards}")
         n = math.prod(sizes.values())
+    previous = os.environ.get("XLA_FLAGS")
     if n > 1:
-        flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", os.environ.get("XLA_FLAGS", ""))
+        flags = re.sub(rf"{_DEVICE_FLAG}=\S*", "", previous or "")
         os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={n}".strip()
     import jax
 
     if len(jax.devices()) < n:
+        # The flag came too late: put the environment back, so a process that goes on
+        # (a test runner) does not hand a device count it never got to its subprocesses.
+        if previous is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = previous
         raise InputError(
             f"{n} devices (--devices/--mesh): jax sees only {len(jax.devices())} devices (its backend started before "
             f"XLA_FLAGS could be set; run `XLA_FLAGS={_DEVICE_FLAG}={n} lowbit ...`)"
