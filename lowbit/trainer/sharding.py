@@ -52,7 +52,9 @@ __all__ = [
     "AXES",
     "BATCH_AXES",
     "DEFAULT_RULES",
+    "axis_size",
     "batch_sharding",
+    "batch_shards",
     "block_lengths",
     "check_blocks",
     "make_mesh",
@@ -69,7 +71,6 @@ BATCH_AXES = ("data", "fsdp")
 """The batch is split over both: FSDP is data parallel with sharded weights."""
 
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", BATCH_AXES[0]),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -170,8 +171,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, str | Non
       rules: Logical axis name → mesh axis, for annotations that are not mesh axes.
 
     Returns:
-      A pytree of the structure of ``jax.tree.leaves(state)``'s tree: shardings
-      in place of arrays.
+      A pytree with the structure of ``state``: a ``NamedSharding`` in place of
+      each array (jit's in/out shardings, ``place``'s target).
 
     Raises:
       ValueError: an annotation with a name neither a mesh axis nor in ``rules``,
