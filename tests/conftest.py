@@ -60,16 +60,3 @@ REPRESENTATIVE_RECIPES = (
     "nvfp4",
     "int8_lsq",
 )
-
-
-def pytest_collection_modifyitems(config, items):
-    """Modules with end-to-end (``slow``) tests run first, each module still in one piece.
-
-    Under ``pytest -n 2`` a long test that starts last leaves the other worker idle
-    for its whole run (minutes, for the 8-device and training subprocesses); started
-    first, they overlap with the many short tests. Modules stay contiguous so their
-    module-scoped fixtures (trained runs) are built once per worker, as before.
-    """
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    slow.add("test_readme")  # its first command trains for a minute, deliberately not marked slow
-    items.sort(key=lambda item: item.module.__name__ not in slow)
