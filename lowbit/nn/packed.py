@@ -55,7 +55,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from lowbit import quant
 from lowbit.nn.quantize import is_quantized
-from lowbit.quant.qtensor import QTensor, codes_axis, partition_specs
+from lowbit.quant.qtensor import QTensor, codes_axis, mesh_axes, partition_specs
 
 __all__ = [
     "PackedParam",
@@ -436,10 +436,6 @@ class Placement:
     replicated: tuple[str, ...]
 
 
-def _mesh_axes(entry: Any) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _check_fallback(fallback: object) -> None:
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback={fallback!r} is invalid; allowed: {' or '.join(map(repr, _FALLBACKS))}")
@@ -479,12 +475,12 @@ def placement(
     if not isinstance(spec, PartitionSpec) or len(spec) > len(pw.shape):
         raise ValueError(f"{name}: spec {spec!r} is invalid; allowed: a PartitionSpec of at most {len(pw.shape)} axes")
     sizes = dict(mesh.shape)
-    unknown = [a for e in spec if e is not None for a in _mesh_axes(e) if a not in sizes]
+    unknown = [a for e in spec if e is not None for a in mesh_axes(e) if a not in sizes]
     if unknown:
         raise ValueError(f"{name}: spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
     # Mesh axes of size 1 split nothing.
     splits = [
-        e if e is not None and math.prod(sizes[a] for a in _mesh_axes(e)) > 1 else None
+        e if e is not None and math.prod(sizes[a] for a in mesh_axes(e)) > 1 else None
         for e in (*spec, *(None,) * (len(pw.shape) - len(spec)))
     ]
     # (weight axis, spec entry, why the packed arrays cannot follow it)
@@ -534,7 +530,7 @@ def placement(
     # rows are not the stored rows'); both are K numbers, small beside the K x N codes.
     extra = [PartitionSpec() for a in (pw.perm, pw.in_scale) if a is not None]  # PackedWeight's leaves: qt's first
     arrays = jax.tree_util.tree_unflatten(jax.tree.structure(pw), [*jax.tree.leaves(qt_specs), *extra])
-    replicated = tuple(a for _, e, _ in problems for a in _mesh_axes(e))
+    replicated = tuple(a for _, e, _ in problems for a in mesh_axes(e))
     return Placement(spec, stored, arrays, replicated)
 
 

@@ -222,7 +222,8 @@ def codes_axis(qt: QTensor) -> int | None:
     return None
 
 
-def _mesh_axes(entry: Any) -> tuple[str, ...]:
+def mesh_axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axes of one ``PartitionSpec`` entry (a name or a tuple of names)."""
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
@@ -275,10 +276,10 @@ def partition_specs(qt: QTensor, spec: PartitionSpec, mesh: Mesh | AbstractMesh)
     for d, entry in enumerate(spec):
         if entry is None:
             continue
-        unknown = [a for a in _mesh_axes(entry) if a not in sizes]
+        unknown = [a for a in mesh_axes(entry) if a not in sizes]
         if unknown:
             raise ValueError(f"spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
-        n = math.prod(sizes[a] for a in _mesh_axes(entry))
+        n = math.prod(sizes[a] for a in mesh_axes(entry))
         if n > 1:
             splits[d] = (entry, n)
     stored = _stored(qt.quantizer, shape)
