@@ -200,8 +200,6 @@ t = rng.integers(0, 256, (40, 17)).astype(np.int32)
 text = TextDataset(t[:32, :-1], t[:32, 1:], t[32:, :-1], t[32:, 1:], num_classes=256, name="text")
 MODELS = {
     "vit": lambda: ViT(image_shape=(8, 8, 1), num_classes=10, dim=64, depth=1, heads=2, mlp_dim=128, rngs=nnx.Rngs(0)),
-    "small_vit": lambda: ViT(image_shape=(8, 8, 1), num_classes=10, dim=16, depth=1, heads=2, mlp_dim=32,
-                             rngs=nnx.Rngs(0)),
     "lm": lambda: LM(vocab_size=256, context=16, dim=64, depth=1, heads=2, mlp_dim=128, rngs=nnx.Rngs(0)),
 }
 layouts, losses = {}, {}
@@ -239,14 +237,13 @@ _CASES = [
     ("vit", "fp8", _MESH),
     ("vit", "nvfp4", "data=1"),
     ("vit", "nvfp4", _MESH),
-    ("lm", "int8", "data=1"),
-    ("lm", "int8", _MESH),
     ("lm", "mxfp8", "data=1"),
     ("lm", "mxfp8", _MESH),
-    # fp4 has every kind of quantizer state: amax scales, SAWB, PACT clips and GradScale.
-    ("small_vit", "fp4", "data=1"),
-    ("small_vit", "fp4", "data=4"),
 ]
+# Each pair costs ~25 s of the CI budget, so one per kind of numerics: per-tensor amax (fp8), 1D
+# blocks on the LM's vocab-split embedding and tied head (mxfp8), and 2D weight tiles, RHT and
+# stochastic-rounding keys (nvfp4). lm int8 and a data=4 fp4 run (GradScale, PACT, SAWB) passed
+# the same bound when they ran here (4e-3 and 4e-5); the two-process test below is data-parallel.
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +319,6 @@ def test_weights_really_are_split_over_fsdp_and_tensor(runs):
     assert lm["embed/embedding"] == [["tensor", None], [128, 64]]
     for name in ("restored", "resumed"):  # the new mesh's layout: 4-way fsdp
         assert layouts[name]["blocks/0/mlp_in/kernel"] == [["fsdp", "tensor"], [16, 64]]
-    assert all(axis is None for spec, _ in layouts["small_vit-fp4-data=4"].values() for axis in spec)  # data only
 
 
 @pytest.mark.slow

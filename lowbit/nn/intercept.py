@@ -376,10 +376,17 @@ def float_operands(frame: _Frame, lhs, rhs, fn: Callable):
 
 
 def _quiet(frame: _Frame, fn: Callable, *args):
-    """Run lowbit's own code (a quantized op, a float product): its products are not the model's ops."""
+    """Run lowbit's own code (a quantized op, a float product): its products are not the model's ops.
+
+    With jit back on: the pass disabled it to inline the model's inner ``jax.jit``
+    functions, but lowbit's kernels are jitted so that an eager pass runs each as
+    one compiled program, not op by op (an eager nvfp4 product compiled ~80
+    single-op programs).
+    """
     frame.busy = True
     try:
-        return fn(*args)
+        with jax.disable_jit(False):
+            return fn(*args)
     finally:
         frame.busy = False
 
