@@ -221,7 +221,7 @@ def _load_digits() -> Dataset:
     # columns then the label), without importing scikit-learn: that import costs ~2 s per process.
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("digits is bundled with scikit-learn, which is not installed (pip install scikit-learn)")
+        raise ModuleNotFoundError("digits ships with scikit-learn, which is not installed (pip install scikit-learn)")
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         data = np.loadtxt(f, delimiter=",")

@@ -293,6 +293,20 @@ def test_digits_shapes_range_and_stratified_split():
     np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=10), per_class // 5)
 
 
+def test_digits_are_scikit_learns_load_digits():
+    """lowbit reads scikit-learn's file itself (no scikit-learn import); the oracle is load_digits."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x, y = (bunch.images / 16.0).astype(np.float32)[..., None], bunch.target.astype(np.int32)
+    ds = data.load("digits")
+    test = np.zeros(len(y), bool)  # every fifth example of each class, in file order
+    for c in range(10):
+        test[np.flatnonzero(y == c)[4::5]] = True
+    for got, want in ((ds.x_train, x[~test]), (ds.y_train, y[~test]), (ds.x_test, x[test]), (ds.y_test, y[test])):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_digits_split_is_deterministic():
     a, b = data.load("digits"), data.load("digits")
     for key in ("x_train", "y_train", "x_test", "y_test"):

@@ -380,8 +380,8 @@ def _quiet(frame: _Frame, fn: Callable, *args):
 
     With jit back on: the pass disabled it to inline the model's inner ``jax.jit``
     functions, but lowbit's kernels are jitted so that an eager pass runs each as
-    one compiled program, not op by op (an eager nvfp4 product compiled ~80
-    single-op programs).
+    one compiled program, not op by op (an eager forward and init of a linen MLP in
+    nvfp4 compiled 314 programs, now 90).
     """
     frame.busy = True
     try:
