@@ -30,14 +30,12 @@ from lowbit.formats.registry import get
 # argument: every BuiltinFormat is a frozen, hashable dataclass (tuples, not lists or arrays). decode
 # stays unjitted: it checks concrete scale codes (an E8M0 code of 300 is an error), which a jitted
 # kernel would see only as tracers.
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _encode_kernel(f: BuiltinFormat[Any], x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> Any:
-    return f._encode(x, saturate, rounding, key)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _quantize_kernel(f: BuiltinFormat[Any], x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> Any:
-    return f._quantize(x, saturate, rounding, key)
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
+def _kernel(
+    f: BuiltinFormat[Any], kernel: str, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None
+) -> Any:
+    """``f._encode`` or ``f._quantize`` (``kernel``) of ``x``, compiled."""
+    return getattr(f, kernel)(x, saturate, rounding, key)
 
 
 def _resolve(fmt: str | AnyFormat) -> AnyFormat:
@@ -104,7 +102,7 @@ def encode(
     check_bool("", "saturate", saturate)
     check_rounding(rounding, key)
     if isinstance(f, BuiltinFormat):
-        return cast(Encoded, _encode_kernel(f, xa, saturate, rounding, key))
+        return cast(Encoded, _kernel(f, "_encode", xa, saturate, rounding, key))
     return f.encode(xa, saturate=saturate, rounding=rounding, key=key)
 
 
@@ -151,7 +149,7 @@ def quantize(
     check_bool("", "saturate", saturate)
     check_rounding(rounding, key)
     if isinstance(fmt, BuiltinFormat):
-        return cast(jax.Array, _quantize_kernel(fmt, x, saturate, rounding, key))
+        return cast(jax.Array, _kernel(fmt, "_quantize", x, saturate, rounding, key))
     return fmt.quantize(x, saturate=saturate, rounding=rounding, key=key)
 
 

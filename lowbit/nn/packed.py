@@ -55,7 +55,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from lowbit import quant
 from lowbit.nn.quantize import is_quantized
-from lowbit.quant.qtensor import QTensor, codes_axis, mesh_axes, partition_specs
+from lowbit.quant.qtensor import QTensor, codes_axis, mesh_axes, partition_specs, spec_shards
 
 __all__ = [
     "PackedParam",
@@ -474,15 +474,12 @@ def placement(
     _check_fallback(fallback)
     if not isinstance(spec, PartitionSpec) or len(spec) > len(pw.shape):
         raise ValueError(f"{name}: spec {spec!r} is invalid; allowed: a PartitionSpec of at most {len(pw.shape)} axes")
-    sizes = dict(mesh.shape)
-    unknown = [a for e in spec if e is not None for a in mesh_axes(e) if a not in sizes]
-    if unknown:
-        raise ValueError(f"{name}: spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
+    try:
+        shards = spec_shards(spec, mesh)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     # Mesh axes of size 1 split nothing.
-    splits = [
-        e if e is not None and math.prod(sizes[a] for a in mesh_axes(e)) > 1 else None
-        for e in (*spec, *(None,) * (len(pw.shape) - len(spec)))
-    ]
+    splits = [e if n > 1 else None for e, n in zip(spec, shards, strict=True)] + [None] * (len(pw.shape) - len(spec))
     # (weight axis, spec entry, why the packed arrays cannot follow it)
     problems: list[tuple[int | None, Any, str]] = []
     view: list[Any]

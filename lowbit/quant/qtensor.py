@@ -227,6 +227,19 @@ def mesh_axes(entry: Any) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def spec_shards(spec: PartitionSpec, mesh: Mesh | AbstractMesh) -> list[int]:
+    """How many shards each entry of ``spec`` splits its axis into (1 for ``None``).
+
+    Raises:
+      ValueError: an entry names a mesh axis the mesh lacks.
+    """
+    sizes = dict(mesh.shape)
+    unknown = [a for e in spec if e is not None for a in mesh_axes(e) if a not in sizes]
+    if unknown:
+        raise ValueError(f"spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
+    return [1 if e is None else math.prod(sizes[a] for a in mesh_axes(e)) for e in spec]
+
+
 def _spec(*entries: Any) -> PartitionSpec:
     spec: PartitionSpec = PartitionSpec(*entries)  # type: ignore[no-untyped-call]  # (unannotated in jax 0.10)
     return spec
@@ -271,17 +284,8 @@ def partition_specs(qt: QTensor, spec: PartitionSpec, mesh: Mesh | AbstractMesh)
     shape = tuple(qt.shape)
     if len(spec) > len(shape):
         raise ValueError(f"spec {spec} has {len(spec)} entries; allowed: at most {len(shape)} (qt.shape={shape})")
-    sizes = dict(mesh.shape)
-    splits: dict[int, tuple[Any, int]] = {}  # logical axis -> (spec entry, number of shards)
-    for d, entry in enumerate(spec):
-        if entry is None:
-            continue
-        unknown = [a for a in mesh_axes(entry) if a not in sizes]
-        if unknown:
-            raise ValueError(f"spec {spec}: mesh axes {unknown} are not in the mesh ({', '.join(sizes)})")
-        n = math.prod(sizes[a] for a in mesh_axes(entry))
-        if n > 1:
-            splits[d] = (entry, n)
+    # logical axis -> (spec entry, number of shards)
+    splits = {d: (spec[d], n) for d, n in enumerate(spec_shards(spec, mesh)) if n > 1}
     stored = _stored(qt.quantizer, shape)
     for d, (entry, n) in splits.items():
         if shape[d] % n:
