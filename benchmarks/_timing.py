@@ -138,7 +138,7 @@ def machine_info() -> dict[str, Any]:
         "ml_dtypes": ml_dtypes.__version__,
         "backend": jax.default_backend(),
         # Quantized training turns last-bit float differences into other rounding decisions: the same code
-        # trained at LLVM -O0 (the CI suite's flag) gives other accuracies than at the default -O2.
+        # trained under the CI suite's compile flags (tests/conftest.py) gives other accuracies than at the defaults.
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "devices": [str(d) for d in jax.devices()],
         "load_average": load_average(),

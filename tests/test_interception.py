@@ -9,6 +9,7 @@ served from a float trace cache would show.
 """
 
 import functools
+import os
 import threading
 import warnings
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import linen, nnx
 from jax.lax import dot_general as aliased_dot_general  # bound before lowbit installs its hooks
 
@@ -265,13 +267,22 @@ def test_scan_over_layers_equals_unrolled_layers(recipe):
     int8_lsq's float weight-gradient products) are reduced inside XLA's compiled
     scan body in another order than in the unrolled graph: those agree to float32
     summation order (relative 1e-5); the forward pass and the quantized
-    weight-gradient products agree bit for bit.
+    weight-gradient products agree bit for bit at XLA's default code generation.
+    Under the suite's fast-compile flags (conftest.FAST_COMPILE, set under CI) the
+    CPU backend's older emitters give a few last bits of the fp4 loss and of the
+    nvfp4 weight gradients differently in the scan body than unrolled (measured:
+    relative 6e-7), so there everything agrees to 1e-5: a layer quantized with
+    another layer's state is off by a grid step, orders of magnitude more.
     """
+    bitwise = os.environ.get("XLA_FLAGS") != FAST_COMPILE
     qs = lowbit.quantize(Stacked(nnx.Rngs(0)), recipe)
     qu = lowbit.quantize(Unrolled(Stacked(nnx.Rngs(0))), recipe)
     for _ in range(2):  # twice: the stochastic-rounding keys advance per layer
         (ls, gs), (lu, gu) = nnx.value_and_grad(_loss)(qs, X), nnx.value_and_grad(_loss)(qu, X)
-        assert float(ls) == float(lu)
+        if bitwise:
+            assert float(ls) == float(lu)
+        else:
+            np.testing.assert_allclose(float(ls), float(lu), rtol=1e-5)
         stacked, unrolled = _params(gs), _params(gu)
         assert stacked.keys() == {
             k.replace("blocks/0/", "blocks/") for k in unrolled if "blocks/1" not in k and "blocks/2" not in k
@@ -283,7 +294,7 @@ def test_scan_over_layers_equals_unrolled_layers(recipe):
                 else [(v, unrolled[k])]
             )
             for a, b in pairs:
-                if recipe == "int8_lsq" or not k.endswith("kernel"):
+                if recipe == "int8_lsq" or not k.endswith("kernel") or not bitwise:
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()), err_msg=k)
                 else:
                     np.testing.assert_array_equal(a, b, err_msg=k)

@@ -395,7 +395,7 @@ json.dump(results, open(f"{root}/results.json", "w"))
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("packed_sharded")
-    # The suite's own flags (-O0 under CI) plus eight host devices.
+    # The suite's own flags (conftest.FAST_COMPILE under CI) plus eight host devices.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     start = time.perf_counter()

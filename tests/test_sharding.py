@@ -249,7 +249,7 @@ _CASES = [
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
-    # The suite's own flags (-O0 under CI) plus eight host devices.
+    # The suite's own flags (conftest.FAST_COMPILE under CI) plus eight host devices.
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     result = subprocess.run(
