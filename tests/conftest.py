@@ -19,7 +19,8 @@ import tempfile
 # into another rounding decision (tests/test_accuracy_pins.py pins under these flags;
 # test_interception's scan-vs-unrolled test allows that order). Set XLA_FLAGS yourself to test
 # at the default settings. The README's commands still run with the user's environment
-# (tests/test_readme.py drops these flags for them).
+# (tests/test_readme.py drops these flags for them). Should a later jaxlib drop the emitter flag,
+# XLA refuses to start and names it ("Unknown flag in XLA_FLAGS"): take it out here then.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 if os.environ.get("CI") and "XLA_FLAGS" not in os.environ:
     os.environ["XLA_FLAGS"] = FAST_COMPILE
