@@ -15,8 +15,9 @@ import tempfile
 # compiling many small programs. The train step of a depth-1 nvfp4 ViT compiles in 2.6 s instead of
 # 5.9-7.2 s, and the whole suite (pytest -n 2, 2 cores) took 810 s instead of 1198 s. The HLO
 # passes (fusion, algebraic simplification) are the same and fast math is off at every setting;
-# what differs is float summation order inside dots and reductions, which a quantizer can turn
-# into another rounding decision (tests/test_accuracy_pins.py pins under these flags;
+# what differs is the last bits of some float ops (tanh and rsqrt are approximated differently,
+# dots and reductions sum in another order), which a quantizer can turn into another rounding
+# decision (tests/test_accuracy_pins.py pins under these flags;
 # test_interception's scan-vs-unrolled test allows that order). Set XLA_FLAGS yourself to test
 # at the default settings. The README's commands still run with the user's environment
 # (tests/test_readme.py drops these flags for them). Should a later jaxlib drop the emitter flag,
