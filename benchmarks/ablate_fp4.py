@@ -4,13 +4,19 @@
 activations (8-bit on the first and last layer, int8 attention products) and
 radix-4 FP4 gradients with GradScale and two-phase rounding (e5m2 on the edges).
 This trains the same patch-7 ViT as ``bench_accuracy.py --datasets
-fashion-mnist`` (same epochs, optimizer and seed) in two variants of the recipe:
+fashion-mnist`` (same epochs, optimizer and seed) in variants of the recipe:
 
 * ``fp4 forward only``: the rules' gradient quantizers removed (float gradients);
 * ``fp4 gradients only``: the rules' forward quantizers removed (float weights
-  and activations).
+  and activations);
+* ``fp4 with e5m2 attention gradients``: the products of two activations
+  (attention's QK^T and AV) get the edges' e5m2 gradients instead of radix-4
+  FP4. Sun et al. apply FP4 gradients to the GEMMs of weighted layers; their
+  CNNs have no product of two activations;
+* ``fp4 with float edges``: the first and last weighted op unquantized, as
+  Sun et al. 2019 (HFP8) keep them, instead of 8 bits.
 
-Usage: ``python benchmarks/ablate_fp4.py [--seeds 0] [--report]``; appends one JSON
+Usage: ``python benchmarks/ablate_fp4.py [--seeds 0] [--variants A,B] [--report]``; appends one JSON
 line per run to ``results/ablate_fp4.jsonl`` and writes ``results/ablate_fp4.md``:
 each variant next to fp32 and fp4 from ``results/bench_accuracy.jsonl`` on the
 same seeds.
@@ -31,6 +37,7 @@ import _timing  # noqa: E402
 import bench_accuracy  # noqa: E402
 
 from lowbit import recipes  # noqa: E402
+from lowbit.quant import Quantizer  # noqa: E402
 from lowbit.training import DotQuantConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,7 +60,29 @@ def _gradients_only(rule):
     )
 
 
-VARIANTS = {"fp4 forward only": _forward_only, "fp4 gradients only": _gradients_only}
+def _attention_e5m2(rule):
+    """Products of two activations get the edges' e5m2 gradients: the paper's radix-4 FP4 is for weighted GEMMs."""
+    if rule.operands != "activation":
+        return rule
+    e5m2 = Quantizer(format="float8_e5m2")
+    return dataclasses.replace(
+        rule, dot=dataclasses.replace(rule.dot, dlhs_grad=e5m2, drhs_grad=e5m2, grad_scale=False, tpr=False)
+    )
+
+
+def _float_edges(rule):
+    """The first and last weighted op left in float (forward and gradients), as in Sun et al. 2019's HFP8."""
+    if rule.position != "edges":
+        return rule
+    return dataclasses.replace(rule, dot=DotQuantConfig(), weight="none", act="none")
+
+
+VARIANTS = {
+    "fp4 forward only": _forward_only,
+    "fp4 gradients only": _gradients_only,
+    "fp4 with e5m2 attention gradients": _attention_e5m2,
+    "fp4 with float edges": _float_edges,
+}
 
 
 def variant(name: str) -> recipes.Recipe:
@@ -83,7 +112,9 @@ def report() -> str:
         f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
         "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
         "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
-        "two-phase rounding, e5m2 on the edges; float forward). Seeds: " + ", ".join(map(str, seeds)) + ".",
+        "two-phase rounding, e5m2 on the edges; float forward); with e5m2 instead of radix-4 FP4 "
+        "gradients on attention's two activation products; with the first and last layer in float. "
+        "Seeds: " + ", ".join(map(str, seeds)) + ".",
         "",
         "| recipe | seeds | test accuracy (%) | gap to fp32 (points) |",
         "|---|---|---:|---:|",
@@ -102,19 +133,24 @@ def report() -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
     ap.add_argument("--report", action="store_true", help="only rewrite results/ablate_fp4.md from the records")
     args = ap.parse_args(argv)
     if args.report:
         (RESULTS / "ablate_fp4.md").write_text(report() + "\n")
         return
     seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.variants.split(",")
+    for name in names:
+        if name not in VARIANTS:
+            ap.error(f"--variants: {name!r} is not a variant; allowed: {', '.join(VARIANTS)}")
     from lowbit import data
 
     dataset = data.load(DATASET)
     epochs = bench_accuracy.DATASETS[DATASET]["epochs"]
     RESULTS.mkdir(exist_ok=True)
     for seed in seeds:
-        for name in VARIANTS:
+        for name in names:
             m = bench_accuracy.run_one(dataset, variant(name), seed, epochs, None)
             row = dict(
                 dataset=DATASET,

@@ -1,7 +1,11 @@
 """Pinned accuracy: a few recipes trained on a fixed seed must classify exactly as many test images as before.
 
 CPU training is deterministic (same code, same flags, same machine type: same bits), so
-an accuracy that moves is a numerics change. An intended change updates the pins in the
+an accuracy that moves is a numerics change. Another CPU type gives other last bits, which
+these short runs amplify into other counts (the same code gave fp8 186 and 192): each CPU
+type CI has run on has its own pinned outcome, and a run must reproduce one of them. A new
+CPU type fails here once, with its counts, until they are added after checking that
+nothing else changed. An intended change updates the pins in the
 same commit and says why; an unintended one fails CI. (Issue 21: fp4 on digits was
 reported 1.8 points lower than RESULTS.md and nothing noticed for days.)
 
@@ -24,9 +28,14 @@ from conftest import FAST_COMPILE
 # fp4 195, nvfp4 231 (f1a0d78 and 621d5a6); 2 epochs keep the guard at two thirds of the CI time.
 # nvfp4 was 182 until the suite's flags added --xla_cpu_use_fusion_emitters=false (2026-12-07, to halve compile
 # times): other last bits in the float ops around the quantizers, other rounding decisions, 5 images fewer.
-PINS = {"fp32": 188, "fp8": 186, "nvfp4": 177}  # measured 2026-12-07 on 621d5a6; nvfp4 re-pinned on 7d3f2f3
+PINS = (
+    # The CPU CI ran on until 2026-12-07 (its type was not recorded): measured on 621d5a6; nvfp4 re-pinned on 7d3f2f3.
+    {"fp32": 188, "fp8": 186, "nvfp4": 177},
+    # AMD EPYC, family 26 model 2 (Zen 5), from 2026-12-07 on: c01c146, the commit the first row held for.
+    {"fp32": 188, "fp8": 192, "nvfp4": 204},
+)
 COMMAND = [
-    *("compare", "--recipes", ",".join(PINS), "--seeds", "0", "--epochs", "2"),
+    *("compare", "--recipes", ",".join(PINS[0]), "--seeds", "0", "--epochs", "2"),
     *("--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "64", "--out", "pins", "--no-progress"),
 ]
 
@@ -40,4 +49,4 @@ def test_pinned_recipes_classify_the_same_test_images(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "pins" / "comparison.json").read_text())["results"]
     correct = {r["recipe"]: round(r["test_accuracy"][0] * 355) for r in results}
-    assert correct == PINS, f"accuracy moved (correct of 355): {correct}, pinned {PINS}"
+    assert correct in PINS, f"accuracy moved (correct of 355): {correct}, pinned (one per CPU type) {PINS}"
