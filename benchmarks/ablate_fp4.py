@@ -85,40 +85,22 @@ VARIANTS = {
 }
 
 
+BASELINES = ("fp32", "fp4")  # registered recipes, run beside the variants on the same CPU
+# Records from before the CPU was recorded: the one CPU type of 2026-12-02 to 12-07, where bench_accuracy's
+# fp32 and fp4 records were also measured.
+UNRECORDED_CPU = "AMD EPYC (family and model not recorded; the machine of 2026-12-02 to 12-07)"
+
+
 def variant(name: str) -> recipes.Recipe:
-    """The ``fp4`` recipe with every rule passed through ``VARIANTS[name]``."""
+    """A baseline recipe, or the ``fp4`` recipe with every rule passed through ``VARIANTS[name]``."""
+    if name in BASELINES:
+        return recipes.get(name)
     base = recipes.get("fp4")
     return dataclasses.replace(base, name=name.replace(" ", "_"), rules=tuple(VARIANTS[name](r) for r in base.rules))
 
 
-def report() -> str:
-    """Markdown: fp32, each variant and fp4 on the seeds the variants ran, mean ± std and gap to fp32."""
-    runs = bench_accuracy.read_records(RESULTS / "ablate_fp4.jsonl")
-    seeds = sorted({r["seed"] for r in runs})
-    accs = {name: {} for name in ["fp32", *VARIANTS, "fp4"]}
-    for r in runs:
-        accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
-    for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
-        if (
-            r["dataset"] == DATASET
-            and r["recipe"] in ("fp32", "fp4")
-            and r["seed"] in seeds
-            and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])
-        ):
-            accs[r["recipe"]][r["seed"]] = 100 * r["test_accuracy"]
-    lines = [
-        "# ablate_fp4: where fp4's Fashion-MNIST gap comes from",
-        "",
-        f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
-        "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
-        "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
-        "two-phase rounding, e5m2 on the edges; float forward); with e5m2 instead of radix-4 FP4 "
-        "gradients on attention's two activation products; with the first and last layer in float. "
-        "Seeds: " + ", ".join(map(str, seeds)) + ".",
-        "",
-        "| recipe | seeds | test accuracy (%) | gap to fp32 (points) |",
-        "|---|---|---:|---:|",
-    ]
+def _table(accs: dict[str, dict[int, float]]) -> list[str]:
+    lines = ["| recipe | seeds | test accuracy (%) | gap to fp32 (points) |", "|---|---|---:|---:|"]
     base = statistics.fmean(accs["fp32"].values()) if accs["fp32"] else None
     for name, by_seed in accs.items():
         if not by_seed:
@@ -127,13 +109,56 @@ def report() -> str:
         mean, std = bench_accuracy.mean_std(vals)
         gap = "" if base is None else f"{mean - base:+.2f}"
         lines.append(f"| {name} | {','.join(map(str, sorted(by_seed)))} | {mean:.2f} ± {std:.2f} | {gap} |")
+    return lines
+
+
+def report() -> str:
+    """Markdown, one table per CPU type: fp32, each variant and fp4 on the seeds the variants ran, mean ± std.
+
+    Quantized training on two CPU types ends at other accuracies, so a variant is
+    compared with baselines run on its own CPU type; records without one use
+    bench_accuracy's fp32 and fp4 records of that time.
+    """
+    by_cpu: dict[str, list[dict]] = {}
+    for r in bench_accuracy.read_records(RESULTS / "ablate_fp4.jsonl"):
+        by_cpu.setdefault(r.get("cpu", UNRECORDED_CPU), []).append(r)
+    lines = [
+        "# ablate_fp4: where fp4's Fashion-MNIST gap comes from",
+        "",
+        f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
+        "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
+        "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
+        "two-phase rounding, e5m2 on the edges; float forward); with e5m2 instead of radix-4 FP4 "
+        "gradients on attention's two activation products; with the first and last layer in float. "
+        "One table per CPU type: the same seed ends elsewhere on another CPU type.",
+    ]
+    for cpu in sorted(by_cpu, key=lambda c: c != UNRECORDED_CPU):  # oldest first, then as recorded
+        runs = by_cpu[cpu]
+        seeds = sorted({r["seed"] for r in runs})
+        accs: dict[str, dict[int, float]] = {name: {} for name in [BASELINES[0], *VARIANTS, BASELINES[1]]}
+        for r in runs:
+            accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
+        if cpu == UNRECORDED_CPU:
+            for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
+                if (
+                    r["dataset"] == DATASET
+                    and r["recipe"] in BASELINES
+                    and r["seed"] in seeds
+                    and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])
+                ):
+                    accs[r["recipe"]][r["seed"]] = 100 * r["test_accuracy"]
+        lines += ["", f"## {cpu}", "", *_table(accs)]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0", help="comma-separated (default: 0)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (default: all)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated names of variants or baselines ({', '.join(BASELINES)}); default: every variant",
+    )
     ap.add_argument("--report", action="store_true", help="only rewrite results/ablate_fp4.md from the records")
     args = ap.parse_args(argv)
     if args.report:
@@ -142,8 +167,8 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = args.variants.split(",")
     for name in names:
-        if name not in VARIANTS:
-            ap.error(f"--variants: {name!r} is not a variant; allowed: {', '.join(VARIANTS)}")
+        if name not in (*VARIANTS, *BASELINES):
+            ap.error(f"--variants: {name!r} is not a variant; allowed: {', '.join((*VARIANTS, *BASELINES))}")
     from lowbit import data
 
     dataset = data.load(DATASET)
@@ -159,6 +184,7 @@ def main(argv=None) -> None:
                 epochs=epochs,
                 test_accuracy=m["test_accuracy"],
                 load_average=_timing.load_average(),
+                cpu=_timing.cpu_model(),
                 code=bench_accuracy.lowbit_commit(),
             )
             print(json.dumps(row), flush=True)

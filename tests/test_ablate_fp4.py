@@ -59,3 +59,44 @@ def test_report_puts_each_variant_beside_fp32_and_fp4_on_the_same_seeds(tmp_path
     assert rows["fp32"].endswith("| 89.00 ± 0.00 | +0.00 |")
     assert rows["fp4 forward only"].endswith("| -1.00 |") and rows["fp4 gradients only"].endswith("| -2.00 |")
     assert rows["fp4"].endswith("| -3.00 |")
+
+
+def test_a_cpu_type_is_compared_only_with_baselines_run_on_it(tmp_path, monkeypatch):
+    import json
+
+    import bench_accuracy
+
+    monkeypatch.setattr(ablate_fp4, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_accuracy, "RESULTS", tmp_path)
+    cpu = "AMD EPYC (family 26, model 2)"
+    records = [
+        dict(variant="fp32", seed=0, test_accuracy=0.80, cpu=cpu),
+        dict(variant="fp4 with float edges", seed=0, test_accuracy=0.79, cpu=cpu),
+        dict(variant="fp4 forward only", seed=0, test_accuracy=0.88),  # before CPUs were recorded
+    ]
+    (tmp_path / "ablate_fp4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = ablate_fp4.DATASET
+    old = dict(key=bench_accuracy.config_key(ds, "fp32", 0, 10), dataset=ds, recipe="fp32", seed=0, epochs=10)
+    (tmp_path / "bench_accuracy.jsonl").write_text(json.dumps(dict(old, test_accuracy=0.90)) + "\n")
+    text = ablate_fp4.report()
+    unrecorded, recorded = text.split(f"## {cpu}")
+    assert "| fp4 forward only | 0 | 88.00 ± 0.00 | -2.00 |" in unrecorded  # the old fp32 record, 90 %
+    assert "| fp4 with float edges | 0 | 79.00 ± 0.00 | -1.00 |" in recorded  # this CPU's own fp32, 80 %
+    assert "fp4 forward only" not in recorded
+
+
+def test_attention_and_edge_variants_change_only_their_rules():
+    base = recipes.get("fp4")
+    e5m2 = ablate_fp4.variant("fp4 with e5m2 attention gradients")
+    edges = ablate_fp4.variant("fp4 with float edges")
+    for b, a, e in zip(base.rules, e5m2.rules, edges.rules):
+        if b.operands == "activation":
+            assert {a.dot.dlhs_grad.format.name, a.dot.drhs_grad.format.name} == {"float8_e5m2"}
+            assert (a.dot.lhs, a.dot.rhs) == (b.dot.lhs, b.dot.rhs) and not a.dot.grad_scale
+        else:
+            assert a == b
+        if b.position == "edges":
+            assert not e.quantizes
+        else:
+            assert e == b
+    assert any(not r.quantizes for r in edges.rules)  # the edge rule exists, so the loop checks something
