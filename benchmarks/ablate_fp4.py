@@ -17,9 +17,10 @@ fashion-mnist`` (same epochs, optimizer and seed) in variants of the recipe:
   Sun et al. 2019 (HFP8) keep them, instead of 8 bits.
 
 Usage: ``python benchmarks/ablate_fp4.py [--seeds 0] [--variants A,B] [--report]``; appends one JSON
-line per run to ``results/ablate_fp4.jsonl`` and writes ``results/ablate_fp4.md``:
-each variant next to fp32 and fp4 from ``results/bench_accuracy.jsonl`` on the
-same seeds.
+line per run (with the CPU it ran on) to ``results/ablate_fp4.jsonl`` and writes
+``results/ablate_fp4.md``: one table per CPU type, each variant next to fp32 and fp4 on
+the same seeds. ``--variants fp32,fp4`` runs those baselines on this CPU type; records
+from before CPUs were recorded use ``results/bench_accuracy.jsonl``'s of that time.
 """
 
 from __future__ import annotations
