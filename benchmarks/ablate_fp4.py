@@ -13,6 +13,8 @@ fashion-mnist`` (same epochs, optimizer and seed) in variants of the recipe:
   (attention's QK^T and AV) get the edges' e5m2 gradients instead of radix-4
   FP4. Sun et al. apply FP4 gradients to the GEMMs of weighted layers; their
   CNNs have no product of two activations;
+* ``fp4 with float attention products``: those two products not quantized at
+  all (int8 forward and FP4 gradients in ``fp4``), the paper's scope;
 * ``fp4 with float edges``: the first and last weighted op unquantized, as
   Sun et al. 2019 (HFP8) keep them, instead of 8 bits.
 
@@ -71,6 +73,11 @@ def _attention_e5m2(rule):
     )
 
 
+def _float_attention(rule):
+    """Products of two activations left in float, forward and gradients: the paper quantizes weighted layers only."""
+    return dataclasses.replace(rule, dot=DotQuantConfig()) if rule.operands == "activation" else rule
+
+
 def _float_edges(rule):
     """The first and last weighted op left in float (forward and gradients), as in Sun et al. 2019's HFP8."""
     if rule.position != "edges":
@@ -82,6 +89,7 @@ VARIANTS = {
     "fp4 forward only": _forward_only,
     "fp4 gradients only": _gradients_only,
     "fp4 with e5m2 attention gradients": _attention_e5m2,
+    "fp4 with float attention products": _float_attention,
     "fp4 with float edges": _float_edges,
 }
 
@@ -130,7 +138,8 @@ def report() -> str:
         "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
         "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
         "two-phase rounding, e5m2 on the edges; float forward); with e5m2 instead of radix-4 FP4 "
-        "gradients on attention's two activation products; with the first and last layer in float. "
+        "gradients on attention's two activation products; with those products in float; with the first and last "
+        "layer in float. "
         "One table per CPU type: the same seed ends elsewhere on another CPU type.",
     ]
     for cpu in sorted(by_cpu, key=lambda c: c != UNRECORDED_CPU):  # oldest first, then as recorded

@@ -89,12 +89,14 @@ def test_attention_and_edge_variants_change_only_their_rules():
     base = recipes.get("fp4")
     e5m2 = ablate_fp4.variant("fp4 with e5m2 attention gradients")
     edges = ablate_fp4.variant("fp4 with float edges")
-    for b, a, e in zip(base.rules, e5m2.rules, edges.rules):
+    floats = ablate_fp4.variant("fp4 with float attention products")
+    for b, a, e, f in zip(base.rules, e5m2.rules, edges.rules, floats.rules):
         if b.operands == "activation":
             assert {a.dot.dlhs_grad.format.name, a.dot.drhs_grad.format.name} == {"float8_e5m2"}
             assert (a.dot.lhs, a.dot.rhs) == (b.dot.lhs, b.dot.rhs) and not a.dot.grad_scale
+            assert b.quantizes and not f.quantizes
         else:
-            assert a == b
+            assert a == b and f == b
         if b.position == "edges":
             assert not e.quantizes
         else:
