@@ -95,9 +95,6 @@ VARIANTS = {
 
 
 BASELINES = ("fp32", "fp4")  # registered recipes, run beside the variants on the same CPU
-# Records from before the CPU was recorded: the one CPU type of 2026-12-02 to 12-07, where bench_accuracy's
-# fp32 and fp4 records were also measured.
-UNRECORDED_CPU = "AMD EPYC (family and model not recorded; the machine of 2026-12-02 to 12-07)"
 
 
 def variant(name: str) -> recipes.Recipe:
@@ -128,9 +125,7 @@ def report() -> str:
     compared with baselines run on its own CPU type; records without one use
     bench_accuracy's fp32 and fp4 records of that time.
     """
-    by_cpu: dict[str, list[dict]] = {}
-    for r in bench_accuracy.read_records(RESULTS / "ablate_fp4.jsonl"):
-        by_cpu.setdefault(r.get("cpu", UNRECORDED_CPU), []).append(r)
+    records = bench_accuracy.read_records(RESULTS / "ablate_fp4.jsonl")
     lines = [
         "# ablate_fp4: where fp4's Fashion-MNIST gap comes from",
         "",
@@ -142,13 +137,13 @@ def report() -> str:
         "layer in float. "
         "One table per CPU type: the same seed ends elsewhere on another CPU type.",
     ]
-    for cpu in sorted(by_cpu, key=lambda c: c != UNRECORDED_CPU):  # oldest first, then as recorded
-        runs = by_cpu[cpu]
+    for cpu in bench_accuracy.cpu_types(records):
+        runs = [r for r in records if bench_accuracy.cpu_of(r) == cpu]
         seeds = sorted({r["seed"] for r in runs})
         accs: dict[str, dict[int, float]] = {name: {} for name in [BASELINES[0], *VARIANTS, BASELINES[1]]}
         for r in runs:
             accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
-        if cpu == UNRECORDED_CPU:
+        if cpu == bench_accuracy.UNRECORDED_CPU:
             for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
                 if (
                     r["dataset"] == DATASET

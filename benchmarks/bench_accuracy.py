@@ -1,9 +1,11 @@
 """Test accuracy of every training recipe against fp32: digits and Fashion-MNIST, several seeds.
 
 Every (dataset, recipe, seed) run trains the ViT with ``lowbit.trainer.loop.train``
-from scratch and appends one JSON record to ``results/bench_accuracy.jsonl``;
-rerunning skips the runs already recorded with the same configuration, so an
-interrupted sweep continues where it stopped. Runs go seed-major (every recipe
+from scratch and appends one JSON record (with the CPU type it ran on) to
+``results/bench_accuracy.jsonl``; rerunning skips the runs already recorded with
+the same configuration on the same CPU type, so an interrupted sweep continues
+where it stopped. The report keeps one section per CPU type: quantized training
+ends at other accuracies on another CPU type. Runs go seed-major (every recipe
 once, then every recipe again), so a partial sweep already covers all recipes.
 After every run the report (``bench_accuracy.md``, ``.png``: mean ± std over
 seeds, gap to fp32 in points) is rewritten from all records.
@@ -85,6 +87,21 @@ def config_key(dataset: str, recipe: str, seed: int, epochs: int, api: str | Non
     return json.dumps(cfg | (dict(api=api) if api else {}), sort_keys=True)
 
 
+# Records from before the CPU was recorded: the one CPU type of 2026-12-02 to 12-07. Quantized training ends at
+# other accuracies on another CPU type (tests/test_accuracy_pins.py), so runs of two types never share a table.
+UNRECORDED_CPU = "AMD EPYC (family and model not recorded; the machine of 2026-12-02 to 12-07)"
+
+
+def cpu_of(record: dict) -> str:
+    """The CPU type a record trained on."""
+    return record.get("cpu", UNRECORDED_CPU)
+
+
+def cpu_types(records: list[dict]) -> list[str]:
+    """The CPU types ``records`` trained on: the unrecorded (oldest) first, then in the order recorded."""
+    return sorted({cpu_of(r): None for r in records}, key=lambda c: c != UNRECORDED_CPU)
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -134,12 +151,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, list[dict]]:
-    """dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...).
+def summarise(records: list[dict], before: list[dict] = ()) -> dict[str, dict[str, list[dict]]]:
+    """CPU type -> dataset -> rows (recipe, seeds, mean/std accuracy in %, gap to fp32 in points, ...).
 
-    ``before``: records of the earlier implementation; each row gets their mean ± std as ``before``.
+    ``before``: records of the earlier implementation; each row gets their mean ± std
+    (on the same CPU type) as ``before``. CPU types come oldest first, then as recorded.
     """
-    by = {}
+    return {
+        cpu: _summarise_cpu([r for r in records if cpu_of(r) == cpu], [r for r in before if cpu_of(r) == cpu])
+        for cpu in cpu_types(records)
+    }
+
+
+def _summarise_cpu(records: list[dict], before: list[dict]) -> dict[str, list[dict]]:
+    """dataset -> rows, for the records of one CPU type."""
+    by: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         by.setdefault(r["dataset"], {}).setdefault(r["recipe"], []).append(r)
     out = {}
@@ -227,13 +253,19 @@ def plot(summary: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Test accuracy after every epoch, mean over seeds, one line per recipe, one panel per dataset."""
+def _label(ds: str, cpu: str, several: bool) -> str:
+    """A plot panel's name: the dataset, and its CPU type where the records span several."""
+    return f"{ds} on {cpu}" if several else ds
+
+
+def plot_curves(records: list[dict], path: Path, several: bool = False) -> None:
+    """Test accuracy after every epoch, mean over seeds, one line per recipe, one panel per dataset (and CPU type)."""
     from matplotlib.figure import Figure
 
     by: dict[str, dict[str, list[list[float]]]] = {}
     for r in records:
-        by.setdefault(r["dataset"], {}).setdefault(r["recipe"], []).append(r["test_accuracy_per_epoch"])
+        panel = by.setdefault(_label(r["dataset"], cpu_of(r), several), {})
+        panel.setdefault(r["recipe"], []).append(r["test_accuracy_per_epoch"])
     fig = Figure(figsize=(6 * len(by), 3.8), layout="constrained")
     axes = fig.subplots(1, len(by), squeeze=False)[0]
     order = {name: i for i, name in enumerate(_recipe_order())}
@@ -264,7 +296,8 @@ def write_report(
         "# bench_accuracy: recipes vs fp32 (mean ± std over seeds)",
         "",
         f"Generated {command_info['date']} by `{command_info['command']}`; "
-        f"{len(records)} runs. Machine: {command_info['cpu']}, {command_info['cores']} cores, "
+        f"{len(records)} runs, one section per CPU type they trained on (quantized training ends at other "
+        f"accuracies on another CPU type, so runs of two types never share a table); 2-core machines, "
         f"jax {command_info['jax']}, flax {command_info['flax']}. Load average when each run ended is in "
         f"the JSONL records (step times are under that load; compare them only within a dataset).",
         "",
@@ -272,15 +305,21 @@ def write_report(
         f"warmup {TRAIN['warmup']} epochs, cosine decay. Gap = mean(recipe) − mean(fp32).",
         "",
     ]
-    for ds, rows in summary.items():
-        parts += [table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])), ""]
+    for cpu, by_ds in summary.items():
+        parts += [f"## {cpu}", ""]
+        for ds, rows in by_ds.items():
+            parts += [table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])), ""]
     curves = stem.with_name(stem.name + "_curves.png")
     parts.append(
         f"Curves (test accuracy after each epoch, mean over seeds; seeds per recipe in brackets): `{curves.name}`."
     )
     stem.with_suffix(".md").write_text("\n".join(parts) + "\n")
-    plot(summary, stem.with_suffix(".png"))
-    plot_curves(records, curves)
+    several = len(summary) > 1
+    plot(
+        {_label(ds, cpu, several): rows for cpu, by_ds in summary.items() for ds, rows in by_ds.items()},
+        stem.with_suffix(".png"),
+    )
+    plot_curves(records, curves, several)
 
 
 def main(argv=None) -> None:
@@ -315,9 +354,9 @@ def main(argv=None) -> None:
     commit = lowbit_commit()  # once: this process keeps the code it imported, whatever is committed later
 
     def current(records, api=API):
-        """The newest record of each run of this configuration (others, e.g. another --epochs, stay in the file)."""
+        """Per CPU type, the newest record of each run of this configuration (another --epochs stays in the file)."""
         newest = {
-            r["key"]: r
+            (cpu_of(r), r["key"]): r
             for r in records
             if r["key"] == config_key(r["dataset"], r["recipe"], r["seed"], epochs_for[r["dataset"]], api)
         }
@@ -330,7 +369,7 @@ def main(argv=None) -> None:
             todo = [(seed, name) for seed in seeds for name in names]
             for i, (seed, name) in enumerate(todo):
                 key = config_key(ds_name, name, seed, epochs_for[ds_name])
-                done = [r for r in read_records(jsonl) if r["key"] == key]
+                done = [r for r in read_records(jsonl) if r["key"] == key and cpu_of(r) == info["cpu"]]
                 if done and (not args.rerun or done[-1].get("lowbit_commit") == commit):
                     continue
                 print(f"[{ds_name} {i + 1}/{len(todo)}] {name} seed {seed} ...", flush=True)
@@ -359,6 +398,7 @@ def main(argv=None) -> None:
                     wall_s=time.perf_counter() - t0,
                     load_average=_timing.load_average(),
                     lowbit_commit=commit,
+                    cpu=info["cpu"],
                     command=info["command"],
                     xla_flags=info["xla_flags"],
                     date=_timing.machine_info()["date"],
@@ -375,8 +415,9 @@ def main(argv=None) -> None:
     records = current(read_records(jsonl))
     before = current(read_records(jsonl), None)
     write_report(records, stem, epochs_for, info, before)
-    for ds, rows in summarise(records, before).items():
-        print(table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])) + "\n")
+    for cpu, by_ds in summarise(records, before).items():
+        for ds, rows in by_ds.items():
+            print(f"{cpu}\n" + table(ds, rows, epochs_for.get(ds, DATASETS[ds]["epochs"])) + "\n")
     stem.with_suffix(".json").write_text(
         json.dumps(
             dict(
