@@ -297,7 +297,7 @@ def write_report(
         "",
         f"Generated {command_info['date']} by `{command_info['command']}`; "
         f"{len(records)} runs, one section per CPU type they trained on (quantized training ends at other "
-        f"accuracies on another CPU type, so runs of two types never share a table); 2-core machines, "
+        f"accuracies on another CPU type, so runs of two types never share a table); "
         f"jax {command_info['jax']}, flax {command_info['flax']}. Load average when each run ended is in "
         f"the JSONL records (step times are under that load; compare them only within a dataset).",
         "",
