@@ -254,8 +254,10 @@ def plot(summary: dict[str, list[dict]], path: Path) -> None:
 
 
 def _label(ds: str, cpu: str, several: bool) -> str:
-    """A plot panel's name: the dataset, and its CPU type where the records span several."""
-    return f"{ds} on {cpu}" if several else ds
+    """A plot panel's name: the dataset, and on a second line its CPU type where the records span several."""
+    if not several:
+        return ds
+    return f"{ds}\n{'the 2026-12-02..07 machine' if cpu == UNRECORDED_CPU else cpu}"
 
 
 def plot_curves(records: list[dict], path: Path, several: bool = False) -> None:
