@@ -260,10 +260,11 @@ def _label(ds: str, cpu: str, several: bool) -> str:
     return f"{ds}\n{'the 2026-12-02..07 machine' if cpu == UNRECORDED_CPU else cpu}"
 
 
-def plot_curves(records: list[dict], path: Path, several: bool = False) -> None:
+def plot_curves(records: list[dict], path: Path) -> None:
     """Test accuracy after every epoch, mean over seeds, one line per recipe, one panel per dataset (and CPU type)."""
     from matplotlib.figure import Figure
 
+    several = len(cpu_types(records)) > 1
     by: dict[str, dict[str, list[list[float]]]] = {}
     for r in records:
         panel = by.setdefault(_label(r["dataset"], cpu_of(r), several), {})
@@ -321,7 +322,7 @@ def write_report(
         {_label(ds, cpu, several): rows for cpu, by_ds in summary.items() for ds, rows in by_ds.items()},
         stem.with_suffix(".png"),
     )
-    plot_curves(records, curves, several)
+    plot_curves(records, curves)
 
 
 def main(argv=None) -> None:
