@@ -250,13 +250,13 @@ def _op(position, count=5, weighted=True, kind="dot_general"):
 
 def test_nvfp4_recipe_is_nvidias_pretraining_recipe():
     r = recipes.get("nvfp4")
-    last, attention, linear, conv = (
+    first, last, attention, linear, conv = (
         r.rules[r.match(op)].dot
-        for op in (_op(4), _op(None, weighted=False, kind="einsum"), _op(2), _op(2, kind="conv"))
+        for op in (_op(0), _op(4), _op(None, weighted=False, kind="einsum"), _op(2), _op(2, kind="conv"))
     )
     bf16 = {q.format.name for q in (last.lhs, last.rhs, last.dlhs_grad, last.drhs_grad)}
-    assert bf16 == {"bfloat16"} and attention == last
-    assert r.rules[r.match(_op(0))].dot == linear  # the first layer is NVFP4
+    assert bf16 == {"bfloat16"} and attention == last == first  # embedding, head and attention in BF16
+    assert r.rules[r.match(_op(3))].dot == r.rules[r.match(_op(1))].dot == linear  # inner layers are NVFP4
     assert linear.lhs == quant.Quantizer(format="nvfp4")
     assert linear.rhs == quant.Quantizer(format="nvfp4", granularity=quant.Block(shape=(16, 16)))
     assert linear.dlhs_grad == linear.drhs_grad == quant.Quantizer(format="nvfp4", rounding="stochastic")
