@@ -2,19 +2,21 @@
 
 ``fp4`` (Sun et al. 2020) quantizes three things: 4-bit SAWB weights and PACT
 activations (8-bit on the first and last layer, int8 attention products) and
-radix-4 FP4 gradients with GradScale and two-phase rounding (e5m2 on the edges).
-This trains the same patch-7 ViT as ``bench_accuracy.py --datasets
-fashion-mnist`` (same epochs, optimizer and seed) in variants of the recipe:
+radix-4 FP4 gradients with GradScale and two-phase rounding (e5m2 on the edges
+and on attention's two activation products). This trains the same patch-7 ViT as
+``bench_accuracy.py --datasets fashion-mnist`` (same epochs, optimizer and seed)
+in variants of the recipe:
 
 * ``fp4 forward only``: the rules' gradient quantizers removed (float gradients);
 * ``fp4 gradients only``: the rules' forward quantizers removed (float weights
   and activations);
-* ``fp4 with e5m2 attention gradients``: the products of two activations
-  (attention's QK^T and AV) get the edges' e5m2 gradients instead of radix-4
-  FP4. Sun et al. apply FP4 gradients to the GEMMs of weighted layers; their
-  CNNs have no product of two activations;
+* ``fp4 with radix-4 attention gradients``: the products of two activations
+  (attention's QK^T and AV) get radix-4 FP4 gradients with GradScale and
+  two-phase rounding like the weighted layers: ``fp4`` before 2026-12-07 21:10
+  (``bench_accuracy.REDEFINED``). Sun et al. define FP4 gradients for the GEMMs
+  of weighted layers; their CNNs have no product of two activations;
 * ``fp4 with float attention products``: those two products not quantized at
-  all (int8 forward and FP4 gradients in ``fp4``), the paper's scope;
+  all (int8 forward and e5m2 gradients in ``fp4``), the paper's scope;
 * ``fp4 with float edges``: the first and last weighted op unquantized, as
   Sun et al. 2019 (HFP8) keep them, instead of 8 bits.
 
@@ -23,6 +25,8 @@ line per run (with the CPU it ran on) to ``results/ablate_fp4.jsonl`` and writes
 ``results/ablate_fp4.md``: one table per CPU type, each variant next to fp32 and fp4 on
 the same seeds. ``--variants fp32,fp4`` runs those baselines on this CPU type; records
 from before CPUs were recorded use ``results/bench_accuracy.jsonl``'s of that time.
+Records of variants of the earlier ``fp4`` carry the earlier definition in their name
+(``EARLIER``), so that every row of the report is one definition.
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ import _timing  # noqa: E402
 import bench_accuracy  # noqa: E402
 
 from lowbit import recipes  # noqa: E402
-from lowbit.quant import Quantizer  # noqa: E402
 from lowbit.training import DotQuantConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,13 +66,13 @@ def _gradients_only(rule):
     )
 
 
-def _attention_e5m2(rule):
-    """Products of two activations get the edges' e5m2 gradients: the paper's radix-4 FP4 is for weighted GEMMs."""
-    if rule.operands != "activation":
-        return rule
-    e5m2 = Quantizer(format="float8_e5m2")
-    return dataclasses.replace(
-        rule, dot=dataclasses.replace(rule.dot, dlhs_grad=e5m2, drhs_grad=e5m2, grad_scale=False, tpr=False)
+def _attention_radix4(rules):
+    """Products of two activations get the weighted layers' radix-4 FP4 gradients, GradScale and TPR."""
+    weighted = next(r.dot for r in rules if r.operands == "any" and r.position == "any")
+    grads = {f: getattr(weighted, f) for f in ("dlhs_grad", "drhs_grad", "grad_scale", "tpr")}
+    return tuple(
+        dataclasses.replace(r, dot=dataclasses.replace(r.dot, **grads)) if r.operands == "activation" else r
+        for r in rules
     )
 
 
@@ -85,16 +88,22 @@ def _float_edges(rule):
     return dataclasses.replace(rule, dot=DotQuantConfig(), weight="none", act="none")
 
 
-VARIANTS = {
-    "fp4 forward only": _forward_only,
-    "fp4 gradients only": _gradients_only,
-    "fp4 with e5m2 attention gradients": _attention_e5m2,
-    "fp4 with float attention products": _float_attention,
-    "fp4 with float edges": _float_edges,
-}
+def _each(change):
+    """A variant that changes each rule on its own."""
+    return lambda rules: tuple(change(r) for r in rules)
 
 
 BASELINES = ("fp32", "fp4")  # registered recipes, run beside the variants on the same CPU
+RADIX4 = "fp4 with radix-4 attention gradients"  # what fp4 was before bench_accuracy.REDEFINED's change
+VARIANTS = {  # name -> the fp4 rules -> the variant's rules
+    "fp4 forward only": _each(_forward_only),
+    "fp4 gradients only": _each(_gradients_only),
+    RADIX4: _attention_radix4,
+    "fp4 with float attention products": _each(_float_attention),
+    "fp4 with float edges": _each(_float_edges),
+}
+# The name of a variant run on fp4 as it was before its attention gradients became e5m2 (bench_accuracy.REDEFINED).
+EARLIER = " (earlier fp4: radix-4 attention gradients)"
 
 
 def variant(name: str) -> recipes.Recipe:
@@ -102,7 +111,7 @@ def variant(name: str) -> recipes.Recipe:
     if name in BASELINES:
         return recipes.get(name)
     base = recipes.get("fp4")
-    return dataclasses.replace(base, name=name.replace(" ", "_"), rules=tuple(VARIANTS[name](r) for r in base.rules))
+    return dataclasses.replace(base, name=name.replace(" ", "_"), rules=VARIANTS[name](base.rules))
 
 
 def _table(accs: dict[str, dict[int, float]]) -> list[str]:
@@ -132,26 +141,30 @@ def report() -> str:
         f"`python benchmarks/ablate_fp4.py`: the {DATASET} ViT of bench_accuracy (same epochs, optimizer, "
         "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
         "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
-        "two-phase rounding, e5m2 on the edges; float forward); with e5m2 instead of radix-4 FP4 "
-        "gradients on attention's two activation products; with those products in float; with the first and last "
-        "layer in float. "
+        "two-phase rounding, e5m2 on the edges and attention's products; float forward); with radix-4 FP4 "
+        "instead of e5m2 gradients on attention's two activation products (fp4 before 2026-12-07 21:10); with "
+        "those products in float; with the first and last layer in float. A name ending in "
+        f'"{EARLIER.strip()}" is that variant of the earlier fp4. '
         "One table per CPU type: the same seed ends elsewhere on another CPU type.",
     ]
     for cpu in bench_accuracy.cpu_types(records):
         runs = [r for r in records if bench_accuracy.cpu_of(r) == cpu]
         seeds = sorted({r["seed"] for r in runs})
-        accs: dict[str, dict[int, float]] = {name: {} for name in [BASELINES[0], *VARIANTS, BASELINES[1]]}
+        names = [BASELINES[0], *VARIANTS, *(v + EARLIER for v in VARIANTS), BASELINES[1]]
+        accs: dict[str, dict[int, float]] = {name: {} for name in names}
         for r in runs:
             accs[r["variant"]][r["seed"]] = 100 * r["test_accuracy"]
         if cpu == bench_accuracy.UNRECORDED_CPU:
             for r in bench_accuracy.read_records(bench_accuracy.RESULTS / "bench_accuracy.jsonl"):
                 if (
-                    r["dataset"] == DATASET
+                    bench_accuracy.cpu_of(r) == cpu
+                    and r["dataset"] == DATASET
                     and r["recipe"] in BASELINES
                     and r["seed"] in seeds
                     and r["key"] == bench_accuracy.config_key(DATASET, r["recipe"], r["seed"], r["epochs"])
                 ):
-                    accs[r["recipe"]][r["seed"]] = 100 * r["test_accuracy"]
+                    name = RADIX4 if bench_accuracy.earlier_definition(r) else r["recipe"]
+                    accs[name][r["seed"]] = 100 * r["test_accuracy"]
         lines += ["", f"## {cpu}", "", *_table(accs)]
     return "\n".join(lines)
 

@@ -102,6 +102,20 @@ def cpu_types(records: list[dict]) -> list[str]:
     return sorted({cpu_of(r): None for r in records}, key=lambda c: c != UNRECORDED_CPU)
 
 
+# When a recipe's numerics last changed (its commit's time) and what it computed before. A row of runs older than
+# the change trained the earlier definition and says so: a CPU type that is not rerun keeps such rows.
+REDEFINED = {
+    "fp4": ("2026-12-07T21:10:57+00:00", "radix-4 FP4 gradients on attention's QK^T and AV, not e5m2"),
+    "nvfp4": ("2026-12-07T21:10:57+00:00", "its first weighted op (the patch embedding) in NVFP4, not BF16"),
+}
+
+
+def earlier_definition(record: dict) -> str | None:
+    """What ``record``'s recipe computed before its last change, if the record was trained before it."""
+    change = REDEFINED.get(record["recipe"])
+    return change[1] if change and record["date"] < change[0] else None
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -186,6 +200,7 @@ def _summarise_cpu(records: list[dict], before: list[dict]) -> dict[str, list[di
                     commits=sorted({r.get("lowbit_commit", "?") for r in runs}),
                     # Records before 2026-12-07 did not keep their command line.
                     commands=sorted({r.get("command", "?") for r in runs}),
+                    earlier=sorted({d for r in runs if (d := earlier_definition(r))}),
                 )
             )
         base = next((r for r in rows if r["recipe"] == "fp32"), None)
@@ -219,10 +234,15 @@ def table(ds: str, rows: list[dict], epochs: int) -> str:
         gap = "—" if r["gap"] is None else f"{r['gap']:+.2f}"
         target = "" if r["target"] is None else f"≥ −{r['target']} {'✓' if r['meets_target'] else '✗'}"
         before = "—" if not r.get("before") else f"{r['before'][0]:.2f} ± {r['before'][1]:.2f}"
+        mark = " †" if r.get("earlier") else ""
         lines.append(
-            f"| {r['recipe']} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
+            f"| {r['recipe']}{mark} | {r['n']} | {r['mean']:.2f} ± {r['std']:.2f} | {before} | {gap} | {target} "
             f"| {r['step_time_ms']:.1f} | {r['train_time_s']:.0f} | {r['skipped_steps']} | {', '.join(r['commits'])} |"
         )
+    for r in rows:
+        for what in r.get("earlier", ()):
+            when = REDEFINED[r["recipe"]][0]
+            lines += ["", f"† {r['recipe']}: trained before the recipe changed on {when}, with {what}."]
     commands = sorted({c for r in rows for c in r["commands"]})
     lines += ["", "Commands that produced these rows (`?`: a record from before commands were kept):", ""]
     lines += [f"- `{c}`" if c != "?" else "- ?" for c in commands]

@@ -41,6 +41,7 @@ def test_report_puts_each_variant_beside_fp32_and_fp4_on_the_same_seeds(tmp_path
     ds, epochs = ablate_fp4.DATASET, 10
     variants = [dict(variant=name, seed=0, test_accuracy=acc) for name, acc in zip(ablate_fp4.VARIANTS, (0.88, 0.87))]
     (tmp_path / "ablate_fp4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in variants))
+    changed = bench_accuracy.REDEFINED["fp4"][0]
     runs = [
         dict(
             key=bench_accuracy.config_key(ds, recipe, seed, epochs),
@@ -49,9 +50,14 @@ def test_report_puts_each_variant_beside_fp32_and_fp4_on_the_same_seeds(tmp_path
             seed=seed,
             epochs=epochs,
             test_accuracy=acc,
+            date=date,
         )
-        for recipe, seed, acc in (("fp32", 0, 0.89), ("fp4", 0, 0.86), ("fp32", 1, 0.50))
-    ]  # seed 1: not ablated
+        for recipe, seed, acc, date in (
+            ("fp32", 0, 0.89, changed),
+            ("fp4", 0, 0.86, changed),  # trained on the current fp4
+            ("fp32", 1, 0.50, changed),  # seed 1: not ablated
+        )
+    ]
     (tmp_path / "bench_accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     rows = {
         line.split(" | ")[0].lstrip("| "): line for line in ablate_fp4.report().splitlines() if line.startswith("| ")
@@ -77,23 +83,33 @@ def test_a_cpu_type_is_compared_only_with_baselines_run_on_it(tmp_path, monkeypa
     (tmp_path / "ablate_fp4.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     ds = ablate_fp4.DATASET
     old = dict(key=bench_accuracy.config_key(ds, "fp32", 0, 10), dataset=ds, recipe="fp32", seed=0, epochs=10)
-    (tmp_path / "bench_accuracy.jsonl").write_text(json.dumps(dict(old, test_accuracy=0.90)) + "\n")
+    earlier = "2026-12-02T00:00:00+00:00"  # before fp4's attention gradients became e5m2
+    fp4 = dict(old, key=bench_accuracy.config_key(ds, "fp4", 0, 10), recipe="fp4", test_accuracy=0.85, date=earlier)
+    zen5 = dict(old, test_accuracy=0.70, date=earlier, cpu=cpu)  # bench_accuracy's run on the other CPU type
+    lines = (dict(old, test_accuracy=0.90, date=earlier), fp4, zen5)
+    (tmp_path / "bench_accuracy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     text = ablate_fp4.report()
     unrecorded, recorded = text.split(f"## {cpu}")
     assert "| fp4 forward only | 0 | 88.00 ± 0.00 | -2.00 |" in unrecorded  # the old fp32 record, 90 %
+    assert f"| {ablate_fp4.RADIX4} | 0 | 85.00 ± 0.00 | -5.00 |" in unrecorded  # what fp4 was then
+    assert "| fp4 |" not in unrecorded
     assert "| fp4 with float edges | 0 | 79.00 ± 0.00 | -1.00 |" in recorded  # this CPU's own fp32, 80 %
     assert "fp4 forward only" not in recorded
 
 
 def test_attention_and_edge_variants_change_only_their_rules():
     base = recipes.get("fp4")
-    e5m2 = ablate_fp4.variant("fp4 with e5m2 attention gradients")
+    radix4 = ablate_fp4.variant(ablate_fp4.RADIX4)
     edges = ablate_fp4.variant("fp4 with float edges")
     floats = ablate_fp4.variant("fp4 with float attention products")
-    for b, a, e, f in zip(base.rules, e5m2.rules, edges.rules, floats.rules):
+    weighted = next(r.dot for r in base.rules if r.operands == "any" and r.position == "any")
+    assert weighted.dlhs_grad.format.name == "fp4_radix4" and weighted.grad_scale and weighted.tpr
+    for b, a, e, f in zip(base.rules, radix4.rules, edges.rules, floats.rules):
         if b.operands == "activation":
-            assert {a.dot.dlhs_grad.format.name, a.dot.drhs_grad.format.name} == {"float8_e5m2"}
-            assert (a.dot.lhs, a.dot.rhs) == (b.dot.lhs, b.dot.rhs) and not a.dot.grad_scale
+            assert {b.dot.dlhs_grad.format.name, b.dot.drhs_grad.format.name} == {"float8_e5m2"}  # fp4's own
+            grads = ("dlhs_grad", "drhs_grad", "grad_scale", "tpr")
+            assert all(getattr(a.dot, f) == getattr(weighted, f) for f in grads)  # fp4 before the change
+            assert (a.dot.lhs, a.dot.rhs) == (b.dot.lhs, b.dot.rhs)
             assert b.quantizes and not f.quantizes
         else:
             assert a == b and f == b
@@ -102,3 +118,4 @@ def test_attention_and_edge_variants_change_only_their_rules():
         else:
             assert e == b
     assert any(not r.quantizes for r in edges.rules)  # the edge rule exists, so the loop checks something
+    assert any(r.operands == "activation" for r in base.rules)  # and so does the attention rule
