@@ -12,7 +12,7 @@ train``'s.
 
 Usage::
 
-    python benchmarks/bench_lm_train.py                          # fp32, fp8, int8, nvfp4, fp4; seeds 0, 1, 2
+    python benchmarks/bench_lm_train.py                          # RECIPES below; seeds 0, 1, 2
     python benchmarks/bench_lm_train.py --seeds 0 --recipes fp32,fp8
     python benchmarks/bench_lm_train.py --report                 # only rewrite the report
 """
@@ -35,7 +35,8 @@ from bench_accuracy import lowbit_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "bench_lm_train"
-RECIPES = "fp32,fp8,int8,nvfp4,fp4"
+# fp8 and int8, and the block-scaled recipes of issue 19 with the earlier nvfp4 numerics (nvfp4_v0) and fp4.
+RECIPES = "fp32,fp8,int8,mxfp8,mxfp4,nvfp4,nvfp4_v0,fp4"
 
 
 def run_seed(seed: int, recipes: str, epochs: int, work: Path) -> Path:
@@ -90,11 +91,13 @@ def report() -> str:
         gap = _mean_std(gaps) if gaps and recipe != "fp32" else "—"
         lines.append(f"| {recipe} | {','.join(map(str, seeds))} | {_mean_std(bits)} | {gap} | {step:.0f} | {ratio} |")
     commits = sorted({r["lowbit_commit"] for r in records})
+    cpus = sorted({r["machine"]["cpu"] for r in records})
     loads = ", ".join(f"seed {r['seeds'][0]}: {r['machine'].get('load_average', '?')}" for r in records)
     lines += [
         "",
         f"Commit {', '.join(commits)}; load at start ({loads}); "
-        f"{records[0]['machine'].get('cores', '?')} CPUs, jax {records[0]['machine'].get('jax', '?')}.",
+        f"{records[0]['machine'].get('cores', '?')} CPUs ({' and '.join(cpus)}), "
+        f"jax {records[0]['machine'].get('jax', '?')}.",
         "Commands (WORK: a scratch directory for the checkpoints):",
         "",
         *sorted({f"    {r['command']}" for r in records}),
