@@ -118,11 +118,12 @@ def test_first_command_trains_verbatim(tmp_path):
     run = tmp_path / "runs" / "fp4-digits-seed0"
     assert f"wrote {run}/metrics.json and {run}/curves.png" in done.stdout, done.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    # Trained, and pinned: 30 epochs of fp4 on digits, seed 0, classify 343 of the 355 test images (96.62 %)
-    # on every commit since ac7f1e3 (2026-12-02, bisected for issue 21) on the CPU CI used until 2026-12-07,
-    # and 340 on c01c146 on an AMD EPYC family 26 (Zen 5). CPU runs are deterministic per CPU type, so
-    # another count is a numerics change (tests/test_accuracy_pins.py pins more recipes, and says why per CPU type).
-    assert round(metrics["test_accuracy"] * 355) in (343, 340), metrics["test_accuracy"]
+    # Trained, and pinned: 30 epochs of fp4 on digits, seed 0, classify 328 of the 355 test images (92.39 %) on an
+    # AMD EPYC family 26 (Zen 5) since fp4's attention products took e5m2 gradients (cbea6ff; 340 before, and 343 on
+    # the CPU CI used until 2026-12-07, not measured since). Seeds 0-4 average 95.21 % against 95.77 % before: seed 0
+    # is the lowest. CPU runs are deterministic per CPU type, so another count is a numerics change
+    # (tests/test_accuracy_pins.py pins more recipes, and says why per CPU type).
+    assert round(metrics["test_accuracy"] * 355) == 328, metrics["test_accuracy"]
     assert (run / "curves.png").stat().st_size > 0
 
 
