@@ -7,6 +7,8 @@ and NVFP4 elements saturate), NVFP4's scales in float32 numpy arithmetic. Shapes
 are fixed so every format compiles once.
 """
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -17,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowbit import formats
+from lowbit import formats, quant
 from lowbit.formats import BlockFormat
 
 # name: (ml_dtypes element type or None for MXINT8, emax_elem, largest element value)
@@ -197,6 +199,37 @@ def test_quantize_matches_reference(name):
         assert_bits_equal(quantize(formats.get(name), jnp.asarray(x)), reference(name, x))
 
     check()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _moved_last(fmt, x, axis):
+    """``x`` quantized in blocks along ``axis`` the public way: moved last, quantized, moved back."""
+    return jnp.moveaxis(formats.quantize(fmt, jnp.moveaxis(x, axis, -1)), -1, axis)
+
+
+@pytest.mark.parametrize("name", [*NAMES, "mxfp8_e4m3_rceil"])
+def test_blocks_along_another_axis_are_those_of_the_axis_moved_last(name):
+    """A Group(axis) quantizer cuts that axis into blocks where it lies (no transposing read): the same bits,
+    with a NaN and an inf in some blocks; stochastic rounding and a partial last block take the moved path."""
+    fmt = formats.get(name) if name in NAMES else formats.with_scale_mode("mxfp8_e4m3", "rceil")
+    key = jax.random.key(0)
+
+    @given(block_tensors(name.removesuffix("_rceil")), st.sampled_from(["none", "nan", "inf"]))
+    def check(x, special):
+        x = x.copy()
+        x[1, 5] = {"none": x[1, 5], "nan": np.nan, "inf": -np.inf}[special]
+        # (96, 3) blocked along axis 0; (3, 96, 2) along the middle axis.
+        for arr, axis in ((x.T, 0), (np.stack([x, -2 * x], -1), 1)):
+            q = quant.Quantizer(format=fmt, granularity=quant.Group(axis=axis))
+            assert_bits_equal(quant.fake_quant(q, jnp.asarray(arr)), _moved_last(fmt, jnp.asarray(arr), axis))
+
+    check()
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((40, 3)).astype(np.float32))  # a partial last block
+    q = quant.Quantizer(format=fmt, granularity=quant.Group(axis=0))
+    assert_bits_equal(quant.fake_quant(q, x), _moved_last(fmt, x, 0))
+    sr = dataclasses.replace(q, rounding="stochastic")
+    moved = jnp.moveaxis(formats.quantize(fmt, x.T[:, :32], rounding="stochastic", key=key), -1, 0)
+    assert_bits_equal(quant.fake_quant(sr, x[:32], key), moved)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -102,15 +102,16 @@ def test_reference_of_the_other_scale_mode_fails_on_a_small_input():
 class _LeakyBlocks(BlockFormat):
     """MX whose every block takes the largest scale of its row: blocks leak into each other."""
 
-    def _mx_scale(self, xb):
-        code, has_nan = super()._mx_scale(xb)
-        return jnp.broadcast_to(jnp.max(code, axis=-2, keepdims=True), code.shape), has_nan
+    def _mx_scale(self, xb, axis=-1):
+        code, has_nan = super()._mx_scale(xb, axis)  # blocks along ``axis - 1``, their elements along ``axis``
+        return jnp.broadcast_to(jnp.max(code, axis=axis - 1, keepdims=True), code.shape), has_nan
 
 
 class _WrapPadded(BlockFormat):
     """Pads a partial last block with the row's first elements (``mode="wrap"``) instead of zeros."""
 
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x, saturate, rounding, key, axis=-1):
+        assert axis % x.ndim == x.ndim - 1  # the checks block the last axis
         n = x.shape[-1]
         widths = [(0, 0)] * (x.ndim - 1) + [(0, -n % self.block_size)]
         return super()._quantize(jnp.pad(x, widths, mode="wrap"), saturate, rounding, key)[..., :n]
@@ -119,7 +120,8 @@ class _WrapPadded(BlockFormat):
 class _EpsilonScale(BlockFormat):
     """Block scale ``(amax + 2^-10) / max_elem`` in float32: not a power of two, and not scale invariant."""
 
-    def _quantize(self, x, saturate, rounding, key):
+    def _quantize(self, x, saturate, rounding, key, axis=-1):
+        assert axis % x.ndim == x.ndim - 1  # the checks block the last axis
         xb = x.reshape(*x.shape[:-1], -1, self.block_size).astype(jnp.float32)
         scale = (jnp.max(jnp.abs(xb), axis=-1, keepdims=True) + jnp.float32(2.0**-10)) / jnp.float32(self.element_max)
         q = self.element._quantize(xb / scale, saturate, rounding, key) * scale

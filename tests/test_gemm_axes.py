@@ -199,8 +199,13 @@ def test_groups_and_channels_follow_each_product():
 
 # ----- reuse of the forward's copy -------------------------------------------------------------
 def test_float_backward_products_take_the_forward_copy():
-    """No gradient quantizer: the backward is the exact derivative of the quantized forward (STE)."""
-    lhs, rhs, g = _normal(15, (16, 32)), _normal(16, (32, 48)), _normal(17, (16, 48))
+    """No gradient quantizer: the backward is the exact derivative of the quantized forward (STE).
+
+    An identity cotangent makes the copies the backward products take visible exactly: with
+    a random one, the reference's transposes gave XLA another operand layout for its dots,
+    and other last bits in their sums.
+    """
+    lhs, rhs, g = _normal(15, (48, 32)), _normal(16, (32, 48)), jnp.eye(48, dtype=jnp.float32)
     q = quant.Quantizer(format=MX)
     ours = _ours(lambda a, b: quantized_dot_general(a, b, DN_LINEAR, DotQuantConfig(lhs=q, rhs=q)), lhs, rhs, g)
     ident = lambda x: x

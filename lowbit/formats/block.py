@@ -238,24 +238,36 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         return int(np.floor(np.log2(self.element_max)))
 
     # ----- kernels ------------------------------------------------------------------
-    def _quantize(self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None) -> jax.Array:
+    def _quantize(
+        self, x: jax.Array, saturate: bool, rounding: str, key: jax.Array | None, axis: int = -1
+    ) -> jax.Array:
         """Three steps, each done once: the block maxima (one reduction over ``x``), the per-block
         factors (``1/X`` and ``X`` as the two exact powers of two ``_mul_pow2`` uses, or NVFP4's
         ``d``; ``_per_block`` keeps XLA from recomputing them for every element), and one
         elementwise pass that reads them broadcast along the blocks. The arithmetic per element
         and per block is ``_mx_in`` / ``_nv_in``'s, in the same order: the same bits.
+
+        ``axis``: where the blocks run (``lowbit.quant``'s ``Group(axis)``; the public
+        functions block the last axis). Another axis is cut into blocks where it lies: on
+        XLA:CPU a reduction that reads ``x`` transposed runs ~10x slower than one down its
+        rows (a weight gradient's operands block along tokens, their first axis). The bits
+        are those of the blocks moved last, which stochastic rounding (its words are drawn
+        blocks-last) and a partial last block (padded at the end) still do.
         """
-        xb, n = _blocks(x, self.block_size)
+        xb, n = _blocks(x, self.block_size, axis)
+        a = axis % x.ndim
+        if a != x.ndim - 1 and (rounding == "stochastic" or n % self.block_size):
+            return jnp.moveaxis(self._quantize(jnp.moveaxis(x, a, -1), saturate, rounding, key), -1, a)
         factors: tuple[jax.Array, ...]
         if self.kind == "mx":
-            code, _ = self._mx_scale(xb)
+            code, _ = self._mx_scale(xb, a + 1)
             a1, a2 = _per_block(*_pow2_pair(127 - code - self.element_exp))
             # _pow2_pair(code - 127 + element_exp), the inverse scale's, is (1/a2, 1/a1): two integer subtracts.
             factors = (a1, a2, _inverse_pow2(a2), _inverse_pow2(a1))
         else:
-            (d,) = _per_block(self._nv_divisor(_amax_bits(xb)[0]))
+            (d,) = _per_block(self._nv_divisor(_amax_bits(xb, a + 1)[0]))
             factors = (jnp.where(d > 0, d, jnp.float32(1)), d)
-        if n != xb.shape[-2] * xb.shape[-1] and rounding != "stochastic":
+        if n % self.block_size and rounding != "stochastic":  # (only along the last axis: see above)
             # A partial last block: the factors broadcast over x itself, so the padded copy feeds the
             # reduction alone. (Stochastic rounding draws its words over the padded blocks.)
             def spread(f: jax.Array) -> jax.Array:
@@ -265,7 +277,7 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
             xf = x.astype(jnp.float32)
             return self._elementwise(xf, tuple(spread(f) for f in factors), saturate, rounding, key).astype(x.dtype)
         out = self._elementwise(xb.astype(jnp.float32), factors, saturate, rounding, key)
-        return _unblock(out, n).astype(x.dtype)
+        return _unblock(out, n, a).astype(x.dtype)
 
     def _elementwise(
         self, xf: jax.Array, factors: tuple[jax.Array, ...], saturate: bool, rounding: str, key: jax.Array | None
@@ -347,8 +359,9 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         carries = {"floor": 0, "ceil": full, "rceil": full - max_fraction, "even": 1 << (_bits.MANT - 1 - mbits)}
         return carries[str(self.scale_mode)]
 
-    def _mx_scale(self, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Per block: the E8M0 scale code (int32, kept dims) and whether the block holds a NaN.
+    def _mx_scale(self, xb: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+        """Per block (its elements along ``axis`` of ``xb``): the E8M0 scale code (int32, kept dims) and
+        whether the block holds a NaN.
 
         With ``amax = (1 + f / 2^23) * 2^e``, every mode is ``k = e - emax``
         plus one where ``f + _scale_carry`` carries into the exponent field, so
@@ -357,7 +370,7 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         off its exponent), so ``e`` and ``f`` are exact for it too. Codes clamp
         to E8M0's [0, 254] (2^-127 .. 2^127); a zero block gets 0.
         """
-        amax_bits, has_nan = _amax_bits(xb)
+        amax_bits, has_nan = _amax_bits(xb, axis)
         shift = jnp.maximum(lax.clz(amax_bits).astype(jnp.int32) - (31 - _bits.MANT), 0)
         normal = lax.shift_left(amax_bits, shift.astype(jnp.uint32))
         field = lax.shift_right_logical(normal + u32(self._scale_carry), u32(_bits.MANT)).astype(jnp.int32)
@@ -424,23 +437,25 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         return bsf, s
 
 
-def _blocks(x: jax.Array, block_size: int) -> tuple[jax.Array, int]:
-    """``x`` as (..., nblocks, block_size), zero-padded at the end of the last axis."""
+def _blocks(x: jax.Array, block_size: int, axis: int = -1) -> tuple[jax.Array, int]:
+    """``x`` with its ``axis`` split into (nblocks, block_size), zero-padded at that axis's end; its length."""
     if x.ndim == 0:
         raise ValueError(
             "x has shape (); allowed: block formats need an array with at least one axis (blocks run along the last)"
         )
-    n = x.shape[-1]
+    a = axis % x.ndim
+    n = x.shape[a]
     pad = -n % block_size
     if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return x.reshape(*x.shape[:-1], (n + pad) // block_size, block_size), n
+        x = jnp.pad(x, [(0, pad) if d == a else (0, 0) for d in range(x.ndim)])
+    return x.reshape(*x.shape[:a], (n + pad) // block_size, block_size, *x.shape[a + 1 :]), n
 
 
-def _unblock(xb: jax.Array, n: int) -> jax.Array:
-    """Inverse of ``_blocks``: merge the block axes and cut the pad."""
-    x = xb.reshape(*xb.shape[:-2], xb.shape[-2] * xb.shape[-1])
-    return x[..., :n] if x.shape[-1] != n else x
+def _unblock(xb: jax.Array, n: int, axis: int = -1) -> jax.Array:
+    """Inverse of ``_blocks`` (``axis`` of the unblocked array): merge the block axes and cut the pad."""
+    a = axis % (xb.ndim - 1)
+    x = xb.reshape(*xb.shape[:a], xb.shape[a] * xb.shape[a + 1], *xb.shape[a + 2 :])
+    return x if x.shape[a] == n else lax.slice_in_dim(x, 0, n, axis=a)
 
 
 def _mul_pow2(v: jax.Array, k: jax.Array) -> jax.Array:
@@ -455,16 +470,17 @@ def _mul_pow2(v: jax.Array, k: jax.Array) -> jax.Array:
     return v * _bits.pow2(half) * _bits.pow2(k - half)
 
 
-def _amax_bits(xb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per block (kept dims): the float32 bits of the largest finite magnitude, and whether a NaN is there.
+def _amax_bits(xb: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """Per block (its elements along ``axis``, kept): the float32 bits of the largest finite magnitude, and
+    whether a NaN is there.
 
     The integer max of non-negative float32 bit patterns is their float max, and
     integer compares see subnormals that flush-to-zero float compares would not.
     """
     abits = _bits.to_bits(xb.astype(jnp.float32)) & u32(_bits.ABS)
     finite = abits < u32(_bits.INF_BITS)
-    amax_bits = jnp.max(jnp.where(finite, abits, u32(0)), axis=-1, keepdims=True)
-    return amax_bits, jnp.any(abits > u32(_bits.INF_BITS), axis=-1, keepdims=True)
+    amax_bits = jnp.max(jnp.where(finite, abits, u32(0)), axis=axis, keepdims=True)
+    return amax_bits, jnp.any(abits > u32(_bits.INF_BITS), axis=axis, keepdims=True)
 
 
 def _per_block(*factors: jax.Array) -> tuple[jax.Array, ...]:

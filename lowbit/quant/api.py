@@ -88,6 +88,9 @@ def _prepare(
 def _fake(q: Quantizer, x: jax.Array, key: jax.Array | None, scale: jax.Array | None, state: State | None) -> jax.Array:
     if is_block(q.format):
         g = _blocks(q)
+        if isinstance(g, Group) and isinstance(q.format, formats.BlockFormat):
+            # Blocks cut along the axis where it lies: moving it last first costs a transposing read.
+            return q.format._quantize(x, q.saturate, q.rounding, key, g.axis)
         y = formats.quantize(
             g.block_format(q.format), g.to_blocks(x), saturate=q.saturate, rounding=q.rounding, key=key
         )
