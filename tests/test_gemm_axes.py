@@ -1,9 +1,9 @@
 """Per-GEMM placement: each of the three products quantizes both operands along its own contraction.
 
-The references are built by hand: each operand is explicitly transposed so
-that the product's contraction runs along the last axis, quantized there with
-``lowbit.formats.quantize`` (block formats block along the last axis), moved
-back, and fed to the plain product; the backward references are the VJPs of
+The references are built by hand: each operand is quantized in blocks along
+the axes the test names for the product's contraction (adjacent axes merged
+where they lie, others transposed last for ``lowbit.formats.quantize`` and
+back), and fed to the plain product; the backward references are the VJPs of
 the plain product at those operands, so the float operations are the ones
 ``quantized_dot_general`` runs and the comparison is bit for bit.
 """
@@ -38,6 +38,13 @@ def _along(fmt, x, *axes):
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _quantize_along(fmt, x, axes):
+    d, n = axes[0], len(axes)
+    if axes == tuple(range(d, d + n)):
+        # Adjacent axes in order merge where they lie, and the blocks are cut there (test_block_formats checks
+        # that this equals quantizing them moved last): a transposed operand would give XLA's dots another
+        # layout, and their sums other last bits.
+        merged = x.reshape(*x.shape[:d], -1, *x.shape[d + n :])
+        return quant.fake_quant(quant.Quantizer(format=fmt, granularity=quant.Group(axis=d)), merged).reshape(x.shape)
     rest = [d for d in range(x.ndim) if d not in axes]
     perm = rest + list(axes)
     moved = jnp.transpose(x, perm)

@@ -822,11 +822,22 @@ def _placement(
     return _on_axis(q, -1), axes.contract
 
 
-def _on_flattened(fn: Callable[[jax.Array], jax.Array], x: jax.Array, dims: tuple[int, ...]) -> jax.Array:
-    """``fn`` applied to ``x`` with ``dims`` moved last (in that order) and flattened into one axis, then moved back."""
-    perm = [d for d in range(x.ndim) if d not in dims] + list(dims)
+def _on_flattened(
+    fn: Callable[[jax.Array, int], jax.Array], x: jax.Array, dims: tuple[int, ...], *, in_place: bool = True
+) -> jax.Array:
+    """``fn(y, axis)`` on ``x`` with ``dims`` flattened (in that order) into ``y``'s ``axis``, then undone.
+
+    Dims that are adjacent and in order merge where they lie (a reshape: a
+    weight gradient's batch and tokens) unless ``in_place`` is false; others are
+    moved last first, a transposing copy that costs XLA:CPU several times the
+    reduction or transform it feeds.
+    """
+    d, n = dims[0], len(dims)
+    if in_place and dims == tuple(range(d, d + n)):
+        return fn(x.reshape(*x.shape[:d], -1, *x.shape[d + n :]), d).reshape(x.shape)
+    perm = [i for i in range(x.ndim) if i not in dims] + list(dims)
     moved = jnp.transpose(x, perm)
-    y = fn(moved.reshape(*moved.shape[: x.ndim - len(dims)], -1))
+    y = fn(moved.reshape(*moved.shape[: x.ndim - n], -1), -1)
     return jnp.transpose(y.reshape(moved.shape), _argsort(perm))
 
 
@@ -840,13 +851,18 @@ def _quantize(
 ) -> jax.Array:
     """``x`` fake-quantized by ``q`` as the product in which ``x`` plays ``axes`` needs it.
 
-    Several contracted dims are moved last (in the product's pairing order)
-    and flattened into one axis for the blocks, then moved back.
+    Several contracted dims are flattened into one axis for the blocks, in the
+    product's pairing order (``_on_flattened``); both ways give the same values.
+    Stochastic rounding moves them last, since its random words follow the
+    layout they are drawn in, and so does a given ``scale``, laid out for it.
     """
     q, flatten = _placement(config, q, x.ndim, axes)
     if flatten is None:
         return _fq(q, x, key, scale)
-    return _on_flattened(lambda y: _fq(q, y, key, scale), x, flatten)
+    placed = q
+    assert placed is not None  # only a quantizer flattens
+    in_place = placed.rounding != "stochastic" and scale is None
+    return _on_flattened(lambda y, axis: _fq(_on_axis(placed, axis), y, key, scale), x, flatten, in_place=in_place)
 
 
 def _rotates(config: DotQuantConfig, product: str) -> bool:
@@ -865,11 +881,15 @@ def _rotate(config: DotQuantConfig, product: str, x: jax.Array, axes: Axes, key:
         return x
     block = config.rht.block
 
-    def rotate(y: jax.Array) -> jax.Array:  # y: (..., K), the contraction flattened last
-        whole = y.shape[-1] - y.shape[-1] % block
-        if whole == y.shape[-1]:
-            return rht(y, -1, key, block)
-        return jnp.concatenate([rht(y[..., :whole], -1, key, block), y[..., whole:]], axis=-1) if whole else y
+    def rotate(y: jax.Array, axis: int) -> jax.Array:  # the contraction flattened into y's axis
+        n = y.shape[axis]
+        whole = n - n % block
+        if whole == n:
+            return rht(y, axis, key, block)
+        if not whole:
+            return y
+        head, tail = lax.slice_in_dim(y, 0, whole, axis=axis), lax.slice_in_dim(y, whole, n, axis=axis)
+        return jnp.concatenate([rht(head, axis, key, block), tail], axis=axis)
 
     return _on_flattened(rotate, x, axes.contract)
 
