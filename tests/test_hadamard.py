@@ -64,6 +64,10 @@ def test_inverse():
 def test_axis_and_independent_blocks():
     x = _normal((32, 5), 4)
     np.testing.assert_array_equal(rht(x, 0, KEY), rht(x.T, 1, KEY).T)
+    # Blocks cut where the axis lies give the sums of the axis moved last, bit for bit (a middle axis too).
+    x3 = _normal((3, 32, 5), 10)
+    moved = np.moveaxis(np.asarray(rht(np.moveaxis(x3, 1, -1), -1, KEY)), -1, 1)
+    np.testing.assert_array_equal(rht(x3, 1, KEY), moved)
     changed = x.copy()
     changed[20] += 1  # only the second block of axis 0
     before, after = np.asarray(rht(x, 0, KEY)), np.asarray(rht(changed, 0, KEY))
