@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lowbit.nn as lnn
-from lowbit import recipes
+from lowbit import quant, recipes
 from lowbit.quant import Absmax, Channel, Delayed, Tensor
 from lowbit.recipes import op as oprule
 from lowbit.training.qdot import uses_real_matmul
@@ -214,7 +214,10 @@ def test_mxfp8_linear_op_against_hand_quantized_gemms():
     call = oprule.OpCall(kind="dot_general", dn=(((1,), (0,)), ((), ())))
     rule = recipes.get("mxfp8").rules[0]
     dot = lambda a, b: jax.lax.dot_general(a, b, call.dn)
-    q_rows, q_cols = (lambda v: formats.quantize(fmt, v.T).T), (lambda v: formats.quantize(fmt, v))
+    # Blocks down the columns, cut in place (test_block_formats: the bits of quantizing v.T along its rows); a
+    # transposed copy would give the dots another operand layout, and their sums other last bits.
+    down = quant.Quantizer(format=fmt, granularity=quant.Group(axis=0))
+    q_rows, q_cols = (lambda v: quant.fake_quant(down, v)), (lambda v: formats.quantize(fmt, v))
 
     @jax.jit
     def ours(x, w, g):
