@@ -160,6 +160,14 @@ MUTANTS = [
         tests=BLOCK,
     ),
     Mutant(
+        id="block-in-place-reduces-the-last-axis",
+        path="lowbit/formats/block.py",
+        old="            code, _ = self._mx_scale(xb, a + 1)\n",
+        new="            code, _ = self._mx_scale(xb)\n",
+        what="MX blocks cut in place along another axis than the last take their maxima along the last",
+        tests=BLOCK,
+    ),
+    Mutant(
         id="nvfp4-tensor-scale-ignored",
         path="lowbit/formats/block.py",
         old="        bsf = _div(lax.optimization_barrier(",
