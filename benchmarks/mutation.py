@@ -154,8 +154,8 @@ MUTANTS = [
     Mutant(
         id="block-size-off-by-one",
         path="lowbit/formats/block.py",
-        old="        xb, n = _blocks(x, self.block_size, axis)\n        a = axis % x.ndim\n",
-        new="        xb, n = _blocks(x, self.block_size - 1, axis)\n        a = axis % x.ndim\n",
+        old="        xb, n = _blocks(x, self.block_size, a)\n        factors: tuple[jax.Array, ...]\n",
+        new="        xb, n = _blocks(x, self.block_size - 1, a)\n        factors: tuple[jax.Array, ...]\n",
         what="`quantize` groups `block_size - 1` elements per block (`encode`/`decode` keep the right size)",
         tests=BLOCK,
     ),

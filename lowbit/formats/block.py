@@ -254,10 +254,10 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         are those of the blocks moved last, which stochastic rounding (its words are drawn
         blocks-last) and a partial last block (padded at the end) still do.
         """
-        xb, n = _blocks(x, self.block_size, axis)
-        a = axis % x.ndim
-        if a != x.ndim - 1 and (rounding == "stochastic" or n % self.block_size):
+        a = axis % x.ndim if x.ndim else -1  # (a scalar: _blocks says why it is refused)
+        if a not in (-1, x.ndim - 1) and (rounding == "stochastic" or x.shape[a] % self.block_size):
             return jnp.moveaxis(self._quantize(jnp.moveaxis(x, a, -1), saturate, rounding, key), -1, a)
+        xb, n = _blocks(x, self.block_size, a)
         factors: tuple[jax.Array, ...]
         if self.kind == "mx":
             code, _ = self._mx_scale(xb, a + 1)

@@ -807,7 +807,8 @@ def _check_tiles(q: Quantizer | None, ndim: int, axes: Axes) -> None:
 def _placement(
     config: DotQuantConfig, q: Quantizer | None, ndim: int, axes: Axes
 ) -> tuple[Quantizer | None, tuple[int, ...] | None]:
-    """``(quantizer, flatten)``: ``q`` on one product's axes, and the contracted dims to flatten first (or None)."""
+    """``(quantizer, flatten)``: ``q`` on one product's axes, or ``q`` itself and the contracted dims to flatten
+    first (``_quantize`` places it on the axis they flatten into)."""
     if q is None or config.placement == "quantizer" or _per_tensor(q):
         return q, None
     if isinstance(q.granularity, quant.Block):
@@ -819,7 +820,7 @@ def _placement(
     _one_dim(axes.contract, q, "contracted")  # blocks of a block format, or groups
     if len(axes.contract) == 1:
         return _on_axis(q, axes.contract[0]), None
-    return _on_axis(q, -1), axes.contract
+    return q, axes.contract
 
 
 def _on_flattened(
@@ -856,10 +857,9 @@ def _quantize(
     Stochastic rounding moves them last, since its random words follow the
     layout they are drawn in, and so does a given ``scale``, laid out for it.
     """
-    q, flatten = _placement(config, q, x.ndim, axes)
+    placed, flatten = _placement(config, q, x.ndim, axes)
     if flatten is None:
-        return _fq(q, x, key, scale)
-    placed = q
+        return _fq(placed, x, key, scale)
     assert placed is not None  # only a quantizer flattens
     in_place = placed.rounding != "stochastic" and scale is None
     return _on_flattened(lambda y, axis: _fq(_on_axis(placed, axis), y, key, scale), x, flatten, in_place=in_place)
