@@ -12,8 +12,8 @@ in variants of the recipe:
   and activations);
 * ``fp4 with radix-4 attention gradients``: the products of two activations
   (attention's QK^T and AV) get radix-4 FP4 gradients with GradScale and
-  two-phase rounding like the weighted layers: ``fp4`` before 2026-12-07 21:10
-  (``bench_accuracy.REDEFINED``). Sun et al. define FP4 gradients for the GEMMs
+  two-phase rounding like the weighted layers: ``fp4`` before its change in
+  ``bench_accuracy.REDEFINED``. Sun et al. define FP4 gradients for the GEMMs
   of weighted layers; their CNNs have no product of two activations;
 * ``fp4 with float attention products``: those two products not quantized at
   all (int8 forward and e5m2 gradients in ``fp4``), the paper's scope;
@@ -95,6 +95,7 @@ def _each(change):
 
 BASELINES = ("fp32", "fp4")  # registered recipes, run beside the variants on the same CPU
 RADIX4 = "fp4 with radix-4 attention gradients"  # what fp4 was before bench_accuracy.REDEFINED's change
+CHANGED = bench_accuracy.REDEFINED["fp4"][0]
 VARIANTS = {  # name -> the fp4 rules -> the variant's rules
     "fp4 forward only": _each(_forward_only),
     "fp4 gradients only": _each(_gradients_only),
@@ -142,7 +143,7 @@ def report() -> str:
         "seeds), fp4 with only its forward quantizers (SAWB weights, PACT activations, int8 attention "
         "products; float gradients) or only its gradient quantizers (radix-4 FP4 with GradScale and "
         "two-phase rounding, e5m2 on the edges and attention's products; float forward); with radix-4 FP4 "
-        "instead of e5m2 gradients on attention's two activation products (fp4 before 2026-12-07 21:10); with "
+        f"instead of e5m2 gradients on attention's two activation products (fp4 before {CHANGED}); with "
         "those products in float; with the first and last layer in float. A name ending in "
         f'"{EARLIER.strip()}" is that variant of the earlier fp4. '
         "One table per CPU type: the same seed ends elsewhere on another CPU type.",
