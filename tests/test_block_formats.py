@@ -210,7 +210,8 @@ def _moved_last(fmt, x, axis):
 @pytest.mark.parametrize("name", [*NAMES, "mxfp8_e4m3_rceil"])
 def test_blocks_along_another_axis_are_those_of_the_axis_moved_last(name):
     """A Group(axis) quantizer cuts that axis into blocks where it lies (no transposing read): the same bits,
-    with a NaN and an inf in some blocks; stochastic rounding and a partial last block take the moved path."""
+    with a NaN and an inf in some blocks, a partial last block and an axis shorter than one block (one block,
+    unpadded); stochastic rounding takes the moved path."""
     fmt = formats.get(name) if name in NAMES else formats.with_scale_mode("mxfp8_e4m3", "rceil")
     key = jax.random.key(0)
 
@@ -227,6 +228,9 @@ def test_blocks_along_another_axis_are_those_of_the_axis_moved_last(name):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((40, 3)).astype(np.float32))  # a partial last block
     q = quant.Quantizer(format=fmt, granularity=quant.Group(axis=0))
     assert_bits_equal(quant.fake_quant(q, x), _moved_last(fmt, x, 0))
+    for arr, axis in ((x[:7], 0), (jnp.stack([x[:7], -x[7:14]]), 1)):  # shorter than a block: one block
+        short = quant.Quantizer(format=fmt, granularity=quant.Group(axis=axis))
+        assert_bits_equal(quant.fake_quant(short, arr), _moved_last(fmt, arr, axis))
     sr = dataclasses.replace(q, rounding="stochastic")
     moved = jnp.moveaxis(formats.quantize(fmt, x.T[:, :32], rounding="stochastic", key=key), -1, 0)
     assert_bits_equal(quant.fake_quant(sr, x[:32], key), moved)

@@ -251,13 +251,20 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         functions block the last axis). Another axis is cut into blocks where it lies: on
         XLA:CPU a reduction that reads ``x`` transposed runs ~10x slower than one down its
         rows (a weight gradient's operands block along tokens, their first axis). The bits
-        are those of the blocks moved last, which stochastic rounding (its words are drawn
-        blocks-last) and a partial last block (padded at the end) still do.
+        are those of the blocks moved last, which stochastic rounding still does (its words are
+        drawn over the padded blocks, moved last).
+
+        Without stochastic rounding an axis shorter than a block is one block as it is, unpadded
+        (a sequence of 17 tokens: padding would nearly double what the reduction reads); the
+        zeros a pad adds change no block's maximum, so the bits are the same.
         """
         a = axis % x.ndim if x.ndim else -1  # (a scalar: _blocks says why it is refused)
-        if a not in (-1, x.ndim - 1) and (rounding == "stochastic" or x.shape[a] % self.block_size):
+        if a not in (-1, x.ndim - 1) and rounding == "stochastic":
             return jnp.moveaxis(self._quantize(jnp.moveaxis(x, a, -1), saturate, rounding, key), -1, a)
-        xb, n = _blocks(x, self.block_size, a)
+        if x.ndim and 0 < x.shape[a] < self.block_size and rounding != "stochastic":
+            xb, n = x.reshape(*x.shape[:a], 1, *x.shape[a:]), x.shape[a]
+        else:
+            xb, n = _blocks(x, self.block_size, a)
         factors: tuple[jax.Array, ...]
         if self.kind == "mx":
             code, _ = self._mx_scale(xb, a + 1)
@@ -267,12 +274,12 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         else:
             (d,) = _per_block(self._nv_divisor(_amax_bits(xb, a + 1)[0]))
             factors = (jnp.where(d > 0, d, jnp.float32(1)), d)
-        if n % self.block_size and rounding != "stochastic":  # (only along the last axis: see above)
-            # A partial last block: the factors broadcast over x itself, so the padded copy feeds the
-            # reduction alone. (Stochastic rounding draws its words over the padded blocks.)
+        if xb.shape[a] * xb.shape[a + 1] != n and rounding != "stochastic":
+            # A padded last block: the factors broadcast over x itself, so the padded copy feeds
+            # the reduction alone. (Stochastic rounding draws its words over the padded blocks.)
             def spread(f: jax.Array) -> jax.Array:
                 full = jnp.broadcast_to(f, xb.shape)
-                return _unblock(full, n)
+                return _unblock(full, n, a)
 
             xf = x.astype(jnp.float32)
             return self._elementwise(xf, tuple(spread(f) for f in factors), saturate, rounding, key).astype(x.dtype)
