@@ -107,6 +107,7 @@ def cpu_types(records: list[dict]) -> list[str]:
 REDEFINED = {
     "fp4": ("2026-12-07T21:10:57+00:00", "radix-4 FP4 gradients on attention's QK^T and AV, not e5m2"),
     "nvfp4": ("2026-12-07T21:10:57+00:00", "its first weighted op (the patch embedding) in NVFP4, not BF16"),
+    "mxfp8": ("2026-12-07T23:34:38+00:00", "attention's QK^T and AV in MXFP8, not BF16"),
 }
 
 

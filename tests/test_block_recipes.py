@@ -220,6 +220,7 @@ def _jax_mx(x):
     return q.astype(jnp.float32) * jnp.repeat(s.astype(jnp.float32), 32, axis=-1)
 
 
+@pytest.mark.filterwarnings("ignore:recipe .* is unused")  # a Linear alone: no attention
 def test_mxfp8_linear_forward_operands_equal_jax_mx_quantizer():
     """Identity operands show the quantized x (along K) and W (along K, its rows) of an nnx.Linear under mxfp8."""
     rng = np.random.default_rng(30)
@@ -262,6 +263,22 @@ def test_nvfp4_recipe_is_nvidias_pretraining_recipe():
     assert linear.dlhs_grad == linear.drhs_grad == quant.Quantizer(format="nvfp4", rounding="stochastic")
     assert linear.rht == RHT(products=("drhs",), block=16) and linear.placement == "gemm"
     assert conv == dataclasses.replace(linear, rht=None)  # a conv's weight gradient is not rotated
+
+
+def test_mxfp8_recipe_is_te_mxfp8_block_scaling():
+    """E4M3 in 32-blocks with rceil scales, round to nearest, in all three GEMMs of every weighted op, the first
+    and last included; attention's products in BF16, as TE's DotProductAttention under MXFP8BlockScaling."""
+    r = recipes.get("mxfp8")
+    first, last, inner, conv, attention = (
+        r.rules[r.match(op)].dot
+        for op in (_op(0), _op(4), _op(2), _op(2, kind="conv"), _op(None, weighted=False, kind="einsum"))
+    )
+    assert first == last == inner == conv and inner.placement == "gemm" and inner.rht is None
+    mx = quant.Quantizer(format=formats.with_scale_mode("mxfp8_e4m3", "rceil"))
+    assert (inner.lhs, inner.rhs, inner.dlhs_grad, inner.drhs_grad) == (mx, mx, mx, mx)
+    assert {q.format.name for q in (attention.lhs, attention.rhs, attention.dlhs_grad, attention.drhs_grad)} == {
+        "bfloat16"
+    }
 
 
 def test_mxfp4_recipe_rounds_scales_up_and_rotates_the_weight_gradient():
@@ -342,7 +359,7 @@ def test_mxfp8_forward_takes_scaled_dot_general_off_cpu(monkeypatch):
     Only the dispatch is checked (by tracing, which needs no lowering): the
     kernel itself has no CPU lowering.
     """
-    mx = recipes.get("mxfp8").rules[0].dot
+    mx = recipes.get("mxfp8").rules[-1].dot
     assert not uses_block_kernel(mx, (16, 64), DN_LINEAR)
     assert "scaled_matmul" not in _traced(mx, (16, 64), (64, 32))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
