@@ -88,7 +88,8 @@ def _block(
     bf16_edges=False,
     bf16_attention=False,
 ) -> Recipe:
-    """MX / NVFP4 on both operands of every GEMM (forward, input gradient, weight gradient) of every op.
+    """MX / NVFP4 on both operands of every GEMM (forward, input gradient, weight gradient) of every op
+    (but those the ``bf16_*`` flags keep in BF16).
 
     With ``placement="gemm"`` each GEMM blocks both of its operands along its own
     contraction, from the unquantized tensors (see ``lowbit.training.qdot``);
