@@ -251,8 +251,8 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         functions block the last axis). Another axis is cut into blocks where it lies: on
         XLA:CPU a reduction that reads ``x`` transposed runs ~10x slower than one down its
         rows (a weight gradient's operands block along tokens, their first axis). The bits
-        are those of the blocks moved last, which stochastic rounding still does (its words are
-        drawn over the padded blocks, moved last).
+        are those of the blocks moved last. Stochastic rounding still moves them last: its
+        words are drawn over the padded blocks in that layout.
 
         Without stochastic rounding an axis shorter than a block is one block as it is, unpadded
         (a sequence of 17 tokens: padding would nearly double what the reduction reads); the
