@@ -168,6 +168,14 @@ MUTANTS = [
         tests=BLOCK,
     ),
     Mutant(
+        id="block-short-axis-one-block-per-element",
+        path="lowbit/formats/block.py",
+        old="            xb, n = x.reshape(*x.shape[:a], 1, *x.shape[a:]), x.shape[a]\n",
+        new="            xb, n = x.reshape(*x.shape[:a], x.shape[a], 1, *x.shape[a + 1 :]), x.shape[a]\n",
+        what="an axis shorter than a block is cut into blocks of one element instead of one block",
+        tests=BLOCK,
+    ),
+    Mutant(
         id="nvfp4-tensor-scale-ignored",
         path="lowbit/formats/block.py",
         old="        bsf = _div(lax.optimization_barrier(",
