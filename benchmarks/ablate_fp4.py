@@ -18,7 +18,10 @@ in variants of the recipe:
 * ``fp4 with float attention products``: those two products not quantized at
   all (int8 forward and e5m2 gradients in ``fp4``), the paper's scope;
 * ``fp4 with float edges``: the first and last weighted op unquantized, as
-  Sun et al. 2019 (HFP8) keep them, instead of 8 bits.
+  Sun et al. 2019 (HFP8) keep them, instead of 8 bits;
+* ``fp4 without two-phase rounding``: both backward GEMMs take the gradient on
+  the same (even) radix-4 grid. On the built-in LM, seed 2, fp4 diverges in its
+  second epoch and this variant does not (``results/summary.md``).
 
 Usage: ``python benchmarks/ablate_fp4.py [--seeds 0] [--variants A,B] [--report]``; appends one JSON
 line per run (with the CPU it ran on) to ``results/ablate_fp4.jsonl`` and writes
@@ -88,6 +91,11 @@ def _float_edges(rule):
     return dataclasses.replace(rule, dot=DotQuantConfig(), weight="none", act="none")
 
 
+def _without_tpr(rule):
+    """Two-phase rounding off: the weight gradient's gradient on the input gradient's grid."""
+    return dataclasses.replace(rule, dot=dataclasses.replace(rule.dot, tpr=False))
+
+
 def _each(change):
     """A variant that changes each rule on its own."""
     return lambda rules: tuple(change(r) for r in rules)
@@ -102,6 +110,7 @@ VARIANTS = {  # name -> the fp4 rules -> the variant's rules
     RADIX4: _attention_radix4,
     "fp4 with float attention products": _each(_float_attention),
     "fp4 with float edges": _each(_float_edges),
+    "fp4 without two-phase rounding": _each(_without_tpr),
 }
 # The name of a variant run on fp4 as it was before its attention gradients became e5m2 (bench_accuracy.REDEFINED).
 EARLIER = " (earlier fp4: radix-4 attention gradients)"

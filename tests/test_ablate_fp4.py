@@ -1,5 +1,6 @@
 """benchmarks/ablate_fp4.py: each variant drops exactly one side of fp4's quantization."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,6 +30,13 @@ def test_gradients_only_keeps_every_gradient_quantizer_and_no_forward_quantizer(
         assert all(getattr(v.dot, f) is None for f in FORWARD)
         assert all(getattr(v.dot, f) == getattr(b.dot, f) for f in GRADIENTS)
         assert (v.dot.grad_scale, v.dot.tpr) == (b.dot.grad_scale, b.dot.tpr)
+
+
+def test_without_two_phase_rounding_changes_tpr_alone():
+    base, var = recipes.get("fp4"), ablate_fp4.variant("fp4 without two-phase rounding")
+    assert any(r.dot.tpr for r in base.rules)  # the check below can fail
+    for b, v in zip(base.rules, var.rules, strict=True):
+        assert not v.dot.tpr and v == dataclasses.replace(b, dot=dataclasses.replace(b.dot, tpr=False))
 
 
 def test_report_puts_each_variant_beside_fp32_and_fp4_on_the_same_seeds(tmp_path, monkeypatch):
