@@ -259,9 +259,10 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         zeros a pad adds change no block's maximum, so the bits are the same.
         """
         a = axis % x.ndim if x.ndim else -1  # (a scalar: _blocks says why it is refused)
-        if a not in (-1, x.ndim - 1) and rounding == "stochastic":
+        stochastic = rounding == "stochastic"
+        if a not in (-1, x.ndim - 1) and stochastic:
             return jnp.moveaxis(self._quantize(jnp.moveaxis(x, a, -1), saturate, rounding, key), -1, a)
-        if x.ndim and 0 < x.shape[a] < self.block_size and rounding != "stochastic":
+        if x.ndim and 0 < x.shape[a] < self.block_size and not stochastic:
             xb, n = x.reshape(*x.shape[:a], 1, *x.shape[a:]), x.shape[a]
         else:
             xb, n = _blocks(x, self.block_size, a)
@@ -274,7 +275,7 @@ class BlockFormat(BuiltinFormat[tuple[jax.Array, ...]]):
         else:
             (d,) = _per_block(self._nv_divisor(_amax_bits(xb, a + 1)[0]))
             factors = (jnp.where(d > 0, d, jnp.float32(1)), d)
-        if xb.shape[a] * xb.shape[a + 1] != n and rounding != "stochastic":
+        if xb.shape[a] * xb.shape[a + 1] != n and not stochastic:
             # A padded last block: the factors broadcast over x itself, so the padded copy feeds
             # the reduction alone. (Stochastic rounding draws its words over the padded blocks.)
             def spread(f: jax.Array) -> jax.Array:
